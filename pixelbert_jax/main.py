@@ -1,0 +1,39 @@
+"""Entry point: `python -m pixelbert_jax.main --config=configs/pretrain.py[:VARIANT] --workdir=DIR`.
+
+Thin on purpose: flags, multi-host initialisation, then train.train_and_evaluate. A rerun with the same
+workdir resumes; `--config.KEY=VALUE` overrides any config value (unknown keys are an error).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from pixelbert_jax import distributed
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tensorboard/.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    info = distributed.initialize_from_env()
+    # Imported after initialisation: nothing may touch the JAX backend before jax.distributed is set up.
+    from pixelbert_jax import train
+
+    logging.info("Process %d/%d (%s)", info.process_index, info.process_count, info.detected_by)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

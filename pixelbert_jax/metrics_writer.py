@@ -1,0 +1,76 @@
+"""Where metrics go: `metrics.jsonl` (one JSON object per logged step), TensorBoard, and the console.
+
+Only process 0 writes; the other processes get a writer that does nothing, so callers need no branches.
+tensorboardX rather than clu: clu's writers pull in TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Mapping
+
+import jax
+from etils import epath
+
+
+class MetricWriter:
+    def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._tb = None
+        if not self.enabled:
+            return
+        workdir = epath.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (workdir / "metrics.jsonl").open("a")
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # tensorboardX is an install requirement; a stripped environment still logs JSONL.
+            logging.warning("tensorboardX is not installed: no TensorBoard events will be written")
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+class ProgressLine:
+    """The console line a person follows: step, losses, accuracies, learning rate, throughput, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total_steps = total_steps
+        self._t0 = time.monotonic()
+        self._s0 = start_step
+
+    def format(self, step: int, m: Mapping[str, float]) -> str:
+        elapsed = time.monotonic() - self._t0
+        done = max(step - self._s0, 1)
+        eta = elapsed / done * max(self.total_steps - step, 0)
+        parts = [f"step {step}/{self.total_steps}"]
+        for key, fmt in (("train/loss", "loss {:.4f}"), ("train/mlm_acc", "mlm_acc {:.3f}"),
+                         ("train/itm_acc", "itm_acc {:.3f}"), ("train/lr", "lr {:.2e}"),
+                         ("perf/examples_per_s", "{:.1f} ex/s")):
+            if key in m:
+                parts.append(fmt.format(m[key]))
+        parts.append(f"ETA {_hms(eta)}")
+        return " | ".join(parts)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,297 @@
+"""train_and_evaluate(config, workdir): the mesh, the sharded state, the jitted step, the loop.
+
+The same code runs on one CPU core, on the 8 devices of one host and on many hosts: the batch is sharded
+over ('data', 'fsdp'), parameters by the logical rules in partitioning.py, and every process feeds only its
+own slice of each global batch.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import signal
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+from pixelbert_jax import checkpoint as ckpt_lib
+from pixelbert_jax import metrics_writer, optim, partitioning
+from pixelbert_jax.data import pipeline
+from pixelbert_jax.models import build_model
+from pixelbert_jax.tasks import get_task
+
+State = dict[str, Any]  # step, params, batch_stats, opt_state, rng
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
+    """Inputs with the right ranks for init (parameter shapes do not depend on the image size)."""
+    h = w = 64 * max(1, int(config.model.get("init_grid", 2)) * 2)
+    inputs = {"image": np.zeros((batch_size, h, w, 3), np.uint8),
+              "image_mask": np.ones((batch_size, h, w), bool),
+              "input_ids": np.zeros((batch_size, config.data.max_text_len), np.int32),
+              "text_mask": np.ones((batch_size, config.data.max_text_len), np.int32)}
+    if config.task == "nlvr2":
+        inputs.update(image1=inputs["image"], image1_mask=inputs["image_mask"])
+    return inputs
+
+
+class Trainer:
+    """Builds everything that depends on the config once; `train_and_evaluate` drives it."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+        self.config, self.mesh = config, mesh
+        self.task = get_task(config.task)
+        self.model = build_model(config.model, config.task)
+        self.update_batch_stats = config.model.cnn.norm == "bn"
+        n_train = pipeline.num_examples(config.data, config.data.train_split)
+        self.steps_per_epoch = max(1, n_train // config.batch_size)
+        self.total_steps = (int(config.total_steps) if config.get("total_steps", 0) > 0
+                            else int(math.ceil(config.num_epochs * self.steps_per_epoch)))
+
+        def init_variables(rng):
+            k_params, k_drop, k_sample = jax.random.split(rng, 3)
+            return self.model.init({"params": k_params, "dropout": k_drop, "sample": k_sample},
+                                   **dummy_inputs(config), train=False)
+
+        boxed_vars = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
+        abstract_params = nn.unbox(boxed_vars["params"])
+        accum = max(1, int(config.optim.grad_accum_steps))
+        self.tx, self.schedules = optim.make_optimizer(
+            config, abstract_params, steps_per_epoch=max(1, self.steps_per_epoch // accum))
+
+        def init_state(rng) -> State:
+            variables = init_variables(rng)
+            params = variables["params"]
+            return {"step": jnp.zeros((), jnp.int32), "params": params,
+                    "batch_stats": variables.get("batch_stats", {}),
+                    "opt_state": self.tx.init(params), "rng": rng}
+
+        abstract_boxed = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+        specs = nn.get_partition_spec(abstract_boxed)
+        self.abstract_state = nn.unbox(abstract_boxed)
+        self.state_shardings = partitioning.logical_to_shardings(self.abstract_state, specs, mesh)
+        self._init_state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=self.state_shardings)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state, self.state_shardings)
+        replicated = partitioning.replicated(mesh)
+        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
+                                  out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
+
+    def init_state(self, seed: int) -> State:
+        with self.mesh:
+            return self._init_state(jax.random.PRNGKey(seed))
+
+    def _variables(self, params, batch_stats) -> dict:
+        return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+
+    def _loss_weights(self) -> dict:
+        return dict(self.config.get("loss", {}))
+
+    def _train_step(self, state: State, batch: dict) -> tuple[State, dict]:
+        key = jax.random.fold_in(state["rng"], state["step"])
+        k_drop, k_sample = jax.random.split(key)
+        mutable = ["batch_stats"] if self.update_batch_stats else False
+
+        def loss_fn(params):
+            out = self.model.apply(self._variables(params, state["batch_stats"]),
+                                   **self.task.model_inputs(batch), train=True,
+                                   rngs={"dropout": k_drop, "sample": k_sample}, mutable=mutable)
+            outputs, new_vars = out if mutable else (out, {})
+            loss, metrics = self.task.loss_and_metrics(outputs, batch, **self._loss_weights())
+            return loss, (metrics, new_vars.get("batch_stats", state["batch_stats"]))
+
+        (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = (optim.global_norm(grads), jnp.ones(()))
+        new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats,
+                     "opt_state": opt_state, "rng": state["rng"]}
+        return new_state, metrics
+
+    def _eval_step(self, params, batch_stats, batch: dict) -> dict:
+        variables = self._variables(params, batch_stats)
+        outputs = self.model.apply(variables, **self.task.model_inputs(batch), train=False)
+        _, metrics = self.task.loss_and_metrics(outputs, batch, **self._loss_weights())
+        if self.config.task == "pretrain" and self.config.data.get("grounded_metrics", False):
+            shuffled = self.task.shuffle_images(batch)
+            out_s = self.model.apply(variables, **self.task.model_inputs(shuffled), train=False)
+            metrics.update(self.task.grounded_metrics(out_s, batch, self.config.model.vocab_size))
+        return metrics
+
+    def evaluate(self, state: State) -> dict[str, float]:
+        cfg = self.config
+        local_bs = cfg.eval_batch_size // jax.process_count()
+        it = pipeline.make_iterator(cfg.data, cfg.task, cfg.data.eval_split, batch_size=local_bs,
+                                    seed=cfg.seed, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), train=False)
+        sums: dict[str, Any] = {}
+        for i, batch in enumerate(it):
+            if 0 < cfg.eval_steps <= i:
+                break
+            with self.mesh:
+                m = self.eval_step(state["params"], state["batch_stats"],
+                                   partitioning.global_batch(batch, self.mesh))
+            m = jax.device_get(m)
+            for k, v in m.items():
+                sums[k] = v if k not in sums else jax.tree.map(np.add, sums[k], v)
+        out = {}
+        for k, v in sums.items():
+            if k == "grounded_label_histogram":
+                out["eval/mlm_grounded_majority_rate"] = float(v.max() / max(v.sum(), 1e-9))
+            else:
+                out[f"eval/{k}"] = float(v[0] / max(v[1], 1e-9))
+        return out
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+
+
+def _check_finite(step: int, metrics: dict[str, float]) -> None:
+    for k, v in metrics.items():
+        if not math.isfinite(v):
+            raise NonFiniteLossError(f"Step {step}: train/{k} is {v}; stopping (the last checkpoint is kept).")
+
+
+def _reduce(metric_pairs: dict) -> dict[str, float]:
+    return {k: float(s / max(c, 1e-9)) for k, (s, c) in metric_pairs.items()}
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks, so the run saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self.raised = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def load_init(trainer: Trainer, state: State) -> State:
+    """`config.init_from` / `config.init_from_torch`: copy a pretrained encoder (and matching heads)."""
+    cfg = trainer.config
+    source = cfg.get("init_from", "") or cfg.get("init_from_torch", "")
+    if not source:
+        if cfg.task != "pretrain":
+            logging.warning("No config.init_from: fine-tuning %s from the backbone initialisation only.", cfg.task)
+        return state
+    variables, meta, step = ckpt_lib.load_model_variables(source)
+    for collection in ("params", "batch_stats"):
+        merged, loaded, fresh = ckpt_lib.merge_pretrained(
+            jax.device_get(state[collection]), variables.get(collection, {}),
+            source=f"{source} (step {step}, {collection})")
+        if collection == "params":
+            logging.info("Initialised %d tensors from %s (step %d, task %s); %d fresh: %s", len(loaded),
+                         source, step, meta.get("task", "?"), len(fresh), sorted({k.split("/")[0] for k in fresh}))
+        state[collection] = jax.device_put(merged, trainer.state_shardings[collection])
+    return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    workdir = epath.Path(workdir)
+    mesh = partitioning.make_mesh(config.mesh_shape)
+    partitioning.log_mesh(mesh)
+    pc, pi = jax.process_count(), jax.process_index()
+    dp = partitioning.data_parallel_size(mesh)
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % dp or config[name] % pc:
+            raise ValueError(f"config.{name}={config[name]} must be divisible by the data-parallel mesh "
+                             f"size {dp} and the process count {pc}")
+    _write_config(config, workdir)
+    trainer = Trainer(config, mesh)
+    meta = {"task": config.task, "model": config.model.to_dict(), "data": config.data.name,
+            "vocab_size": int(config.model.vocab_size)}
+
+    train_iter = pipeline.make_iterator(config.data, config.task, config.data.train_split,
+                                        batch_size=config.batch_size // pc, seed=config.seed,
+                                        process_index=pi, process_count=pc, train=True)
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
+                                         keep=config.keep_checkpoints)
+    restored = checkpointer.restore_latest(trainer.abstract_state)
+    if restored is not None:
+        state, data_state, start = restored
+        if data_state:
+            train_iter.set_state(data_state)
+        logging.info("Resumed from %s at step %d", workdir / "checkpoints" / str(start), start)
+    else:
+        state, start = trainer.init_state(config.seed), 0
+        state = load_init(trainer, state)
+
+    writer = metrics_writer.MetricWriter(workdir)
+    progress = metrics_writer.ProgressLine(trainer.total_steps, start)
+    sigterm = _SigtermFlag()
+    sums: dict[str, Any] = {}
+    pending: tuple[int, dict] | None = None  # the previous step's metrics, fetched one step late
+    t_log, n_log = time.monotonic(), 0
+    final: dict[str, float] = {}
+    step = start
+    try:
+        while step < trainer.total_steps:
+            batch = partitioning.global_batch(next(train_iter), mesh)
+            with mesh:
+                state, metrics = trainer.train_step(state, batch)
+            step += 1
+            if pending is not None:  # the device has finished it by now: checking costs no stall
+                _accumulate(sums, pending[1], pending[0])
+            pending = (step, metrics)
+            n_log += 1
+            if step % config.log_every_steps == 0 or step == trainer.total_steps:
+                _accumulate(sums, pending[1], step)
+                pending = None
+                logged = {f"train/{k}": v for k, v in _reduce(sums).items()}
+                logged["train/lr"] = float(trainer.schedules["transformer"](step // max(1, config.optim.grad_accum_steps)))
+                logged["train/lr_cnn"] = float(trainer.schedules["cnn"](step // max(1, config.optim.grad_accum_steps)))
+                elapsed = time.monotonic() - t_log
+                logged["perf/examples_per_s"] = n_log * config.batch_size / max(elapsed, 1e-9)
+                logged["perf/step_time_s"] = elapsed / max(n_log, 1)
+                writer.write(step, logged)
+                logging.info(progress.format(step, logged))
+                sums, t_log, n_log = {}, time.monotonic(), 0
+            data_state = train_iter.get_state()
+            preempted = sigterm.raised or checkpointer.reached_preemption(step)
+            if checkpointer.should_save(step) or preempted or step == trainer.total_steps:
+                checkpointer.save(step, state, data_state, meta, force=preempted or step == trainer.total_steps)
+            if preempted:
+                checkpointer.wait()
+                logging.warning("Stopped at step %d after saving a checkpoint; rerun to resume.", step)
+                return {"preempted_at_step": float(step)}
+            if step == trainer.total_steps or (config.eval_every_steps > 0 and step % config.eval_every_steps == 0):
+                final = trainer.evaluate(state)
+                writer.write(step, final)
+                logging.info("eval @ %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
+        if pending is not None:
+            _accumulate(sums, pending[1], pending[0])
+    finally:
+        sigterm.restore()
+        checkpointer.close()
+        writer.close()
+    return final
+
+
+def _accumulate(sums: dict, metrics: dict, step: int) -> None:
+    host = jax.device_get(metrics)
+    _check_finite(step, {k: float(s) for k, (s, _) in host.items() if k.endswith("loss")})
+    for k, (s, c) in host.items():
+        ps, pcount = sums.get(k, (0.0, 0.0))
+        sums[k] = (ps + float(s), pcount + float(c))
