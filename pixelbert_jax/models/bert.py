@@ -1,0 +1,189 @@
+"""BERT (post-LayerNorm) mirroring HF transformers' module tree, with logical axis names everywhere.
+
+The tree is `embeddings/{word,position,token_type}_embeddings, embeddings/LayerNorm`,
+`encoder/layer_{i}/attention/self/{query,key,value}`, `.../attention/output/{dense,LayerNorm}`,
+`.../intermediate/dense`, `.../output/{dense,LayerNorm}`, `pooler/dense`: one mapping rule per HF tensor.
+`cfg` is the (frozen) model config from `presets.model_config`.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+SEQ_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def compute_dtype(cfg) -> Any:
+  names = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  if cfg.dtype not in names:
+    raise ValueError(f"model dtype {cfg.dtype!r} not one of {sorted(names)}")
+  return names[cfg.dtype]
+
+
+def dense(cfg, features: int, axes: tuple, name: str) -> nn.Dense:
+  """nn.Dense with HF's normal(initializer_range) init, float32 params, logical names (in, out)."""
+  return nn.Dense(
+      features, dtype=compute_dtype(cfg), param_dtype=jnp.float32, name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
+def layer_norm(cfg, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_eps, dtype=compute_dtype(cfg), param_dtype=jnp.float32, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+def attention_bias(mask: jax.Array) -> jax.Array:
+  """bool [B,T] key mask -> additive float32 bias [B,1,1,T]; softmax runs in float32 in every dtype."""
+  neg = jnp.finfo(jnp.float32).min
+  return jnp.where(mask.astype(bool), 0.0, neg).astype(jnp.float32)[:, None, None, :]
+
+
+class BertEmbeddings(nn.Module):
+  """Word + position + token-type embeddings, LayerNorm, dropout (text tokens only)."""
+  cfg: Any
+
+  def setup(self):
+    cfg = self.cfg
+    init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes)
+    embed = lambda n, axes, name: nn.Embed(n, cfg.hidden_size, dtype=compute_dtype(cfg),
+                                           param_dtype=jnp.float32, embedding_init=init(axes), name=name)
+    self.word_embeddings = embed(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")
+    self.position_embeddings = embed(cfg.max_position_embeddings, ("position", "embed"),
+                                     "position_embeddings")
+    self.token_type_embeddings = embed(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")
+    self.LayerNorm = layer_norm(cfg, "LayerNorm")
+    self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+  def __call__(self, input_ids: jax.Array, deterministic: bool) -> jax.Array:
+    length = input_ids.shape[1]
+    if length > self.cfg.max_position_embeddings:
+      raise ValueError(f"text length {length} > max_position_embeddings "
+                       f"{self.cfg.max_position_embeddings}")
+    x = (self.word_embeddings(input_ids)
+         + self.position_embeddings(jnp.arange(length))[None]
+         + self.token_type_embeddings(jnp.zeros_like(input_ids)))
+    x = self.dropout(self.LayerNorm(x), deterministic=deterministic)
+    return nn.with_logical_constraint(x, SEQ_AXES)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """x [..., D] -> logits over the vocabulary with the (tied) word embedding matrix."""
+    return self.word_embeddings.attend(x)
+
+
+class BertSelfAttention(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic):
+    cfg = self.cfg
+    if cfg.hidden_size % cfg.num_heads:
+      raise ValueError(f"hidden_size {cfg.hidden_size} not divisible by num_heads {cfg.num_heads}")
+    head_dim = cfg.hidden_size // cfg.num_heads
+    kv_axes = ("activation_batch", "activation_length", "activation_kv")
+
+    def heads(name):
+      y = dense(cfg, cfg.hidden_size, ("embed", "kv"), name)(x)
+      y = nn.with_logical_constraint(y, kv_axes)
+      return y.reshape(y.shape[:2] + (cfg.num_heads, head_dim))
+
+    q, k, v = heads("query"), heads("key"), heads("value")
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+    probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1)
+    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic).astype(v.dtype)
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape[:2] + (cfg.hidden_size,))
+    return nn.with_logical_constraint(ctx, kv_axes)
+
+
+class BertOutput(nn.Module):
+  """dense -> dropout -> LayerNorm(residual + .): HF's BertSelfOutput and BertOutput."""
+  cfg: Any
+  in_axis: str
+
+  @nn.compact
+  def __call__(self, h, residual, deterministic):
+    h = dense(self.cfg, self.cfg.hidden_size, (self.in_axis, "embed"), "dense")(h)
+    h = nn.Dropout(self.cfg.hidden_dropout)(h, deterministic=deterministic)
+    return layer_norm(self.cfg, "LayerNorm")(h + residual)
+
+
+class BertAttention(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic):
+    ctx = BertSelfAttention(self.cfg, name="self")(x, bias, deterministic)
+    return BertOutput(self.cfg, "kv", name="output")(ctx, x, deterministic)
+
+
+class BertIntermediate(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x):
+    h = dense(self.cfg, self.cfg.intermediate_size, ("embed", "mlp"), "dense")(x)
+    h = nn.gelu(h, approximate=False)  # HF "gelu" is the exact erf form
+    return nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+
+
+class BertLayer(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic):
+    a = BertAttention(self.cfg, name="attention")(x, bias, deterministic)
+    h = BertIntermediate(self.cfg, name="intermediate")(a)
+    out = BertOutput(self.cfg, "mlp", name="output")(h, a, deterministic)
+    return nn.with_logical_constraint(out, SEQ_AXES)
+
+
+class BertEncoder(nn.Module):
+  """`num_layers` BertLayers named `layer_{i}`; `nn.remat` per layer keeps the names unchanged."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic):
+    # argnums count the module itself as 0: (self, x, bias, deterministic).
+    layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.cfg.remat else BertLayer
+    bias = attention_bias(mask)
+    for i in range(self.cfg.num_layers):
+      x = layer_cls(self.cfg, name=f"layer_{i}")(x, bias, deterministic)
+    return x
+
+
+class BertPooler(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, seq):
+    # Square matrix: only the input side carries a sharded name, so no mesh axis is used twice.
+    return jnp.tanh(dense(self.cfg, self.cfg.hidden_size, ("embed", None), "dense")(seq[:, 0]))
+
+
+class BertModel(nn.Module):
+  """Embeddings + encoder + pooler. Call on text alone, or use `embed_text` / `encode` / `pool` to fuse."""
+  cfg: Any
+
+  def setup(self):
+    self.embeddings = BertEmbeddings(self.cfg)
+    self.encoder = BertEncoder(self.cfg)
+    self.pooler = BertPooler(self.cfg)
+
+  def embed_text(self, input_ids, deterministic: bool):
+    return self.embeddings(input_ids, deterministic)
+
+  def encode(self, x, mask, deterministic: bool):
+    return self.encoder(x, mask, deterministic)
+
+  def pool(self, seq):
+    return self.pooler(seq)
+
+  def attend(self, x):
+    return self.embeddings.attend(x)
+
+  def __call__(self, input_ids, text_mask, deterministic: bool = True):
+    seq = self.encode(self.embed_text(input_ids, deterministic), text_mask, deterministic)
+    return seq, self.pool(seq)

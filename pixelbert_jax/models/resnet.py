@@ -1,0 +1,199 @@
+"""ResNet / ResNeXt backbone (NHWC) whose module tree mirrors torchvision's, returning the stride-32 C5 map.
+
+Names follow torchvision (`conv1`, `bn1`, `layer1/0/conv1`, ..., `layer1/0/downsample/0`) so the weight
+mapping in `pixelbert_jax.convert.mapping` is one rule per tensor. Normalisation is selectable:
+`frozen_bn` (pretrained statistics and affine used as constants), `bn` (batch statistics in training,
+running averages updated when `batch_stats` is mutable) or `gn` (group norm, no statistics).
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NORM_KINDS = ("frozen_bn", "bn", "gn")
+CONV_AXES = (None, None, "conv_in", "conv_out")
+ACTIVATION_AXES = ("activation_batch", "activation_height", "activation_width", "activation_channels")
+EXPANSION = 4  # torchvision Bottleneck.expansion
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(features: int, kernel: int, stride: int, groups: int, dtype: Any, name: str) -> nn.Conv:
+  """torchvision-style conv: symmetric padding kernel // 2, no bias."""
+  pad = kernel // 2
+  return nn.Conv(
+      features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+      feature_group_count=groups, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(_conv_init, CONV_AXES), name=name)
+
+
+class Norm(nn.Module):
+  """Batch norm (frozen or trainable) or group norm, computed in float32, torchvision semantics."""
+  kind: str
+  gn_groups: int = 32
+  eps: float = 1e-5
+  momentum: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.kind not in NORM_KINDS:
+      raise ValueError(f"unknown norm {self.kind!r}; expected one of {NORM_KINDS}")
+    c = x.shape[-1]
+    vec = lambda init: nn.with_logical_partitioning(init, ("norm",))
+    scale = self.param("scale", vec(nn.initializers.ones), (c,), jnp.float32)
+    bias = self.param("bias", vec(nn.initializers.zeros), (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    if self.kind == "gn":
+      if c % self.gn_groups:
+        raise ValueError(f"group norm: {c} channels not divisible by gn_groups={self.gn_groups}")
+      g = xf.reshape(xf.shape[:-1] + (self.gn_groups, c // self.gn_groups))
+      mean = g.mean(axis=(1, 2, 4), keepdims=True)
+      var = g.var(axis=(1, 2, 4), keepdims=True)
+      y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(xf.shape) * scale + bias
+      return y.astype(self.dtype)
+    ra_mean = self.variable("batch_stats", "mean", vec(nn.initializers.zeros), None, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", vec(nn.initializers.ones), None, (c,), jnp.float32)
+    if self.kind == "frozen_bn":
+      # Pretrained affine and statistics are constants: no gradient ever reaches them.
+      scale, bias = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(bias)
+      mean, var = ra_mean.value, ra_var.value
+    elif train:
+      mean = xf.mean(axis=(0, 1, 2))
+      var = xf.var(axis=(0, 1, 2))
+      if self.is_mutable_collection("batch_stats") and not self.is_initializing():
+        n = xf.size // c
+        unbiased = var * n / max(n - 1, 1)  # torchvision keeps the unbiased variance
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
+        ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (xf - mean) * (scale * jax.lax.rsqrt(var + self.eps)) + bias
+    return y.astype(self.dtype)
+
+
+class Downsample(nn.Module):
+  """torchvision's `downsample = Sequential(conv1x1, norm)`: children named `0` and `1`."""
+  features: int
+  stride: int
+  norm: Any  # a functools.partial(Norm, ...) without name
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = conv(self.features, 1, self.stride, 1, self.dtype, "0")(x)
+    return self.norm(name="1")(x, train)
+
+
+class Bottleneck(nn.Module):
+  """torchvision Bottleneck (ResNet v1.5: the stride sits on the 3x3 conv)."""
+  planes: int
+  stride: int
+  groups: int
+  width_per_group: int
+  downsample: bool
+  norm: Any
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
+    if width <= 0:
+      raise ValueError(f"bottleneck width is 0 (planes={self.planes}, width_per_group="
+                       f"{self.width_per_group}, groups={self.groups})")
+    out = conv(width, 1, 1, 1, self.dtype, "conv1")(x)
+    out = nn.relu(self.norm(name="bn1")(out, train))
+    out = conv(width, 3, self.stride, self.groups, self.dtype, "conv2")(out)
+    out = nn.relu(self.norm(name="bn2")(out, train))
+    out = conv(self.planes * EXPANSION, 1, 1, 1, self.dtype, "conv3")(out)
+    out = self.norm(name="bn3")(out, train)
+    identity = x
+    if self.downsample:
+      identity = Downsample(self.planes * EXPANSION, self.stride, self.norm, self.dtype,
+                            name="downsample")(x, train)
+    return nn.relu(out + identity)
+
+
+class ResStage(nn.Module):
+  """torchvision's `layerN`: blocks named `0`, `1`, ..."""
+  blocks: int
+  planes: int
+  stride: int
+  in_channels: int
+  groups: int
+  width_per_group: int
+  norm: Any
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    for i in range(self.blocks):
+      first = i == 0
+      needs_proj = first and (self.stride != 1 or self.in_channels != self.planes * EXPANSION)
+      x = Bottleneck(self.planes, self.stride if first else 1, self.groups, self.width_per_group,
+                     needs_proj, self.norm, self.dtype, name=str(i))(x, train)
+    return x
+
+
+class ResNet(nn.Module):
+  """Bottleneck ResNet / ResNeXt trunk up to C5 (stride 32), NHWC in, NHWC out."""
+  stage_sizes: Sequence[int]
+  groups: int = 1
+  width_per_group: int = 64
+  stem_width: int = 64
+  base_planes: int = 64
+  norm: str = "frozen_bn"
+  gn_groups: int = 32
+  norm_eps: float = 1e-5
+  bn_momentum: float = 0.1
+  dtype: Any = jnp.float32
+
+  @property
+  def out_channels(self) -> int:
+    return self.base_planes * 2 ** (len(self.stage_sizes) - 1) * EXPANSION
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    norm = lambda name: Norm(self.norm, self.gn_groups, self.norm_eps, self.bn_momentum, self.dtype,
+                             name=name)
+    x = x.astype(self.dtype)
+    x = conv(self.stem_width, 7, 2, 1, self.dtype, "conv1")(x)
+    x = nn.relu(norm("bn1")(x, train))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    in_channels = self.stem_width
+    for i, blocks in enumerate(self.stage_sizes):
+      planes = self.base_planes * 2 ** i
+      x = ResStage(blocks, planes, 1 if i == 0 else 2, in_channels, self.groups, self.width_per_group,
+                   _NormFactory(self.norm, self.gn_groups, self.norm_eps, self.bn_momentum, self.dtype),
+                   self.dtype, name=f"layer{i + 1}")(x, train)
+      x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+      in_channels = planes * EXPANSION
+    return x
+
+
+class _NormFactory:
+  """A hashable `Norm` constructor passed down to blocks (module attributes must be hashable)."""
+
+  def __init__(self, kind, gn_groups, eps, momentum, dtype):
+    self._args = (kind, gn_groups, eps, momentum, dtype)
+
+  def __call__(self, name: str) -> Norm:
+    return Norm(*self._args, name=name)
+
+  def __hash__(self):
+    return hash(self._args)
+
+  def __eq__(self, other):
+    return isinstance(other, _NormFactory) and self._args == other._args
+
+
+def resnet_from_config(cnn_cfg, dtype: Any = jnp.float32) -> ResNet:
+  """The backbone described by `model_config(...).cnn`."""
+  return ResNet(stage_sizes=tuple(cnn_cfg.stage_sizes), groups=cnn_cfg.groups,
+                width_per_group=cnn_cfg.width_per_group, stem_width=cnn_cfg.stem_width,
+                base_planes=cnn_cfg.base_planes, norm=cnn_cfg.norm, gn_groups=cnn_cfg.gn_groups,
+                norm_eps=cnn_cfg.get("norm_eps", 1e-5), bn_momentum=cnn_cfg.get("bn_momentum", 0.1),
+                dtype=dtype)
