@@ -1,0 +1,54 @@
+"""TFDS builders, one module per dataset, and `data_source`: the random-access reader the pipeline uses.
+
+A real dataset's module is imported only when asked for, and its builder is the one
+`tfds.core.GeneratorBasedBuilder` subclass the module defines.
+"""
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+# schema each pipeline task reads
+TASK_SCHEMA = {"pretrain": "captions", "retrieval": "captions", "vqa": "vqa", "nlvr2": "nlvr2"}
+REAL_DATASETS = ("coco_karpathy", "flickr30k", "visual_genome", "vqa2", "nlvr2", "jsonl")
+
+
+def _builder_class(name: str) -> type:
+  module = importlib.import_module(f"pixelbert_jax.data.builders.{name}")
+  found = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, tfds.core.GeneratorBasedBuilder)
+           and v.__module__ == module.__name__]
+  if len(found) != 1:
+    raise ValueError(f"pixelbert_jax.data.builders.{name} must define exactly one TFDS builder, found {found}")
+  return found[0]
+
+
+def builder(data_cfg: ml_collections.ConfigDict, schema: str) -> tfds.core.DatasetBuilder:
+  """The prepared builder of `data_cfg.name` for `schema`; the synthetic world is generated on first use."""
+  if data_cfg.name == "synthetic":
+    from pixelbert_jax.data.builders import synthetic
+    s = data_cfg.synthetic
+    cfg = synthetic.synthetic_config(schema, seed=s.seed, image_size=s.image_size, num_train=s.num_train,
+                                     num_val=s.num_val, num_test=s.num_test, captions_per_image=s.captions_per_image,
+                                     questions_per_image=s.questions_per_image)
+    return synthetic.prepare(cfg, data_cfg.data_dir)
+  if data_cfg.name not in REAL_DATASETS:
+    raise ValueError(f"unknown dataset {data_cfg.name!r}; known: synthetic, {', '.join(REAL_DATASETS)}")
+  cls = _builder_class(data_cfg.name)
+  kwargs = {"data_dir": data_cfg.data_dir, "file_format": "array_record"}
+  if data_cfg.get("builder_config"):
+    kwargs["config"] = data_cfg.builder_config
+  b = cls(**kwargs)
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir or None))
+  return b
+
+
+def data_source(data_cfg: ml_collections.ConfigDict, task: str, split: str):
+  """Random-access source (len, [i]) of `split` in the schema `task` reads."""
+  if task not in TASK_SCHEMA:
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_SCHEMA)}")
+  b = builder(data_cfg, TASK_SCHEMA[task])
+  if split not in b.info.splits:
+    raise ValueError(f"dataset {data_cfg.name!r} has no split {split!r}; it has {sorted(b.info.splits)}")
+  return b.as_data_source(split)

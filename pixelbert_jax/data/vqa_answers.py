@@ -1,0 +1,48 @@
+"""VQA answer vocabulary and soft scores (0, 0.3, 0.6, 0.9, 1 for 0, 1, 2, 3, >=4 matching annotators)."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+def soft_score(count: int) -> float:
+  """The published mapping: min(1, 0.3 * count), rounded so 3 annotators give 0.9 exactly."""
+  return round(min(1.0, 0.3 * count), 6)
+
+
+def build_answer_vocab(answer_lists: Iterable[Sequence[str]], min_count: int) -> list[str]:
+  """Answers given at least `min_count` times over all annotations, most frequent first (ties by name).
+
+  Counting every annotator's answer is the convention that gives 3129 answers at min_count=9 on VQA v2
+  train+val.
+  """
+  counts = collections.Counter(a for answers in answer_lists for a in answers)
+  kept = [a for a, c in counts.items() if c >= min_count and a]
+  return sorted(kept, key=lambda a: (-counts[a], a))
+
+
+def soft_targets(answers: Sequence[str], vocab_index: dict[str, int]) -> np.ndarray:
+  """float32 [num_answers]: the soft score of each vocabulary answer; answers outside the vocab are dropped."""
+  target = np.zeros(len(vocab_index), np.float32)
+  for answer, count in collections.Counter(answers).items():
+    if answer in vocab_index:
+      target[vocab_index[answer]] = soft_score(count)
+  return target
+
+
+def save_answer_vocab(path: str, vocab: Sequence[str]) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(list(vocab), f)
+
+
+def load_answer_vocab(path: str) -> list[str]:
+  with open(path) as f:
+    vocab = json.load(f)
+  if not isinstance(vocab, list) or not all(isinstance(a, str) for a in vocab) or len(set(vocab)) != len(vocab):
+    raise ValueError(f"{path}: answer vocab must be a JSON list of distinct strings")
+  return vocab
