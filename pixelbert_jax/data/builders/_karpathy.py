@@ -1,0 +1,99 @@
+"""Andrej Karpathy's caption split files (dataset_coco.json, dataset_flickr30k.json), shared by two builders.
+
+Format: {"images": [{"filepath"?, "filename", "split": train|restval|val|test, "sentences": [{"raw", ...}],
+"cocoid"?}]}. Splits written: each part that has images, plus 'train' = train + restval (the paper
+pre-trains on both); when there is a restval part, Karpathy's own train part is kept as 'karpathy_train'.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import tensorflow_datasets as tfds
+
+from pixelbert_jax.data.builders import _common as c
+
+KARPATHY_PARTS = ("train", "restval", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class KarpathyImage:
+  image_id: str
+  path: str
+  captions: tuple[str, ...]
+  part: str
+
+
+def read_karpathy(json_path: str, builder: "KarpathyBuilder", manual_dir: str) -> list[KarpathyImage]:
+  records = c.top_level(c.load_json(json_path), "images", file=json_path)
+  images, seen_ids = [], set()
+  for i, rec in enumerate(records):
+    filename = c.field(rec, "filename", str, file=json_path, where=f"images[{i}]")
+    where = f"images[{i}] ({filename})"
+    part = c.field(rec, "split", str, file=json_path, where=where)
+    if part not in KARPATHY_PARTS:
+      raise c.RecordError(f"{json_path}: record {where}: key 'split' must be one of {KARPATHY_PARTS}, "
+                          f"got {part!r}")
+    sentences = c.field(rec, "sentences", list, file=json_path, where=where)
+    raws = tuple(c.field(s, "raw", str, file=json_path, where=f"{where} sentences[{j}]")
+                 for j, s in enumerate(sentences))
+    image_id = builder.image_id(rec, filename, file=json_path, where=where)
+    c.check_unique(seen_ids, image_id, file=json_path, where=where, what="image id")
+    path = builder.image_path(rec, filename, manual_dir, file=json_path, where=where)
+    images.append(KarpathyImage(image_id, path, raws, part))
+  return images
+
+
+def karpathy_splits(images: list[KarpathyImage]) -> dict[str, list[KarpathyImage]]:
+  parts = {p: [im for im in images if im.part == p] for p in KARPATHY_PARTS}
+  splits = {"train": parts["train"] + parts["restval"]}
+  if parts["restval"]:
+    splits["karpathy_train"], splits["restval"] = parts["train"], parts["restval"]
+  splits["val"], splits["test"] = parts["val"], parts["test"]
+  return {name: split for name, split in splits.items() if split}
+
+
+class KarpathyBuilder(c.ManualBuilder, skip_registration=True):
+  """Captions schema from a Karpathy split file; subclasses say where the file and the images are."""
+
+  JSON_NAME: str = ""
+
+  def image_id(self, rec: dict, filename: str, *, file: str, where: str) -> str:
+    return os.path.splitext(filename)[0]
+
+  def image_path(self, rec: dict, filename: str, manual_dir: str, *, file: str, where: str) -> str:
+    raise NotImplementedError
+
+  def prepare_layout(self, manual_dir: str) -> None:
+    """Hook to locate image folders once, before records are read."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=c.captions_features(), homepage=self.HOMEPAGE,
+                                 description=self.__doc__)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    manual_dir = self.manual_path(dl_manager)
+    candidates = [os.path.join(manual_dir, self.JSON_NAME),
+                  os.path.join(manual_dir, "caption_datasets", self.JSON_NAME)]
+    json_path = next((p for p in candidates if os.path.isfile(p)), None)
+    if json_path is None:
+      raise FileNotFoundError(f"{self.JSON_NAME} not found; looked for {candidates}. "
+                              f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    self.prepare_layout(manual_dir)
+    splits = karpathy_splits(read_karpathy(json_path, self, manual_dir))
+    return {name: self._generate_examples(name, images) for name, images in splits.items()}
+
+  def _generate_examples(self, split: str, images: list[KarpathyImage]) -> Iterator[tuple[str, dict]]:
+    tally = self.tally(split)
+
+    def make(im: KarpathyImage) -> tuple[str, dict] | None:
+      captions = c.clean_texts(im.captions, tally=tally, name=im.path)
+      if not captions:
+        tally.skip(im.path, "no non-empty caption")
+        return None
+      data, height, width = self.images.read(im.path)
+      return im.image_id, {"image": data, "image_id": im.image_id, "captions": captions,
+                           "height": height, "width": width}
+
+    return c.generate(((im.path, im) for im in images), make, tally)

@@ -1,0 +1,98 @@
+"""NLVR2 from its JSON-lines files and image folders; image files are sniffed, not trusted by extension.
+
+Some NLVR2 "png" files are JPEGs (or other formats) under a .png name: PIL identifies the format from the
+bytes, and the stored bytes are the file as it is, so the pipeline's decoder sniffs them the same way.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import tensorflow_datasets as tfds
+
+from pixelbert_jax.data.builders import _common as c
+
+SPLITS = ("train", "dev", "test1")
+_LABELS = {"True": 1, "true": 1, "False": 0, "false": 0, True: 1, False: 0}
+
+
+class Nlvr2(c.ManualBuilder):
+  """NLVR2 statements about image pairs: label 1 = True, 0 = False; splits train, dev, test1 as given."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Original encoded image pairs (format sniffed), sentence, label."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Put into manual_dir (any of the three splits; train is the usual minimum):
+    train.json, dev.json, test1.json      JSON lines: {"identifier": "split-set-pair-sentence", "sentence",
+                                          "label": "True"|"False", "left_url", "right_url", ...}
+    images/train/**/train-<set>-<pair>-img0.png and -img1.png   (nested numbered folders are fine)
+    images/dev/..., images/test1/...      (the folders may also sit directly in manual_dir: train/, dev/, ...)
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=c.nlvr2_features(),
+                                 homepage="https://lil.nlp.cornell.edu/nlvr/", description=self.__doc__)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    manual_dir = self.manual_path(dl_manager)
+    splits = {}
+    for split in SPLITS:
+      json_path = os.path.join(manual_dir, f"{split}.json")
+      if not os.path.isfile(json_path):
+        continue
+      image_root = c.first_existing_dir(
+          [os.path.join(manual_dir, "images", split), os.path.join(manual_dir, split)],
+          what=f"NLVR2 {split} image", hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+      splits[split] = self._generate_examples(split, read_statements(json_path), index_images(image_root))
+    if not splits:
+      raise FileNotFoundError(f"none of {[s + '.json' for s in SPLITS]} found in {manual_dir}. "
+                              f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    return splits
+
+  def _generate_examples(self, split: str, statements: list[dict],
+                         images: dict[str, str]) -> Iterator[tuple[str, dict]]:
+    tally = self.tally(split)
+
+    def make(st: dict) -> tuple[str, dict] | None:
+      if not st["sentence"]:
+        tally.skip(st["identifier"], "empty sentence")
+        return None
+      example = {"identifier": st["identifier"], "sentence": st["sentence"], "label": st["label"]}
+      for k in (0, 1):
+        name = f"{st['pair']}-img{k}"
+        if name not in images:
+          raise c.BadImageError(f"{name}.png: missing (no file with this name under the {split} images)")
+        data, height, width = self.images.read(images[name])
+        example.update({f"image{k}": data, f"height{k}": height, f"width{k}": width})
+      return st["identifier"], example
+
+    return c.generate(((st["identifier"], st) for st in statements), make, tally)
+
+
+def read_statements(path: str) -> list[dict]:
+  statements, seen = [], set()
+  for line_no, rec in c.iter_json_lines(path):
+    where = f"line {line_no}"
+    identifier = c.field(rec, "identifier", str, file=path, where=where)
+    where = f"line {line_no} ({identifier})"
+    c.check_unique(seen, identifier, file=path, where=where, what="identifier")
+    parts = identifier.split("-")
+    if len(parts) != 4:
+      raise c.RecordError(f"{path}: record {where}: key 'identifier' must look like "
+                          f"split-set-pair-sentence, got {identifier!r}")
+    sentence = c.field(rec, "sentence", str, file=path, where=where)
+    label = c.field(rec, "label", (str, bool), file=path, where=where)
+    if label not in _LABELS:
+      raise c.RecordError(f"{path}: record {where}: key 'label' must be 'True' or 'False', got {label!r}")
+    statements.append({"identifier": identifier, "sentence": sentence.strip(), "label": _LABELS[label],
+                       "pair": "-".join(parts[:3])})
+  return statements
+
+
+def index_images(root: str) -> dict[str, str]:
+  """File name without extension -> path, for every file under root (train nests them in 0..99/)."""
+  index = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      index.setdefault(os.path.splitext(name)[0], os.path.join(folder, name))
+  return index

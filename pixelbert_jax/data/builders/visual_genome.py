@@ -1,0 +1,103 @@
+"""Visual Genome region descriptions as captions: one example per image, its region phrases as captions."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import tensorflow_datasets as tfds
+
+from pixelbert_jax.data.builders import _common as c
+
+IMAGE_FOLDERS = ("VG_100K", "VG_100K_2", "images")
+
+
+class VisualGenomeRegions(c.ManualBuilder):
+  """Visual Genome v1.2 region descriptions: split 'train' holds every image (the paper uses all of VG).
+
+  Captions are the image's region phrases, stripped, exact duplicates removed, order kept.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Original encoded images, region phrases as captions."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
+  Put into manual_dir:
+    region_descriptions.json   [{{"id", "regions": [{{"image_id", "phrase", "x", "y", "width", "height"}}]}}]
+    image_data.json            optional: [{{"image_id", "url", "width", "height", "coco_id"}}]; its url
+                               says which folder holds each image
+    VG_100K/*.jpg, VG_100K_2/*.jpg   (images.zip and images2.zip; without image_data.json each image
+                               is looked up as <id>.jpg in {IMAGE_FOLDERS})
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=c.captions_features(),
+                                 homepage="https://homes.cs.washington.edu/~ranjay/visualgenome/",
+                                 description=self.__doc__)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    manual_dir = self.manual_path(dl_manager)
+    regions_path = c.require_file(os.path.join(manual_dir, "region_descriptions.json"),
+                                  hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    data_path = os.path.join(manual_dir, "image_data.json")
+    relpaths = read_image_data(data_path) if os.path.isfile(data_path) else {}
+    images = read_regions(regions_path)
+    return {"train": self._generate_examples(manual_dir, images, relpaths)}
+
+  def _generate_examples(self, manual_dir: str, images: list[tuple[int, list[str]]],
+                         relpaths: dict[int, str]) -> Iterator[tuple[str, dict]]:
+    tally = self.tally("train")
+
+    def locate(image_id: int) -> str:
+      if image_id in relpaths:
+        return os.path.join(manual_dir, relpaths[image_id])
+      candidates = [os.path.join(manual_dir, d, f"{image_id}.jpg") for d in IMAGE_FOLDERS]
+      return next((p for p in candidates if os.path.isfile(p)), candidates[0])
+
+    def make(item: tuple[int, list[str], str]) -> tuple[str, dict] | None:
+      image_id, phrases, path = item
+      captions = c.clean_texts(phrases, tally=tally, name=path, dedupe=True)
+      if not captions:
+        tally.skip(path, "no non-empty region phrase")
+        return None
+      data, height, width = self.images.read(path)
+      return str(image_id), {"image": data, "image_id": str(image_id), "captions": captions,
+                             "height": height, "width": width}
+
+    items = ((image_id, phrases, locate(image_id)) for image_id, phrases in images)
+    return c.generate(((item[2], item) for item in items), make, tally)
+
+
+def read_regions(path: str) -> list[tuple[int, list[str]]]:
+  """[(image id, phrases)] from region_descriptions.json, validated."""
+  records = c.load_json(path)
+  if not isinstance(records, list):
+    raise c.RecordError(f"{path}: expected a top-level list, got {type(records).__name__}")
+  images, seen = [], set()
+  for i, rec in enumerate(records):
+    key = "id" if isinstance(rec, dict) and "id" in rec else "image_id"  # v1.0 files say image_id
+    image_id = c.field(rec, key, int, file=path, where=f"[{i}]")
+    where = f"[{i}] (image {image_id})"
+    c.check_unique(seen, image_id, file=path, where=where, what="image id")
+    regions = c.field(rec, "regions", list, file=path, where=where)
+    phrases = [c.field(r, "phrase", str, file=path, where=f"{where} regions[{j}]")
+               for j, r in enumerate(regions)]
+    images.append((image_id, phrases))
+  return images
+
+
+def read_image_data(path: str) -> dict[int, str]:
+  """image id -> path relative to manual_dir, from the last two parts of each url (folder/file)."""
+  records = c.load_json(path)
+  if not isinstance(records, list):
+    raise c.RecordError(f"{path}: expected a top-level list, got {type(records).__name__}")
+  relpaths = {}
+  for i, rec in enumerate(records):
+    key = "image_id" if isinstance(rec, dict) and "image_id" in rec else "id"
+    image_id = c.field(rec, key, int, file=path, where=f"[{i}]")
+    url = c.field(rec, "url", str, file=path, where=f"[{i}] (image {image_id})")
+    parts = [p for p in urlparse(url).path.split("/") if p]
+    if len(parts) < 2:
+      raise c.RecordError(f"{path}: record [{i}] (image {image_id}): key 'url' must end in FOLDER/FILE, "
+                          f"got {url!r}")
+    relpaths[image_id] = os.path.join(parts[-2], parts[-1])
+  return relpaths

@@ -1,0 +1,80 @@
+"""Builds one real dataset from the files the user downloaded into ArrayRecord files that training reads.
+
+  python -m pixelbert_jax.data.prepare --dataset coco_karpathy --manual_dir ~/data/coco --data_dir ~/tfds
+
+Afterwards `tfds.data_source(NAME, data_dir=DATA_DIR)` reads it, with no TensorFlow installed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+import tensorflow_datasets as tfds
+
+from pixelbert_jax.data.builders._common import DEFAULT_MAX_BAD_FRACTION, VERIFY_MODES
+from pixelbert_jax.data.preprocess import DEFAULT_MAX_PIXELS
+
+# --dataset name -> (module, builder class). The TFDS name (what data_source wants) is the class's name.
+BUILDERS = {
+    "coco_karpathy": ("pixelbert_jax.data.builders.coco_karpathy", "CocoKarpathy"),
+    "flickr30k": ("pixelbert_jax.data.builders.flickr30k", "Flickr30kKarpathy"),
+    "visual_genome": ("pixelbert_jax.data.builders.visual_genome", "VisualGenomeRegions"),
+    "vqa2": ("pixelbert_jax.data.builders.vqa2", "Vqa2"),
+    "nlvr2": ("pixelbert_jax.data.builders.nlvr2", "Nlvr2"),
+    "jsonl_captions": ("pixelbert_jax.data.builders.jsonl", "JsonlCaptions"),
+    "jsonl_vqa": ("pixelbert_jax.data.builders.jsonl", "JsonlVqa"),
+}
+
+
+def builder_class(dataset: str) -> type:
+  if dataset not in BUILDERS:
+    raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(BUILDERS)}")
+  module, name = BUILDERS[dataset]
+  return getattr(importlib.import_module(module), name)
+
+
+def prepare(dataset: str, *, manual_dir: str, data_dir: str, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+            verify_images: str = "decode", max_pixels: int = DEFAULT_MAX_PIXELS) -> tfds.core.DatasetBuilder:
+  """Builds `dataset` (a no-op when it is already built in data_dir) and returns its builder."""
+  builder = builder_class(dataset)(data_dir=data_dir, max_bad_fraction=max_bad_fraction,
+                                   verify_images=verify_images, max_pixels=max_pixels)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def summary(builder: tfds.core.DatasetBuilder) -> str:
+  lines = [f"{builder.name} {builder.version} in {builder.data_dir}"]
+  for split, info in sorted(builder.info.splits.items()):
+    tally = getattr(builder, "tallies", {}).get(split)
+    skipped = f", skipped {tally.skipped}, dropped empty texts {tally.dropped_texts}" if tally else ""
+    lines.append(f"  {split}: {info.num_examples} examples{skipped}")
+  lines.append(f"read with: tfds.data_source({builder.name!r}, data_dir={builder._data_dir_root!r})")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m pixelbert_jax.data.prepare", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--dataset", required=True, choices=sorted(BUILDERS))
+  parser.add_argument("--manual_dir", required=True, help="folder holding the downloaded files")
+  parser.add_argument("--data_dir", required=True, help="where the built dataset goes")
+  parser.add_argument("--max_bad_fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
+                      help="fail when more than this fraction of a split's records is skipped")
+  parser.add_argument("--verify_images", choices=VERIFY_MODES, default="decode",
+                      help="decode: fully decode every image (catches truncation); header: faster")
+  parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                      help="images with more pixels are refused (decompression bombs)")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  builder = prepare(args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir,
+                    max_bad_fraction=args.max_bad_fraction, verify_images=args.verify_images,
+                    max_pixels=args.max_pixels)
+  print(summary(builder))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,293 @@
+"""Real-format builders on tiny fixtures written by tests/fixtures_real.py, read back with tfds.data_source."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+from pixelbert_jax.data import prepare as prepare_lib
+from pixelbert_jax.data.builders import _common
+from pixelbert_jax.data.builders.coco_karpathy import CocoKarpathy
+from pixelbert_jax.data.builders.flickr30k import Flickr30kKarpathy
+from pixelbert_jax.data.builders.jsonl import JsonlCaptions, JsonlVqa
+from pixelbert_jax.data.builders.nlvr2 import Nlvr2
+from pixelbert_jax.data.builders.visual_genome import VisualGenomeRegions
+from pixelbert_jax.data.builders.vqa2 import Vqa2
+from tests import fixtures_real as fx
+
+CAPTION_KEYS = {"image", "image_id", "captions", "height", "width"}
+VQA_KEYS = {"image", "image_id", "question_id", "question", "answers", "question_type", "answer_type",
+            "height", "width"}
+NLVR2_KEYS = {"identifier", "sentence", "label", "image0", "image1", "height0", "width0", "height1", "width1"}
+
+
+def build(cls, manual_dir, data_dir, **kwargs):
+  builder = cls(data_dir=str(data_dir), **kwargs)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  return builder
+
+
+def read_all(name, data_dir) -> dict[str, list[dict]]:
+  sources = tfds.data_source(name, data_dir=str(data_dir))
+  return {split: [src[i] for i in range(len(src))] for split, src in sources.items()}
+
+
+def text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else value
+
+
+def check_captions(records, expected_by_id):
+  got = {text(r["image_id"]): r for r in records}
+  assert set(got) == set(expected_by_id)
+  for image_id, r in got.items():
+    e = expected_by_id[image_id]
+    assert set(r) == CAPTION_KEYS
+    assert [text(t) for t in r["captions"]] == e["captions"]
+    assert (r["height"], r["width"]) == (e["height"], e["width"])
+    assert r["image"] == e["bytes"]  # the original encoded file, untouched
+
+
+# ------------------------------------------------------------------------------------------ Karpathy
+def test_coco_karpathy_splits_counts_fields_and_skipped_image(tmp_path, caplog):
+  expected = fx.write_coco_karpathy(str(tmp_path / "manual"))
+  with caplog.at_level(logging.WARNING):
+    builder = build(CocoKarpathy, tmp_path / "manual", tmp_path / "data", max_bad_fraction=0.5)
+  data = read_all("coco_karpathy", tmp_path / "data")
+  by_part = lambda *parts: {k: v for k, v in expected.items() if v["part"] in parts}
+  assert set(data) == {"train", "karpathy_train", "restval", "val", "test"}
+  check_captions(data["train"], by_part("train", "restval"))
+  check_captions(data["karpathy_train"], by_part("train"))
+  for part in ("restval", "val", "test"):
+    check_captions(data[part], by_part(part))
+  # the truncated train image is skipped in both splits holding it, counted and named
+  assert builder.tallies["train"].skipped == builder.tallies["karpathy_train"].skipped == 1
+  assert builder.tallies["train"].dropped_texts == 1  # image 0's blank caption
+  assert "COCO_train2014_000000001005.jpg" in caplog.text
+
+
+def test_coco_karpathy_too_many_bad_images_fails_with_count_and_names(tmp_path):
+  fx.write_coco_karpathy(str(tmp_path / "manual"))
+  with pytest.raises(_common.TooManyBadRecordsError, match=r"1 of 4 records skipped.*000000001005\.jpg"):
+    build(CocoKarpathy, tmp_path / "manual", tmp_path / "data")  # default max_bad_fraction 0.01
+
+
+def _edit_json(path, edit):
+  with open(path) as f:
+    obj = json.load(f)
+  edit(obj)
+  with open(path, "w") as f:
+    json.dump(obj, f)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda o: o["images"][1].pop("split"), r"dataset_coco\.json: record images\[1\].*missing key 'split'"),
+    (lambda o: o["images"][2]["sentences"][0].update(raw=7),
+     r"dataset_coco\.json: record images\[2\].*sentences\[0\]: key 'raw' must be str, got int"),
+    (lambda o: o["images"][0].update(split="holdout"), r"images\[0\].*key 'split' must be one of"),
+])
+def test_coco_karpathy_malformed_record(tmp_path, edit, pattern):
+  fx.write_coco_karpathy(str(tmp_path / "manual"), broken=False)
+  _edit_json(tmp_path / "manual" / "dataset_coco.json", edit)
+  with pytest.raises(_common.RecordError, match=pattern):
+    build(CocoKarpathy, tmp_path / "manual", tmp_path / "data")
+
+
+def test_flickr30k_splits_without_restval(tmp_path):
+  expected = fx.write_flickr30k(str(tmp_path / "manual"))
+  build(Flickr30kKarpathy, tmp_path / "manual", tmp_path / "data")
+  data = read_all("flickr30k_karpathy", tmp_path / "data")
+  assert set(data) == {"train", "val", "test"}
+  for split in data:
+    check_captions(data[split], {k: v for k, v in expected.items() if v["part"] == split})
+
+
+def test_flickr30k_malformed_record(tmp_path):
+  fx.write_flickr30k(str(tmp_path / "manual"))
+  _edit_json(tmp_path / "manual" / "dataset_flickr30k.json", lambda o: o["images"][3].update(sentences="x"))
+  with pytest.raises(_common.RecordError, match=r"images\[3\] \(100003\.jpg\): key 'sentences' must be list"):
+    build(Flickr30kKarpathy, tmp_path / "manual", tmp_path / "data")
+
+
+# ------------------------------------------------------------------------------------- Visual Genome
+@pytest.mark.parametrize("with_image_data", [True, False])
+def test_visual_genome_regions(tmp_path, with_image_data):
+  expected = fx.write_visual_genome(str(tmp_path / "manual"), with_image_data=with_image_data)
+  builder = build(VisualGenomeRegions, tmp_path / "manual", tmp_path / "data", max_bad_fraction=0.25)
+  data = read_all("visual_genome_regions", tmp_path / "data")
+  assert set(data) == {"train"}
+  check_captions(data["train"], expected)  # duplicates and blank phrases removed, order kept
+  assert builder.tallies["train"].skipped == 1  # image 4 has no file
+
+
+def test_visual_genome_malformed_record(tmp_path):
+  fx.write_visual_genome(str(tmp_path / "manual"))
+  _edit_json(tmp_path / "manual" / "region_descriptions.json", lambda o: o[2]["regions"][1].pop("phrase"))
+  with pytest.raises(_common.RecordError,
+                     match=r"region_descriptions\.json: record \[2\] \(image 3\) regions\[1\]: missing key 'phrase'"):
+    build(VisualGenomeRegions, tmp_path / "manual", tmp_path / "data")
+
+
+# --------------------------------------------------------------------------------------------- VQA v2
+def test_vqa2_splits_answers_and_unannotated_test(tmp_path):
+  expected = fx.write_vqa2(str(tmp_path / "manual"))
+  build(Vqa2, tmp_path / "manual", tmp_path / "data")
+  data = read_all("vqa2", tmp_path / "data")
+  assert set(data) == {"train", "val", "test"}
+  for split, records in data.items():
+    got = {r["question_id"]: r for r in records}
+    assert set(got) == set(expected[split])
+    for qid, r in got.items():
+      e = expected[split][qid]
+      assert set(r) == VQA_KEYS
+      assert [text(a) for a in r["answers"]] == e["answers"]
+      assert len(r["answers"]) == (10 if split != "test" else 0)
+      for key in ("image_id", "question", "question_type", "answer_type"):
+        assert text(r[key]) == e[key], key
+      assert (r["height"], r["width"], r["image"]) == (e["height"], e["width"], e["bytes"])
+
+
+@pytest.mark.parametrize("file, edit, pattern", [
+    ("v2_mscoco_val2014_annotations.json", lambda o: o["annotations"][1].pop("answers"),
+     r"annotations\.json: record annotations\[1\] \(question_id 21000\): missing key 'answers'"),
+    ("v2_OpenEnded_mscoco_train2014_questions.json", lambda o: o["questions"][0].update(question_id="10000"),
+     r"questions\.json: record questions\[0\]: key 'question_id' must be int, got str"),
+    ("v2_mscoco_train2014_annotations.json", lambda o: o["annotations"][0]["answers"].pop(),
+     r"key 'answers' must hold 10 answers, got 9"),
+])
+def test_vqa2_malformed_record(tmp_path, file, edit, pattern):
+  fx.write_vqa2(str(tmp_path / "manual"))
+  _edit_json(tmp_path / "manual" / file, edit)
+  with pytest.raises(_common.RecordError, match=pattern):
+    build(Vqa2, tmp_path / "manual", tmp_path / "data")
+
+
+# ---------------------------------------------------------------------------------------------- NLVR2
+def test_nlvr2_pairs_labels_and_sniffed_formats(tmp_path):
+  expected = fx.write_nlvr2(str(tmp_path / "manual"))
+  build(Nlvr2, tmp_path / "manual", tmp_path / "data")
+  data = read_all("nlvr2", tmp_path / "data")
+  assert set(data) == {"train", "dev", "test1"}
+  jpeg_under_png_name = 0
+  for split, records in data.items():
+    got = {text(r["identifier"]): r for r in records}
+    assert set(got) == set(expected[split])
+    for ident, r in got.items():
+      e = expected[split][ident]
+      assert set(r) == NLVR2_KEYS
+      assert (text(r["sentence"]), r["label"]) == (e["sentence"], e["label"])
+      for k, (h, w, data_k) in enumerate(e["sizes"]):
+        assert (r[f"height{k}"], r[f"width{k}"], r[f"image{k}"]) == (h, w, data_k)
+        jpeg_under_png_name += r[f"image{k}"].startswith(b"\xff\xd8")
+  assert jpeg_under_png_name > 0
+  assert {r["label"] for r in data["train"]} == {0, 1}
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda r: r.pop("sentence"), r"dev\.json: record line 2 \(dev-7-0-1\): missing key 'sentence'"),
+    (lambda r: r.update(label="Maybe"), r"dev\.json: record line 2 \(dev-7-0-1\): key 'label' must be 'True' or"),
+    (lambda r: r.update(label=1), r"key 'label' must be str or bool, got int"),
+])
+def test_nlvr2_malformed_record(tmp_path, edit, pattern):
+  fx.write_nlvr2(str(tmp_path / "manual"))
+  path = tmp_path / "manual" / "dev.json"
+  lines = [json.loads(l) for l in path.read_text().splitlines()]
+  edit(lines[1])
+  fx.write_jsonl(str(path), lines)
+  with pytest.raises(_common.RecordError, match=pattern):
+    build(Nlvr2, tmp_path / "manual", tmp_path / "data")
+
+
+# ---------------------------------------------------------------------------------------------- JSONL
+def test_jsonl_captions_one_split_per_file(tmp_path):
+  expected = fx.write_jsonl_captions(str(tmp_path / "manual"))
+  builder = build(JsonlCaptions, tmp_path / "manual", tmp_path / "data", max_bad_fraction=0.25)
+  data = read_all("jsonl_captions", tmp_path / "data")
+  assert set(data) == {"train", "val"}
+  for split in data:
+    check_captions(data[split], {e["image_id"]: e for e in expected[split].values()})
+  assert builder.tallies["train"].skipped == 1  # pics/3.png does not exist
+
+
+def test_jsonl_vqa_with_and_without_optional_keys(tmp_path):
+  expected = fx.write_jsonl_vqa(str(tmp_path / "manual"))
+  build(JsonlVqa, tmp_path / "manual", tmp_path / "data")
+  data = read_all("jsonl_vqa", tmp_path / "data")
+  assert set(data) == {"train", "test"}
+  for split, records in data.items():
+    got = {r["question_id"]: r for r in records}
+    assert set(got) == set(expected[split])
+    for qid, r in got.items():
+      e = expected[split][qid]
+      assert set(r) == VQA_KEYS
+      assert [text(a) for a in r["answers"]] == e["answers"]
+      for key in ("image_id", "question", "question_type", "answer_type"):
+        assert text(r[key]) == e[key], key
+      assert (r["height"], r["width"], r["image"]) == (e["height"], e["width"], e["bytes"])
+
+
+@pytest.mark.parametrize("cls, writer, line, pattern", [
+    (JsonlCaptions, fx.write_jsonl_captions, {"caption": "no image"}, r"train\.jsonl: record line 5: missing key 'image'"),
+    (JsonlCaptions, fx.write_jsonl_captions, {"image": "pics/0.jpg", "caption": "a", "captions": ["b"]},
+     r"line 5: needs exactly one of the keys 'caption' and 'captions'"),
+    (JsonlCaptions, fx.write_jsonl_captions, {"image": "pics/0.jpg", "captions": ["a", 3]},
+     r"line 5: key 'captions'\[1\] must be str, got int"),
+    (JsonlVqa, fx.write_jsonl_vqa, {"image": "imgs/train1.jpg", "question": "q?", "answers": "yes"},
+     r"train\.jsonl: record line 4: key 'answers' must be list, got str"),
+    (JsonlVqa, fx.write_jsonl_vqa, {"image": "imgs/train1.jpg", "question": "q?", "answers": [], "question_id": 555},
+     r"line 4: duplicate question_id 555"),
+])
+def test_jsonl_malformed_record(tmp_path, cls, writer, line, pattern):
+  writer(str(tmp_path / "manual"))
+  with open(tmp_path / "manual" / "train.jsonl", "a") as f:
+    f.write(json.dumps(line) + "\n")
+  with pytest.raises(_common.RecordError, match=pattern):
+    build(cls, tmp_path / "manual", tmp_path / "data")
+
+
+# ------------------------------------------------------------------------------- images, CLI, no TF
+def test_header_and_decode_checks_agree_on_exif_rotated_size(tmp_path):
+  from PIL import Image
+  img, exif = Image.new("RGB", (40, 10), (200, 10, 10)), Image.Exif()
+  exif[0x0112] = 6  # rotate 90 degrees: displayed as 10 wide, 40 high
+  img.save(tmp_path / "rot.jpg", "JPEG", exif=exif.tobytes())
+  for verify in _common.VERIFY_MODES:
+    _, h, w = _common.ImageChecker(verify).read(str(tmp_path / "rot.jpg"))
+    assert (h, w) == (40, 10), verify
+  (tmp_path / "empty.jpg").write_bytes(b"")
+  (tmp_path / "text.jpg").write_bytes(b"not an image at all")
+  for verify in _common.VERIFY_MODES:
+    for bad in ("empty.jpg", "text.jpg", "absent.jpg"):
+      with pytest.raises(_common.BadImageError, match=bad):
+        _common.ImageChecker(verify).read(str(tmp_path / bad))
+
+
+def test_prepare_cli_builds_and_reports(tmp_path, capsys):
+  fx.write_jsonl_vqa(str(tmp_path / "manual"))
+  rc = prepare_lib.main(["--dataset", "jsonl_vqa", "--manual_dir", str(tmp_path / "manual"),
+                         "--data_dir", str(tmp_path / "data"), "--verify_images", "header"])
+  out = capsys.readouterr().out
+  assert rc == 0
+  assert "train: 3 examples, skipped 0" in out and "test: 1 examples" in out
+  with pytest.raises(SystemExit):
+    prepare_lib.main(["--dataset", "imagenet", "--manual_dir", "x", "--data_dir", "y"])
+
+
+def test_data_source_reads_without_tensorflow_or_our_code(tmp_path):
+  fx.write_nlvr2(str(tmp_path / "manual"))
+  build(Nlvr2, tmp_path / "manual", tmp_path / "data")
+  # A fresh interpreter that never imports pixelbert_jax: the files alone describe the dataset.
+  script = ("import sys, tensorflow_datasets as tfds\n"
+            f"src = tfds.data_source('nlvr2', data_dir={str(tmp_path / 'data')!r}, split='dev')\n"
+            "r = src[0]\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+            "assert not any(m.startswith('pixelbert_jax') for m in sys.modules)\n"
+            "print(len(src), sorted(r), type(r['image0']).__name__)\n")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ""})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split("\n")[0] == f"4 {sorted(NLVR2_KEYS)} bytes"
