@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import tensorflow_datasets as tfds
 
