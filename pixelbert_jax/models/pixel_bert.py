@@ -88,12 +88,14 @@ class PixelBertEncoder(nn.Module):
     self.bert = BertModel(self.cfg)
 
   def encode_image(self, image, image_mask, train: bool = False):
-    """uint8 [B,H,W,3], bool [B,H,W] (H, W divisible by 64) -> (pixels [B,P,D], pixel_mask [B,P])."""
+    """uint8 [B,H,W,3], bool [B,H,W] -> (pixels [B,P,D], pixel_mask [B,P]), P = (H//32//2) * (W//32//2).
+
+    Data buckets are multiples of 64; other sizes work (800x1344 -> 25x42 -> 12x21 pixels)."""
     if image.ndim != 4 or image.shape[-1] != 3 or image_mask.shape != image.shape[:3]:
       raise ValueError(f"expected image [B,H,W,3] and image_mask [B,H,W], got {image.shape} and "
                        f"{image_mask.shape}")
-    if image.shape[1] % CELL or image.shape[2] % CELL:
-      raise ValueError(f"image {image.shape}: height and width must be multiples of {CELL}")
+    if image.shape[1] < CELL or image.shape[2] < CELL:
+      raise ValueError(f"image {image.shape}: height and width must be at least {CELL}")
     image_mask = image_mask.astype(bool)
     c5 = self.cnn(normalize_image(image, image_mask), train)
     pixels = self.visual(c5)

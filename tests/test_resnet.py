@@ -1,0 +1,132 @@
+"""ResNet / ResNeXt trunk vs torchvision (eval mode, random weights and random BN statistics)."""
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+
+from pixelbert_jax.convert import cnn_from_torchvision
+from pixelbert_jax.models import build_model, dummy_inputs, model_config
+from pixelbert_jax.models.presets import cnn_config
+from pixelbert_jax.models.resnet import Norm, resnet_from_config
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _randomize_norms(model: "torch.nn.Module", seed: int) -> None:
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+        m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+        m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+
+
+def _torch_c5(model, x_nhwc: np.ndarray) -> np.ndarray:
+  m = model
+  with torch.no_grad():
+    x = torch.from_numpy(x_nhwc).permute(0, 3, 1, 2)
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+  return x.permute(0, 2, 3, 1).numpy()
+
+
+def _state_dict(model):
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def _compare(tv_model, cnn_cfg, size=(64, 96), seed=0):
+  torch.manual_seed(seed)
+  _randomize_norms(tv_model, seed)
+  tv_model.eval()
+  x = np.random.default_rng(seed).standard_normal((2,) + size + (3,)).astype(np.float32)
+  ref = _torch_c5(tv_model, x)
+  variables = cnn_from_torchvision(_state_dict(tv_model), cnn_cfg)
+  out = np.asarray(resnet_from_config(cnn_cfg).apply(variables, jnp.asarray(x), train=False))
+  assert out.shape == ref.shape
+  rel = np.abs(out - ref).max() / np.abs(ref).max()
+  print(f"C5 {out.shape}: max|diff| / max|ref| = {rel:.2e}")
+  return rel
+
+
+def test_resnet50_matches_torchvision():
+  cfg = cnn_config("r50")
+  assert _compare(torchvision.models.resnet50(), cfg) <= 1e-4
+
+
+def test_small_resnext_matches_torchvision():
+  from torchvision.models.resnet import Bottleneck, ResNet
+  cfg = cnn_config("r50")
+  cfg.stage_sizes, cfg.groups, cfg.width_per_group = [1, 2, 1, 1], 8, 4
+  tv = ResNet(Bottleneck, [1, 2, 1, 1], groups=8, width_per_group=4)
+  assert _compare(tv, cfg, size=(96, 64), seed=1) <= 1e-4
+
+
+def test_trainable_bn_matches_torchvision_in_train_mode_and_updates_stats():
+  from torchvision.models.resnet import Bottleneck, ResNet
+  cfg = cnn_config("r50")
+  cfg.stage_sizes, cfg.norm = [1, 1, 1, 1], "bn"
+  tv = ResNet(Bottleneck, [1, 1, 1, 1])
+  _randomize_norms(tv, 2)
+  variables = cnn_from_torchvision(_state_dict(tv), cfg)
+  x = np.random.default_rng(2).standard_normal((4, 64, 64, 3)).astype(np.float32)
+  tv.train()
+  ref = _torch_c5(tv, x)  # also updates torchvision's running statistics
+  out, updates = resnet_from_config(cfg).apply(variables, jnp.asarray(x), train=True,
+                                               mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+  new_stats = cnn_from_torchvision(_state_dict(tv), cfg)["batch_stats"]
+  got = jax.tree.leaves(updates["batch_stats"])
+  want = jax.tree.leaves(new_stats)
+  assert len(got) == len(want) > 0
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_bn_is_constant():
+  cfg = cnn_config("tiny")
+  cfg.norm = "frozen_bn"
+  model = resnet_from_config(cfg)
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 64, 64, 3)), jnp.float32)
+  variables = nn.meta.unbox(model.init(jax.random.key(0), x))
+  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(variables["batch_stats"])):
+    np.testing.assert_array_equal(a, b)
+  grads = jax.grad(lambda p: model.apply({**variables, "params": p}, x, train=True).sum())(
+      variables["params"])
+  assert float(jnp.abs(grads["bn1"]["scale"]).max()) == 0.0
+  assert float(jnp.abs(grads["conv1"]["kernel"]).max()) > 0.0
+
+
+def test_group_norm_matches_torch():
+  norm = Norm("gn", gn_groups=4)
+  x = np.random.default_rng(4).standard_normal((2, 5, 7, 16)).astype(np.float32)
+  variables = norm.init(jax.random.key(0), x, False)
+  params = nn.meta.unbox(variables)["params"]
+  scale = np.random.default_rng(5).uniform(0.5, 1.5, 16).astype(np.float32)
+  bias = np.random.default_rng(6).standard_normal(16).astype(np.float32)
+  out = norm.apply({"params": {"scale": scale, "bias": bias}}, x, False)
+  gn = torch.nn.GroupNorm(4, 16)
+  with torch.no_grad():
+    gn.weight.copy_(torch.from_numpy(scale))
+    gn.bias.copy_(torch.from_numpy(bias))
+    ref = gn(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+  assert params["scale"].shape == (16,)
+  np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+
+
+def test_r50_800x1344_gives_12x21_pixel_grid():
+  cfg = model_config("base", "r50", vocab_size=30522)
+  model = build_model(cfg, "pretrain")
+  inputs = dummy_inputs("pretrain", batch_size=1, image_size=(800, 1344), text_len=16)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs, train=False))
+  pixels, mask = jax.eval_shape(
+      lambda v: model.apply(v, inputs["image"], inputs["image_mask"], method="encode_image"),
+      variables)
+  assert pixels.shape == (1, 12 * 21, 768) and mask.shape == (1, 252)
