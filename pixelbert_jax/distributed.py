@@ -47,7 +47,7 @@ _TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", 
 @dataclasses.dataclass(frozen=True)
 class InitPlan:
     """What `initialize_from_env` will do; built from the environment alone, without touching JAX."""
-    method: str  # 'explicit' | 'slurm' | 'tpu' | 'single' ('preinitialized' in DistributedInfo)
+    method: str  # 'explicit' | 'slurm' | 'tpu' | 'single'
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -57,7 +57,7 @@ class InitPlan:
 @dataclasses.dataclass(frozen=True)
 class DistributedInfo:
     """Where this process stands after initialisation."""
-    method: str
+    detected_by: str  # 'explicit' | 'slurm' | 'tpu' | 'single' | 'preinitialized'
     process_index: int
     process_count: int
     local_devices: tuple
@@ -318,10 +318,10 @@ def initialize_from_env(timeout_s: int = 300, *, environ: Mapping[str, str] | No
         _run_plan(plan, timeout_s)
     local = tuple(jax.local_devices())
     _INFO = DistributedInfo(
-        method=plan.method, process_index=jax.process_index(), process_count=jax.process_count(),
+        detected_by=plan.method, process_index=jax.process_index(), process_count=jax.process_count(),
         local_devices=local, device_count=jax.device_count(), platform=local[0].platform,
         coordinator_address=plan.coordinator_address)
-    _say(f"{_INFO.method}: process {_INFO.process_index} of {_INFO.process_count}, "
+    _say(f"{_INFO.detected_by}: process {_INFO.process_index} of {_INFO.process_count}, "
          f"{_INFO.local_device_count} local / {_INFO.device_count} global {_INFO.platform} devices")
     return _INFO
 

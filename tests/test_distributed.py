@@ -28,7 +28,7 @@ WORKER = textwrap.dedent("""
     local[:, 1] = np.arange(info.local_device_count) + 10.0 * info.process_index
     x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
     total = jax.jit(lambda a: a.sum(axis=0), out_shardings=NamedSharding(mesh, P()))(x)
-    print("RESULT", info.method, info.process_index, info.process_count, info.local_device_count,
+    print("RESULT", info.detected_by, info.process_index, info.process_count, info.local_device_count,
           info.device_count, int(distributed.is_main_process()),
           " ".join(f"{v:.1f}" for v in np.asarray(total)), flush=True)
 """)
