@@ -12,6 +12,7 @@ import math
 import os
 
 import grain
+from absl import flags
 import ml_collections
 import numpy as np
 from transformers import BertTokenizerFast
@@ -55,6 +56,8 @@ class BatchIterator:
     self._pad_example = pad_example
     ds = examples.to_iter_dataset()
     if num_workers > 0:
+      if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside an absl app use defaults
+        flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch))
     self._it = iter(ds)
     self._buffers: dict[tuple[int, int], list[dict]] = {}
