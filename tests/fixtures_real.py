@@ -91,6 +91,10 @@ def write_flickr30k(root: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------- Visual Genome
+# VG image id -> COCO id: 2 is the COCO fixture's val image, 107899 its test image, 3 a train image.
+VG_COCO_IDS = {2: 1003, 107899: 1004, 3: 1000}
+
+
 def write_visual_genome(root: str, *, with_image_data: bool = True) -> dict:
   """region_descriptions.json (+ image_data.json) + VG_100K/ and VG_100K_2/. Image 4 is missing."""
   records, image_data, expected = [], [], {}
@@ -104,7 +108,8 @@ def write_visual_genome(root: str, *, with_image_data: bool = True) -> dict:
     records.append({"id": image_id, "regions": [
         {"region_id": 100 * image_id + k, "width": 5, "height": 6, "image_id": image_id, "phrase": p,
          "y": 1, "x": 2} for k, p in enumerate(phrases)]})
-    image_data.append({"width": w, "height": h, "image_id": image_id, "coco_id": None, "flickr_id": None,
+    image_data.append({"width": w, "height": h, "image_id": image_id, "coco_id": VG_COCO_IDS.get(image_id),
+                       "flickr_id": None,
                        "url": f"https://cs.stanford.edu/people/rak248/{folder}/{image_id}.jpg"})
   write_json(os.path.join(root, "region_descriptions.json"), records)
   if with_image_data:

@@ -124,6 +124,18 @@ def test_visual_genome_regions(tmp_path, with_image_data):
   assert builder.tallies["train"].skipped == 1  # image 4 has no file
 
 
+def test_visual_genome_excludes_coco_karpathy_heldout_images(tmp_path):
+  expected = fx.write_visual_genome(str(tmp_path / "manual"))
+  coco = fx.write_coco_karpathy(str(tmp_path / "coco"), broken=False)
+  heldout = {int(k) for k, v in coco.items() if v["part"] in ("val", "test")}
+  builder = build(VisualGenomeRegions, tmp_path / "manual", tmp_path / "data", max_bad_fraction=0.5,
+                  exclude_coco_heldout=str(tmp_path / "coco" / "dataset_coco.json"))
+  kept = {k: v for k, v in expected.items() if fx.VG_COCO_IDS.get(int(k)) not in heldout}
+  assert 0 < len(kept) < len(expected)
+  check_captions(read_all("visual_genome_regions", tmp_path / "data")["train"], kept)
+  assert builder.excluded == len(expected) - len(kept)
+
+
 def test_visual_genome_malformed_record(tmp_path):
   fx.write_visual_genome(str(tmp_path / "manual"))
   _edit_json(tmp_path / "manual" / "region_descriptions.json", lambda o: o[2]["regions"][1].pop("phrase"))

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -37,10 +37,14 @@ def builder_class(dataset: str) -> type:
 
 
 def prepare(dataset: str, *, manual_dir: str, data_dir: str, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-            verify_images: str = "decode", max_pixels: int = DEFAULT_MAX_PIXELS) -> tfds.core.DatasetBuilder:
-  """Builds `dataset` (a no-op when it is already built in data_dir) and returns its builder."""
+            verify_images: str = "decode", max_pixels: int = DEFAULT_MAX_PIXELS,
+            **builder_kwargs: Any) -> tfds.core.DatasetBuilder:
+  """Builds `dataset` (a no-op when it is already built in data_dir) and returns its builder.
+
+  builder_kwargs go to that builder only (e.g. visual_genome's exclude_coco_heldout).
+  """
   builder = builder_class(dataset)(data_dir=data_dir, max_bad_fraction=max_bad_fraction,
-                                   verify_images=verify_images, max_pixels=max_pixels)
+                                   verify_images=verify_images, max_pixels=max_pixels, **builder_kwargs)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 
@@ -67,11 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="decode: fully decode every image (catches truncation); header: faster")
   parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                       help="images with more pixels are refused (decompression bombs)")
+  parser.add_argument("--exclude_coco_heldout", default=None, metavar="DATASET_COCO_JSON",
+                      help="visual_genome only: leave out VG images that are COCO Karpathy val/test images")
   args = parser.parse_args(argv)
+  extra = {}
+  if args.exclude_coco_heldout:
+    if args.dataset != "visual_genome":
+      parser.error("--exclude_coco_heldout applies to --dataset visual_genome only")
+    extra["exclude_coco_heldout"] = args.exclude_coco_heldout
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   builder = prepare(args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir,
                     max_bad_fraction=args.max_bad_fraction, verify_images=args.verify_images,
-                    max_pixels=args.max_pixels)
+                    max_pixels=args.max_pixels, **extra)
   print(summary(builder))
   return 0
 

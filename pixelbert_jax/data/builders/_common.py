@@ -243,10 +243,11 @@ class BadRecordTally:
 
   def skip(self, name: str, reason: str) -> None:
     self.skipped += 1
+    what = reason if reason.startswith(name) else f"{name}: {reason}"  # image errors start with the path
     if len(self.first) < self.show:
-      self.first.append(f"{name}: {reason}")
+      self.first.append(what)
     if self.skipped <= 20 or self.skipped % 1000 == 0:  # keep a million-record build's log readable
-      log.warning("split %s: skipping %s: %s (%d skipped so far)", self.split, name, reason, self.skipped)
+      log.warning("split %s: skipping %s (%d skipped so far)", self.split, what, self.skipped)
 
   def drop_text(self, name: str) -> None:
     self.dropped_texts += 1

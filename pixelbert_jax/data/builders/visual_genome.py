@@ -1,6 +1,7 @@
 """Visual Genome region descriptions as captions: one example per image, its region phrases as captions."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -9,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from pixelbert_jax.data.builders import _common as c
 
+log = logging.getLogger(__name__)
 IMAGE_FOLDERS = ("VG_100K", "VG_100K_2", "images")
 
 
@@ -29,6 +31,13 @@ class VisualGenomeRegions(c.ManualBuilder):
                                is looked up as <id>.jpg in {IMAGE_FOLDERS})
   """
 
+  def __init__(self, *, exclude_coco_heldout: str | None = None, **kwargs: Any):
+    """exclude_coco_heldout: a dataset_coco.json; VG images that are COCO Karpathy val/test images (by
+    image_data.json's coco_id) are left out, so that pre-training never sees retrieval test images."""
+    self.exclude_coco_heldout = exclude_coco_heldout
+    self.excluded = 0
+    super().__init__(**kwargs)
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, features=c.captions_features(),
                                  homepage="https://homes.cs.washington.edu/~ranjay/visualgenome/",
@@ -39,8 +48,16 @@ class VisualGenomeRegions(c.ManualBuilder):
     regions_path = c.require_file(os.path.join(manual_dir, "region_descriptions.json"),
                                   hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     data_path = os.path.join(manual_dir, "image_data.json")
-    relpaths = read_image_data(data_path) if os.path.isfile(data_path) else {}
+    relpaths, coco_ids = read_image_data(data_path) if os.path.isfile(data_path) else ({}, {})
     images = read_regions(regions_path)
+    if self.exclude_coco_heldout:
+      if not coco_ids:
+        raise FileNotFoundError(f"{data_path} (with coco_id) is needed to exclude COCO held-out images")
+      heldout = coco_heldout_ids(self.exclude_coco_heldout)
+      kept = [im for im in images if coco_ids.get(im[0]) not in heldout]
+      self.excluded = len(images) - len(kept)
+      log.info("excluded %d Visual Genome images that are COCO Karpathy val/test images", self.excluded)
+      images = kept
     return {"train": self._generate_examples(manual_dir, images, relpaths)}
 
   def _generate_examples(self, manual_dir: str, images: list[tuple[int, list[str]]],
@@ -85,12 +102,12 @@ def read_regions(path: str) -> list[tuple[int, list[str]]]:
   return images
 
 
-def read_image_data(path: str) -> dict[int, str]:
-  """image id -> path relative to manual_dir, from the last two parts of each url (folder/file)."""
+def read_image_data(path: str) -> tuple[dict[int, str], dict[int, int]]:
+  """(image id -> path relative to manual_dir, from the url's folder/file; image id -> COCO id)."""
   records = c.load_json(path)
   if not isinstance(records, list):
     raise c.RecordError(f"{path}: expected a top-level list, got {type(records).__name__}")
-  relpaths = {}
+  relpaths, coco_ids = {}, {}
   for i, rec in enumerate(records):
     key = "image_id" if isinstance(rec, dict) and "image_id" in rec else "id"
     image_id = c.field(rec, key, int, file=path, where=f"[{i}]")
@@ -100,4 +117,16 @@ def read_image_data(path: str) -> dict[int, str]:
       raise c.RecordError(f"{path}: record [{i}] (image {image_id}): key 'url' must end in FOLDER/FILE, "
                           f"got {url!r}")
     relpaths[image_id] = os.path.join(parts[-2], parts[-1])
-  return relpaths
+    coco_id = c.field(rec, "coco_id", int, file=path, where=f"[{i}] (image {image_id})", default=None)
+    if coco_id is not None:
+      coco_ids[image_id] = coco_id
+  return relpaths, coco_ids
+
+
+def coco_heldout_ids(karpathy_json: str) -> set[int]:
+  """COCO ids of the Karpathy val and test images."""
+  heldout = set()
+  for i, rec in enumerate(c.top_level(c.load_json(karpathy_json), "images", file=karpathy_json)):
+    if c.field(rec, "split", str, file=karpathy_json, where=f"images[{i}]") in ("val", "test"):
+      heldout.add(c.field(rec, "cocoid", int, file=karpathy_json, where=f"images[{i}]"))
+  return heldout
