@@ -9,6 +9,7 @@ import io
 import json
 import os
 
+import numpy as np
 from PIL import Image
 
 
@@ -25,6 +26,16 @@ def write_image(path: str, height: int, width: int, *, fmt: str = "JPEG", seed: 
   with open(path, "wb") as f:
     f.write(data)
   return data
+
+
+def write_truncated_jpeg(path: str) -> None:
+  """A JPEG whose header is intact but whose pixel data stops at 60%: only a full decode notices."""
+  noise = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(noise).save(buf, "JPEG", quality=95)
+  data = buf.getvalue()
+  with open(path, "wb") as f:
+    f.write(data[: int(len(data) * 0.6)])
 
 
 def write_json(path: str, obj) -> None:
@@ -61,8 +72,7 @@ def write_coco_karpathy(root: str, *, broken: bool = True) -> dict:
     if i == 0:
       raws[2] = "   "  # an empty caption is dropped, the image kept
     if broken and i == 5:
-      with open(os.path.join(root, folder, filename), "wb") as f:
-        f.write(data[: len(data) // 2])
+      write_truncated_jpeg(os.path.join(root, folder, filename))
     sentences = [{"tokens": r.lower().split(), "raw": r, "imgid": i, "sentid": 5 * i + k}
                  for k, r in enumerate(raws)]
     images.append({"filepath": folder, "sentids": [5 * i + k for k in range(5)], "filename": filename,

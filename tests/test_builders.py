@@ -278,6 +278,14 @@ def test_header_and_decode_checks_agree_on_exif_rotated_size(tmp_path):
         _common.ImageChecker(verify).read(str(tmp_path / bad))
 
 
+def test_truncated_jpeg_is_caught_by_decode_not_by_header(tmp_path):
+  path = str(tmp_path / "cut.jpg")
+  fx.write_truncated_jpeg(path)
+  with pytest.raises(_common.BadImageError, match="cut.jpg"):
+    _common.ImageChecker("decode").read(path)
+  assert _common.ImageChecker("header").read(path)[1:] == (96, 128)  # the documented price of 'header'
+
+
 def test_prepare_cli_builds_and_reports(tmp_path, capsys):
   fx.write_jsonl_vqa(str(tmp_path / "manual"))
   rc = prepare_lib.main(["--dataset", "jsonl_vqa", "--manual_dir", str(tmp_path / "manual"),
