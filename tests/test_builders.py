@@ -14,7 +14,7 @@ from pixelbert_jax.data import prepare as prepare_lib
 from pixelbert_jax.data.builders import _common
 from pixelbert_jax.data.builders.coco_karpathy import CocoKarpathy
 from pixelbert_jax.data.builders.flickr30k import Flickr30kKarpathy
-from pixelbert_jax.data.builders.jsonl import JsonlCaptions, JsonlVqa
+from pixelbert_jax.data.builders.jsonl import Jsonl
 from pixelbert_jax.data.builders.nlvr2 import Nlvr2
 from pixelbert_jax.data.builders.visual_genome import VisualGenomeRegions
 from pixelbert_jax.data.builders.vqa2 import Vqa2
@@ -217,8 +217,8 @@ def test_nlvr2_malformed_record(tmp_path, edit, pattern):
 # ---------------------------------------------------------------------------------------------- JSONL
 def test_jsonl_captions_one_split_per_file(tmp_path):
   expected = fx.write_jsonl_captions(str(tmp_path / "manual"))
-  builder = build(JsonlCaptions, tmp_path / "manual", tmp_path / "data", max_bad_fraction=0.25)
-  data = read_all("jsonl_captions", tmp_path / "data")
+  builder = build(Jsonl, tmp_path / "manual", tmp_path / "data", config="captions", max_bad_fraction=0.25)
+  data = read_all("jsonl/captions", tmp_path / "data")
   assert set(data) == {"train", "val"}
   for split in data:
     check_captions(data[split], {e["image_id"]: e for e in expected[split].values()})
@@ -227,8 +227,8 @@ def test_jsonl_captions_one_split_per_file(tmp_path):
 
 def test_jsonl_vqa_with_and_without_optional_keys(tmp_path):
   expected = fx.write_jsonl_vqa(str(tmp_path / "manual"))
-  build(JsonlVqa, tmp_path / "manual", tmp_path / "data")
-  data = read_all("jsonl_vqa", tmp_path / "data")
+  build(Jsonl, tmp_path / "manual", tmp_path / "data", config="vqa")
+  data = read_all("jsonl/vqa", tmp_path / "data")
   assert set(data) == {"train", "test"}
   for split, records in data.items():
     got = {r["question_id"]: r for r in records}
@@ -242,23 +242,23 @@ def test_jsonl_vqa_with_and_without_optional_keys(tmp_path):
       assert (r["height"], r["width"], r["image"]) == (e["height"], e["width"], e["bytes"])
 
 
-@pytest.mark.parametrize("cls, writer, line, pattern", [
-    (JsonlCaptions, fx.write_jsonl_captions, {"caption": "no image"}, r"train\.jsonl: record line 5: missing key 'image'"),
-    (JsonlCaptions, fx.write_jsonl_captions, {"image": "pics/0.jpg", "caption": "a", "captions": ["b"]},
+@pytest.mark.parametrize("config, writer, line, pattern", [
+    ("captions", fx.write_jsonl_captions, {"caption": "no image"}, r"train\.jsonl: record line 5: missing key 'image'"),
+    ("captions", fx.write_jsonl_captions, {"image": "pics/0.jpg", "caption": "a", "captions": ["b"]},
      r"line 5: needs exactly one of the keys 'caption' and 'captions'"),
-    (JsonlCaptions, fx.write_jsonl_captions, {"image": "pics/0.jpg", "captions": ["a", 3]},
+    ("captions", fx.write_jsonl_captions, {"image": "pics/0.jpg", "captions": ["a", 3]},
      r"line 5: key 'captions'\[1\] must be str, got int"),
-    (JsonlVqa, fx.write_jsonl_vqa, {"image": "imgs/train1.jpg", "question": "q?", "answers": "yes"},
+    ("vqa", fx.write_jsonl_vqa, {"image": "imgs/train1.jpg", "question": "q?", "answers": "yes"},
      r"train\.jsonl: record line 4: key 'answers' must be list, got str"),
-    (JsonlVqa, fx.write_jsonl_vqa, {"image": "imgs/train1.jpg", "question": "q?", "answers": [], "question_id": 555},
+    ("vqa", fx.write_jsonl_vqa, {"image": "imgs/train1.jpg", "question": "q?", "answers": [], "question_id": 555},
      r"line 4: duplicate question_id 555"),
 ])
-def test_jsonl_malformed_record(tmp_path, cls, writer, line, pattern):
+def test_jsonl_malformed_record(tmp_path, config, writer, line, pattern):
   writer(str(tmp_path / "manual"))
   with open(tmp_path / "manual" / "train.jsonl", "a") as f:
     f.write(json.dumps(line) + "\n")
   with pytest.raises(_common.RecordError, match=pattern):
-    build(cls, tmp_path / "manual", tmp_path / "data")
+    build(Jsonl, tmp_path / "manual", tmp_path / "data", config=config)
 
 
 # ------------------------------------------------------------------------------- images, CLI, no TF
@@ -288,11 +288,14 @@ def test_truncated_jpeg_is_caught_by_decode_not_by_header(tmp_path):
 
 def test_prepare_cli_builds_and_reports(tmp_path, capsys):
   fx.write_jsonl_vqa(str(tmp_path / "manual"))
-  rc = prepare_lib.main(["--dataset", "jsonl_vqa", "--manual_dir", str(tmp_path / "manual"),
+  rc = prepare_lib.main(["--dataset", "jsonl", "--builder_config", "vqa", "--manual_dir", str(tmp_path / "manual"),
                          "--data_dir", str(tmp_path / "data"), "--verify_images", "header"])
   out = capsys.readouterr().out
   assert rc == 0
   assert "train: 3 examples, skipped 0" in out and "test: 1 examples" in out
+  assert "tfds.data_source('jsonl/vqa'" in out
+  with pytest.raises(ValueError, match="needs builder_config, one of"):
+    prepare_lib.prepare("jsonl", manual_dir=str(tmp_path / "manual"), data_dir=str(tmp_path / "d2"))
   with pytest.raises(SystemExit):
     prepare_lib.main(["--dataset", "imagenet", "--manual_dir", "x", "--data_dir", "y"])
 
@@ -311,3 +314,19 @@ def test_data_source_reads_without_tensorflow_or_our_code(tmp_path):
                        cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ""})
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split("\n")[0] == f"4 {sorted(NLVR2_KEYS)} bytes"
+
+
+@pytest.mark.parametrize("name, builder_config, writer, task, split, count", [
+    ("coco_karpathy", "", lambda d: fx.write_coco_karpathy(d, broken=False), "pretrain", "train", 4),
+    ("flickr30k", "", fx.write_flickr30k, "retrieval", "test", 1),
+    ("vqa2", "", fx.write_vqa2, "vqa", "val", 3),
+    ("nlvr2", "", fx.write_nlvr2, "nlvr2", "dev", 4),
+    ("jsonl", "vqa", fx.write_jsonl_vqa, "vqa", "train", 3),
+])
+def test_pipeline_data_source_finds_each_builder(tmp_path, name, builder_config, writer, task, split, count):
+  from pixelbert_jax.data import builders
+  from pixelbert_jax.data.config import data_config
+  writer(str(tmp_path / "manual"))
+  cfg = data_config(name)
+  cfg.data_dir, cfg.manual_dir, cfg.builder_config = str(tmp_path / "data"), str(tmp_path / "manual"), builder_config
+  assert len(builders.data_source(cfg, task, split)) == count

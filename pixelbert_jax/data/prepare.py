@@ -17,34 +17,40 @@ import tensorflow_datasets as tfds
 from pixelbert_jax.data.builders._common import DEFAULT_MAX_BAD_FRACTION, VERIFY_MODES
 from pixelbert_jax.data.preprocess import DEFAULT_MAX_PIXELS
 
-# --dataset name -> (module, builder class). The TFDS name (what data_source wants) is the class's name.
+# --dataset name (the module under pixelbert_jax/data/builders, as config.data.name says) -> builder class.
 BUILDERS = {
-    "coco_karpathy": ("pixelbert_jax.data.builders.coco_karpathy", "CocoKarpathy"),
-    "flickr30k": ("pixelbert_jax.data.builders.flickr30k", "Flickr30kKarpathy"),
-    "visual_genome": ("pixelbert_jax.data.builders.visual_genome", "VisualGenomeRegions"),
-    "vqa2": ("pixelbert_jax.data.builders.vqa2", "Vqa2"),
-    "nlvr2": ("pixelbert_jax.data.builders.nlvr2", "Nlvr2"),
-    "jsonl_captions": ("pixelbert_jax.data.builders.jsonl", "JsonlCaptions"),
-    "jsonl_vqa": ("pixelbert_jax.data.builders.jsonl", "JsonlVqa"),
+    "coco_karpathy": "CocoKarpathy",
+    "flickr30k": "Flickr30kKarpathy",
+    "visual_genome": "VisualGenomeRegions",
+    "vqa2": "Vqa2",
+    "nlvr2": "Nlvr2",
+    "jsonl": "Jsonl",  # needs --builder_config captions | vqa
 }
 
 
 def builder_class(dataset: str) -> type:
   if dataset not in BUILDERS:
     raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(BUILDERS)}")
-  module, name = BUILDERS[dataset]
-  return getattr(importlib.import_module(module), name)
+  return getattr(importlib.import_module(f"pixelbert_jax.data.builders.{dataset}"), BUILDERS[dataset])
 
 
 def prepare(dataset: str, *, manual_dir: str, data_dir: str, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
             verify_images: str = "decode", max_pixels: int = DEFAULT_MAX_PIXELS,
-            **builder_kwargs: Any) -> tfds.core.DatasetBuilder:
+            builder_config: str | None = None, **builder_kwargs: Any) -> tfds.core.DatasetBuilder:
   """Builds `dataset` (a no-op when it is already built in data_dir) and returns its builder.
 
   builder_kwargs go to that builder only (e.g. visual_genome's exclude_coco_heldout).
   """
-  builder = builder_class(dataset)(data_dir=data_dir, max_bad_fraction=max_bad_fraction,
-                                   verify_images=verify_images, max_pixels=max_pixels, **builder_kwargs)
+  cls = builder_class(dataset)
+  configs = [cfg.name for cfg in cls.BUILDER_CONFIGS]
+  if configs and builder_config not in configs:
+    raise ValueError(f"dataset {dataset!r} needs builder_config, one of {configs}; got {builder_config!r}")
+  if builder_config and not configs:
+    raise ValueError(f"dataset {dataset!r} has no builder configs; got builder_config={builder_config!r}")
+  if builder_config:
+    builder_kwargs["config"] = builder_config
+  builder = cls(data_dir=data_dir, max_bad_fraction=max_bad_fraction, verify_images=verify_images,
+                max_pixels=max_pixels, **builder_kwargs)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 
@@ -55,7 +61,8 @@ def summary(builder: tfds.core.DatasetBuilder) -> str:
     tally = getattr(builder, "tallies", {}).get(split)
     skipped = f", skipped {tally.skipped}, dropped empty texts {tally.dropped_texts}" if tally else ""
     lines.append(f"  {split}: {info.num_examples} examples{skipped}")
-  lines.append(f"read with: tfds.data_source({builder.name!r}, data_dir={builder._data_dir_root!r})")
+  name = f"{builder.name}/{builder.builder_config.name}" if builder.builder_config else builder.name
+  lines.append(f"read with: tfds.data_source({name!r}, data_dir={builder._data_dir_root!r})")
   return "\n".join(lines)
 
 
@@ -63,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m pixelbert_jax.data.prepare", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dataset", required=True, choices=sorted(BUILDERS))
+  parser.add_argument("--builder_config", default=None, help="jsonl only: captions or vqa")
   parser.add_argument("--manual_dir", required=True, help="folder holding the downloaded files")
   parser.add_argument("--data_dir", required=True, help="where the built dataset goes")
   parser.add_argument("--max_bad_fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
@@ -82,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   builder = prepare(args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir,
                     max_bad_fraction=args.max_bad_fraction, verify_images=args.verify_images,
-                    max_pixels=args.max_pixels, **extra)
+                    max_pixels=args.max_pixels, builder_config=args.builder_config, **extra)
   print(summary(builder))
   return 0
 

@@ -1,5 +1,8 @@
 """Custom data as JSON lines: every <split>.jsonl in manual_dir becomes split <split>.
 
+One builder, `jsonl`, with two configs: 'captions' (captions schema) and 'vqa' (vqa schema), read back as
+`tfds.data_source("jsonl/captions", data_dir=...)`.
+
 Captions lines: {"image": path, "caption": str} or {"image": path, "captions": [str, ...]}, "image_id"?.
 VQA lines: {"image": path, "question": str, "answers": [str, ...], "question_id"?: int, "image_id"?,
 "question_type"?, "answer_type"?}. Image paths are relative to the .jsonl file's folder (or absolute).
@@ -33,14 +36,39 @@ def jsonl_splits(manual_dir: str, hint: str) -> dict[str, str]:
   return splits
 
 
-class _JsonlBuilder(c.ManualBuilder, skip_registration=True):
-  """One split per .jsonl file; subclasses turn a validated line into an example."""
+INSTRUCTIONS = {
+    "captions": """
+  Put into manual_dir one <split>.jsonl per split (e.g. train.jsonl, val.jsonl), each line
+    {"image": "relative/or/absolute/path.jpg", "caption": "a sentence"}   or   {"image": ..., "captions": [...]}
+  with an optional "image_id" (default: the image path as written).
+  """,
+    "vqa": """
+  Put into manual_dir one <split>.jsonl per split, each line
+    {"image": "path.jpg", "question": "what colour is the cat?", "answers": ["black", "black", "grey"]}
+  with optional "question_id" (int, default: the line number), "image_id", "question_type", "answer_type".
+  """,
+}
+
+
+class Jsonl(c.ManualBuilder):
+  """Your own image-text data as JSON lines; config 'captions' or 'vqa' picks the schema."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Original encoded images, texts as given (stripped)."}
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="captions", description="captions schema"),
+                     tfds.core.BuilderConfig(name="vqa", description="vqa schema")]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "config captions:" + INSTRUCTIONS["captions"] + "config vqa:" + INSTRUCTIONS["vqa"]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = c.captions_features() if self.builder_config.name == "captions" else c.vqa_features()
+    return tfds.core.DatasetInfo(builder=self, features=features, description=self.__doc__)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    files = jsonl_splits(self.manual_path(dl_manager), self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    files = jsonl_splits(self.manual_path(dl_manager), INSTRUCTIONS[self.builder_config.name])
     return {split: self._generate_examples(split, path) for split, path in files.items()}
 
   def _generate_examples(self, split: str, path: str) -> Iterator[tuple[str, dict]]:
+    schema = self.builder_config.name
     tally = self.tally(split)
     folder = os.path.dirname(path)
     lines = []
@@ -49,12 +77,17 @@ class _JsonlBuilder(c.ManualBuilder, skip_registration=True):
       image = c.field(rec, "image", str, file=path, where=where)
       image_path = os.path.join(folder, image)  # join keeps an absolute path as it is
       image_id = c.field(rec, "image_id", str, file=path, where=where, default=image)
-      lines.append((line_no, image_path, image_id, self.parse(rec, path, where)))
-    self.check_lines(lines, path)
+      fields = parse_captions(rec, path, where) if schema == "captions" else parse_vqa(rec, path, line_no)
+      lines.append((line_no, image_path, image_id, fields))
+    if schema == "vqa":
+      seen: set[int] = set()
+      for line_no, _, _, fields in lines:
+        c.check_unique(seen, fields["question_id"], file=path, where=f"line {line_no}", what="question_id")
 
     def make(line: tuple[int, str, str, dict]) -> tuple[str, dict] | None:
       line_no, image_path, image_id, fields = line
-      fields = self.finish_fields(fields, tally=tally, name=f"{path}:{line_no}")
+      name = f"{path}:{line_no}"
+      fields = finish_captions(fields, tally, name) if schema == "captions" else finish_vqa(fields, tally, name)
       if fields is None:
         return None
       data, height, width = self.images.read(image_path)
@@ -62,76 +95,36 @@ class _JsonlBuilder(c.ManualBuilder, skip_registration=True):
 
     return c.generate(((f"{path}:{line[0]} ({line[1]})", line) for line in lines), make, tally)
 
-  def parse(self, rec: dict, path: str, where: str) -> dict:
-    raise NotImplementedError
 
-  def check_lines(self, lines: list, path: str) -> None:
-    """Cross-line checks (unique ids)."""
-
-  def finish_fields(self, fields: dict, *, tally: c.BadRecordTally, name: str) -> dict | None:
-    return fields
-
-
-class JsonlCaptions(_JsonlBuilder):
-  """Image-caption pairs from JSON lines, captions schema."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Original encoded images, captions as given (stripped)."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  Put into manual_dir one <split>.jsonl per split (e.g. train.jsonl, val.jsonl), each line
-    {"image": "relative/or/absolute/path.jpg", "caption": "a sentence"}   or   {"image": ..., "captions": [...]}
-  with an optional "image_id" (default: the image path as written).
-  """
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=c.captions_features(), description=self.__doc__)
-
-  def parse(self, rec: dict, path: str, where: str) -> dict:
-    if ("caption" in rec) == ("captions" in rec):
-      raise c.RecordError(f"{path}: record {where}: needs exactly one of the keys 'caption' and 'captions', "
-                          f"got keys {sorted(rec)}")
-    if "caption" in rec:
-      return {"captions": [c.field(rec, "caption", str, file=path, where=where)]}
-    return {"captions": c.str_list(rec, "captions", file=path, where=where)}
-
-  def finish_fields(self, fields: dict, *, tally: c.BadRecordTally, name: str) -> dict | None:
-    captions = c.clean_texts(fields["captions"], tally=tally, name=name)
-    if not captions:
-      tally.skip(name, "no non-empty caption")
-      return None
-    return {"captions": captions}
+def parse_captions(rec: dict, path: str, where: str) -> dict:
+  if ("caption" in rec) == ("captions" in rec):
+    raise c.RecordError(f"{path}: record {where}: needs exactly one of the keys 'caption' and 'captions', "
+                        f"got keys {sorted(rec)}")
+  if "caption" in rec:
+    return {"captions": [c.field(rec, "caption", str, file=path, where=where)]}
+  return {"captions": c.str_list(rec, "captions", file=path, where=where)}
 
 
-class JsonlVqa(_JsonlBuilder):
-  """Questions with answers about images from JSON lines, vqa schema (answers may be empty for test)."""
+def finish_captions(fields: dict, tally: c.BadRecordTally, name: str) -> dict | None:
+  captions = c.clean_texts(fields["captions"], tally=tally, name=name)
+  if not captions:
+    tally.skip(name, "no non-empty caption")
+    return None
+  return {"captions": captions}
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Original encoded images, answers as given."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  Put into manual_dir one <split>.jsonl per split, each line
-    {"image": "path.jpg", "question": "what colour is the cat?", "answers": ["black", "black", "grey"]}
-  with optional "question_id" (int, default: the line number), "image_id", "question_type", "answer_type".
-  """
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=c.vqa_features(), description=self.__doc__)
+def parse_vqa(rec: dict, path: str, line_no: int) -> dict:
+  where = f"line {line_no}"
+  return {"question": c.field(rec, "question", str, file=path, where=where),
+          "answers": c.str_list(rec, "answers", file=path, where=where),
+          "question_id": c.field(rec, "question_id", int, file=path, where=where, default=line_no),
+          "question_type": c.field(rec, "question_type", str, file=path, where=where, default=""),
+          "answer_type": c.field(rec, "answer_type", str, file=path, where=where, default="")}
 
-  def parse(self, rec: dict, path: str, where: str) -> dict:
-    line_no = int(where.split()[-1])
-    return {"question": c.field(rec, "question", str, file=path, where=where),
-            "answers": c.str_list(rec, "answers", file=path, where=where),
-            "question_id": c.field(rec, "question_id", int, file=path, where=where, default=line_no),
-            "question_type": c.field(rec, "question_type", str, file=path, where=where, default=""),
-            "answer_type": c.field(rec, "answer_type", str, file=path, where=where, default="")}
 
-  def check_lines(self, lines: list, path: str) -> None:
-    seen: set[int] = set()
-    for line_no, _, _, fields in lines:
-      c.check_unique(seen, fields["question_id"], file=path, where=f"line {line_no}", what="question_id")
-
-  def finish_fields(self, fields: dict, *, tally: c.BadRecordTally, name: str) -> dict | None:
-    question = fields["question"].strip()
-    if not question:
-      tally.skip(name, "empty question")
-      return None
-    return {**fields, "question": question}
+def finish_vqa(fields: dict, tally: c.BadRecordTally, name: str) -> dict | None:
+  question = fields["question"].strip()
+  if not question:
+    tally.skip(name, "empty question")
+    return None
+  return {**fields, "question": question}
