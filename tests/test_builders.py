@@ -298,6 +298,11 @@ def test_prepare_cli_builds_and_reports(tmp_path, capsys):
     prepare_lib.prepare("jsonl", manual_dir=str(tmp_path / "manual"), data_dir=str(tmp_path / "d2"))
   with pytest.raises(SystemExit):
     prepare_lib.main(["--dataset", "imagenet", "--manual_dir", "x", "--data_dir", "y"])
+  (tmp_path / "manual" / "test.jsonl").write_text('{"image": "imgs/test0.jpg", "question": 5, "answers": []}\n')
+  rc = prepare_lib.main(["--dataset", "jsonl", "--builder_config", "vqa", "--manual_dir",
+                         str(tmp_path / "manual"), "--data_dir", str(tmp_path / "data3")])
+  assert rc == 1
+  assert "test.jsonl: record line 1: key 'question' must be str, got int" in capsys.readouterr().err
 
 
 def test_data_source_reads_without_tensorflow_or_our_code(tmp_path):

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import tensorflow_datasets as tfds
 
-from pixelbert_jax.data.builders._common import DEFAULT_MAX_BAD_FRACTION, VERIFY_MODES
+from pixelbert_jax.data.builders._common import (DEFAULT_MAX_BAD_FRACTION, VERIFY_MODES, RecordError,
+                                                 TooManyBadRecordsError)
 from pixelbert_jax.data.preprocess import DEFAULT_MAX_PIXELS
 
 # --dataset name (the module under pixelbert_jax/data/builders, as config.data.name says) -> builder class.
@@ -88,9 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error("--exclude_coco_heldout applies to --dataset visual_genome only")
     extra["exclude_coco_heldout"] = args.exclude_coco_heldout
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  builder = prepare(args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir,
-                    max_bad_fraction=args.max_bad_fraction, verify_images=args.verify_images,
-                    max_pixels=args.max_pixels, builder_config=args.builder_config, **extra)
+  try:
+    builder = prepare(args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir,
+                      max_bad_fraction=args.max_bad_fraction, verify_images=args.verify_images,
+                      max_pixels=args.max_pixels, builder_config=args.builder_config, **extra)
+  except (RecordError, TooManyBadRecordsError, FileNotFoundError, ValueError) as e:
+    # These messages already name the file, record and key; a traceback through TFDS adds nothing.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   print(summary(builder))
   return 0
 
