@@ -91,7 +91,7 @@ def _type_names(types: type | tuple[type, ...]) -> str:
 
 
 def field(record: Any, key: str, types: type | tuple[type, ...], *, file: str, where: str,
-          default: Any = ..., ) -> Any:
+          default: Any = ...) -> Any:
   """record[key], checked to be an instance of `types`; RecordError naming file/record/key otherwise.
 
   `default` (when given) is returned for a missing key or a JSON null. bool is never accepted as int.
