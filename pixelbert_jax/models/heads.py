@@ -79,8 +79,12 @@ class PixelBertPretrain(_TaskModel):
   def __call__(self, image, image_mask, input_ids, text_mask, train: bool = False):
     enc = self.encoder(image, image_mask, input_ids, text_mask, train)
     text = enc["sequence"][:, :input_ids.shape[1]]
-    return dict(mlm_logits=self.mlm_head(text, self.encoder.attend),
-                itm_logits=self.itm_head(enc["pooled"]), pixel_mask=enc["pixel_mask"])
+    return dict(mlm_logits=self.mlm_logits(text), itm_logits=self.itm_head(enc["pooled"]),
+                pixel_mask=enc["pixel_mask"])
+
+  def mlm_logits(self, text_sequence):
+    """[B,L,D] text part of the fused sequence -> float32 [B,L,V]."""
+    return self.mlm_head(text_sequence, self.encoder.attend)
 
 
 class PixelBertVqa(_TaskModel):
