@@ -223,3 +223,22 @@ def test_sbatch_dry_run_and_errors(tmp_path):
     assert "export PIXELBERT_NUM_PROCESSES=2" in proc.stdout
     proc, _ = _sbatch(tmp_path, 2, 2)
     assert proc.returncode == 2 and "--workdir" in proc.stderr
+
+
+def test_gpu_multinode_sets_explicit_variables(tmp_path):
+    script = os.path.join(REPO, "launch", "gpu_multinode.sh")
+    bin_dir = _slurm_stubs(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), PIXELBERT_PYTHON="fakepython",
+               SLURM_PROCID="rank1")  # fakepython names its output file after SLURM_PROCID
+    subprocess.run(["bash", script, "--coordinator", "node0:12355", "--num-nodes", "2", "--node-rank", "1",
+                    "--", "--workdir=/w", *TRICKY], check=True, env=env, timeout=30)
+    task = json.loads((out / "rank1.json").read_text())
+    assert task["argv"] == ["-m", "pixelbert_jax.main", "--workdir=/w", *TRICKY]
+    assert {k: task["env"][k] for k in ("PIXELBERT_COORDINATOR_ADDRESS", "PIXELBERT_NUM_PROCESSES",
+                                        "PIXELBERT_PROCESS_ID")} == {
+        "PIXELBERT_COORDINATOR_ADDRESS": "node0:12355", "PIXELBERT_NUM_PROCESSES": "2", "PIXELBERT_PROCESS_ID": "1"}
+    bad = subprocess.run(["bash", script, "--coordinator", "node0:12355", "--num-nodes", "2", "--node-rank", "2"],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert bad.returncode == 2 and "--node-rank must be in 0..1" in bad.stderr
