@@ -107,7 +107,10 @@ def _loss_and_grads(cfg, params, ids, mask):
   def loss(p):
     seq, pooled = bert.apply({"params": p}, ids, mask, deterministic=False,
                              rngs={"dropout": jax.random.key(9)})
-    return jnp.sum(seq ** 2) + jnp.sum(pooled)
+    # Fixed random projections: every output element matters, no sign-cancelling sums of squares.
+    r_seq = jax.random.normal(jax.random.key(11), seq.shape)
+    r_pooled = jax.random.normal(jax.random.key(12), pooled.shape)
+    return jnp.sum(seq * r_seq) + jnp.sum(pooled * r_pooled)
 
   return jax.jit(jax.value_and_grad(loss))(params) + (str(jax.make_jaxpr(loss)(params)),)
 
@@ -122,10 +125,13 @@ def test_remat_gives_same_outputs_and_grads():
   remat = _loss_and_grads(cfg, params, ids, mask)
   assert "remat" in remat[2] and "remat" not in plain[2]  # the checkpoint primitive really is there
   np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
-  # Recomputation reorders float32 sums: compare each gradient against its own scale.
-  for a, b in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(plain[1])):
-    scale = float(np.abs(np.asarray(b)).max())
-    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * scale + 1e-9
+  # Recomputation reorders float32 sums: compare each gradient against its own scale, plus a floor
+  # for leaves whose true gradient is 0 (key biases cancel in the softmax).
+  leaves = [(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(remat[1]),
+                                                            jax.tree.leaves(plain[1]))]
+  overall = max(np.abs(b).max() for _, b in leaves)
+  for a, b in leaves:
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-7 * overall
 
 
 def test_bfloat16_compute_keeps_float32_params():
