@@ -1,0 +1,126 @@
+"""The pre-training system end to end on a tiny model: workdir contents, resume, preemption, bad checkpoints."""
+from __future__ import annotations
+
+import logging
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import pytest
+
+from pixelbert_jax import checkpoint as ckpt_lib
+from pixelbert_jax import train
+from tests import train_helpers as th
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """An uninterrupted 6-step run: what every interrupted or resumed run must reproduce exactly."""
+    workdir = tmp_path_factory.mktemp("reference")
+    train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6), str(workdir))
+    return workdir
+
+
+def test_workdir_has_config_metrics_checkpoints(reference):
+    assert (reference / "config.json").exists()
+    assert list((reference / "tensorboard").iterdir())
+    rows = th.metrics(reference)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("train/mlm_acc", "train/itm_acc", "train/lr", "perf/examples_per_s"):
+        assert key in train_rows[-1], key
+    evals = [r for r in rows if "eval/itm_acc" in r]
+    assert evals and evals[-1]["step"] == 6
+    for key in ("eval/mlm_acc", "eval/mlm_acc_grounded", "eval/mlm_acc_grounded_shuffled",
+                "eval/mlm_grounded_majority_rate"):
+        assert key in evals[-1], key
+    assert sorted(int(p.name) for p in (reference / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
+
+
+def test_rerun_resumes_and_matches_an_uninterrupted_run(data_dir, reference, tmp_path):
+    train.train_and_evaluate(th.tiny_config(data_dir, total_steps=3), str(tmp_path))
+    # total_steps is part of the schedule only through warm-up (2 steps), so 3 then 6 equals 6.
+    train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6), str(tmp_path))
+    steps = [r["step"] for r in th.metrics(tmp_path) if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6], "the rerun must continue after step 3, not start again"
+    th.assert_same_params(th.final_params(tmp_path), th.final_params(reference))
+
+
+def test_kill_9_then_rerun_gives_the_same_parameters(data_dir, reference, tmp_path):
+    overrides = th.tiny_overrides(data_dir, total_steps=6)
+    kill_at = random.Random().randint(2, 5)
+    proc = subprocess.Popen(th.main_command(str(tmp_path), overrides), cwd=th.REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(r.get("step", 0) >= kill_at for r in th.metrics(tmp_path)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = th.run_main(str(tmp_path), overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    th.assert_same_params(th.final_params(tmp_path), th.final_params(reference))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
+    overrides = {**th.tiny_overrides(data_dir, total_steps=200), "checkpoint_every_steps": 1000}
+    proc = subprocess.Popen(th.main_command(str(tmp_path), overrides), cwd=th.REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not th.metrics(tmp_path):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and 1 <= steps[0] < 200, steps
+    assert "SIGTERM" in err
+
+
+def test_corrupted_latest_checkpoint_is_named_and_skipped(data_dir, reference, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    damaged = workdir / "checkpoints" / "4"
+    for f in (damaged / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
+    with caplog.at_level(logging.ERROR):
+        train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6), str(workdir))
+    assert str(damaged) in caplog.text
+    th.assert_same_params(th.final_params(workdir), th.final_params(reference))
+
+
+def test_config_that_does_not_fit_the_checkpoint_names_the_parameter(data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    config = th.tiny_config(data_dir, total_steps=8, **{"model.intermediate_size": 48})
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"intermediate.*\(32, 48\).*\(32, 64\)"):
+        train.train_and_evaluate(config, str(workdir))
+
+
+def test_nan_loss_stops_with_step_and_metric(data_dir, tmp_path):
+    config = th.tiny_config(data_dir, total_steps=4, **{"optim.transformer.lr": float("nan")})
+    with pytest.raises(train.NonFiniteLossError, match=r"Step 2: train/\w*loss is nan"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_init_from_copies_the_encoder(data_dir, reference, tmp_path):
+    config = th.tiny_config(data_dir, total_steps=1, **{"init_from": str(reference), "optim.transformer.lr": 0.0,
+                                                        "optim.cnn.lr": 0.0})
+    train.train_and_evaluate(config, str(tmp_path))
+    got, want = th.final_params(tmp_path), th.final_params(reference)
+    for k in want:
+        if k.startswith("params/encoder/bert"):
+            jax.numpy.allclose(got[k], want[k])
+            assert (got[k] == want[k]).all(), k
