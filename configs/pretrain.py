@@ -6,7 +6,7 @@ and the README's table maps each to its key. What the paper leaves open is marke
 """
 import ml_collections
 
-from pixelbert_jax.data.config import data_config
+from pixelbert_jax.data.config import data_config, paper_sizes
 from pixelbert_jax.models.presets import model_config
 
 BERT_BASE_UNCASED_VOCAB = 30522
@@ -49,11 +49,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data = data_config("synthetic")
         from pixelbert_jax.data import pipeline
         c.model = model_config("demo", "demo", pipeline.vocab_size(c.data))
+        c.model.cnn.norm = "bn"     # trained from scratch; on 2 CPU cores group norm costs 2x the step time
         c.batch_size = 32
         c.eval_batch_size = 64
         c.num_epochs = 4.0
         c.log_every_steps = 10
-        c.eval_every_steps = 200
+        c.eval_every_steps = 100
         c.checkpoint_every_steps = 100
         c.optim.warmup_steps = 50
         c.optim.decay_epochs = (3.0,)
@@ -62,8 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.transformer.weight_decay = 1e-2
         c.optim.grad_clip_norm = 1.0
     elif variant in ("r50", "x152"):
-        c.data = data_config("coco_vg")
-        c.data.image_short_side, c.data.image_long_side = (800, 1333) if variant == "r50" else (600, 1000)
+        c.data = paper_sizes(data_config("coco_karpathy"), variant)
+        c.data.vocab_path = ""      # set to BERT-base-uncased's vocab.txt
         c.model = model_config("base", variant, BERT_BASE_UNCASED_VOCAB)
         c.model.dtype = "bfloat16"   # ours: the paper trained in fp16 (SOHO); params stay float32
         c.model.remat = True
@@ -71,7 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.init_from_torch = ""      # set to the `convert from-torch` output: ImageNet CNN + BERT-base
     else:
         raise ValueError(f"Unknown variant {variant!r} of configs/pretrain.py: use demo, r50 or x152")
-    c.data.max_text_len = c.data.get("max_text_len", 40)
+    c.data.train_split = "train"
+    c.data.eval_split = "val"
     c.data.mlm_prob = 0.15           # paper
     c.data.itm_neg_prob = 0.5        # paper
     return c

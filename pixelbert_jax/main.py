@@ -19,9 +19,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging.Filter):
+    """Orbax logs every file it writes at INFO; keep the console for the progress line and warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
     info = distributed.initialize_from_env()
     # Imported after initialisation: nothing may touch the JAX backend before jax.distributed is set up.
     from pixelbert_jax import train

@@ -25,7 +25,7 @@ from etils import epath
 from pixelbert_jax import checkpoint as ckpt_lib
 from pixelbert_jax import metrics_writer, optim, partitioning
 from pixelbert_jax.data import pipeline
-from pixelbert_jax.models import build_model
+from pixelbert_jax.models import build_model, dummy_inputs
 from pixelbert_jax.tasks import get_task
 
 State = dict[str, Any]  # step, params, batch_stats, opt_state, rng
@@ -33,18 +33,6 @@ State = dict[str, Any]  # step, params, batch_stats, opt_state, rng
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
-    """Inputs with the right ranks for init (parameter shapes do not depend on the image size)."""
-    h = w = 64 * max(1, int(config.model.get("init_grid", 2)) * 2)
-    inputs = {"image": np.zeros((batch_size, h, w, 3), np.uint8),
-              "image_mask": np.ones((batch_size, h, w), bool),
-              "input_ids": np.zeros((batch_size, config.data.max_text_len), np.int32),
-              "text_mask": np.ones((batch_size, config.data.max_text_len), np.int32)}
-    if config.task == "nlvr2":
-        inputs.update(image1=inputs["image"], image1_mask=inputs["image_mask"])
-    return inputs
 
 
 class Trainer:
@@ -63,7 +51,8 @@ class Trainer:
         def init_variables(rng):
             k_params, k_drop, k_sample = jax.random.split(rng, 3)
             return self.model.init({"params": k_params, "dropout": k_drop, "sample": k_sample},
-                                   **dummy_inputs(config), train=False)
+                                   **dummy_inputs(config.task, text_len=config.data.max_text_len),
+                                   train=False)
 
         boxed_vars = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
         abstract_params = nn.unbox(boxed_vars["params"])
@@ -124,18 +113,22 @@ class Trainer:
 
     def _eval_step(self, params, batch_stats, batch: dict) -> dict:
         variables = self._variables(params, batch_stats)
-        outputs = self.model.apply(variables, **self.task.model_inputs(batch), train=False)
-        _, metrics = self.task.loss_and_metrics(outputs, batch, **self._loss_weights())
-        if self.config.task == "pretrain" and self.config.data.get("grounded_metrics", False):
-            shuffled = self.task.shuffle_images(batch)
-            out_s = self.model.apply(variables, **self.task.model_inputs(shuffled), train=False)
-            metrics.update(self.task.grounded_metrics(out_s, batch, self.config.model.vocab_size))
-        return metrics
+        apply = functools.partial(self.model.apply, variables, train=False)
+        if hasattr(self.task, "eval_metrics"):
+            return self.task.eval_metrics(apply, batch, self.config)
+        outputs = apply(**self.task.model_inputs(batch))
+        return self.task.loss_and_metrics(outputs, batch, **self._loss_weights())[1]
 
-    def evaluate(self, state: State) -> dict[str, float]:
+    def evaluate(self, state: State, workdir: epath.Path) -> dict[str, float]:
+        """Task evaluators (official metrics, result files) where the task has one; else mean metrics."""
+        if hasattr(self.task, "evaluate"):
+            return self.task.evaluate(self, state, workdir)
+        return {f"eval/{k}": v for k, v in self.eval_sums(state, self.config.data.eval_split).items()}
+
+    def eval_sums(self, state: State, split: str) -> dict[str, float]:
+        """Runs the eval step over `split` and reduces the summed (sum, count) metrics."""
         cfg = self.config
-        local_bs = cfg.eval_batch_size // jax.process_count()
-        it = pipeline.make_iterator(cfg.data, cfg.task, cfg.data.eval_split, batch_size=local_bs,
+        it = pipeline.make_iterator(cfg.data, cfg.task, split, batch_size=cfg.eval_batch_size // jax.process_count(),
                                     seed=cfg.seed, process_index=jax.process_index(),
                                     process_count=jax.process_count(), train=False)
         sums: dict[str, Any] = {}
@@ -143,18 +136,12 @@ class Trainer:
             if 0 < cfg.eval_steps <= i:
                 break
             with self.mesh:
-                m = self.eval_step(state["params"], state["batch_stats"],
-                                   partitioning.global_batch(batch, self.mesh))
-            m = jax.device_get(m)
-            for k, v in m.items():
+                m = self.eval_step(state["params"], state["batch_stats"], partitioning.global_batch(batch, self.mesh))
+            for k, v in jax.device_get(m).items():
                 sums[k] = v if k not in sums else jax.tree.map(np.add, sums[k], v)
-        out = {}
-        for k, v in sums.items():
-            if k == "grounded_label_histogram":
-                out["eval/mlm_grounded_majority_rate"] = float(v.max() / max(v.sum(), 1e-9))
-            else:
-                out[f"eval/{k}"] = float(v[0] / max(v[1], 1e-9))
-        return out
+        if hasattr(self.task, "summarize_eval"):
+            return self.task.summarize_eval(sums)
+        return _reduce(sums)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -277,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 logging.warning("Stopped at step %d after saving a checkpoint; rerun to resume.", step)
                 return {"preempted_at_step": float(step)}
             if step == trainer.total_steps or (config.eval_every_steps > 0 and step % config.eval_every_steps == 0):
-                final = trainer.evaluate(state)
+                final = trainer.evaluate(state, workdir)
                 writer.write(step, final)
                 logging.info("eval @ %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
         if pending is not None:

@@ -55,6 +55,24 @@ def loss_and_metrics(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
     return loss, metrics
 
 
+def eval_metrics(apply, batch: dict[str, jax.Array], config) -> dict[str, Any]:
+    """Eval-mode metrics; on the synthetic world also the grounded-word accuracy with shuffled images."""
+    weights = dict(config.get("loss", {}))
+    _, metrics = loss_and_metrics(apply(**model_inputs(batch)), batch, **weights)
+    if config.data.get("grounded_metric", False):
+        shuffled = shuffle_images(batch)
+        metrics.update(grounded_metrics(apply(**model_inputs(shuffled)), batch, config.model.vocab_size))
+    return metrics
+
+
+def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
+    out = {k: float(s / max(c, 1e-9)) for k, (s, c) in ((k, v) for k, v in sums.items() if isinstance(v, tuple))}
+    if "grounded_label_histogram" in sums:
+        h = sums["grounded_label_histogram"]
+        out["mlm_grounded_majority_rate"] = float(h.max() / max(h.sum(), 1e-9))
+    return out
+
+
 def grounded_metrics(outputs_shuffled: dict[str, jax.Array], batch: dict[str, jax.Array],
                      vocab_size: int) -> dict[str, Any]:
     """Grounded-word accuracy with images shuffled across the batch, and the label histogram.
