@@ -147,7 +147,7 @@ def test_merge_into_replaces_and_rejects(tiny_model):
   model = build_model(cfg, "pretrain")
   # Boxed zeros of the right shapes: the merge only looks at structure, and a real init is slow on CPU.
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                           jax.eval_shape(init_variables, model, jax.random.key(0), "pretrain"))
+                           jax.eval_shape(lambda: init_variables(model, jax.random.key(0), "pretrain")))
   converted = cnn_from_torchvision(_random_state_dict(cnn_rules(cfg.cnn)), cfg.cnn)
   merged = merge_into(variables, converted, ("encoder", "cnn"))
   got = nn.meta.unbox(merged)["params"]["encoder"]["cnn"]["conv1"]["kernel"]
