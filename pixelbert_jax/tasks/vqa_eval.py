@@ -1,0 +1,126 @@
+"""The official VQA accuracy, answer normalisation included, as GT-Vision-Lab/VQA computes it.
+
+Reference: `PythonEvaluationTools/vqaEvaluation/vqaEval.py` at GT-Vision-Lab/VQA master (commit a013f00,
+"Fixed processing answers bug", 2021). Its quirks are kept on purpose, because published numbers depend
+on them:
+- normalisation (punctuation, lower case, number words, articles, contractions) is applied to the
+    prediction *and* the human answers only when the 10 human answers are not all identical; when they all
+    agree the raw (stripped) strings are compared, so "Two" does not match ten times "2";
+- a punctuation mark is deleted when it touches a space anywhere in the text (or the text holds a
+    digit-comma-digit), and replaced by a space otherwise; the apostrophe and the colon are not in the list;
+- a period is removed unless a digit follows it (the reference's look-behind is mistyped as a look-ahead),
+    and at most 32 periods are removed (it passes `re.UNICODE` as `count`);
+- number words map to digits only from "none"/"zero" to "ten", word by word;
+- each of the 10 answers is left out in turn: min(1, matches among the other 9 / 3), averaged.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
+    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's",
+    "somethingd": "something'd", "somethingd've": "something'd've", "something'dve": "something'd've",
+    "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
+    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
+    "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's",
+    "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
+    "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
+    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+              "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = ("a", "an", "the")
+PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_PERIOD_COUNT = int(re.UNICODE)  # the reference passes re.UNICODE (32) as sub()'s count
+NUM_HUMAN_ANSWERS = 10
+
+
+def process_punctuation(text: str) -> str:
+    out = text
+    for p in PUNCT:
+        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_COUNT)
+
+
+def process_digit_article(text: str) -> str:
+    words = [MANUAL_MAP.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in ARTICLES]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+
+def _clean_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def normalize(text: str) -> str:
+    """The full normalisation (what the reference applies when the human answers disagree)."""
+    return process_digit_article(process_punctuation(_clean_whitespace(text)))
+
+
+def question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+    """Official accuracy in [0, 1] of one prediction against the 10 human answers of one question."""
+    if len(human_answers) != NUM_HUMAN_ANSWERS:
+        raise ValueError(f"VQA needs {NUM_HUMAN_ANSWERS} human answers per question, got {len(human_answers)}: "
+                         f"{list(human_answers)!r}")
+    gts = [_clean_whitespace(a) for a in human_answers]
+    pred = _clean_whitespace(prediction)
+    if len(set(gts)) > 1:
+        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+        pred = process_digit_article(process_punctuation(pred))
+    matches = [g == pred for g in gts]
+    total = sum(matches)
+    # Leaving answer i out removes its own match (the reference compares answer dicts, unique by answer_id).
+    return sum(min(1.0, (total - m) / 3.0) for m in matches) / len(matches)
+
+
+def vqa_accuracy(predictions: Mapping[int, str], ground_truth: Mapping[int, dict],
+                 ) -> dict[str, object]:
+    """Accuracy over every question of `ground_truth` (question_id -> {answers, answer_type?,
+    question_type?}). A question without a prediction is an error, as on the evaluation server.
+
+    -> {"accuracy": mean in [0, 1], "overall": x100 rounded to 2 places (the reference's number),
+        "per_answer_type", "per_question_type": x100 rounded, "per_question": {qid: [0, 1]}}."""
+    missing = [q for q in ground_truth if q not in predictions]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(ground_truth)} questions have no prediction, e.g. question_id "
+                         f"{missing[:5]}")
+    per_question, by_answer, by_question = {}, {}, {}
+    for qid, gt in ground_truth.items():
+        acc = question_accuracy(predictions[qid], gt["answers"])
+        per_question[qid] = acc
+        by_answer.setdefault(gt.get("answer_type", ""), []).append(acc)
+        by_question.setdefault(gt.get("question_type", ""), []).append(acc)
+    if not per_question:
+        raise ValueError("no questions to evaluate")
+    mean = lambda xs: sum(xs) / len(xs)
+    return {"accuracy": mean(list(per_question.values())),
+            "overall": round(100 * mean(list(per_question.values())), 2),
+            "per_answer_type": {k: round(100 * mean(v), 2) for k, v in by_answer.items()},
+            "per_question_type": {k: round(100 * mean(v), 2) for k, v in by_question.items()},
+            "per_question": per_question}
