@@ -1,0 +1,77 @@
+"""Image-text retrieval fine-tuning: each image against its caption and N captions of other images.
+
+Train batches carry `input_ids`/`text_mask` [B,1+N,L] (caption 0 is the positive). The CNN runs once per
+image and its features are shared by the 1+N pairs; it is frozen (paper: only the transformer is
+fine-tuned), so its features are computed in inference mode under stop_gradient, which also saves the
+backward pass through it (`optim.cnn.frozen=True` keeps weight decay off it too). The loss is the softmax
+cross-entropy over the 1+N scores where only the positive and the `hard_negatives` highest-scoring
+negatives pass gradient; the other negatives stay in the softmax's denominator as constants.
+Evaluation (tasks/retrieval_eval.py) ranks every caption for every image and back.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pixelbert_jax.models.pixel_bert import normalize_image, pixel_grid_mask
+
+IMAGE_KEYS = ("image", "image_mask")
+
+
+def frozen_pixels(module, image, image_mask):
+    """Pixel tokens with the CNN in inference mode and no gradient into it (the visual projection trains)."""
+    enc = module.encoder
+    mask = image_mask.astype(bool)
+    c5 = jax.lax.stop_gradient(enc.cnn(normalize_image(image, mask), False))
+    pixels = enc.visual(c5)
+    gh, gw = c5.shape[1] // 2, c5.shape[2] // 2
+    return pixels, pixel_grid_mask(mask, gh, gw).reshape(image.shape[0], gh * gw)
+
+
+def score_groups(module, image, image_mask, input_ids, text_mask, train: bool = False):
+    """Model method: images [B,...] against caption groups [B,G,L] -> {'retrieval_logits': [B,G]}."""
+    b, g, length = input_ids.shape
+    pixels, pixel_mask = frozen_pixels(module, image, image_mask)
+    pixels = jnp.repeat(pixels, g, axis=0)
+    pixel_mask = jnp.repeat(pixel_mask, g, axis=0)
+    scores = module.score_pixels(input_ids.reshape(b * g, length), text_mask.reshape(b * g, length),
+                                 pixels, pixel_mask, train)
+    return {"retrieval_logits": scores.reshape(b, g)}
+
+
+def model_inputs(batch: dict[str, jax.Array]) -> dict:
+    """Keyword arguments of `model.apply`: `method` makes the retrieval model score caption groups."""
+    if batch["input_ids"].ndim != 3:
+        raise ValueError(f"retrieval train batches need input_ids [B,1+N,L], got {batch['input_ids'].shape}")
+    return {"method": score_groups, **{k: batch[k] for k in IMAGE_KEYS + ("input_ids", "text_mask")}}
+
+
+def hard_negative_logits(scores: jax.Array, hard_negatives: int) -> jax.Array:
+    """[B,1+N] -> the same values; gradient flows only through column 0 and the k largest negatives."""
+    neg = scores[:, 1:]
+    k = min(int(hard_negatives), neg.shape[1])
+    if k <= 0:
+        return jnp.concatenate([scores[:, :1], jax.lax.stop_gradient(neg)], axis=1)
+    _, idx = jax.lax.top_k(jax.lax.stop_gradient(neg), k)
+    hard = jnp.zeros(neg.shape, bool).at[jnp.arange(neg.shape[0])[:, None], idx].set(True)
+    return jnp.concatenate([scores[:, :1], jnp.where(hard, neg, jax.lax.stop_gradient(neg))], axis=1)
+
+
+def loss_and_metrics(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], *, hard_negatives: int = 5,
+                     **unused_weights):
+    scores = outputs["retrieval_logits"].astype(jnp.float32)
+    if scores.ndim != 2:
+        raise ValueError(f"retrieval_logits must be [B,1+N], got {scores.shape}")
+    mask = batch["example_mask"].astype(jnp.float32)
+    logits = hard_negative_logits(scores, hard_negatives)
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.zeros(scores.shape[0], jnp.int32))
+    n = jnp.sum(mask)
+    loss = jnp.sum(xent * mask) / jnp.maximum(n, 1.0)
+    top1 = (jnp.argmax(scores, -1) == 0).astype(jnp.float32)
+    return loss, {"loss": (loss, jnp.ones(())), "acc": (jnp.sum(top1 * mask), n)}
+
+
+def evaluate(trainer, state, workdir) -> dict[str, float]:
+    from pixelbert_jax.tasks import retrieval_eval
+    return retrieval_eval.evaluate(trainer, state, workdir)
