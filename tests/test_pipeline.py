@@ -1,16 +1,19 @@
-"""make_iterator: contract shapes, determinism, disjoint covering shards, exact resume, bad records."""
+"""make_iterator and the global plan: contract, determinism, process-count invariance, exact resume, bad records."""
 import hashlib
 import io
 import json
 
-import grain
 import numpy as np
 import pytest
 from PIL import Image
 
 from pixelbert_jax.data import pipeline
 from pixelbert_jax.data.config import data_config
-from pixelbert_jax.data.examples import PretrainExamples
+from pixelbert_jax.data.examples import PretrainExamples, record_buckets
+from pixelbert_jax.data.plan import PAD_RECORD, GlobalPlan
+from pixelbert_jax.data.retrieval_eval import ImageExamples
+from pixelbert_jax.data.sources import OpenSplit
+from pixelbert_jax.data.split_index import SplitIndex
 
 B, L = 4, 40
 
@@ -65,35 +68,12 @@ def test_same_seed_same_batches_other_seed_differs(cfg):
   assert not all(np.array_equal(a[0][k], a[12][k]) for k in ("image", "input_ids"))
 
 
-def _eval_digests(cfg, process_index, process_count):
-  it = pipeline.make_iterator(cfg, "pretrain", "val", batch_size=B, seed=0, process_index=process_index,
-                              process_count=process_count, train=False)
-  batches = list(it)
-  real = [_digest(img) for batch in batches for img, m in zip(batch["image"], batch["example_mask"]) if m]
-  return batches, real
-
-
-def test_eval_two_processes_disjoint_and_covering(cfg):
-  _, everything = _eval_digests(cfg, 0, 1)
-  b0, shard0 = _eval_digests(cfg, 0, 2)
-  b1, shard1 = _eval_digests(cfg, 1, 2)
-  assert len(everything) == len(set(everything)) == 30
-  assert not set(shard0) & set(shard1)
-  assert sorted(shard0 + shard1) == sorted(everything)
-  assert len(b0) == len(b1) == 4  # 15 examples each, last batch padded
-  assert b0[-1]["example_mask"].tolist() == [1, 1, 1, 0]
-  assert not b0[-1]["image"][3].any() and not b0[-1]["text_mask"][3].any()
-  again, _ = _eval_digests(cfg, 1, 2)  # eval masking is fixed
-  for x, y in zip(b1, again):
-    _same(x, y)
-
-
-def test_train_shards_disjoint(cfg):
+def test_train_epoch_covers_split_once_across_processes(cfg):
   seen = []
   for p in range(2):
     it = pipeline.make_iterator(cfg, "pretrain", "train", batch_size=B, seed=0, process_index=p, process_count=2)
-    seen.append({_digest(img) for batch in _take(it, 6) for img in batch["image"]})  # one epoch of 24
-  assert len(seen[0]) == len(seen[1]) == 24 and not seen[0] & seen[1]
+    seen.append([_digest(img) for batch in _take(it, 6) for img in batch["image"]])  # 6 x 8 = one epoch of 48
+  assert len(set(seen[0])) == len(set(seen[1])) == 24 and not set(seen[0]) & set(seen[1])
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -110,12 +90,49 @@ def test_resume_after_n_batches_is_exact(cfg, workers):
     _same(x, y)
 
 
-def test_unimplemented_task_named(cfg):
-  with pytest.raises(NotImplementedError, match="nlvr2"):
-    pipeline.make_iterator(cfg, "nlvr2", "train", batch_size=B, seed=0)
+def test_unknown_task_named(cfg):
+  with pytest.raises(ValueError, match="captioning"):
+    pipeline.make_iterator(cfg, "captioning", "train", batch_size=B, seed=0)
 
 
-# ---- mixed-size and bad records, through the same example code on an in-memory source -------------------
+# ---- the plan alone ------------------------------------------------------------------------------------
+
+def test_plan_batches_are_single_bucket_and_carry_leftovers_across_epochs():
+  buckets = np.array([0, 1, 1, 2, 0, 1, 2, 2, 1, 0, 1] * 5)  # 55 records, three buckets, none a multiple of 8
+  plan = GlobalPlan(buckets, global_batch=8, seed=3, train=True)
+  counts = np.zeros(len(buckets), int)
+  positions = []
+  for step in range(30):  # 240 rows: every record 4 times, give or take what waits in a queue
+    b, recs, pos = plan.batch(step)
+    assert (buckets[recs] == b).all()
+    np.add.at(counts, recs, 1)
+    positions += pos.tolist()
+  # a stream position (epoch * n + rank) is used once, and it names the record it was given to
+  assert len(set(positions)) == len(positions)
+  epochs = {}
+  for p in positions:
+    epochs.setdefault(p // len(buckets), []).append(p % len(buckets))
+  assert all(len(set(ranks)) == len(ranks) for ranks in epochs.values())
+  assert len(epochs[0]) == len(epochs[1]) == len(epochs[2]) == 55  # nothing dropped at epoch ends
+  assert counts.min() >= 3 and counts.max() <= 5
+  fresh = GlobalPlan(buckets, global_batch=8, seed=3, train=True)
+  for step in (29, 3, 17):  # random access gives what sequential access gave
+    np.testing.assert_array_equal(fresh.batch(step)[1], plan.batch(step)[1])
+
+
+def test_plan_eval_pads_each_bucket_tail():
+  buckets = np.array([0, 1, 1, 0, 1])
+  plan = GlobalPlan(buckets, global_batch=2, seed=0, train=False)
+  batches = [plan.batch(s) for s in range(plan.num_batches())]
+  assert [(b, r.tolist()) for b, r, _ in batches] == [(1, [1, 2]), (0, [0, 3]), (1, [4, PAD_RECORD])]
+
+
+def test_plan_refuses_buckets_smaller_than_global_batch():
+  with pytest.raises(ValueError, match=r"bucket sizes \[3, 2\] < 4"):
+    GlobalPlan(np.array([0, 0, 0, 1, 1]), global_batch=4, seed=0, train=True)
+
+
+# ---- several buckets, through the real example code on an in-memory split ----------------------------
 
 def _png(h, w, value):
   buf = io.BytesIO()
@@ -123,67 +140,102 @@ def _png(h, w, value):
   return buf.getvalue()
 
 
-def _records(n, bad=()):
-  out = []
+def _split(n, bad=()):
+  records, sizes = [], []
   for i in range(n):
-    h, w = ((64, 128) if i % 3 else (128, 64))
-    rec = {"image": _png(h, w, i), "image_id": f"img{i}".encode(), "captions": [b"a red circle", b"a blue star"]}
+    h, w = (64, 128) if i % 3 else (128, 64)
+    rec = {"image": _png(h, w, i), "image_id": f"img{i}".encode(), "captions": [b"a red circle", b"a blue star"],
+           "height": h, "width": w}
     if i in bad:
       rec["image"] = rec["image"][:30] if i % 2 else b""
-    out.append(rec)
-  return out
+    records.append(rec)
+    sizes.append((h, w))
+  index = SplitIndex(schema="captions", sizes=np.array(sizes, np.int32), ids=[f"img{i}" for i in range(n)])
+  return OpenSplit(records, index, "mem/train", "captions")
 
 
-def _iterator(records, cfg, *, train=True, max_bad_fraction=0.5, seed=0):
+def _mem_cfg(cfg, max_bad_fraction=0.5):
   c = cfg.copy_and_resolve_references()
   c.image_short_side, c.image_long_side, c.buckets = 64, 128, ((64, 128), (128, 64))
-  examples = PretrainExamples(records, list(range(len(records))), c, pipeline.vocab_path(c), seed=seed,
-                              train=train, name="mem/train")
-  ds = grain.MapDataset.range(len(records))
-  if train:
-    ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.map_with_index(examples)
-  return pipeline.BatchIterator(ds, batch_size=B, train=train, max_bad_fraction=max_bad_fraction,
-                                num_workers=0, prefetch=1, pad_example=examples.padding)
+  c.max_bad_fraction = max_bad_fraction
+  return c
 
 
-def test_buckets_and_resume_with_half_full_buckets(cfg):
-  records = _records(30)
-  it = _iterator(records, cfg)
+def _iterator(opened, cfg, *, batch_size=B, p=0, P=1, train=True, seed=0, max_bad_fraction=0.5, examples=None):
+  c = _mem_cfg(cfg, max_bad_fraction)
+  examples = (examples or PretrainExamples)(opened, c, pipeline.vocab_path(c), seed=seed, train=train)
+  return pipeline.planned_iterator(c, opened, examples, batch_size=batch_size, seed=seed, process_index=p,
+                                   process_count=P, train=train)
+
+
+def test_record_buckets_from_stored_sizes(cfg):
+  c = _mem_cfg(cfg)
+  assert record_buckets(np.array([[64, 128], [128, 64], [30, 90], [300, 100]]), c).tolist() == [0, 1, 0, 1]
+  # an image pair shares the bucket that holds both
+  assert record_buckets(np.array([[64, 128, 64, 128], [128, 64, 128, 64]]), c).tolist() == [0, 1]
+
+
+def test_global_batches_do_not_depend_on_process_count(cfg):
+  opened = _split(40)
+  one = _iterator(opened, cfg, batch_size=8)
+  two = [_iterator(opened, cfg, batch_size=4, p=p, P=2) for p in range(2)]
   shapes = set()
-  for _ in range(10):  # stop where a bucket holds examples across the save
-    batch = next(it)
-    shapes.add(batch["image"].shape[1:3])
-    assert batch["image_mask"].all()  # one bucket per batch: these images fill their bucket exactly
-    state = it.get_state()
-    if any(state["buffers"]):
-      break
-  assert shapes <= {(64, 128), (128, 64)} and any(state["buffers"])
-  expected = _take(it, 4)
-  resumed = _iterator(records, cfg)
-  resumed.set_state(json.loads(json.dumps(state)))
-  for x, y in zip(expected, _take(resumed, 4)):
+  for _ in range(12):  # 96 rows: more than two epochs of 40, several switches between the two buckets
+    whole = next(one)
+    halves = [next(it) for it in two]
+    for k in whole:
+      assert halves[0][k].shape == halves[1][k].shape, k  # every process agrees on shapes at every step
+      np.testing.assert_array_equal(whole[k], np.concatenate([h[k] for h in halves]), err_msg=k)
+    shapes.add(whole["image"].shape[1:3])
+    assert whole["image_mask"].all()  # one bucket per batch: these images fill their bucket exactly
+  assert shapes == {(64, 128), (128, 64)}
+
+
+def test_eval_same_batch_count_on_every_process_and_covers_once(cfg):
+  opened = _split(23)  # bucket sizes 15 and 8: both need a padded tail
+  runs = [list(_iterator(opened, cfg, batch_size=3, p=p, P=2, train=False, examples=ImageExamples)) for p in range(2)]
+  assert len(runs[0]) == len(runs[1])
+  for a, b in zip(*runs):
+    assert a["image"].shape == b["image"].shape
+  got = [int(i) for run in runs for batch in run for i, m in zip(batch["image_index"], batch["example_mask"]) if m]
+  assert sorted(got) == list(range(23))
+  pads = [batch for run in runs for batch in run if not batch["example_mask"].all()]
+  assert all((b["image_index"][b["example_mask"] == 0] == -1).all() and not b["image"][b["example_mask"] == 0].any()
+             for b in pads)
+
+
+@pytest.mark.parametrize("P", [1, 2])
+def test_resume_with_several_buckets_is_exact(cfg, P):
+  opened = _split(30)
+  it = _iterator(opened, cfg, batch_size=8 // P, p=P - 1, P=P, seed=4)
+  _take(it, 5)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 6)
+  resumed = _iterator(opened, cfg, batch_size=8 // P, p=P - 1, P=P, seed=4)
+  resumed.set_state(state)
+  for x, y in zip(expected, _take(resumed, 6)):
     _same(x, y)
 
 
-def test_bad_records_skipped_counted_and_named(cfg, caplog):
-  records = _records(30, bad=(4, 7))
-  batches = list(_iterator(records, cfg, train=False))
+def test_bad_records_become_padding_rows_counted_and_named(cfg, caplog):
+  opened = _split(30, bad=(4, 7))
+  batches = list(_iterator(opened, cfg, train=False))
   assert sum(b["example_mask"].sum() for b in batches) == 28
-  assert "mem/train[4] (image_id img4)" in caplog.text and "mem/train[7] (image_id img7)" in caplog.text
-  it = _iterator(records, cfg)
-  _take(it, 10)
+  assert "mem/train[4] (id img4)" in caplog.text and "mem/train[7] (id img7)" in caplog.text
+  it = _iterator(opened, cfg)
+  train_batches = _take(it, 8)  # 32 rows: one epoch of 30 plus some
   assert it.get_state()["bad"] >= 2
+  assert sum(b["example_mask"].sum() for b in train_batches) <= 32 - 2
 
 
 def test_too_many_bad_records_stop_with_count_and_examples(cfg):
-  records = _records(12, bad=(1, 2, 3, 5))
+  opened = _split(12, bad=(1, 2, 3, 5))
   with pytest.raises(RuntimeError, match=r"4 of 12 records were bad.*mem/train\[1\].*0 bytes"):
-    list(_iterator(records, cfg, train=False, max_bad_fraction=0.1))
+    list(_iterator(opened, cfg, train=False, max_bad_fraction=0.1))
 
 
 def test_empty_captions_are_bad_records(cfg):
-  records = _records(8)
-  records[3]["captions"] = [b"", b"  "]
-  batches = list(_iterator(records, cfg, train=False))
+  opened = _split(8)
+  opened.source[3]["captions"] = [b"", b"  "]
+  batches = list(_iterator(opened, cfg, train=False))
   assert sum(b["example_mask"].sum() for b in batches) == 7

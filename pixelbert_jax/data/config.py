@@ -13,14 +13,39 @@ _X152_BUCKETS = ((640, 1024), (1024, 640), (640, 832), (832, 640), (640, 640))
 DATASETS = ("synthetic", "coco_karpathy", "flickr30k", "visual_genome", "vqa2", "nlvr2", "jsonl")
 
 
+# Datasets that can be mixed with '+' (their records share the captions schema), e.g. the paper's
+# pre-training data "coco_karpathy+visual_genome".
+CAPTION_DATASETS = ("coco_karpathy", "flickr30k", "visual_genome", "jsonl")
+_EVAL_SPLIT = {"nlvr2": "dev"}
+
+
+def check_name(name: str) -> list[str]:
+  """The components of dataset name `name` (one, or several joined by '+'); ValueError if unknown."""
+  parts = name.split("+")
+  if len(parts) == 1:
+    if name not in DATASETS:
+      raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or a '+' mixture of "
+                       f"{', '.join(CAPTION_DATASETS)}")
+    return parts
+  bad = [p for p in parts if p not in CAPTION_DATASETS]
+  if bad or len(set(parts)) != len(parts):
+    raise ValueError(f"dataset mixture {name!r}: components must be distinct caption datasets "
+                     f"({', '.join(CAPTION_DATASETS)}); not {bad or 'a repeated one'}")
+  return parts
+
+
 def data_config(name: str = "synthetic") -> ml_collections.ConfigDict:
   """Data config for dataset `name`; image sizes are the demo's for synthetic and R50's otherwise."""
-  if name not in DATASETS:
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+  parts = check_name(name)
   c = ml_collections.ConfigDict()
   c.name = name
   c.data_dir = os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
   c.manual_dir = ""  # where the user put the raw files of a real dataset
+  # a mixture's raw files: one folder per component (an empty one falls back to manual_dir)
+  c.manual_dirs = ml_collections.ConfigDict({p: "" for p in parts}) if len(parts) > 1 else ml_collections.ConfigDict()
+  c.exclude_coco_heldout = ""  # visual_genome: a dataset_coco.json whose val/test images VG leaves out
+  c.train_split = "train"
+  c.eval_split = _EVAL_SPLIT.get(name, "val")
   c.builder_config = ""  # TFDS builder config of a real dataset, e.g. jsonl's 'captions' or 'vqa'
   c.vocab_path = ""  # BERT vocab.txt for real data; '' = the synthetic world's own vocab
   c.image_short_side = 800

@@ -1,116 +1,166 @@
-"""One training example from one record: a pure function of (seed, stream position), run in grain workers.
+"""One example from one record, a pure function of (record, stream position, planned bucket), run in workers.
 
-Bad data (an image decode_image refuses, a record without a usable caption) becomes a `_bad` element that
-names the record, so the main process can count and skip it; any other exception is re-raised naming the
-record, so nothing dies inside a worker anonymously.
+`Examples` holds what every task shares: the planned bucket, image decoding into it, tokenisation, the
+per-example random generator, padding rows and bad-record handling. Bad data (an image decode_image refuses,
+a record without a usable text) becomes a `_bad` element that names the record, so the main process can
+count it and put a padding row (example_mask=0) in its place; any other exception is re-raised naming the
+record, so nothing dies inside a worker anonymously. Task subclasses add their keys.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import ml_collections
 import numpy as np
 
 from pixelbert_jax.data import text
-from pixelbert_jax.data.preprocess import BadImageError, decode_image, resize_and_pad, validate_buckets
+from pixelbert_jax.data.plan import PAD_RECORD
+from pixelbert_jax.data.preprocess import (BadImageError, choose_bucket, decode_image, resize_and_pad,
+                                           resized_shape, validate_buckets)
 
-PAD_POSITION = -1  # a shard entry that is only padding (eval shards are padded to equal length)
+_EVAL_STREAM = 1 << 30  # eval randomness is seeded per record, apart from any train position
 
 
 class BadRecordError(ValueError):
   """A record that cannot be used (e.g. no non-empty caption); the message names the record."""
 
 
-def _str(value) -> str:
+def as_str(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-class PretrainExamples:
-  """Callable (stream position, shard entry) -> example dict with the contract's pre-training keys."""
+def record_buckets(sizes: np.ndarray, data_cfg: ml_collections.ConfigDict) -> np.ndarray:
+  """Bucket id (index into data_cfg.buckets) of every record from its stored (h, w) or (h0, w0, h1, w1).
 
-  def __init__(self, source, shard: Sequence[int], data_cfg: ml_collections.ConfigDict, vocab_path: str, *,
-               seed: int, train: bool, name: str):
-    self._source = source
-    self._shard = list(shard)
+  An image pair shares one bucket: the one that holds both resized images (the task can then stack both
+  images into one pass); it is the image's own bucket whenever both images would choose the same one.
+  """
+  buckets = validate_buckets(data_cfg.buckets)
+  short, long = int(data_cfg.image_short_side), int(data_cfg.image_long_side)
+  ids = {b: k for k, b in enumerate(buckets)}
+  cache: dict[tuple[int, ...], int] = {}
+  out = np.zeros(len(sizes), np.int64)
+  for i, row in enumerate(np.asarray(sizes)):
+    key = tuple(int(v) for v in row)
+    if key not in cache:
+      shapes = [resized_shape(key[k], key[k + 1], short_side=short, long_side=long) for k in range(0, len(key), 2)]
+      h, w = max(s[0] for s in shapes), max(s[1] for s in shapes)
+      cache[key] = ids[choose_bucket(h, w, buckets)]
+    out[i] = cache[key]
+  return out
+
+
+class Examples:
+  """Callable (record index, stream position, bucket id) -> example dict; subclasses define `_example`."""
+
+  def __init__(self, opened, data_cfg: ml_collections.ConfigDict, vocab_path: str, *, seed: int, train: bool):
+    self._source, self._index, self._name = opened.source, opened.index, opened.name
     self._vocab_path = vocab_path
-    self._seed = seed
-    self._train = train
-    self._name = name
+    self._seed, self._train = int(seed), train
     self._max_len = int(data_cfg.max_text_len)
-    self._mlm_prob = float(data_cfg.mlm_prob)
-    self._itm_neg_prob = float(data_cfg.itm_neg_prob)
     self._short, self._long = int(data_cfg.image_short_side), int(data_cfg.image_long_side)
     self._buckets = validate_buckets(data_cfg.buckets)
     self._max_pixels = int(data_cfg.max_image_pixels)
 
-  def _record_name(self, index: int, record=None) -> str:
-    image_id = _str(record.get("image_id", "?")) if isinstance(record, dict) else "?"
-    return f"{self._name}[{index}] (image_id {image_id})"
+  @property
+  def tokenizer(self):
+    return text.load_tokenizer(self._vocab_path)
 
-  def padding(self, key, position: int = PAD_POSITION) -> dict:
-    h, w = key if key is not None else self._buckets[0]
+  def record_name(self, index: int) -> str:
+    return f"{self._name}[{index}] (id {self._index.ids[index]})"
+
+  def rng(self, position: int, index: int) -> np.random.Generator:
+    # train: fresh randomness at every stream position (every epoch differs); eval: fixed per record
+    return np.random.default_rng([self._seed, position] if self._train else [self._seed, _EVAL_STREAM, index])
+
+  def image(self, data, bucket: tuple[int, int], name: str) -> tuple[np.ndarray, np.ndarray]:
+    image = decode_image(data, name=name, max_pixels=self._max_pixels)
+    return resize_and_pad(image, short_side=self._short, long_side=self._long, buckets=self._buckets, bucket=bucket)
+
+  def encode(self, sentence: str, grounded_words=()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return text.encode(self.tokenizer, sentence, self._max_len, grounded_words)
+
+  def padding(self, bucket_id: int, position: int = PAD_RECORD) -> dict:
+    h, w = self._buckets[bucket_id]
     L = self._max_len
     return {"image": np.zeros((h, w, 3), np.uint8), "image_mask": np.zeros((h, w), bool),
             "input_ids": np.zeros(L, np.int32), "text_mask": np.zeros(L, np.int32),
-            "example_mask": np.float32(0), "mlm_labels": np.zeros(L, np.int32),
-            "mlm_weights": np.zeros(L, np.float32), "mlm_grounded": np.zeros(L, np.float32),
-            "itm_label": np.int32(0), "_pos": position}
+            "example_mask": np.float32(0), **self._padding_extra(h, w), "_pos": position}
 
-  def _captions(self, record, index: int) -> list[tuple[str, np.ndarray]]:
-    """Non-empty (caption, grounded word indices) pairs of a record."""
-    if "captions" not in record:
-      raise BadRecordError(f"{self._record_name(index, record)}: no 'captions' key (keys: {sorted(record)})")
-    grounded = record.get("grounded_words")
-    out = []
-    for k, c in enumerate(record["captions"]):
-      caption = _str(c).strip()
-      if caption:
-        g = np.asarray(grounded[k]) if grounded is not None and k < len(grounded) else np.zeros(0, np.int32)
-        out.append((caption, g[g >= 0]))
-    return out
+  def _padding_extra(self, h: int, w: int) -> dict:
+    return {}
 
-  def _image_id(self, index: int) -> str:
-    return _str(self._source[index].get("image_id", f"#{index}"))
-
-  def __call__(self, position: int, entry: int) -> dict:
-    index = self._shard[entry]
-    if index == PAD_POSITION:
-      return self.padding(None, position)
-    record = None
+  def __call__(self, index: int, position: int, bucket_id: int) -> dict:
+    index = int(index)
+    if index == PAD_RECORD:
+      return self.padding(bucket_id, position)
     try:
       record = self._source[index]
-      return self._example(position, index, record)
+      out = self._example(index, record, int(position), self._buckets[bucket_id])
+      out["_pos"] = int(position)
+      return out
     except (BadImageError, BadRecordError) as e:
-      return {"_bad": f"{self._record_name(index, record)}: {e}", "_pos": position}
+      return {"_bad": f"{self.record_name(index)}: {e}", "_pos": int(position)}
     except Exception as e:
-      raise RuntimeError(f"failed on record {self._record_name(index, record)}: {type(e).__name__}: {e}") from e
+      raise RuntimeError(f"failed on record {self.record_name(index)}: {type(e).__name__}: {e}") from e
 
-  def _example(self, position: int, index: int, record) -> dict:
-    name = self._record_name(index, record)
-    if "image" not in record:
-      raise BadRecordError(f"{name}: no 'image' key (keys: {sorted(record)})")
-    image = decode_image(record["image"], name=name, max_pixels=self._max_pixels)
-    image, image_mask = resize_and_pad(image, short_side=self._short, long_side=self._long, buckets=self._buckets)
+  def _example(self, index: int, record, position: int, bucket: tuple[int, int]) -> dict:
+    raise NotImplementedError
+
+  def _field(self, record, key: str, index: int):
+    if key not in record:
+      raise BadRecordError(f"{self.record_name(index)}: no {key!r} key (keys: {sorted(record)})")
+    return record[key]
+
+
+def nonempty_captions(record, grounded=None) -> list[tuple[str, np.ndarray]]:
+  """Non-empty (caption, grounded word indices) pairs of a captions record."""
+  out = []
+  for k, c in enumerate(record["captions"]):
+    caption = as_str(c).strip()
+    if caption:
+      g = np.asarray(grounded[k]) if grounded is not None and k < len(grounded) else np.zeros(0, np.int32)
+      out.append((caption, g[g >= 0]))
+  return out
+
+
+class PretrainExamples(Examples):
+  """MLM + ITM pairs: the contract's pre-training keys."""
+
+  def __init__(self, opened, data_cfg, vocab_path, *, seed, train):
+    super().__init__(opened, data_cfg, vocab_path, seed=seed, train=train)
+    self._mlm_prob = float(data_cfg.mlm_prob)
+    self._itm_neg_prob = float(data_cfg.itm_neg_prob)
+
+  def _padding_extra(self, h, w):
+    L = self._max_len
+    return {"mlm_labels": np.zeros(L, np.int32), "mlm_weights": np.zeros(L, np.float32),
+            "mlm_grounded": np.zeros(L, np.float32), "itm_label": np.int32(0)}
+
+  def _captions(self, record, index: int) -> list[tuple[str, np.ndarray]]:
+    self._field(record, "captions", index)
+    return nonempty_captions(record, record.get("grounded_words"))
+
+  def _example(self, index, record, position, bucket):
+    name = self.record_name(index)
+    image, image_mask = self.image(self._field(record, "image", index), bucket, name)
     captions = self._captions(record, index)
     if not captions:
       raise BadRecordError(f"{name}: no non-empty caption")
-    # train: fresh randomness at every stream position (so every epoch differs); eval: fixed per record
-    rng = np.random.default_rng([self._seed, position] if self._train else [self._seed, 1 << 30, index])
+    rng = self.rng(position, index)
     caption, grounded_words = captions[int(rng.integers(len(captions)))]
     matched = rng.uniform() >= self._itm_neg_prob
     if not matched:
-      own_id = _str(record.get("image_id", f"#{index}"))
+      ids, own = self._index.ids, self._index.ids[index]
       j = text.sample_other(rng, len(self._source), index,
-                            lambda j: self._image_id(j) == own_id or not self._captions(self._source[j], j))
+                            lambda j: ids[j] == own or not self._captions(self._source[j], j))
       negatives = self._captions(self._source[j], j)
       caption, grounded_words = negatives[int(rng.integers(len(negatives)))]
-    tok = text.load_tokenizer(self._vocab_path)
-    ids, text_mask, grounded = text.encode(tok, caption, self._max_len, grounded_words)
+    tok = self.tokenizer
+    ids_, text_mask, grounded = self.encode(caption, grounded_words)
     if matched:
-      masked, labels, weights = text.mlm_mask(ids, text_mask, rng, prob=self._mlm_prob, mask_id=tok.mask_token_id,
+      masked, labels, weights = text.mlm_mask(ids_, text_mask, rng, prob=self._mlm_prob, mask_id=tok.mask_token_id,
                                               special_ids=tok.all_special_ids, vocab_size=len(tok))
     else:
-      masked, labels, weights = ids, np.zeros_like(ids), np.zeros(ids.shape, np.float32)
+      masked, labels, weights = ids_, np.zeros_like(ids_), np.zeros(ids_.shape, np.float32)
     return {"image": image, "image_mask": image_mask, "input_ids": masked.astype(np.int32),
             "text_mask": text_mask, "example_mask": np.float32(1), "mlm_labels": labels.astype(np.int32),
-            "mlm_weights": weights, "mlm_grounded": grounded, "itm_label": np.int32(matched), "_pos": position}
+            "mlm_weights": weights, "mlm_grounded": grounded, "itm_label": np.int32(matched)}

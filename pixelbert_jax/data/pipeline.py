@@ -1,27 +1,27 @@
-"""The grain pipeline: per-process shards, per-epoch shuffling, per-example randomness from (seed, position),
-bucketed fixed-shape numpy batches, bad-record accounting and exactly resumable iterator state.
+"""The data pipeline's entry points: make_iterator for every task, split sizes, and evaluator look-ups.
 
-Every example is a pure function of its stream position, so the iterator state is just grain's position
-plus the positions of the examples waiting in half-full buckets (recomputed on restore). That state is a
-small JSON dict, and a restored iterator yields exactly the batches the original would have.
+Batches follow a global plan (data/plan.py): every process computes the same sequence of global batches of
+G = batch_size * process_count records, all of one bucket, and takes rows [p*B, (p+1)*B). So the batch
+of step t has the same shapes on every process, the concatenated global batch does not depend on the
+process count, and per-example randomness is a function of (seed, stream position) only.
 """
 from __future__ import annotations
 
-import logging
-import math
 import os
 
-import grain
-from absl import flags
 import ml_collections
 import numpy as np
 from transformers import BertTokenizerFast
 
-from pixelbert_jax.data import builders, synthetic, text
-from pixelbert_jax.data.examples import PAD_POSITION, PretrainExamples
+from pixelbert_jax.data import builders, synthetic, text, vqa_answers
+from pixelbert_jax.data.batches import BatchIterator, PlannedRows
+from pixelbert_jax.data.examples import PretrainExamples, record_buckets
+from pixelbert_jax.data.finetune_examples import Nlvr2Examples, RetrievalExamples, VqaExamples
+from pixelbert_jax.data.plan import GlobalPlan
+from pixelbert_jax.data.sources import OpenSplit, open_split
+from pixelbert_jax.data.split_index import sidecar_dir
 
-_MIN_SEEN_FOR_BAD_CHECK = 200
-_SHOW_BAD = 5
+TASKS = ("pretrain", "vqa", "nlvr2", "retrieval")
 
 
 def vocab_path(data_cfg: ml_collections.ConfigDict) -> str:
@@ -40,114 +40,112 @@ def vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
   return len(tokenizer(data_cfg))
 
 
+def _check_task(task: str) -> None:
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
 def num_examples(data_cfg: ml_collections.ConfigDict, split: str, task: str = "pretrain") -> int:
-  return len(builders.data_source(data_cfg, task, split))
+  """Records of `split` as `task` reads them: images (pretrain, retrieval), questions (vqa), statements (nlvr2)."""
+  _check_task(task)
+  return len(open_split(data_cfg, task, split).index)
 
 
-class BatchIterator:
-  """Iterator of batches (dict[str, np.ndarray]) with get_state() / set_state(state)."""
+def _train_split(data_cfg: ml_collections.ConfigDict) -> str:
+  return data_cfg.get("train_split", "train") or "train"
 
-  def __init__(self, examples: grain.MapDataset, *, batch_size: int, train: bool, max_bad_fraction: float,
-               num_workers: int, prefetch: int, pad_example):
-    self._examples = examples
-    self._batch_size = batch_size
-    self._train = train
-    self._max_bad_fraction = max_bad_fraction
-    self._pad_example = pad_example
-    ds = examples.to_iter_dataset()
-    if num_workers > 0:
-      if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside an absl app use defaults
-        flags.FLAGS.mark_as_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch))
-    self._it = iter(ds)
-    self._buffers: dict[tuple[int, int], list[dict]] = {}
-    self._seen = self._bad = 0
-    self._bad_messages: list[str] = []
 
-  def __iter__(self):
-    return self
+def answer_vocab(data_cfg: ml_collections.ConfigDict) -> list[str]:
+  """VQA answers given at least `vqa_min_answer_count` times in the train split, most frequent first.
 
-  def _check_bad(self, final: bool) -> None:
-    if self._bad and (final or self._seen >= _MIN_SEEN_FOR_BAD_CHECK) and \
-        self._bad > self._max_bad_fraction * self._seen:
-      raise RuntimeError(f"{self._bad} of {self._seen} records were bad (max_bad_fraction="
-                         f"{self._max_bad_fraction}); first ones: " + "; ".join(self._bad_messages))
+  Built once and saved beside the split's index; later calls read that small JSON file.
+  """
+  split, min_count = _train_split(data_cfg), int(data_cfg.vqa_min_answer_count)
+  b = builders.builder(data_cfg, builders.TASK_SCHEMA["vqa"])
+  if split not in b.info.splits:
+    raise ValueError(f"dataset {data_cfg.name!r} has no split {split!r} to build the answer vocabulary from; "
+                     f"it has {sorted(b.info.splits)}")
+  n = b.info.splits[split].num_examples
+  path = os.path.join(sidecar_dir(data_cfg.data_dir, b), f"answer_vocab_{split}_min{min_count}.json")
+  if os.path.isfile(path):
+    vocab = vqa_answers.load_vocab_file(path, min_count=min_count, num_records=n)
+    if vocab is not None:
+      return vocab
+  index = open_split(data_cfg, "vqa", split, texts=True).index
+  vocab = vqa_answers.build_answer_vocab(index.answers, min_count)
+  if not vocab:
+    raise ValueError(f"{data_cfg.name}/{split}: no answer is given {min_count} times or more "
+                     "(lower config.data.vqa_min_answer_count)")
+  vqa_answers.save_vocab_file(path, vocab, min_count=min_count, num_records=n, split=split)
+  return vocab
 
-  def _emit(self, key, elements: list[dict]) -> dict[str, np.ndarray]:
-    while len(elements) < self._batch_size:
-      elements.append(self._pad_example(key))
-    return {k: np.stack([e[k] for e in elements]) for k in elements[0] if not k.startswith("_")}
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    while True:
-      try:
-        element = next(self._it)
-      except StopIteration:
-        self._check_bad(final=True)
-        for key in sorted(self._buffers):
-          if self._buffers[key]:
-            return self._emit(key, self._buffers.pop(key))
-        raise
-      if element.get("_bad"):
-        self._seen += 1
-        self._bad += 1
-        if len(self._bad_messages) < _SHOW_BAD:
-          self._bad_messages.append(element["_bad"])
-        logging.warning("skipping bad record (%d so far): %s", self._bad, element["_bad"])
-        self._check_bad(final=False)
-        if self._train:
-          continue
-        element = self._pad_example(None, position=element["_pos"])  # keeps eval batch counts fixed
-      elif element["_pos"] >= 0 and element["example_mask"] > 0:
-        self._seen += 1
-      key = element["image"].shape[:2]
-      bucket = self._buffers.setdefault(key, [])
-      bucket.append(element)
-      if len(bucket) == self._batch_size:
-        return self._emit(key, self._buffers.pop(key))
+class VqaGroundTruth(dict):
+  """{question_id: [raw answers]} with `question_type` and `answer_type` dicts by question_id."""
 
-  def get_state(self) -> dict:
-    return {"grain": self._it.get_state(), "seen": self._seen, "bad": self._bad,
-            "bad_messages": list(self._bad_messages),
-            "buffers": [[int(e["_pos"]) for e in b] for _, b in sorted(self._buffers.items())]}
+  def __init__(self, answers: dict, question_type: dict, answer_type: dict):
+    super().__init__(answers)
+    self.question_type, self.answer_type = question_type, answer_type
 
-  def set_state(self, state: dict) -> None:
-    self._it.set_state(state["grain"])
-    self._seen, self._bad = int(state["seen"]), int(state["bad"])
-    self._bad_messages = list(state["bad_messages"])
-    self._buffers = {}
-    for positions in state["buffers"]:
-      for pos in positions:
-        element = self._examples[pos]
-        if element.get("_bad"):
-          element = self._pad_example(None, position=pos)
-        self._buffers.setdefault(element["image"].shape[:2], []).append(element)
+
+def vqa_ground_truth(data_cfg: ml_collections.ConfigDict, split: str) -> VqaGroundTruth:
+  index = open_split(data_cfg, "vqa", split, texts=True).index
+  qids = [int(q) for q in index.question_ids]
+  return VqaGroundTruth(dict(zip(qids, index.answers)), dict(zip(qids, index.question_types)),
+                        dict(zip(qids, index.answer_types)))
+
+
+def nlvr2_identifiers(data_cfg: ml_collections.ConfigDict, split: str) -> list[str]:
+  """Identifier of each record of the split; batches carry the position in this list as `example_index`."""
+  return list(open_split(data_cfg, "nlvr2", split).index.ids)
+
+
+def make_examples(data_cfg: ml_collections.ConfigDict, task: str, opened: OpenSplit, *, seed: int, train: bool):
+  vp = vocab_path(data_cfg)
+  if task == "pretrain":
+    return PretrainExamples(opened, data_cfg, vp, seed=seed, train=train)
+  if task == "vqa":
+    return VqaExamples(opened, data_cfg, vp, seed=seed, train=train, answers=answer_vocab(data_cfg))
+  if task == "nlvr2":
+    return Nlvr2Examples(opened, data_cfg, vp, seed=seed, train=train)
+  return RetrievalExamples(opened, data_cfg, vp, seed=seed, train=train, negatives=int(data_cfg.retrieval_negatives))
+
+
+def planned_iterator(data_cfg: ml_collections.ConfigDict, opened: OpenSplit, examples, *, batch_size: int, seed: int,
+                     process_index: int, process_count: int, train: bool) -> BatchIterator:
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  plan = GlobalPlan(record_buckets(opened.index.sizes, data_cfg), global_batch=batch_size * process_count,
+                    seed=seed, train=train)
+  rows = PlannedRows(plan, examples, batch_size=batch_size, process_index=process_index, process_count=process_count)
+  return BatchIterator(rows, train=train, max_bad_fraction=data_cfg.max_bad_fraction,
+                       num_workers=data_cfg.num_workers, prefetch=data_cfg.prefetch)
 
 
 def make_iterator(data_cfg: ml_collections.ConfigDict, task: str, split: str, *, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, train: bool = True) -> BatchIterator:
-  """Batches of `split` for `task` from this process's shard (records process_index::process_count).
+  """This process's batches (batch_size rows each) of `split` for `task`; keys per docs/contracts.md.
 
-  train=True: infinite, reshuffled every epoch from (seed, epoch), random MLM/ITM from (seed, position).
-  train=False: one pass in record order with fixed masking; every process yields the same number of
-  examples (shorter shards get a padding example) and the last batch is padded with example_mask=0.
+  train=True: infinite; every epoch a global permutation from (seed, epoch); randomness from
+  (seed, stream position). train=False: one pass in record order with fixed randomness; every process
+  yields the same number of batches with the same shapes; padding rows have example_mask=0.
+  `num_batches` of the iterator is that count (None for train).
   """
-  if task != "pretrain":
-    raise NotImplementedError(f"make_iterator for task {task!r} is not implemented yet (only 'pretrain')")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  source = builders.data_source(data_cfg, task, split)
-  n = len(source)
-  shard = list(range(process_index, n, process_count))
-  if not train:
-    shard += [PAD_POSITION] * (math.ceil(n / process_count) - len(shard))
-  if not shard:
-    raise ValueError(f"split {split!r} of {data_cfg.name!r} has {n} records: nothing for process {process_index}")
-  examples = PretrainExamples(source, shard, data_cfg, vocab_path(data_cfg), seed=seed, train=train,
-                              name=f"{data_cfg.name}/{split}")
-  ds = grain.MapDataset.range(len(shard))
-  if train:
-    ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.map_with_index(examples)
-  return BatchIterator(ds, batch_size=batch_size, train=train, max_bad_fraction=data_cfg.max_bad_fraction,
-                       num_workers=data_cfg.num_workers, prefetch=data_cfg.prefetch, pad_example=examples.padding)
+  _check_task(task)
+  opened = open_split(data_cfg, task, split, texts=task == "retrieval")
+  examples = make_examples(data_cfg, task, opened, seed=seed, train=train)
+  return planned_iterator(data_cfg, opened, examples, batch_size=batch_size, seed=seed, process_index=process_index,
+                          process_count=process_count, train=train)
+
+
+def retrieval_eval_data(data_cfg: ml_collections.ConfigDict, split: str):
+  """Every image of `split` (batched with its index) and every caption with its image's index."""
+  from pixelbert_jax.data.retrieval_eval import RetrievalEvalData
+  return RetrievalEvalData(data_cfg, split)
+
+
+def plan_summary(data_cfg: ml_collections.ConfigDict, task: str, split: str) -> dict[str, int]:
+  """Records per bucket (as 'HxW'), to size batches against the buckets a dataset really fills."""
+  opened = open_split(data_cfg, task, split)
+  counts = np.bincount(record_buckets(opened.index.sizes, data_cfg), minlength=len(data_cfg.buckets))
+  return {f"{h}x{w}": int(c) for (h, w), c in zip(data_cfg.buckets, counts)}

@@ -117,13 +117,17 @@ def fit_into(height: int, width: int, bucket: tuple[int, int]) -> tuple[int, int
   return min(bucket[0], max(1, int(height * scale))), min(bucket[1], max(1, int(width * scale)))
 
 
-def resize_and_pad(image: np.ndarray, *, short_side: int, long_side: int,
-                   buckets: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """uint8 [h,w,3] -> (uint8 [H,W,3] top-left aligned with zeros in padding, bool [H,W] valid mask)."""
+def resize_and_pad(image: np.ndarray, *, short_side: int, long_side: int, buckets: Sequence[Sequence[int]],
+                   bucket: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 [h,w,3] -> (uint8 [H,W,3] top-left aligned with zeros in padding, bool [H,W] valid mask).
+
+  `bucket` (H, W) forces the bucket the data plan chose (the image is shrunk into it if needed);
+  without it the bucket is chosen here from `buckets`.
+  """
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f"resize_and_pad expects uint8 [h,w,3], got {image.dtype} {image.shape}")
   h, w = resized_shape(image.shape[0], image.shape[1], short_side=short_side, long_side=long_side)
-  bucket = choose_bucket(h, w, buckets)
+  bucket = tuple(bucket) if bucket is not None else choose_bucket(h, w, buckets)
   h, w = fit_into(h, w, bucket)
   if (h, w) != image.shape[:2]:
     image = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC, reducing_gap=3.0))

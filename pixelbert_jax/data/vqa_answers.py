@@ -46,3 +46,33 @@ def load_answer_vocab(path: str) -> list[str]:
   if not isinstance(vocab, list) or not all(isinstance(a, str) for a in vocab) or len(set(vocab)) != len(vocab):
     raise ValueError(f"{path}: answer vocab must be a JSON list of distinct strings")
   return vocab
+
+
+_VOCAB_FORMAT = 1
+
+
+def save_vocab_file(path: str, vocab: Sequence[str], *, min_count: int, num_records: int, split: str) -> None:
+  """The vocabulary with what it was built from, so a stale file (data rebuilt, other min_count) is noticed."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump({"format": _VOCAB_FORMAT, "split": split, "min_count": int(min_count),
+               "num_records": int(num_records), "answers": list(vocab)}, f)
+  os.replace(tmp, path)
+
+
+def load_vocab_file(path: str, *, min_count: int, num_records: int) -> list[str] | None:
+  """The answers of a file written by save_vocab_file; None when it was built from other data."""
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: answer vocabulary is not valid JSON ({e}); delete it to rebuild") from e
+  if not isinstance(data, dict) or data.get("format") != _VOCAB_FORMAT:
+    raise ValueError(f"{path}: not an answer vocabulary file of format {_VOCAB_FORMAT}; delete it to rebuild")
+  answers = data.get("answers")
+  if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or len(set(answers)) != len(answers):
+    raise ValueError(f"{path}: key 'answers' must be a list of distinct strings")
+  if data.get("min_count") != min_count or data.get("num_records") != num_records:
+    return None
+  return answers

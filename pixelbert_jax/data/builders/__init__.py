@@ -36,9 +36,15 @@ def builder(data_cfg: ml_collections.ConfigDict, schema: str) -> tfds.core.Datas
   if data_cfg.name not in REAL_DATASETS:
     raise ValueError(f"unknown dataset {data_cfg.name!r}; known: synthetic, {', '.join(REAL_DATASETS)}")
   cls = _builder_class(data_cfg.name)
-  kwargs = {"data_dir": data_cfg.data_dir, "file_format": "array_record"}
+  # Built from training, a real dataset gets the same bad-data knobs `prepare` offers.
+  kwargs = {"data_dir": data_cfg.data_dir, "file_format": "array_record",
+            "max_bad_fraction": float(data_cfg.max_bad_fraction), "max_pixels": int(data_cfg.max_image_pixels)}
   if data_cfg.get("builder_config"):
     kwargs["config"] = data_cfg.builder_config
+  elif [c.name for c in cls.BUILDER_CONFIGS] == ["captions", "vqa"]:  # jsonl: the schema picks the config
+    kwargs["config"] = schema
+  if data_cfg.name == "visual_genome" and data_cfg.get("exclude_coco_heldout"):
+    kwargs["exclude_coco_heldout"] = data_cfg.exclude_coco_heldout
   b = cls(**kwargs)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir or None))
   return b

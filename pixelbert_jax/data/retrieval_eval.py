@@ -1,0 +1,64 @@
+"""Retrieval evaluation data: every image once (for a cached CNN pass) and every caption with its image.
+
+A cross-encoder scores every (image, caption) pair, so the evaluator needs the images and the captions
+separately, not batches of pairs: images come in planned eval batches (one bucket per batch, the same
+number of batches on every process, padding rows with example_mask=0 and image_index=-1), captions as one
+tokenised array with `caption_image_index` (the index of each caption's image in the split).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+
+from pixelbert_jax.data import pipeline
+from pixelbert_jax.data.examples import Examples
+from pixelbert_jax.data.sources import open_split
+
+
+class ImageExamples(Examples):
+  """image, image_mask, `image_index` (record index in the split), example_mask."""
+
+  def _padding_extra(self, h, w):
+    return {"image_index": np.int64(-1)}
+
+  def padding(self, bucket_id, position=-1):
+    out = super().padding(bucket_id, position)
+    del out["input_ids"], out["text_mask"]
+    return out
+
+  def _example(self, index, record, position, bucket):
+    image, image_mask = self.image(self._field(record, "image", index), bucket, self.record_name(index))
+    return {"image": image, "image_mask": image_mask, "image_index": np.int64(index), "example_mask": np.float32(1)}
+
+
+class RetrievalEvalData:
+  """Attributes: `num_images`, `image_ids` (list[str]), `captions` (list[str]), `caption_image_index`
+  (int64 [C]), `input_ids` / `text_mask` (int32 [C, L]); `image_batches(...)` yields the images."""
+
+  def __init__(self, data_cfg: ml_collections.ConfigDict, split: str):
+    self._cfg, self._split = data_cfg, split
+    self._opened = open_split(data_cfg, "retrieval", split, texts=True)
+    index = self._opened.index
+    self.image_ids = list(index.ids)
+    self.num_images = len(self.image_ids)
+    self.captions, owners = [], []
+    for i, caps in enumerate(index.captions):
+      for c in caps:
+        if c.strip():
+          self.captions.append(c.strip())
+          owners.append(i)
+    self.caption_image_index = np.asarray(owners, np.int64)
+    tok = pipeline.tokenizer(data_cfg)
+    L = int(data_cfg.max_text_len)
+    enc = tok(self.captions, max_length=L, truncation=True, padding="max_length")
+    self.input_ids = np.asarray(enc["input_ids"], np.int32).reshape(-1, L)
+    self.text_mask = np.asarray(enc["attention_mask"], np.int32).reshape(-1, L)
+
+  def image_batches(self, batch_size: int, *, process_index: int = 0, process_count: int = 1,
+                    seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """This process's image batches (batch_size rows): image, image_mask, image_index, example_mask."""
+    examples = ImageExamples(self._opened, self._cfg, pipeline.vocab_path(self._cfg), seed=seed, train=False)
+    return pipeline.planned_iterator(self._cfg, self._opened, examples, batch_size=batch_size, seed=seed,
+                                     process_index=process_index, process_count=process_count, train=False)
