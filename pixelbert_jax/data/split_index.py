@@ -134,9 +134,9 @@ def _load(path: str, n: int) -> dict | None:
       data = {k: f[k] for k in f.files}
   except Exception as e:
     raise ValueError(f"{path}: unreadable index sidecar ({type(e).__name__}: {e}); delete it to rebuild") from e
-  if "format" not in data or int(data["format"]) != FORMAT:
-    raise ValueError(f"{path}: index sidecar format {data.get('format')!r}, this code reads format {FORMAT}; "
-                     "delete it to rebuild")
+  found = data["format"].item() if "format" in data and data["format"].shape == () else None
+  if found != FORMAT or "n" not in data:
+    raise ValueError(f"{path}: index sidecar format {found}, this code reads format {FORMAT}; delete it to rebuild")
   if int(data["n"]) != n:
     logging.warning("%s holds %d records, the split has %d: rebuilding it", path, int(data["n"]), n)
     return None
