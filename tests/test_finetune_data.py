@@ -62,8 +62,8 @@ def test_vqa_batches_targets_match_ground_truth(cfg):
     assert batch["vqa_targets"].shape == (B, len(vocab)) and batch["vqa_targets"].dtype == np.float32
     assert batch["question_id"].dtype == np.int64 and batch["input_ids"].shape == (B, L)
     for qid, target in zip(batch["question_id"], batch["vqa_targets"]):
-      assert len(gt[int(qid)]) == 10
-      np.testing.assert_array_equal(target, vqa_answers.soft_targets(gt[int(qid)], index))
+      assert len(gt[int(qid)]["answers"]) == 10
+      np.testing.assert_array_equal(target, vqa_answers.soft_targets(gt[int(qid)]["answers"], index))
       assert target.max() > 0  # the synthetic majority answer is always in the vocabulary
 
 
@@ -73,8 +73,8 @@ def test_vqa_ground_truth_and_eval_pass(cfg):
   assert len(gt) == len(records) == pipeline.num_examples(cfg, "val", "vqa") == 36
   for r in records:
     qid = int(r["question_id"])
-    assert gt[qid] == [_s(a) for a in r["answers"]]
-    assert gt.question_type[qid] == _s(r["question_type"]) and gt.answer_type[qid] == _s(r["answer_type"])
+    assert gt[qid] == {"answers": [_s(a) for a in r["answers"]], "question_type": _s(r["question_type"]),
+                       "answer_type": _s(r["answer_type"])}
   it = pipeline.make_iterator(cfg, "vqa", "val", batch_size=5, seed=0, train=False)
   qids = [int(q) for b in it for q, m in zip(b["question_id"], b["example_mask"]) if m]
   assert sorted(qids) == sorted(gt) and it.num_batches == 8  # 36 questions in batches of 5
@@ -145,6 +145,12 @@ def test_retrieval_eval_data_images_and_captions(cfg):
     got += [int(i) for b in batches for i, m in zip(b["image_index"], b["example_mask"]) if m]
     assert set(batches[0]) == {"image", "image_mask", "image_index", "example_mask"}
   assert sorted(got) == list(range(6))
+  # the mapping view evaluators use: every image in index order, captions with their image
+  assert len(data["image"]) == len(data["image_mask"]) == 6 and data.get("image_id") == data.image_ids
+  first = next(data.image_batches(6))
+  for i, img in zip(first["image_index"], first["image"]):
+    np.testing.assert_array_equal(data["image"][int(i)], img)
+  np.testing.assert_array_equal(data["caption_image"], data.caption_image_index)
 
 
 def test_num_examples_per_task(cfg):

@@ -80,19 +80,11 @@ def answer_vocab(data_cfg: ml_collections.ConfigDict) -> list[str]:
   return vocab
 
 
-class VqaGroundTruth(dict):
-  """{question_id: [raw answers]} with `question_type` and `answer_type` dicts by question_id."""
-
-  def __init__(self, answers: dict, question_type: dict, answer_type: dict):
-    super().__init__(answers)
-    self.question_type, self.answer_type = question_type, answer_type
-
-
-def vqa_ground_truth(data_cfg: ml_collections.ConfigDict, split: str) -> VqaGroundTruth:
+def vqa_ground_truth(data_cfg: ml_collections.ConfigDict, split: str) -> dict[int, dict]:
+  """{question_id: {"answers": [raw annotator answers], "question_type": str, "answer_type": str}}."""
   index = open_split(data_cfg, "vqa", split, texts=True).index
-  qids = [int(q) for q in index.question_ids]
-  return VqaGroundTruth(dict(zip(qids, index.answers)), dict(zip(qids, index.question_types)),
-                        dict(zip(qids, index.answer_types)))
+  return {int(q): {"answers": list(a), "question_type": qt, "answer_type": at}
+          for q, a, qt, at in zip(index.question_ids, index.answers, index.question_types, index.answer_types)}
 
 
 def nlvr2_identifiers(data_cfg: ml_collections.ConfigDict, split: str) -> list[str]:

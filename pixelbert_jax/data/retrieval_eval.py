@@ -56,6 +56,41 @@ class RetrievalEvalData:
     self.input_ids = np.asarray(enc["input_ids"], np.int32).reshape(-1, L)
     self.text_mask = np.asarray(enc["attention_mask"], np.int32).reshape(-1, L)
 
+  _KEYS = ("image", "image_mask", "image_id", "caption_image", "input_ids", "text_mask")
+
+  def __getitem__(self, key: str):
+    """Mapping view for evaluators that hold the whole split in memory: 'image' / 'image_mask' (lists in
+    image order, decoded on first access; a bad image is all zeros with an all-False mask), 'image_id',
+    'caption_image' (= caption_image_index), 'input_ids', 'text_mask'. At paper sizes a 5K-image split
+    is about 16 GB of images: stream `image_batches` instead there."""
+    if key not in self._KEYS:
+      raise KeyError(f"retrieval eval data has keys {self._KEYS}, not {key!r}")
+    if key in ("image", "image_mask"):
+      return self._all_images()[0 if key == "image" else 1]
+    return {"image_id": self.image_ids, "caption_image": self.caption_image_index, "input_ids": self.input_ids,
+            "text_mask": self.text_mask}[key]
+
+  def get(self, key: str, default=None):
+    return self[key] if key in self._KEYS else default
+
+  def keys(self):
+    return list(self._KEYS)
+
+  def _all_images(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    if getattr(self, "_images", None) is None:
+      images, masks = [None] * self.num_images, [None] * self.num_images
+      shape = None
+      for batch in self.image_batches(8):
+        for img, mask, i, m in zip(batch["image"], batch["image_mask"], batch["image_index"], batch["example_mask"]):
+          shape = shape or img.shape
+          if m:
+            images[int(i)], masks[int(i)] = img, mask
+      for i in range(self.num_images):
+        if images[i] is None:  # a bad image: nothing to match, and nothing attended to
+          images[i], masks[i] = np.zeros(shape, np.uint8), np.zeros(shape[:2], bool)
+      self._images = (images, masks)
+    return self._images
+
   def image_batches(self, batch_size: int, *, process_index: int = 0, process_count: int = 1,
                     seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """This process's image batches (batch_size rows): image, image_mask, image_index, example_mask."""
