@@ -107,9 +107,17 @@ def test_first_stage_candidates_and_unscored_pairs_rank_last():
 def tiny_retrieval():
     cfg = model_config("tiny", "tiny", 30)
     model = build_model(cfg, "retrieval")
-    variables = nn.unbox(model.init({"params": jax.random.PRNGKey(0)}, **dummy_inputs("retrieval", text_len=6),
-                                    train=False))
-    return model, variables
+    init = jax.jit(lambda k: model.init({"params": k}, **dummy_inputs("retrieval", text_len=6), train=False))
+    return model, nn.unbox(init(jax.random.PRNGKey(0)))
+
+
+_apply = {}
+
+
+def jit_apply(model, *args, **kwargs):
+    """model.apply under jit (eager Flax on CPU costs seconds per call)."""
+    fn = _apply.setdefault(model, jax.jit(model.apply, static_argnames=("train", "method")))
+    return fn(*args, **kwargs)
 
 
 def _images(n, seed=0):
@@ -124,11 +132,11 @@ def test_score_groups_equals_pairwise_scores_and_freezes_the_cnn(tiny_retrieval)
     ids = rng.integers(5, 30, (2, 3, 6)).astype(np.int32)
     tmask = np.ones((2, 3, 6), np.int32)
     tmask[:, :, 4:] = 0
-    got = model.apply(variables, **retrieval.model_inputs(
+    got = jit_apply(model, variables, **retrieval.model_inputs(
         {"image": images, "image_mask": masks, "input_ids": ids, "text_mask": tmask}))["retrieval_logits"]
     for b in range(2):
         for g in range(3):
-            ref = model.apply(variables, images[b:b + 1], masks[b:b + 1], ids[b, g:g + 1], tmask[b, g:g + 1])
+            ref = jit_apply(model, variables, images[b:b + 1], masks[b:b + 1], ids[b, g:g + 1], tmask[b, g:g + 1])
             np.testing.assert_allclose(got[b, g], ref["retrieval_logits"][0], rtol=1e-4, atol=1e-5)
 
     def loss(params):
@@ -136,7 +144,7 @@ def test_score_groups_equals_pairwise_scores_and_freezes_the_cnn(tiny_retrieval)
             {"image": images, "image_mask": masks, "input_ids": ids, "text_mask": tmask}), train=True,
             rngs={"dropout": jax.random.PRNGKey(1)})
         return retrieval.loss_and_metrics(out, {"example_mask": np.ones(2, np.float32)}, hard_negatives=1)[0]
-    grads = jax.grad(loss)(variables["params"])
+    grads = jax.jit(jax.grad(loss))(variables["params"])
     cnn_norm = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(grads["encoder"]["cnn"]))
     visual_norm = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(grads["encoder"]["visual"]))
     assert cnn_norm == 0.0 and visual_norm > 0.0
@@ -154,7 +162,7 @@ def test_cached_evaluation_full_and_first_stage(tiny_retrieval):
                                                      first_stage_k=0, pair_batch_size=5)
     assert full["pairs_scored"] == 32
     # The cached scores equal scoring each pair from raw pixels.
-    direct = np.array([[float(model.apply(variables, images[i:i + 1], masks[i:i + 1], ids[c:c + 1],
+    direct = np.array([[float(jit_apply(model, variables, images[i:i + 1], masks[i:i + 1], ids[c:c + 1],
                                           tmask[c:c + 1])["retrieval_logits"][0]) for c in range(8)]
                        for i in range(4)])
     np.testing.assert_array_equal(rank_full["tr"], retrieval_eval.ranks(direct, cap_img)["tr"])
