@@ -43,7 +43,7 @@ class Trainer:
         self.task = get_task(config.task)
         self.model = build_model(config.model, config.task)
         self.update_batch_stats = config.model.cnn.norm == "bn"
-        n_train = pipeline.num_examples(config.data, config.data.train_split)
+        n_train = pipeline.num_examples(config.data, config.data.train_split, config.task)
         self.steps_per_epoch = max(1, n_train // config.batch_size)
         self.total_steps = (int(config.total_steps) if config.get("total_steps", 0) > 0
                             else int(math.ceil(config.num_epochs * self.steps_per_epoch)))
