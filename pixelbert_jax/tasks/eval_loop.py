@@ -33,6 +33,12 @@ def _jitted(trainer, predict_fn: PredictFn):
     return cache[predict_fn]
 
 
+def mesh_context(trainer):
+    """The mesh and logical rules model calls are traced in (partitioning.activate where it exists)."""
+    activate = getattr(partitioning, "activate", None)
+    return activate(trainer.mesh) if activate else trainer.mesh
+
+
 def _gather_host(x: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return x
@@ -57,7 +63,7 @@ def collect(trainer, state, split: str, predict_fn: PredictFn, *, device_keys: S
         if 0 < cfg.eval_steps <= i:
             break
         device_batch = {k: batch[k] for k in device_keys}
-        with trainer.mesh:
+        with mesh_context(trainer):
             out = jax.device_get(fn(state["params"], state["batch_stats"],
                                     partitioning.global_batch(device_batch, trainer.mesh)))
         keep = _gather_host(np.asarray(batch["example_mask"])) > 0

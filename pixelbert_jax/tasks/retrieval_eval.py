@@ -164,7 +164,7 @@ def evaluate(trainer, state, workdir) -> dict[str, float]:
     data = pipeline.retrieval_eval_data(cfg.data, split)
     images, masks, ids, tmask, cap_img, image_ids = _take(data, int(cfg.retrieval_eval.num_images))
     variables = _variables(state["params"], state["batch_stats"])
-    with trainer.mesh:
+    with eval_loop.mesh_context(trainer):
         metrics, rank = rank_and_recall(trainer.model, variables, images, masks, ids, tmask, cap_img,
                                         first_stage_k=int(cfg.retrieval_eval.first_stage_k),
                                         pair_batch_size=int(cfg.retrieval_eval.pair_batch_size))

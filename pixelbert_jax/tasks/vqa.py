@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from pixelbert_jax.data import pipeline
 from pixelbert_jax.tasks import eval_loop, vqa_eval
 
+ANSWER_VOCAB_FILE = "answer_vocab.json"
 INPUT_KEYS = ("image", "image_mask", "input_ids", "text_mask")
 
 
@@ -84,6 +86,7 @@ def evaluate(trainer, state, workdir) -> dict[str, float]:
     got = eval_loop.collect(trainer, state, split, _predict,
                             device_keys=INPUT_KEYS + ("vqa_targets",), host_keys=("question_id",))
     records = result_records(got["question_id"], got["answer"], vocab)
+    eval_loop.write_json(epath.Path(workdir) / ANSWER_VOCAB_FILE, list(vocab))  # for predict.py
     eval_loop.write_json(eval_loop.result_path(workdir, "vqa", split, eval_loop.step_of(state), "json"), records)
     metrics = {"loss": float(np.mean(got["loss"])), "vqa_score": float(np.mean(got["vqa_score"]))}
     metrics.update(official_metrics(records, pipeline.vqa_ground_truth(cfg.data, split)))

@@ -1,0 +1,28 @@
+"""Tiny fine-tuning configs on the synthetic world, sized like train_helpers' tiny pre-training config."""
+from __future__ import annotations
+
+from pixelbert_jax.data import pipeline
+from tests import train_helpers as th
+
+
+def set_key(config, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def tiny_finetune_config(task: str, data_dir: str, *, total_steps: int = 2, init_from: str = "", **extra):
+    config = th.load_config(task, "demo")
+    overrides = {**th.tiny_overrides(data_dir, total_steps), "init_from": init_from, **extra}
+    for key, value in overrides.items():
+        set_key(config, key, value)
+    if task == "vqa":
+        config.model.num_answers = len(pipeline.answer_vocab(config.data))
+    if task == "retrieval":
+        config.data.retrieval_negatives = 3
+        config.loss.hard_negatives = 2
+        config.retrieval_eval.num_images = 8
+        config.retrieval_eval.pair_batch_size = 16
+    return config
