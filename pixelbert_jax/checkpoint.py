@@ -20,6 +20,12 @@ from flax import traverse_util
 ITEMS = ("params", "train", "data", "meta")
 
 
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    # Registered up front so that a fresh process can read item metadata before any save or restore.
+    return {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
 class CheckpointMismatchError(ValueError):
     """The checkpoint's parameters do not fit the model the config builds."""
 
@@ -54,7 +60,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, int(every_steps)), max_to_keep=keep, create=True,
             enable_async_checkpointing=use_async)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
 
     def save(self, step: int, state: dict[str, Any], data_state: dict | None, meta: dict,
              *, force: bool = False) -> bool:
@@ -140,7 +146,7 @@ def load_model_variables(path: str | epath.Path, step: int | None = None) -> tup
     """Reads only the `params` and `meta` items of a checkpoint, as host numpy arrays."""
     directory, latest = resolve_checkpoint_dir(path)
     step = latest if step is None else step
-    manager = ocp.CheckpointManager(directory, item_names=ITEMS,
+    manager = ocp.CheckpointManager(directory, item_handlers=_handlers(),
                                     options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
         restored = manager.restore(step, args=ocp.args.Composite(

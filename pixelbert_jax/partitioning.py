@@ -7,9 +7,10 @@ place that says which mesh axis each logical name lands on. The mesh has three a
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -109,6 +110,17 @@ def logical_to_shardings(abstract_tree: Any, logical_specs: Any, mesh: Mesh,
 
     return jax.tree.map(one, abstract_tree, mesh_specs,
                         is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Iterator[None]:
+    """The context every jitted model call is traced in: the mesh and the logical rules.
+
+    Without both, flax's `with_logical_constraint` is silently a no-op and GSPMD has to guess activation
+    layouts from the parameters alone.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

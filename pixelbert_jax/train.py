@@ -81,7 +81,7 @@ class Trainer:
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
 
     def init_state(self, seed: int) -> State:
-        with self.mesh:
+        with partitioning.activate(self.mesh):
             return self._init_state(jax.random.PRNGKey(seed))
 
     def _variables(self, params, batch_stats) -> dict:
@@ -135,7 +135,7 @@ class Trainer:
         for i, batch in enumerate(it):
             if 0 < cfg.eval_steps <= i:
                 break
-            with self.mesh:
+            with partitioning.activate(self.mesh):
                 m = self.eval_step(state["params"], state["batch_stats"], partitioning.global_batch(batch, self.mesh))
             for k, v in jax.device_get(m).items():
                 sums[k] = v if k not in sums else jax.tree.map(np.add, sums[k], v)
@@ -236,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         while step < trainer.total_steps:
             batch = partitioning.global_batch(next(train_iter), mesh)
-            with mesh:
+            with partitioning.activate(mesh):
                 state, metrics = trainer.train_step(state, batch)
             step += 1
             if pending is not None:  # the device has finished it by now: checking costs no stall
