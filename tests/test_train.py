@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
-import pathlib
+import os
 import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -124,3 +125,46 @@ def test_init_from_copies_the_encoder(data_dir, reference, tmp_path):
         if k.startswith("params/encoder/bert"):
             jax.numpy.allclose(got[k], want[k])
             assert (got[k] == want[k]).all(), k
+
+
+def test_one_step_is_the_same_on_1_device_and_on_sharded_meshes(data_dir, tmp_path):
+    """8 forced CPU devices: mesh data=4 x tensor=2 and data=2 x fsdp=4 against one device (float32)."""
+    import numpy as np
+    out = tmp_path / "steps.npz"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "tests.sharded_step", data_dir, str(out)], cwd=th.REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = dict(np.load(out))
+    for layout in ("data4_tensor2", "data2_fsdp4"):
+        assert int(r[f"{layout}:num_sharded_params"]) > 0, f"{layout}: nothing was sharded"
+        np.testing.assert_allclose(r[f"{layout}:loss"], r["single:loss"], atol=1e-5, rtol=0)
+        names = [k.split(":", 1)[1] for k in r if k.startswith("single:params/")]
+        for name in names:
+            np.testing.assert_allclose(r[f"{layout}:{name}"], r[f"single:{name}"], atol=1e-5, rtol=0,
+                                       err_msg=f"{layout} {name}")
+
+
+def test_two_processes_reach_the_parameters_of_one(data_dir, reference, tmp_path):
+    """Two CPU processes joined through the PIXELBERT_* variables (the launch scripts' path) see the same
+    global batches as one process, so after 6 steps they hold the same parameters."""
+    port = _free_port()
+    overrides = th.tiny_overrides(data_dir, total_steps=6)
+    procs = [subprocess.Popen(th.main_command(str(tmp_path), overrides), cwd=th.REPO, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                   "PIXELBERT_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                   "PIXELBERT_NUM_PROCESSES": "2", "PIXELBERT_PROCESS_ID": str(i)})
+             for i in (0, 1)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-3000:]
+    assert "process 1/2" in errors[1].lower() or "Process 1/2" in errors[1]
+    th.assert_same_params(th.final_params(tmp_path), th.final_params(reference), atol=1e-5)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
