@@ -178,3 +178,22 @@ def merge_pretrained(fresh: dict, pretrained: dict, *, source: str, required_pre
         else:
             kept_fresh.append(k)
     return traverse_util.unflatten_dict(flat_fresh, sep="/"), loaded, kept_fresh
+
+
+def save_model_variables(directory: str | epath.Path, variables: dict, meta: dict) -> epath.Path:
+    """Writes a model-only checkpoint (step 0, items `params` and `meta`) that `load_model_variables`
+    and `config.init_from` / `config.init_from_torch` read like a training checkpoint."""
+    directory = epath.Path(directory)
+    manager = ocp.CheckpointManager(directory, item_handlers={"params": ocp.StandardCheckpointHandler(),
+                                                             "meta": ocp.JsonCheckpointHandler()},
+                                    options=ocp.CheckpointManagerOptions(create=True,
+                                                                         enable_async_checkpointing=False))
+    try:
+        manager.save(0, args=ocp.args.Composite(
+            params=ocp.args.StandardSave({"params": variables["params"],
+                                          "batch_stats": variables.get("batch_stats", {})}),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return directory / "0"

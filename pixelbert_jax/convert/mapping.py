@@ -156,21 +156,31 @@ def _import(state_dict: dict, rules: Iterable[Rule], errors: list) -> dict:
   return out
 
 
+def _export_one(variables: dict, r: Rule, errors: list, convert: bool = True):
+  value = _get(variables.get(r.collection, {}), r.path)
+  where = f"{r.collection}/{'/'.join(r.path)}"
+  if value is None:
+    errors.append(f"missing {where} (for {r.torch_name}): expected shape {r.flax_shape}")
+    return None
+  dtype = np.dtype(getattr(value, "dtype", np.float32))
+  if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
+    errors.append(f"{where}: dtype {dtype} is not a float weight")
+    return None
+  if tuple(np.shape(value)) != r.flax_shape:
+    errors.append(f"misshapen {where} (for {r.torch_name}): expected {r.flax_shape}, got "
+                  f"{tuple(np.shape(value))}")
+    return None
+  if not convert:
+    return True
+  return np.ascontiguousarray(TO_TORCH[r.kind](np.asarray(value).astype(np.float32, copy=False)))
+
+
 def _export(variables: dict, rules: Iterable[Rule], errors: list) -> dict:
   out = {}
   for r in rules:
-    value = _get(variables.get(r.collection, {}), r.path)
-    where = f"{r.collection}/{'/'.join(r.path)}"
-    if value is None:
-      errors.append(f"missing {where} (for {r.torch_name}): expected shape {r.flax_shape}")
-      continue
-    arr = _as_float_array(where, value, errors)
-    if arr is None:
-      continue
-    if arr.shape != r.flax_shape:
-      errors.append(f"misshapen {where} (for {r.torch_name}): expected {r.flax_shape}, got {arr.shape}")
-      continue
-    out[r.torch_name] = np.ascontiguousarray(TO_TORCH[r.kind](arr))
+    arr = _export_one(variables, r, errors)
+    if arr is not None:
+      out[r.torch_name] = arr
   return out
 
 
@@ -335,3 +345,4 @@ def _copy(tree):
   if isinstance(tree, dict) or hasattr(tree, "items") and not hasattr(tree, "shape"):
     return {k: _copy(v) for k, v in tree.items()}
   return tree
+

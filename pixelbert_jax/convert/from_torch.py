@@ -1,0 +1,130 @@
+"""torchvision ResNet + HF BERT weights -> an Orbax initialisation for `config.init_from_torch`.
+
+The model the config describes is initialised (the visual embedder and any head the PyTorch weights do
+not provide stay at their fresh initialisation, from `--seed`), then the CNN and the transformer (with
+BERT's MLM/ITM heads when the HF folder has them and the task uses them) are replaced by the imported
+tensors, and the result is written as a step-0 checkpoint (items `params`, `meta`).
+Weight files are memory-mapped (`.safetensors`) or read with `torch.load(weights_only=True)` (`.pth`).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from pixelbert_jax import checkpoint as ckpt_lib
+from pixelbert_jax.convert.mapping import bert_from_hf, cnn_from_torchvision, merge_into
+from pixelbert_jax.convert.safetensors_io import TensorFileError, read_safetensors, read_tensor_file
+from pixelbert_jax.models import build_model, init_variables
+
+# HF config.json key -> model config key; each must agree.
+_HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+            "num_attention_heads": "num_heads", "intermediate_size": "intermediate_size",
+            "max_position_embeddings": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+            "layer_norm_eps": "layer_norm_eps"}
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """`configs/pretrain.py:r50` plus `KEY=VALUE` overrides (`model.hidden_size=32`), typed like the field."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location("pixelbert_convert_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r}: expected KEY=VALUE")
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"override {key}: no such config field")
+    old = node[leaf]
+    node[leaf] = (value.lower() in ("1", "true", "yes") if isinstance(old, bool) else
+                  type(old)(value) if isinstance(old, (int, float)) and not isinstance(old, bool) else
+                  ast.literal_eval(value) if isinstance(old, (list, tuple)) else value)
+  return config
+
+
+def read_hf_folder(folder: str) -> tuple[dict, dict]:
+  """(config.json, state dict) of an HF BERT folder: model.safetensors, a sharded index, or pytorch_model.bin."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"HF BERT folder {folder} does not exist")
+  config_path = os.path.join(folder, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path} does not exist (not a transformers folder)")
+  with open(config_path) as f:
+    hf_config = json.load(f)
+  single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+  if os.path.isfile(single):
+    return hf_config, read_safetensors(single)
+  if os.path.isfile(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+      state.update(read_safetensors(os.path.join(folder, shard)))
+    return hf_config, state
+  if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+    return hf_config, read_tensor_file(os.path.join(folder, "pytorch_model.bin"))
+  raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def check_hf_config(hf_config: dict, cfg, where: str) -> None:
+  bad = [f"{k}={hf_config.get(k)!r} but config model.{m}={cfg[m]!r}" for k, m in _HF_KEYS.items()
+         if k in hf_config and hf_config[k] != cfg[m]]
+  if hf_config.get("hidden_act", "gelu") != "gelu":
+    bad.append(f"hidden_act={hf_config['hidden_act']!r} but the model uses exact GELU ('gelu')")
+  if hf_config.get("model_type", "bert") != "bert":
+    bad.append(f"model_type={hf_config['model_type']!r}, expected 'bert'")
+  if bad:
+    raise ValueError(f"{where} does not fit the config: " + "; ".join(bad))
+
+
+def from_torch(cnn_path: str, bert_dir: str, out: str, config_spec: str = "configs/pretrain.py:r50",
+               overrides: list[str] = (), seed: int = 0, verify: bool = True, log=print) -> dict:
+  """Writes OUT (a step-0 checkpoint); returns the verification differences (empty with verify=False)."""
+  config = load_config(config_spec, overrides)
+  cfg, task = config.model, config.task
+  cnn_sd = read_tensor_file(cnn_path)
+  cnn = cnn_from_torchvision(cnn_sd, cfg.cnn)
+  hf_config, bert_sd = read_hf_folder(bert_dir)
+  check_hf_config(hf_config, cfg, os.path.join(bert_dir, "config.json"))
+  bert = bert_from_hf(bert_sd, cfg)
+  model = build_model(cfg, task)
+  variables = jax.jit(lambda k: nn.unbox(init_variables(model, k, task)))(jax.random.key(seed))
+  variables = jax.tree.map(np.asarray, dict(variables))
+  variables.setdefault("batch_stats", {})
+  used = sorted(k for k in bert if k in variables["params"])
+  skipped = sorted(set(bert) - set(used))
+  variables = merge_into(variables, cnn, ("encoder", "cnn"))
+  variables = merge_into(variables, {"params": {k: bert[k] for k in used}})
+  del cnn, bert
+  diffs = {}
+  if verify:
+    from pixelbert_jax.convert import verify as verify_lib
+    diffs = verify_lib.verify_imported_pieces(cfg, variables, cnn_sd, bert_dir)
+    for name, d in diffs.items():
+      log(f"  {name:<22} max|flax - torch| = {d:.3e}")
+  fresh = sorted({"encoder/visual"} | {k for k in variables["params"] if k not in used and k != "encoder"})
+  meta = {"task": task, "model": cfg.to_dict(), "data": config.data.get("name", ""),
+          "vocab_size": int(cfg.vocab_size),
+          "source": {"cnn": os.path.abspath(cnn_path), "bert": os.path.abspath(bert_dir), "config": config_spec,
+                     "overrides": list(overrides), "seed": seed, "fresh": fresh, "bert_heads_unused": skipped}}
+  ckpt_lib.save_model_variables(out, variables, meta)
+  log(f"wrote {out}: CNN from {cnn_path}, transformer{' + ' + ', '.join(h for h in used if h != 'encoder') if len(used) > 1 else ''} "
+      f"from {bert_dir}; fresh: {', '.join(fresh)}")
+  return diffs
+
+
+__all__ = ["from_torch", "load_config", "read_hf_folder", "check_hf_config", "TensorFileError"]
