@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.transformer.weight_decay = 1e-2
         c.optim.grad_clip_norm = 1.0
     elif variant in ("r50", "x152"):
-        c.data = paper_sizes(data_config("coco_karpathy"), variant)
+        c.data = paper_sizes(data_config("coco_karpathy+visual_genome"), variant)  # paper
         c.data.vocab_path = ""      # set to BERT-base-uncased's vocab.txt
         c.model = model_config("base", variant, BERT_BASE_UNCASED_VOCAB)
         c.model.dtype = "bfloat16"   # ours: the paper trained in fp16 (SOHO); params stay float32
