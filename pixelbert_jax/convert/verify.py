@@ -50,7 +50,7 @@ def float32_config(cfg) -> ml_collections.ConfigDict:
 
 
 def random_batch(cfg, task: str, seed: int = 0, image_size=(192, 256), batch: int = 2,
-                 text_len: int = 16) -> dict:
+                 text_len: int = 16, pad: bool = True) -> dict:
   """Random uint8 images where row 1 is padded (real content only top-left), random ids, padded text."""
   h, w = image_size
   if h % 64 or w % 64 or h < 128 or w < 128:
@@ -61,8 +61,9 @@ def random_batch(cfg, task: str, seed: int = 0, image_size=(192, 256), batch: in
   for key in ("image", "image1") if task == "nlvr2" else ("image",):
     image = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
     mask = np.ones((batch, h, w), bool)
-    mask[1:, h // 2 + 17:, :] = False  # a padded row: not on a cell boundary, so cells split both ways
-    mask[1:, :, w - 64 - 5:] = False
+    if pad:  # rows 1.. padded off a cell boundary, so cells are split both ways
+      mask[1:, h // 2 + 17:, :] = False
+      mask[1:, :, w - 64 - 5:] = False
     image[~mask] = 0
     out[key], out[f"{key}_mask"] = image, mask
   ids = rng.integers(1, cfg.vocab_size, (batch, text_len)).astype(np.int32)
