@@ -136,7 +136,8 @@ def verify(cfg, task: str, variables: dict, torch_model, *, tolerance: float = D
 def verify_imported_pieces(cfg, variables: dict, cnn_state_dict: dict, bert_dir: str, *,
                            tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> dict:
   """from-torch's check: the imported CNN's C5 map against torchvision's ResNet built from the same state
-  dict, and the imported BERT's hidden states against `BertModel.from_pretrained(bert_dir)`."""
+  dict (max|diff| / max(1, max|C5|)), and the imported BERT's hidden states against
+  `BertModel.from_pretrained(bert_dir)` (max|diff|)."""
   import torch
   import transformers
 
@@ -157,6 +158,7 @@ def verify_imported_pieces(cfg, variables: dict, cnn_state_dict: dict, bert_dir:
   ids = rng.integers(1, cfg.vocab_size, (2, min(16, cfg.max_position_embeddings))).astype(np.int32)
   mask = np.ones_like(ids)
   mask[1, ids.shape[1] // 2:] = 0
+  transformers.logging.set_verbosity_error()  # the cls.* keys BertModel skips are expected
   hf = transformers.BertModel.from_pretrained(bert_dir).eval()
   with torch.no_grad():
     seq_t = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
@@ -164,7 +166,8 @@ def verify_imported_pieces(cfg, variables: dict, cnn_state_dict: dict, bert_dir:
   with jax.default_matmul_precision("highest"):
     c5_f = resnet_from_config(f32.cnn).apply(cnn_vars, x, False)
     seq_f, _ = BertModel(ml_collections.FrozenConfigDict(f32)).apply({"params": variables["params"]["encoder"]["bert"]}, ids, mask, True)
-  diffs = {"cnn C5": float(np.abs(np.asarray(c5_f) - c5_t).max()),
+  # C5 of an untrained or ImageNet trunk can be in the hundreds: its check is relative to its scale.
+  diffs = {"cnn C5 (relative)": float(np.abs(np.asarray(c5_f) - c5_t).max() / max(1.0, np.abs(c5_t).max())),
            "bert hidden states": float(np.abs(np.asarray(seq_f) - seq_t.last_hidden_state.numpy()).max())}
   bad = {k: d for k, d in diffs.items() if not d <= tolerance}
   if bad:
