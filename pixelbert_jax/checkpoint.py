@@ -149,8 +149,14 @@ def load_model_variables(path: str | epath.Path, step: int | None = None) -> tup
     manager = ocp.CheckpointManager(directory, item_handlers=_handlers(),
                                     options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
+        metadata = manager.item_metadata(step)["params"]
+        if metadata is None:
+            raise FileNotFoundError(f"{directory / str(step)} has no readable 'params' item")
+        # Onto this process's first device, whatever topology saved it (a pod's checkpoint on a laptop).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(metadata))
         restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     finally:
         manager.close()
     variables = jax.tree.map(np.asarray, dict(restored["params"]))

@@ -1,0 +1,14 @@
+"""Test-session settings, applied before any test module imports jax.
+
+The persistent compilation cache lets the many subprocess runs of the same tiny model (resume, SIGTERM,
+two processes, conversion CLIs) reuse compiled programs instead of compiling again: on these 2-core
+machines that is most of their time. It changes nothing about what is computed.
+"""
+import os
+import pathlib
+
+_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
