@@ -23,7 +23,11 @@ class MetricWriter:
             return
         workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (workdir / "metrics.jsonl").open("a")
+        self._path = workdir / "metrics.jsonl"
+        # Object stores (gs://) cannot append: there the file is rewritten whole at each write.
+        self._rewrite = "://" in str(workdir)
+        self._rows: list[str] = self._path.read_text().splitlines() if self._rewrite and self._path.exists() else []
+        self._jsonl = None if self._rewrite else self._path.open("a")
         try:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
@@ -34,8 +38,13 @@ class MetricWriter:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-        self._jsonl.flush()
+        row = json.dumps({"step": int(step), **clean})
+        if self._rewrite:
+            self._rows.append(row)
+            self._path.write_text("\n".join(self._rows) + "\n")
+        else:
+            self._jsonl.write(row + "\n")
+            self._jsonl.flush()
         if self._tb is not None:
             for k, v in clean.items():
                 if math.isfinite(v):
@@ -44,7 +53,8 @@ class MetricWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
 
