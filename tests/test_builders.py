@@ -18,7 +18,7 @@ from pixelbert_jax.data.builders.jsonl import Jsonl
 from pixelbert_jax.data.builders.nlvr2 import Nlvr2
 from pixelbert_jax.data.builders.visual_genome import VisualGenomeRegions
 from pixelbert_jax.data.builders.vqa2 import Vqa2
-import fixtures_real as fx  # tests/ is on sys.path under pytest (no __init__.py there)
+from tests import fixtures_real as fx
 
 CAPTION_KEYS = {"image", "image_id", "captions", "height", "width"}
 VQA_KEYS = {"image", "image_id", "question_id", "question", "answers", "question_type", "answer_type",

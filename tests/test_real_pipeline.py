@@ -7,7 +7,7 @@ import pytest
 from pixelbert_jax.data import pipeline, split_index, text
 from pixelbert_jax.data.builders._common import TooManyBadRecordsError
 from pixelbert_jax.data.config import data_config
-import fixtures_real as fx  # tests/ is on sys.path under pytest (no __init__.py there)
+from tests import fixtures_real as fx
 
 WORDS = "a picture number caption region of image 0 1 2 3 4 5 6 7 8 9 what is the".split()
 
