@@ -3,24 +3,14 @@
 
 Config files are loaded by path (ml_collections), so siblings are imported by path too.
 """
-import importlib.util
-import pathlib
-
 import ml_collections
 
+from pixelbert_jax.config_files import load_sibling
 from pixelbert_jax.data.config import data_config, paper_sizes
 from pixelbert_jax.models.presets import model_config
 
 
-def load_sibling(name: str):
-    path = pathlib.Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"pixelbert_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_pretrain = load_sibling("pretrain")
+_pretrain = load_sibling(__file__, "pretrain")
 BERT_BASE_UNCASED_VOCAB = _pretrain.BERT_BASE_UNCASED_VOCAB
 
 

@@ -6,19 +6,12 @@ SGD 1e-2 for the CNN, AdamW 1e-4 for the transformer).
 """
 import ml_collections
 
-
-def _common():
-    import importlib.util, pathlib
-    spec = importlib.util.spec_from_file_location(
-        "pixelbert_configs_finetune_common", pathlib.Path(__file__).with_name("finetune_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from pixelbert_jax.config_files import load_sibling
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "demo"
-    c = _common().finetune_config("nlvr2", variant, "nlvr2")
+    c = load_sibling(__file__, "finetune_common").finetune_config("nlvr2", variant, "nlvr2")
     if variant == "demo":
         c.num_epochs = 2.0                      # ours: 4000 pairs, 250 steps of two passes each
         c.optim.decay_epochs = (1.5,)

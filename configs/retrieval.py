@@ -8,14 +8,7 @@ The evaluation caches pixels, scores pairs in batches, and can keep a first stag
 """
 import ml_collections
 
-
-def _common():
-    import importlib.util, pathlib
-    spec = importlib.util.spec_from_file_location(
-        "pixelbert_configs_finetune_common", pathlib.Path(__file__).with_name("finetune_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from pixelbert_jax.config_files import load_sibling
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -25,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if dataset is None:
         raise ValueError(f"Unknown variant {variant!r} of configs/retrieval.py: use demo, r50, x152, r50_coco "
                          "or x152_coco")
-    c = _common().finetune_config("retrieval", backbone, dataset)
+    c = load_sibling(__file__, "finetune_common").finetune_config("retrieval", backbone, dataset)
     c.optim.cnn.frozen = True                   # paper: only the transformer is fine-tuned
     c.loss = ml_collections.ConfigDict(dict(hard_negatives=5))  # paper
     c.retrieval_eval = ml_collections.ConfigDict(dict(

@@ -6,21 +6,13 @@ AdamW 1e-4 for the transformer). Test-dev predictions go to the evaluation serve
 """
 import ml_collections
 
+from pixelbert_jax.config_files import load_sibling
 from pixelbert_jax.data import pipeline
-
-
-def _common():
-    import importlib.util, pathlib
-    spec = importlib.util.spec_from_file_location(
-        "pixelbert_configs_finetune_common", pathlib.Path(__file__).with_name("finetune_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "demo"
-    c = _common().finetune_config("vqa", variant, "vqa2")
+    c = load_sibling(__file__, "finetune_common").finetune_config("vqa", variant, "vqa2")
     if variant == "demo":
         c.num_epochs = 1.0                      # ours: 12000 questions, about 375 steps
         c.optim.decay_epochs = (0.7,)

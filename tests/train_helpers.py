@@ -1,7 +1,6 @@
 """Shared by the training tests: a tiny pre-training config and ways to run it in and out of process."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -11,14 +10,13 @@ import sys
 import numpy as np
 from flax import traverse_util
 
+from pixelbert_jax.config_files import load_sibling
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str = "pretrain", variant: str = "demo"):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_sibling(str(REPO / "configs" / "pretrain.py"), name).get_config(variant)
 
 
 def tiny_overrides(data_dir: str, total_steps: int = 4) -> dict:
