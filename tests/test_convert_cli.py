@@ -28,11 +28,6 @@ R50_TINY = {"model.cnn.stage_sizes": [3, 4, 6, 3], "model.cnn.stem_width": 64, "
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("pretrain")
   config = th.tiny_config(data_dir, total_steps=3)

@@ -16,11 +16,6 @@ from tests import train_helpers as th
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def pretrained(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pretrain")
     train.train_and_evaluate(th.tiny_config(data_dir, total_steps=2), str(workdir))

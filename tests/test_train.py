@@ -19,11 +19,6 @@ from tests import train_helpers as th
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
     """An uninterrupted 6-step run: what every interrupted or resumed run must reproduce exactly."""
     workdir = tmp_path_factory.mktemp("reference")
