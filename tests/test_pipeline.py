@@ -239,3 +239,16 @@ def test_empty_captions_are_bad_records(cfg):
   opened.source[3]["captions"] = [b"", b"  "]
   batches = list(_iterator(opened, cfg, train=False))
   assert sum(b["example_mask"].sum() for b in batches) == 7
+
+
+def test_itm_label_cannot_be_read_off_the_masking(cfg):
+  """Negatives are masked like positives (only their MLM weights are zero): otherwise "the caption has
+  [MASK] tokens" gives the ITM label away and the model never needs the image."""
+  mask_id = pipeline.tokenizer(cfg).mask_token_id
+  batches = _take(pipeline.make_iterator(cfg, "pretrain", "train", batch_size=8, seed=3), 40)
+  has_mask = np.concatenate([(b["input_ids"] == mask_id).any(axis=1) for b in batches])
+  matched = np.concatenate([b["itm_label"] == 1 for b in batches])
+  weights = np.concatenate([b["mlm_weights"].sum(axis=1) for b in batches])
+  assert matched.sum() > 60 and (~matched).sum() > 60
+  assert abs(has_mask[matched].mean() - has_mask[~matched].mean()) < 0.15
+  assert (weights[~matched] == 0).all() and (weights[matched] > 0).all()

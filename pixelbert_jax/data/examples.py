@@ -156,11 +156,13 @@ class PretrainExamples(Examples):
       caption, grounded_words = negatives[int(rng.integers(len(negatives)))]
     tok = self.tokenizer
     ids_, text_mask, grounded = self.encode(caption, grounded_words)
-    if matched:
-      masked, labels, weights = text.mlm_mask(ids_, text_mask, rng, prob=self._mlm_prob, mask_id=tok.mask_token_id,
-                                              special_ids=tok.all_special_ids, vocab_size=len(tok))
-    else:
-      masked, labels, weights = ids_, np.zeros_like(ids_), np.zeros(ids_.shape, np.float32)
+    # Every caption is masked the same way; only matched pairs carry MLM weight. Masking matched captions
+    # alone would leak the ITM label into the text ("has [MASK] tokens" = matched): ITM then reaches ~0.95
+    # without looking at the image, and nothing ever pushes the text to attend to the pixels.
+    masked, labels, weights = text.mlm_mask(ids_, text_mask, rng, prob=self._mlm_prob, mask_id=tok.mask_token_id,
+                                            special_ids=tok.all_special_ids, vocab_size=len(tok))
+    if not matched:
+      labels, weights = np.zeros_like(labels), np.zeros_like(weights)
     return {"image": image, "image_mask": image_mask, "input_ids": masked.astype(np.int32),
             "text_mask": text_mask, "example_mask": np.float32(1), "mlm_labels": labels.astype(np.int32),
             "mlm_weights": weights, "mlm_grounded": grounded, "itm_label": np.int32(matched)}
