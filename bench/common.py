@@ -1,0 +1,262 @@
+"""Shared by bench/train_step.py and bench/inference.py (not a script): model configs, synthetic batches,
+Flax -> PyTorch weights, timing statistics, one subprocess per framework, and the markdown table.
+
+Nothing here imports the data package: on a bare GPU box `pixelbert_jax.data` pulls grain and
+tensorflow_datasets, which the benchmarks do not need (models, optim, tasks.pretrain and
+convert.torch_model import only jax/flax/optax/ml_collections and torch/torchvision/transformers).
+"""
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)  # runnable from a checkout without `pip install`
+
+BERT_VOCAB = 30522  # bert-base-uncased
+DEMO_VOCAB = 69  # the synthetic world's tokenizer (pipeline.vocab_size); hard-coded to keep grain out
+
+# configs/pretrain.py:base_config().optim, copied: importing configs/ imports the data package.
+OPTIM = dict(
+    cnn=dict(lr=1e-2, momentum=0.9, weight_decay=5e-4, frozen=False),
+    transformer=dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-6, weight_decay=1e-2),
+    warmup_steps=1000, decay_epochs=(25.0, 35.0), decay_factor=0.1, grad_clip_norm=0.0,
+    grad_accum_steps=1)
+
+
+def model_cfg(size, cnn, vocab, *, dtype="float32", remat=False, num_pixels=None, norm=None):
+  """The `config.model` of the benchmarked model. num_pixels None: pixel sampling off (all pixels)."""
+  from pixelbert_jax.models import model_config
+  cfg = model_config(size, cnn, vocab)
+  cfg.dtype, cfg.remat = dtype, bool(remat)
+  if norm:
+    cfg.cnn.norm = norm
+  if num_pixels:
+    cfg.pixel_sampling.num_pixels = int(num_pixels)
+  else:
+    cfg.pixel_sampling.enabled = False
+  return cfg
+
+
+def num_pixel_tokens(image_hw):
+  """Pixels per image after the CNN (stride 32) and the 2x2 max-pool: 800x1344 -> 12x21 = 252."""
+  return (image_hw[0] // 32 // 2) * (image_hw[1] // 32 // 2)
+
+
+def on_gpu() -> bool:
+  """Whether this machine has an NVIDIA GPU, decided without importing jax or torch in the parent
+  process (which would otherwise hold GPU memory while the workers run)."""
+  return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+def text_batch(rng, batch, text_len, vocab):
+  """Token ids away from the special ids [0, 4) and an all-ones text mask."""
+  import numpy as np
+  return dict(input_ids=rng.integers(4, vocab, (batch, text_len), dtype=np.int32),
+              text_mask=np.ones((batch, text_len), np.int32))
+
+
+def image_batch(rng, batch, image_hw):
+  import numpy as np
+  h, w = image_hw
+  return dict(image=rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8),
+              image_mask=np.ones((batch, h, w), bool))
+
+
+# ------------------------------------------------------------------------------------------ weights
+def init_flax(model, task, seed=0):
+  """Unboxed float32 variables of `model` (jitted init on JAX's default device)."""
+  import flax.linen as nn
+  import jax
+  from pixelbert_jax.models import init_variables
+  return jax.jit(lambda k: nn.unbox(init_variables(model, k, task)))(jax.random.key(seed))
+
+
+def torch_model_from_flax(cfg, task, variables):
+  """The PyTorch PixelBert holding exactly the Flax weights (convert/model_mapping.py rules)."""
+  import jax
+  import numpy as np
+  from pixelbert_jax.convert import model_mapping as mm
+  from pixelbert_jax.convert.torch_model import pixelbert_from_state_dict
+  variables = jax.device_get(variables)
+  rules = mm.model_rules(cfg, task)
+  mm.check_export(variables, rules, "bench: Flax -> PyTorch")
+  # Copies: some exported tensors are read-only views of JAX's host buffers, and a CPU model trains in place.
+  state = {r.torch_name: np.array(mm.export_tensor(variables, r)) for r in rules}
+  state.update({n: np.zeros((), np.int64) for n in mm.tracked_names(rules)})
+  return pixelbert_from_state_dict(cfg, task, state)
+
+
+# ------------------------------------------------------------------------------------ measurements
+def time_stats(times_s):
+  """Seconds per step -> milliseconds: median, p10, p90, min, max (p10/p90 by nearest rank)."""
+  ts = sorted(times_s)
+  rank = lambda q: ts[min(len(ts) - 1, max(0, round(q * (len(ts) - 1))))]
+  return dict(median_ms=1e3 * statistics.median(ts), p10_ms=1e3 * rank(0.1), p90_ms=1e3 * rank(0.9),
+              min_ms=1e3 * ts[0], max_ms=1e3 * ts[-1], n=len(ts))
+
+
+def peak_rss_bytes():
+  """Peak resident memory of this process (the CPU stand-in for device memory; each framework runs in
+  its own process, so this is that framework's peak, interpreter and libraries included)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def jax_peak_memory():
+  import jax
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  return peak_rss_bytes(), "process peak RSS"
+
+
+def torch_peak_memory(device):
+  import torch
+  if device.type == "cuda":
+    return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+  return peak_rss_bytes(), "process peak RSS"
+
+
+def xla_flops(compiled):
+  """FLOPs XLA's cost analysis gives for one call of a compiled executable (None if unavailable)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return None
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per executable
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+def cpu_name():
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+  except OSError:
+    pass
+  return f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
+
+
+def jax_device_name():
+  import jax
+  d = jax.devices()[0]
+  return cpu_name() if d.platform == "cpu" else f"{d.device_kind} ({d.platform})"
+
+
+def torch_device():
+  import torch
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_device_name(device):
+  import torch
+  return torch.cuda.get_device_name(device) + " (cuda)" if device.type == "cuda" else cpu_name()
+
+
+def torch_sync(device):
+  import torch
+  if device.type == "cuda":
+    torch.cuda.synchronize(device)
+
+
+def versions():
+  out = {"python": platform.python_version()}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "torchvision", "transformers"):
+    try:
+      out[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      out[pkg] = None
+  return out
+
+
+# --------------------------------------------------------------------------------- worker processes
+_CHILD = None
+
+
+def _kill_child(signum, frame):
+  if _CHILD is not None and _CHILD.poll() is None:
+    os.killpg(_CHILD.pid, signal.SIGKILL)
+  raise SystemExit(128 + signum)
+
+
+def run_worker(script, framework, argv, timeout_s):
+  """Runs `script argv --worker framework` in a fresh process and returns its result dict.
+
+  One process per framework: JAX and PyTorch never share an allocator or a GPU, each process's peak
+  memory is its own, and a crash or hang in one leaves the others' results. The worker gets its own
+  process group (torch.compile starts compile workers), killed on timeout and when this process is
+  terminated (e.g. by `timeout` in gpu_run.sh).
+  """
+  global _CHILD
+  signal.signal(signal.SIGTERM, _kill_child)
+  fd, path = tempfile.mkstemp(suffix=".json", prefix=f"bench_{framework}_")
+  os.close(fd)
+  env = dict(os.environ)
+  if framework != "jax":
+    # The PyTorch worker uses JAX only to initialise the weights it converts: keep JAX on the CPU so that
+    # it takes no GPU memory (XLA would preallocate most of it) in the PyTorch process.
+    env["JAX_PLATFORMS"] = "cpu"
+  if not on_gpu():
+    # On a CPU shared with other jobs, OpenMP's default spin-waiting makes PyTorch's 2-thread ops wait
+    # out scheduler slices at every barrier: a demo forward measured 600 ms instead of 8 ms on this
+    # 2-core machine under load. Sleeping waits cost little on an idle machine.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  cmd = [sys.executable, os.path.abspath(script), *argv, "--worker", framework, "--worker-json", path]
+  print(f"\n=== {framework}: {' '.join(cmd[1:])}", flush=True)
+  load = os.getloadavg()[0]
+  _CHILD = subprocess.Popen(cmd, env=env, start_new_session=True)
+  try:
+    rc = _CHILD.wait(timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    os.killpg(_CHILD.pid, signal.SIGKILL)
+    _CHILD.wait()
+    return dict(framework=framework, error=f"timed out after {timeout_s} s")
+  finally:
+    _CHILD = None
+  try:
+    with open(path) as f:
+      text = f.read()
+    os.remove(path)
+  except OSError:
+    text = ""
+  if rc != 0 or not text:
+    return dict(framework=framework, error=f"worker exited with status {rc}")
+  # 1-minute load average before and after: on a shared CPU, how much else was running.
+  return dict(json.loads(text), load_avg=(load, os.getloadavg()[0]))
+
+
+def write_json(path, obj):
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)  # a run killed mid-write keeps the previous complete file
+
+
+def markdown_table(header, rows):
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def fmt(x, spec=".1f", missing="-"):
+  return missing if x is None else format(x, spec)
+
+
+def gib(n):
+  return None if n is None else n / 2**30
+
+
+def load_line(results):
+  """'1-min load average before/after each worker' (only meaningful on a shared CPU)."""
+  parts = [f"{r['framework']} {r['load_avg'][0]:.1f}/{r['load_avg'][1]:.1f}" for r in results if "load_avg" in r]
+  return ("1-min load average before/after each framework: " + ", ".join(parts)) if parts else ""

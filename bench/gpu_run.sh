@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The issue #8 benchmarks on one GPU, in a fixed order, within a time budget (default 8 minutes):
+#   (a) train step pretrain-r50, batch 16, bfloat16: jax, torch, torch-compile
+#   (b) train step finetune-r50 (VQA head, all 252 pixels): jax, torch
+#   (c) train step pretrain-x152: jax, torch
+#   (d) inference r50: batch-1 latency and cached-pixel ITM throughput: jax, torch
+#   (e) the largest JAX batch for pretrain-r50 (only with time left)
+# Everything (one log and one JSON per step, env.txt, status.txt, summary.md) goes to $OUT.
+#
+#   OUT=/tmp/bench_out PYTHONPATH=/tmp/site bash bench/gpu_run.sh        # from the repo root or anywhere
+#   BENCH_SMOKE=1 OUT=/tmp/smoke bash bench/gpu_run.sh                   # CPU rehearsal: demo shapes, 2 steps
+#
+# Needs jax (CUDA), flax, optax, ml_collections, torch, torchvision, transformers; the package is used from
+# this checkout (PYTHONPATH), no install. Neither grain nor tensorflow_datasets is imported.
+# Each step runs under `timeout`, so one hang costs that step only; within a step each framework is its
+# own process (JAX and PyTorch never share the GPU's memory), started by the Python script.
+set -x
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-./bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=".:${PYTHONPATH:-}"
+# One process at a time owns the GPU, so JAX may take most of it up front (its default is 75%); the
+# max-batch search below raises this further. PyTorch workers keep JAX on the CPU (it only makes the
+# weights they convert), so this preallocation never happens in a PyTorch process.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
+BUDGET=${BENCH_BUDGET_S:-480}
+PY=${PYTHON:-python}
+STEPS="--warmup 3 --steps 10"
+
+if [ "${BENCH_SMOKE:-0}" = 1 ]; then  # the same commands at demo size on a CPU, to catch bugs first
+  PRE=(--workload demo --batch 4 --dtype float32)
+  FT=(--workload demo --batch 4 --dtype float32)
+  X152=(--workload demo --batch 4 --dtype float32)
+  INF=(--workload demo --dtype float32 --latency-iters 2 --pairs-steps 2 --pairs-batch 32 --cache-images 8)
+  MAXB=(--workload demo --dtype float32 --batch 2 --max-batch-limit 8)
+  STEPS="--warmup 1 --steps 2"
+else
+  PRE=(--workload pretrain-r50 --batch 16 --dtype bfloat16)
+  FT=(--workload finetune-r50 --batch 16 --dtype bfloat16)
+  X152=(--workload pretrain-x152 --batch 16 --dtype bfloat16)
+  INF=(--workload r50 --dtype bfloat16)
+  MAXB=(--workload pretrain-r50 --dtype bfloat16 --batch 16)
+fi
+
+{
+  date -u
+  nvidia-smi || true
+  "$PY" -c "import sys; print(sys.version)"
+  "$PY" -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|optax|ml.collections|torch|torchvision|transformers|numpy|nvidia-cudnn)' || true
+  "$PY" -c "import jax; print(jax.devices())" || true
+  "$PY" -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.version.cuda)" || true
+  # What the benchmarks import, and proof that grain / tensorflow_datasets are not among it.
+  "$PY" -c "import sys; import pixelbert_jax.models, pixelbert_jax.optim, pixelbert_jax.tasks.pretrain, pixelbert_jax.convert.torch_model; bad = [m for m in ('grain', 'tensorflow_datasets', 'tensorflow') if m in sys.modules]; print('imports ok; data-stack modules loaded:', bad)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+left() { echo $((BUDGET - SECONDS)); }
+
+# run NAME CAP_SECONDS COMMAND...: at most CAP seconds and never past the budget; output to $OUT/NAME.log.
+run() {
+  local name=$1 cap=$2 t
+  shift 2
+  t=$(left)
+  [ "$cap" -lt "$t" ] && t=$cap
+  if [ "$t" -lt 30 ]; then
+    echo "$name: skipped (budget spent: ${SECONDS}s of ${BUDGET}s)" | tee -a "$OUT/status.txt"
+    return
+  fi
+  local t0=$SECONDS
+  timeout -k 15 "$t" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "$name: exit $rc after $((SECONDS - t0))s (limit ${t}s)" | tee -a "$OUT/status.txt"
+}
+
+# Caps (s): (a) ~200 expected (torch.compile of the whole model is the long part), (b)-(d) ~100 each.
+run a_train_pretrain-r50 240 "$PY" bench/train_step.py "${PRE[@]}" --frameworks jax,torch,torch-compile \
+  $STEPS --worker-timeout 180 --json "$OUT/a_train_pretrain-r50.json"
+run b_train_finetune-r50 110 "$PY" bench/train_step.py "${FT[@]}" --frameworks jax,torch \
+  $STEPS --worker-timeout 90 --json "$OUT/b_train_finetune-r50.json"
+run c_train_pretrain-x152 130 "$PY" bench/train_step.py "${X152[@]}" --frameworks jax,torch \
+  $STEPS --worker-timeout 100 --json "$OUT/c_train_pretrain-x152.json"
+run d_inference-r50 100 "$PY" bench/inference.py "${INF[@]}" --frameworks jax,torch \
+  --worker-timeout 80 --json "$OUT/d_inference-r50.json"
+# (e) with whatever is left: each try compiles anew, so it may stop early; the JSON keeps every try.
+if [ "$(left)" -ge 90 ]; then
+  run e_max_batch-r50 "$(left)" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "$PY" bench/train_step.py "${MAXB[@]}" \
+    --max-batch --json "$OUT/e_max_batch-r50.json"
+else
+  echo "e_max_batch-r50: skipped (${SECONDS}s of ${BUDGET}s used)" | tee -a "$OUT/status.txt"
+fi
+
+# The tables of every step in one file.
+for f in "$OUT"/[a-d]_*.log; do
+  [ -f "$f" ] || continue
+  echo "## $(basename "$f" .log)"
+  sed -n '/^### /,$p' "$f"
+  echo
+done > "$OUT/summary.md"
+grep -h "^max-batch\|^max batch\|^at batch" "$OUT"/e_*.log >> "$OUT/summary.md" 2>/dev/null
+cat "$OUT/status.txt"
+echo "total ${SECONDS}s; results in $OUT"

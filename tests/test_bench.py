@@ -1,0 +1,39 @@
+"""Smoke test of bench/train_step.py and bench/inference.py: the demo workload, one step, JAX and PyTorch
+in this process. Besides "it runs", the two frameworks must start from the same weights: the first
+training losses agree up to dropout and pixel-sampling noise, and eval-mode ITM scores agree to float32
+precision."""
+import json
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+
+import inference  # noqa: E402
+import train_step  # noqa: E402
+
+
+def test_train_step_bench_demo(tmp_path):
+  out = tmp_path / "train.json"
+  train_step.main(["--workload", "demo", "--frameworks", "jax,torch", "--in-process", "--batch", "2",
+                   "--steps", "1", "--warmup", "0", "--dtype", "float32", "--json", str(out)])
+  results = {r["framework"]: r for r in json.loads(out.read_text())["results"]}
+  assert set(results) == {"jax", "torch"} and not any("error" in r for r in results.values())
+  jax_loss, torch_loss = results["jax"]["first_loss"], results["torch"]["first_loss"]
+  assert abs(jax_loss - torch_loss) < 0.1 * jax_loss, (jax_loss, torch_loss)
+  assert results["torch"]["flops_torch"] > 0 and results["jax"]["median_ms"] > 0
+
+
+def test_inference_bench_demo(tmp_path):
+  out = tmp_path / "inference.json"
+  inference.main(["--workload", "demo", "--frameworks", "jax,torch", "--in-process", "--dtype", "float32",
+                  "--latency-iters", "1", "--pairs-steps", "1", "--warmup", "0", "--pairs-batch", "16",
+                  "--cache-images", "4", "--encode-batch", "4", "--json", str(out)])
+  jax_r, torch_r = json.loads(out.read_text())["results"]
+  assert len(jax_r["scores"]) == 16
+  assert max(abs(a - b) for a, b in zip(jax_r["scores"], torch_r["scores"])) < 1e-4
