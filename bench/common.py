@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -79,18 +80,40 @@ def init_flax(model, task, seed=0):
   return jax.jit(lambda k: nn.unbox(init_variables(model, k, task)))(jax.random.key(seed))
 
 
-def torch_model_from_flax(cfg, task, variables):
-  """The PyTorch PixelBert holding exactly the Flax weights (convert/model_mapping.py rules)."""
+def torch_state_from_flax(cfg, task, variables):
+  """Flax variables -> the PyTorch PixelBert state dict (NumPy), by convert/model_mapping.py's rules."""
   import jax
   import numpy as np
   from pixelbert_jax.convert import model_mapping as mm
-  from pixelbert_jax.convert.torch_model import pixelbert_from_state_dict
   variables = jax.device_get(variables)
   rules = mm.model_rules(cfg, task)
   mm.check_export(variables, rules, "bench: Flax -> PyTorch")
   # Copies: some exported tensors are read-only views of JAX's host buffers, and a CPU model trains in place.
   state = {r.torch_name: np.array(mm.export_tensor(variables, r)) for r in rules}
   state.update({n: np.zeros((), np.int64) for n in mm.tracked_names(rules)})
+  return state
+
+
+def save_weights(path, cfg, task, variables):
+  """The JAX worker leaves the converted initial weights for the PyTorch workers of the same run, which
+  then need not initialise the model in JAX on the CPU (10-20 s for BERT-base + R50)."""
+  import numpy as np
+  if path and not os.path.exists(path):
+    np.savez(path + ".tmp.npz", **torch_state_from_flax(cfg, task, variables))
+    os.replace(path + ".tmp.npz", path)
+
+
+def torch_model(cfg, task, weights_path=None, seed=0):
+  """PyTorch PixelBert with the weights of the Flax init `seed`: from `weights_path` when the JAX worker
+  left them there, else initialised here (JAX on the CPU) and converted."""
+  import numpy as np
+  from pixelbert_jax.convert.torch_model import pixelbert_from_state_dict
+  from pixelbert_jax.models import build_model
+  if weights_path and os.path.exists(weights_path):
+    with np.load(weights_path) as f:
+      state = {k: f[k] for k in f.files}
+  else:
+    state = torch_state_from_flax(cfg, task, init_flax(build_model(cfg, task), task, seed))
   return pixelbert_from_state_dict(cfg, task, state)
 
 
@@ -185,6 +208,7 @@ _CHILD = None
 def _kill_child(signum, frame):
   if _CHILD is not None and _CHILD.poll() is None:
     os.killpg(_CHILD.pid, signal.SIGKILL)
+    _CHILD.wait()
   raise SystemExit(128 + signum)
 
 
@@ -197,7 +221,6 @@ def run_worker(script, framework, argv, timeout_s):
   terminated (e.g. by `timeout` in gpu_run.sh).
   """
   global _CHILD
-  signal.signal(signal.SIGTERM, _kill_child)
   fd, path = tempfile.mkstemp(suffix=".json", prefix=f"bench_{framework}_")
   os.close(fd)
   env = dict(os.environ)
@@ -205,6 +228,11 @@ def run_worker(script, framework, argv, timeout_s):
     # The PyTorch worker uses JAX only to initialise the weights it converts: keep JAX on the CPU so that
     # it takes no GPU memory (XLA would preallocate most of it) in the PyTorch process.
     env["JAX_PLATFORMS"] = "cpu"
+  cold_dir = None
+  if framework == "torch-compile" and "TORCHINDUCTOR_CACHE_DIR" not in env:
+    # A fresh Inductor cache, so that "first step" is a cold compile, as JAX's (no persistent cache).
+    cold_dir = tempfile.mkdtemp(prefix="bench_inductor_")
+    env["TORCHINDUCTOR_CACHE_DIR"] = cold_dir
   if not on_gpu():
     # On a CPU shared with other jobs, OpenMP's default spin-waiting makes PyTorch's 2-thread ops wait
     # out scheduler slices at every barrier: a demo forward measured 600 ms instead of 8 ms on this
@@ -215,23 +243,69 @@ def run_worker(script, framework, argv, timeout_s):
   load = os.getloadavg()[0]
   _CHILD = subprocess.Popen(cmd, env=env, start_new_session=True)
   try:
-    rc = _CHILD.wait(timeout=timeout_s)
-  except subprocess.TimeoutExpired:
-    os.killpg(_CHILD.pid, signal.SIGKILL)
-    _CHILD.wait()
-    return dict(framework=framework, error=f"timed out after {timeout_s} s")
-  finally:
-    _CHILD = None
-  try:
+    try:
+      rc = _CHILD.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+      os.killpg(_CHILD.pid, signal.SIGKILL)
+      _CHILD.wait()
+      return dict(framework=framework, error=f"timed out after {timeout_s} s")
     with open(path) as f:
       text = f.read()
+  finally:
+    _CHILD = None
     os.remove(path)
-  except OSError:
-    text = ""
-  if rc != 0 or not text:
+    if cold_dir:
+      shutil.rmtree(cold_dir, ignore_errors=True)
+  if not text:
     return dict(framework=framework, error=f"worker exited with status {rc}")
   # 1-minute load average before and after: on a shared CPU, how much else was running.
   return dict(json.loads(text), load_avg=(load, os.getloadavg()[0]))
+
+
+def run_frameworks(script, args, argv, run_one, frameworks_known, save, report):
+  """Each framework of --frameworks in turn (a subprocess each, unless --in-process); `save(results)`
+  after each. Terminated midway (SIGTERM from `timeout`), it still saves and prints what finished.
+  The workers share one weights file (the JAX worker writes it, see save_weights), removed at the end."""
+  frameworks = args.frameworks.split(",")
+  weights_dir = tempfile.mkdtemp(prefix="bench_weights_")
+  if not args.in_process and not args.weights:
+    argv = [*argv, "--weights", os.path.join(weights_dir, "weights.npz")]
+  try:
+    return _run_frameworks(script, args, argv, run_one, frameworks_known, save, report, frameworks)
+  finally:
+    shutil.rmtree(weights_dir, ignore_errors=True)
+
+
+def _run_frameworks(script, args, argv, run_one, frameworks_known, save, report, frameworks):
+  bad = [f for f in frameworks if f not in frameworks_known]
+  if bad:
+    raise SystemExit(f"unknown framework(s) {bad}; expected some of {frameworks_known}")
+  signal.signal(signal.SIGTERM, _kill_child)
+  results = []
+  try:
+    for fw in frameworks:
+      results.append(run_one(args, fw) if args.in_process else run_worker(script, fw, argv, args.worker_timeout))
+      save(results)
+  except SystemExit:
+    results += [dict(framework=f, error="stopped: terminated (time limit)")
+                for f in frameworks[len(results):]]
+    save(results)
+    print("\n" + report(args, results), flush=True)
+    raise
+  print("\n" + report(args, results), flush=True)
+  return results
+
+
+def worker_main(args, run_one):
+  """In a worker process: run one framework and write its result, or the error that stopped it (an
+  out-of-memory, say) so that the table shows why."""
+  try:
+    result = run_one(args, args.worker)
+  except Exception as e:  # noqa: BLE001 - reported in the table, then the traceback
+    lines = str(e).strip().splitlines() or [""]
+    write_json(args.worker_json, dict(framework=args.worker, error=f"{type(e).__name__}: {lines[0][:160]}"))
+    raise
+  write_json(args.worker_json, result)
 
 
 def write_json(path, obj):

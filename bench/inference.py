@@ -91,6 +91,7 @@ def jax_worker(args):
   w, cfg = workload_cfg(args)
   model = build_model(cfg, "pretrain")
   variables = common.init_flax(model, "pretrain")
+  common.save_weights(args.weights, cfg, "pretrain", variables)
   one, images, pairs = (jax.device_put(x) for x in inputs(args, w))
 
   def p_match(m, pooled):
@@ -135,7 +136,6 @@ def jax_worker(args):
 # ------------------------------------------------------------------------------------------- torch
 def torch_worker(args, compile_model):
   import torch
-  from pixelbert_jax.models import build_model
 
   device = common.torch_device()
   if device.type == "cuda":
@@ -143,7 +143,7 @@ def torch_worker(args, compile_model):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
   w, cfg = workload_cfg(args)
-  model = common.torch_model_from_flax(cfg, "pretrain", common.init_flax(build_model(cfg, "pretrain"), "pretrain"))
+  model = common.torch_model(cfg, "pretrain", args.weights)
   model.to(device).eval()
   if args.channels_last == "on":
     model.encoder.cnn.to(memory_format=torch.channels_last)
@@ -250,6 +250,7 @@ def parse_args(argv=None):
   p.add_argument("--json", default=None)
   p.add_argument("--worker-timeout", type=float, default=1800, help="seconds per framework subprocess")
   p.add_argument("--in-process", action="store_true", help="run the frameworks in this process (tests)")
+  p.add_argument("--weights", default=None, help=argparse.SUPPRESS)  # the initial weights, shared by workers
   p.add_argument("--worker", default=None, choices=FRAMEWORKS, help=argparse.SUPPRESS)
   p.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -276,17 +277,12 @@ def main(argv=None):
   args = parse_args(argv)
   argv = sys.argv[1:] if argv is None else list(argv)
   if args.worker:
-    common.write_json(args.worker_json, run_one(args, args.worker))
+    common.worker_main(args, run_one)
     return
-  results = []
-  for fw in args.frameworks.split(","):
-    if fw not in FRAMEWORKS:
-      raise SystemExit(f"unknown framework {fw!r}; expected some of {FRAMEWORKS}")
-    results.append(run_one(args, fw) if args.in_process
-                   else common.run_worker(__file__, fw, argv, args.worker_timeout))
-    common.write_json(args.json, dict(mode="inference", workload=args.workload, dtype=args.dtype,
-                                      args=vars(args), versions=common.versions(), results=results))
-  print("\n" + report(args, results))
+  save = lambda results: common.write_json(args.json, dict(
+      mode="inference", workload=args.workload, dtype=args.dtype, args=vars(args), versions=common.versions(),
+      results=results))
+  results = common.run_frameworks(__file__, args, argv, run_one, FRAMEWORKS, save, report)
   if any("error" in r for r in results):
     sys.exit(1)
 

@@ -163,6 +163,8 @@ def jax_worker(args):
   jax.block_until_ready(state)
   setup_s = time.perf_counter() - t_setup
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  common.save_weights(args.weights, cfg, WORKLOADS[args.workload]["task"],
+                      {"params": state["params"], "batch_stats": state["batch_stats"]})
 
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -211,7 +213,7 @@ def jax_max_batch(args):
       r = dict(batch=b, ok=True, step_ms=1e3 * step_s, examples_per_s=b / step_s, peak_mem_bytes=mem)
     except Exception as e:  # noqa: BLE001 - only out-of-memory counts as "does not fit"
       msg = str(e)
-      if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+      if not any(k in msg.lower() for k in ("resource_exhausted", "resource exhausted", "out of memory")):
         raise
       r = dict(batch=b, ok=False, error=msg.splitlines()[0][:200])
     finally:
@@ -321,10 +323,9 @@ def torch_optimizers(model, cfg, device, clip):
 def torch_setup(args, w, cfg, device):
   import torch
   from pixelbert_jax.convert.torch_model import PixelBert
-  from pixelbert_jax.models import build_model
   torch.manual_seed(0)
   if args.torch_init == "flax":
-    model = common.torch_model_from_flax(cfg, w["task"], common.init_flax(build_model(cfg, w["task"]), w["task"]))
+    model = common.torch_model(cfg, w["task"], args.weights)
   else:
     model = PixelBert(cfg, w["task"])
   model.to(device)
@@ -471,6 +472,7 @@ def parse_args(argv=None):
   p.add_argument("--max-batch", action="store_true", help="find the largest JAX batch that fits")
   p.add_argument("--max-batch-limit", type=int, default=1024)
   p.add_argument("--max-batch-granularity", type=int, default=None, help="default: 8 on a GPU, 1 on CPU")
+  p.add_argument("--weights", default=None, help=argparse.SUPPRESS)  # the initial weights, shared by workers
   p.add_argument("--worker", default=None, choices=FRAMEWORKS, help=argparse.SUPPRESS)
   p.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -494,7 +496,7 @@ def main(argv=None):
   args = parse_args(argv)
   argv = sys.argv[1:] if argv is None else list(argv)
   if args.worker:
-    common.write_json(args.worker_json, run_one(args, args.worker))
+    common.worker_main(args, run_one)
     return
   if args.max_batch:
     out = jax_max_batch(args)
@@ -506,19 +508,11 @@ def main(argv=None):
     common.write_json(args.json, dict(mode="max-batch", workload=args.workload, dtype=args.dtype,
                                       remat=args.remat, versions=common.versions(), **out))
     return
-  results = []
-  for fw in args.frameworks.split(","):
-    if fw not in FRAMEWORKS:
-      raise SystemExit(f"unknown framework {fw!r}; expected some of {FRAMEWORKS}")
-    if args.in_process:
-      results.append(run_one(args, fw))
-    else:
-      results.append(common.run_worker(__file__, fw, argv, args.worker_timeout))
-    common.write_json(args.json, dict(mode="train-step", workload=args.workload, dtype=args.dtype,
-                                      remat=args.remat, batch=args.batch, steps=args.steps,
-                                      warmup=args.warmup, versions=common.versions(), results=results))
+  save = lambda results: common.write_json(args.json, dict(
+      mode="train-step", workload=args.workload, dtype=args.dtype, remat=args.remat, batch=args.batch,
+      steps=args.steps, warmup=args.warmup, versions=common.versions(), results=results))
+  results = common.run_frameworks(__file__, args, argv, run_one, FRAMEWORKS, save, report)
   devices = {r["device"] for r in results if "device" in r}
-  print("\n" + report(args, results))
   if len(devices) > 1:
     print(f"\nWARNING: the frameworks ran on different devices: {sorted(devices)}")
   if any("error" in r for r in results):
