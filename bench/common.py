@@ -233,11 +233,9 @@ def run_worker(script, framework, argv, timeout_s):
     # A fresh Inductor cache, so that "first step" is a cold compile, as JAX's (no persistent cache).
     cold_dir = tempfile.mkdtemp(prefix="bench_inductor_")
     env["TORCHINDUCTOR_CACHE_DIR"] = cold_dir
-  if not on_gpu():
-    # On a CPU shared with other jobs, OpenMP's default spin-waiting makes PyTorch's 2-thread ops wait
-    # out scheduler slices at every barrier: a demo forward measured 600 ms instead of 8 ms on this
-    # 2-core machine under load. Sleeping waits cost little on an idle machine.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  # OpenMP's wait policy is left to the caller (bench/NOTES.md): on a CPU shared with other jobs, the
+  # default spin-waiting made PyTorch's demo forward take 600 ms instead of 8 ms (OMP_WAIT_POLICY=PASSIVE
+  # fixes that), but on an idle machine PASSIVE costs PyTorch 30% of its train step and 3x its latency.
   cmd = [sys.executable, os.path.abspath(script), *argv, "--worker", framework, "--worker-json", path]
   print(f"\n=== {framework}: {' '.join(cmd[1:])}", flush=True)
   load = os.getloadavg()[0]
