@@ -15,8 +15,8 @@
 # Each step runs under `timeout`, so one hang costs that step only; within a step each framework is its
 # own process (JAX and PyTorch never share the GPU's memory), started by the Python script.
 set -x
+OUT=$(realpath -m "${OUT:-./bench_out}")  # relative to where the script is started from
 cd "$(dirname "$0")/.." || exit 1
-OUT=${OUT:-./bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=".:${PYTHONPATH:-}"
@@ -41,11 +41,12 @@ if [ "${BENCH_SMOKE:-0}" = 1 ]; then  # the same commands at demo size on a CPU,
   MAXB=(--workload demo --dtype float32 --batch 2 --max-batch-limit 8)
   STEPS="--warmup 1 --steps 2"
 else
-  PRE=(--workload pretrain-r50 --batch 16 --dtype bfloat16)
-  FT=(--workload finetune-r50 --batch 16 --dtype bfloat16)
-  X152=(--workload pretrain-x152 --batch 16 --dtype bfloat16)
+  B=${BATCH:-16}  # BATCH / X152_BATCH override (X152 at 600x1024 holds the most activations per example)
+  PRE=(--workload pretrain-r50 --batch "$B" --dtype bfloat16)
+  FT=(--workload finetune-r50 --batch "$B" --dtype bfloat16)
+  X152=(--workload pretrain-x152 --batch "${X152_BATCH:-$B}" --dtype bfloat16)
   INF=(--workload r50 --dtype bfloat16 --latency-iters 20 --pairs-batch 512 --cache-images 64 --encode-batch 16)
-  MAXB=(--workload pretrain-r50 --dtype bfloat16 --batch 16)
+  MAXB=(--workload pretrain-r50 --dtype bfloat16 --batch "$B")
 fi
 
 {
@@ -59,6 +60,7 @@ fi
   "$PY" -c "import sys; import pixelbert_jax.models, pixelbert_jax.optim, pixelbert_jax.tasks.pretrain, pixelbert_jax.convert.torch_model; bad = [m for m in ('grain', 'tensorflow_datasets', 'tensorflow') if m in sys.modules]; print('imports ok; data-stack modules loaded:', bad)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+: > "$OUT/status.txt"
 
 left() { echo $((BUDGET - SECONDS)); }
 
@@ -79,14 +81,14 @@ run() {
   echo "$name: exit $rc after $((SECONDS - t0))s (limit ${t}s)" | tee -a "$OUT/status.txt"
 }
 
-# Expected on one H100 (s): (a) ~230: JAX ~80 (compile), torch ~40, torch.compile ~110; (b), (c) ~90 each;
-# (d) ~80. Each framework also has its own limit inside the step (--worker-timeout).
+# Guessed for one H100 (s; not measured yet): (a) ~230: JAX ~80 (mostly compile), torch ~40, torch.compile
+# ~110; (b) ~90, (c) ~110, (d) ~80. Each framework also has its own limit inside the step (--worker-timeout).
 run a_train_pretrain-r50 250 180 "$PY" bench/train_step.py "${PRE[@]}" --frameworks jax,torch,torch-compile \
   $STEPS --worker-timeout 170 --json "$OUT/a_train_pretrain-r50.json"
 run b_train_finetune-r50 110 120 "$PY" bench/train_step.py "${FT[@]}" --frameworks jax,torch \
   $STEPS --worker-timeout 80 --json "$OUT/b_train_finetune-r50.json"
-run c_train_pretrain-x152 130 60 "$PY" bench/train_step.py "${X152[@]}" --frameworks jax,torch \
-  $STEPS --worker-timeout 90 --json "$OUT/c_train_pretrain-x152.json"
+run c_train_pretrain-x152 140 60 "$PY" bench/train_step.py "${X152[@]}" --frameworks jax,torch \
+  $STEPS --worker-timeout 100 --json "$OUT/c_train_pretrain-x152.json"
 run d_inference-r50 100 0 "$PY" bench/inference.py "${INF[@]}" --frameworks jax,torch \
   --worker-timeout 70 --json "$OUT/d_inference-r50.json"
 # (e) with whatever is left (BENCH_BUDGET_S=660 makes room): each try compiles anew except batch 16, which

@@ -299,7 +299,7 @@ def torch_loss_fn(model, w, cfg, use_autocast, device):
   return loss_fn
 
 
-def torch_optimizers(model, cfg, device, clip):
+def torch_optimizers(model, device):
   """optim.py's recipe: SGD + momentum (coupled decay) on the CNN, AdamW elsewhere; decay on matrices and
   conv kernels only."""
   import torch
@@ -355,7 +355,7 @@ def torch_worker(args, compile_model):
   t_setup = time.perf_counter()
   model = torch_setup(args, w, cfg, device)
   clip = w.get("grad_clip_norm", 0.0)
-  opts, params = torch_optimizers(model, cfg, device, clip)
+  opts, params = torch_optimizers(model, device)
   batch = {k: torch.from_numpy(v).to(device) for k, v in synthetic_batch(w, cfg, args.batch).items()}
   if "image_mask" in batch:
     batch["image_mask"] = batch["image_mask"].bool()
