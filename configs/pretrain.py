@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from_torch = ""       # an INIT_DIR written by `pixelbert_jax.convert from-torch`
     c.loss = ml_collections.ConfigDict(dict(mlm_weight=1.0, itm_weight=1.0))
     c.optim = ml_collections.ConfigDict(dict(
-        cnn=dict(lr=1e-2, momentum=0.9, weight_decay=5e-4, frozen=False),               # paper: SGD
+        cnn=dict(optimizer="sgd", lr=1e-2, momentum=0.9, weight_decay=5e-4, frozen=False),  # paper: SGD
         transformer=dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-6, weight_decay=1e-2),     # paper: AdamW; betas/eps ours (BERT's)
         warmup_steps=1000,          # ours (SOHO, same authors: 1000 linear warm-up iterations)
         decay_epochs=(25.0, 35.0),  # paper: lr x0.1 at epochs 25 and 35

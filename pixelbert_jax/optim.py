@@ -52,11 +52,20 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, steps_per_epo
     sched = {name: schedule(o[name].lr, warmup_steps=o.warmup_steps, decay_steps=decay_steps,
                             decay_factor=o.decay_factor) for name in ("cnn", "transformer")}
     mask = decay_mask(params)
-    cnn = optax.chain(
-        # torch.optim.SGD couples weight decay into the gradient before momentum; so does this chain.
-        optax.add_decayed_weights(o.cnn.weight_decay, mask=mask),
-        optax.sgd(sched["cnn"], momentum=o.cnn.momentum or None, nesterov=False),
-    )
+    kind = o.cnn.get("optimizer", "sgd")
+    if kind == "sgd":
+        cnn = optax.chain(
+            # torch.optim.SGD couples weight decay into the gradient before momentum; so does this chain.
+            optax.add_decayed_weights(o.cnn.weight_decay, mask=mask),
+            optax.sgd(sched["cnn"], momentum=o.cnn.momentum or None, nesterov=False),
+        )
+    elif kind == "adamw":
+        # A CNN trained from scratch (the demo) gets tiny gradients through the fusion attention; SGD then
+        # barely moves it, Adam's per-parameter scaling does.
+        cnn = optax.adamw(sched["cnn"], b1=o.transformer.b1, b2=o.transformer.b2, eps=o.transformer.eps,
+                          weight_decay=o.cnn.weight_decay, mask=mask)
+    else:
+        raise ValueError(f"config.optim.cnn.optimizer must be 'sgd' or 'adamw', got {kind!r}")
     transformer = optax.adamw(sched["transformer"], b1=o.transformer.b1, b2=o.transformer.b2,
                               eps=o.transformer.eps, weight_decay=o.transformer.weight_decay, mask=mask)
     tx = optax.multi_transform(

@@ -59,6 +59,21 @@ def test_cnn_gets_coupled_sgd_transformer_gets_adamw():
     np.testing.assert_allclose(new["itm_head"]["bias"], 1 - 1e-4, rtol=1e-5)
 
 
+def test_cnn_adamw_option_decouples_decay_and_bad_names_fail():
+    cfg = _config(warmup_steps=0)
+    cfg.optim.cnn.optimizer = "adamw"
+    p = _params()
+    tx, _ = optim.make_optimizer(cfg, p, steps_per_epoch=1000)
+    g = jax.tree.map(lambda x: jnp.full_like(x, 0.5), p)
+    new = optax.apply_updates(p, tx.update(g, tx.init(p), p)[0])
+    # AdamW step 1 at the CNN's lr and weight decay: w -= lr * (sign(g) + wd * w) on kernels only.
+    np.testing.assert_allclose(new["encoder"]["cnn"]["conv1"]["kernel"], 1 - 1e-2 * (1 + 5e-4), rtol=1e-5)
+    np.testing.assert_allclose(new["encoder"]["cnn"]["bn1"]["scale"], 1 - 1e-2, rtol=1e-5)
+    cfg.optim.cnn.optimizer = "lamb"
+    with pytest.raises(ValueError, match="optim.cnn.optimizer.*'lamb'"):
+        optim.make_optimizer(cfg, p, steps_per_epoch=1000)
+
+
 def test_frozen_cnn_does_not_move():
     cfg = _config(warmup_steps=0)
     cfg.optim.cnn.frozen = True
