@@ -19,12 +19,12 @@ import pathlib
 import time
 
 import flax.linen as nn
-import yaml
-from ml_collections.config_flags import config_path
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import yaml
+from ml_collections.config_flags import config_path
 
 from pixelbert_jax import optim
 from pixelbert_jax.data import pipeline, synthetic, text
@@ -161,27 +161,26 @@ def main(argv=None):
                              ids, mask, train=True, rngs={"dropout": key, "sample": key}, mutable=["batch_stats"])
       logits = out["mlm_logits"]
       loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights) / jnp.sum(weights)
-      acc = jnp.sum((logits.argmax(-1) == labels) * weights) / jnp.sum(weights)
-      return loss, (new["batch_stats"], (acc, jnp.sum((logits.argmax(-1) == labels) * weights, -1)))
-    (loss, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      hits = jnp.sum((logits.argmax(-1) == labels) * weights, -1)  # [B]: one masked word per caption
+      return loss, (new["batch_stats"], hits)
+    (loss, (batch_stats, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, loss, *acc
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss, hits
 
   colour_ids = np.array([tok.convert_tokens_to_ids(c) for c in synthetic.COLOURS])
-  rng, accs, colour_hits, shape_hits, t0 = np.random.default_rng(0), [], [], [], time.time()
+  rng, hits, is_colour, t0 = np.random.default_rng(0), [], [], time.time()
   for s in range(args.steps):
     idx = rng.integers(0, len(images), args.batch)
     ids, mask, labels, weights = probe_batch(rng, captions, idx, tok, max_len)
-    params, batch_stats, opt_state, loss, acc, hit = step(params, batch_stats, opt_state, jnp.asarray(images[idx]),
+    params, batch_stats, opt_state, loss, hit = step(params, batch_stats, opt_state, jnp.asarray(images[idx]),
                                                      ids, mask, labels, weights, jax.random.key(s))
-    accs.append(float(acc))
-    is_colour = np.isin(np.asarray(labels).max(-1), colour_ids)
-    colour_hits.extend(np.asarray(hit)[is_colour])
-    shape_hits.extend(np.asarray(hit)[~is_colour])
+    hits.append(np.asarray(hit))
+    is_colour.append(np.isin(np.asarray(labels).max(-1), colour_ids))
     if (s + 1) % args.log_every == 0:
-      print(f"step {s + 1:5d}  loss {float(loss):.3f}  probe acc (last {args.log_every}) {np.mean(accs[-args.log_every:]):.3f}  "
-            f"colour {np.mean(colour_hits[-400:]):.3f} shape {np.mean(shape_hits[-400:]):.3f}  "
-            f"{time.time() - t0:.0f} s", flush=True)
+      h, c = np.concatenate(hits[-args.log_every:]), np.concatenate(is_colour[-args.log_every:])
+      print(f"step {s + 1:5d}  loss {float(loss):.3f}  probe acc (last {args.log_every} steps) {h.mean():.3f}  "
+            f"colour {h[c].mean() if c.any() else float('nan'):.3f} "
+            f"shape {h[~c].mean() if (~c).any() else float('nan'):.3f}  {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
