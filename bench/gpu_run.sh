@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The issue #8 benchmarks on one GPU, in a fixed order, within a time budget (BENCH_BUDGET_S, default 510 s):
-#   (a) train step pretrain-r50, batch 16, bfloat16: jax, torch, torch-compile
-#   (b) train step finetune-r50 (VQA head, all 252 pixels): jax, torch
+# The issue #8 benchmarks on one GPU, in a fixed order, within a time budget (BENCH_BUDGET_S, default 540 s):
+#   (b) train step finetune-r50 (VQA head, all 252 pixels), batch 16, bfloat16: jax, torch
 #   (c) train step pretrain-x152: jax, torch
-#   (d) inference r50: batch-1 latency and cached-pixel ITM throughput: jax, torch
+#   (d) inference r50: batch-1 latency and cached-pixel ITM throughput: jax, torch; then jax with
+#       jax.nn.dot_product_attention (--attention dot_product)
+#   (a) train step pretrain-r50: jax, torch (and torch-compile when 400 s are left)
 #   (e) the largest JAX batch for pretrain-r50 (only with time left)
 # Everything (one log and one JSON per step, env.txt, status.txt, summary.md) goes to $OUT.
 #
@@ -27,9 +28,9 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 # A fresh persistent compilation cache: every measured compile is still cold (no two steps compile the
 # same program), but (e) finds (a)'s batch-16 step there. torch.compile workers get a fresh Inductor cache
 # each (bench/common.py), so their first step is a cold compile too.
-rm -rf "$OUT/jax_cache"
-export JAX_COMPILATION_CACHE_DIR="$OUT/jax_cache"
-BUDGET=${BENCH_BUDGET_S:-510}
+JAX_COMPILATION_CACHE_DIR=$(mktemp -d)
+export JAX_COMPILATION_CACHE_DIR
+BUDGET=${BENCH_BUDGET_S:-540}
 PY=${PYTHON:-python}
 STEPS="--warmup 3 --steps 10"
 
@@ -81,18 +82,24 @@ run() {
   echo "$name: exit $rc after $((SECONDS - t0))s (limit ${t}s)" | tee -a "$OUT/status.txt"
 }
 
-# Guessed for one H100 (s; not measured yet): (a) ~230: JAX ~80 (mostly compile), torch ~40, torch.compile
-# ~110; (b) ~90, (c) ~110, (d) ~80. Each framework also has its own limit inside the step (--worker-timeout).
-run a_train_pretrain-r50 250 180 "$PY" bench/train_step.py "${PRE[@]}" --frameworks jax,torch,torch-compile \
-  $STEPS --worker-timeout 170 --json "$OUT/a_train_pretrain-r50.json"
-run b_train_finetune-r50 110 120 "$PY" bench/train_step.py "${FT[@]}" --frameworks jax,torch \
-  $STEPS --worker-timeout 80 --json "$OUT/b_train_finetune-r50.json"
-run c_train_pretrain-x152 140 60 "$PY" bench/train_step.py "${X152[@]}" --frameworks jax,torch \
-  $STEPS --worker-timeout 100 --json "$OUT/c_train_pretrain-x152.json"
-run d_inference-r50 100 0 "$PY" bench/inference.py "${INF[@]}" --frameworks jax,torch \
-  --worker-timeout 70 --json "$OUT/d_inference-r50.json"
-# (e) with whatever is left (BENCH_BUDGET_S=660 makes room): each try compiles anew except batch 16, which
-# (a) left in the JAX compilation cache; the JSON keeps every try, so a timeout still tells the bracket.
+# Measured on one H100 in session 2 (s): JAX set-up 78 (the init compiled for the GPU; now on the host
+# CPU), compile ~66; torch eager ~20-40; torch.compile > 170. Order: what has no figure yet first.
+# Each framework also has its own limit inside the step (--worker-timeout).
+run b_train_finetune-r50 200 330 "$PY" bench/train_step.py "${FT[@]}" --frameworks jax,torch \
+  $STEPS --worker-timeout 150 --json "$OUT/b_train_finetune-r50.json"
+run c_train_pretrain-x152 200 200 "$PY" bench/train_step.py "${X152[@]}" --frameworks jax,torch \
+  $STEPS --worker-timeout 150 --json "$OUT/c_train_pretrain-x152.json"
+run d_inference-r50 110 90 "$PY" bench/inference.py "${INF[@]}" --frameworks jax,torch \
+  --worker-timeout 80 --json "$OUT/d_inference-r50.json"
+run d_inference-r50-dot_product 70 0 "$PY" bench/inference.py "${INF[@]}" --frameworks jax --attention dot_product \
+  --worker-timeout 60 --json "$OUT/d_inference-r50-dot_product.json"
+# (a) on this machine too (the session-2 row was another session's H100), torch.compile only with time left.
+FW=jax,torch
+[ "$(left)" -ge 400 ] && FW=jax,torch,torch-compile
+run a_train_pretrain-r50 "$(left)" 0 "$PY" bench/train_step.py "${PRE[@]}" --frameworks "$FW" \
+  $STEPS --worker-timeout 300 --json "$OUT/a_train_pretrain-r50.json"
+# (e) with whatever is left: each try compiles anew except batch 16, which (a) left in the JAX compilation
+# cache; the JSON keeps every try, so a timeout still tells the bracket.
 if [ "$(left)" -ge 90 ]; then
   run e_max_batch-r50 "$(left)" 0 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "$PY" bench/train_step.py "${MAXB[@]}" \
     --max-batch --json "$OUT/e_max_batch-r50.json"
@@ -108,5 +115,7 @@ for f in "$OUT"/[a-d]_*.log; do
   echo
 done > "$OUT/summary.md"
 grep -h "^max-batch\|^max batch\|^at batch" "$OUT"/e_*.log >> "$OUT/summary.md" 2>/dev/null
+# The device tool brings back at most 8 files: the logs and JSONs travel as one archive.
+tar -C "$OUT" -czf "$OUT/steps.tar.gz" $(cd "$OUT" && ls -- *.log *.json 2>/dev/null) && (cd "$OUT" && rm -f -- *.log *.json)
 cat "$OUT/status.txt"
-echo "total ${SECONDS}s; results in $OUT"
+echo "total ${SECONDS}s; results in $OUT (summary.md, status.txt, env.txt, steps.tar.gz)"

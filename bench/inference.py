@@ -11,7 +11,8 @@ Two measurements per framework, both ITM scoring with the pre-training model in 
               `encode_image` (timed too: images/s) and kept on the device in the compute dtype; then
               batches of --pairs-batch (caption, image) pairs go through `fuse` + the ITM head only,
               gathering each pair's pixels from the cache. Reported in pairs/s.
-Same weights on both sides (the Flax init converted to PyTorch), so the scores must agree: the report
+`--attention dot_product` runs the JAX model with jax.nn.dot_product_attention (cuDNN's fused attention
+in bfloat16 on a GPU) instead of einsum + float32 softmax. Same weights on both sides (the Flax init converted to PyTorch), so the scores must agree: the report
 gives the largest difference of P(match) between frameworks over one batch of pairs (float32: ~1e-5;
 bfloat16: ~1e-2). bfloat16: JAX model.dtype=bfloat16, torch autocast(bfloat16) + channels_last; float32
 parameters on both sides. torch runs under inference_mode; each framework in its own subprocess.
@@ -45,6 +46,7 @@ def workload_cfg(args):
   if args.image:  # e.g. the r50 model at a CPU-sized image, to check the code path
     w["image"] = tuple(int(v) for v in args.image.split("x"))
   cfg = common.model_cfg(w["size"], w["cnn"], w["vocab"], dtype=args.dtype, norm=w["norm"])
+  cfg.attention_impl = args.attention  # JAX only (eval mode, so no attention dropout either way)
   return w, cfg
 
 
@@ -217,7 +219,7 @@ def report(args, results):
   lines = [f"### inference: {args.workload} ({w['image'][0]}x{w['image'][1]}, "
            f"{common.num_pixel_tokens(w['image'])} pixels, {w['text_len']} tokens), {args.dtype}; latency: "
            f"batch 1, {args.latency_iters} calls; retrieval: {args.cache_images} cached images, "
-           f"{args.pairs_batch} pairs per batch, {args.pairs_steps} batches",
+           f"{args.pairs_batch} pairs per batch, {args.pairs_steps} batches; JAX attention: {args.attention}",
            "", common.markdown_table(header, rows), "",
            f"versions: jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, torch {v['torch']}, "
            f"transformers {v['transformers']}, python {v['python']}"]
@@ -246,6 +248,8 @@ def parse_args(argv=None):
   p.add_argument("--cache-images", type=int, default=None)
   p.add_argument("--encode-batch", type=int, default=None)
   p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--attention", default="einsum", choices=["einsum", "dot_product"],
+                 help="JAX model.attention_impl (dot_product: jax.nn.dot_product_attention, cuDNN on a GPU)")
   p.add_argument("--channels-last", default="on", choices=["on", "off"], help="torch CNN memory format")
   p.add_argument("--json", default=None)
   p.add_argument("--worker-timeout", type=float, default=1800, help="seconds per framework subprocess")

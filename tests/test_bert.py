@@ -143,3 +143,25 @@ def test_bfloat16_compute_keeps_float32_params():
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
   seq, _ = bert.apply(variables, ids, mask)
   assert seq.dtype == jnp.bfloat16 and bool(jnp.isfinite(seq.astype(jnp.float32)).all())
+
+
+def test_dot_product_attention_matches_einsum():
+  cfg = model_config("tiny", "tiny", vocab_size=97)
+  ids, mask = (jnp.asarray(a) for a in _inputs(cfg, 3, 12, seed=13))
+  bert = BertModel(build_model(cfg, "pretrain").cfg)
+  variables = nn.meta.unbox(bert.init(jax.random.key(0), ids, mask))
+  ref, _ = bert.apply(variables, ids, mask)
+  cfg.attention_impl = "dot_product"
+  fused = BertModel(build_model(cfg, "pretrain").cfg)
+  out, _ = fused.apply(variables, ids, mask)
+  real = np.asarray(mask).astype(bool)
+  assert np.abs(np.asarray(out) - np.asarray(ref))[real].max() <= 1e-5
+  # Training with attention dropout would silently drop the dropout: refused instead.
+  with pytest.raises(ValueError, match="attention_dropout"):
+    fused.apply(variables, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
+  cfg.attention_dropout = 0.0
+  BertModel(build_model(cfg, "pretrain").cfg).apply(variables, ids, mask, deterministic=False,
+                                                   rngs={"dropout": jax.random.key(1)})
+  cfg.attention_impl = "flash"
+  with pytest.raises(ValueError, match="attention_impl"):
+    BertModel(build_model(cfg, "pretrain").cfg).apply(variables, ids, mask)

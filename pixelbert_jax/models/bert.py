@@ -91,6 +91,18 @@ class BertSelfAttention(nn.Module):
       return y.reshape(y.shape[:2] + (cfg.num_heads, head_dim))
 
     q, k, v = heads("query"), heads("key"), heads("value")
+    impl = cfg.get("attention_impl", "einsum")  # absent from configs saved before the option existed
+    if impl == "dot_product":
+      # jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU where it applies (bf16/fp16), XLA
+      # elsewhere. It has no attention dropout, so training with attention_dropout > 0 is refused.
+      if not deterministic and cfg.attention_dropout > 0:
+        raise ValueError(f"model.attention_impl='dot_product' has no attention dropout, but "
+                         f"model.attention_dropout={cfg.attention_dropout} in training; set it to 0 or use "
+                         f"attention_impl='einsum'")
+      ctx = jax.nn.dot_product_attention(q, k, v, mask=bias == 0.0).reshape(x.shape[:2] + (cfg.hidden_size,))
+      return nn.with_logical_constraint(ctx, kv_axes)
+    if impl != "einsum":
+      raise ValueError(f"model.attention_impl must be 'einsum' or 'dot_product', got {impl!r}")
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic).astype(v.dtype)
