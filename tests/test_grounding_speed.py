@@ -6,6 +6,7 @@ import re
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
@@ -42,3 +43,18 @@ def test_probe_runs_with_backbone_control(capsys):
   probe = re.findall(r"step\s+\d+\s+loss ([\d.naif]+)", out)
   assert len(backbone) == 2 and len(probe) == 2, out
   assert all(math.isfinite(float(x)) for x in backbone + probe), out
+
+
+def test_cached_features_probe_reports_held_out_accuracy(capsys):
+  grounding_speed.main(["--steps", "2", "--batch", "2", "--images", "4", "--cnn_lr", "0", "--cache_features",
+                        "--eval_images", "3", "--log_every", "1", "--set", "model.num_layers=1"])
+  out = capsys.readouterr().out
+  held = [float(x) for x in re.findall(r"held-out ([\d.]+)", out)]
+  assert len(held) == 2 and all(0.0 <= h <= 1.0 for h in held), out
+  probe = re.findall(r"step\s+\d+\s+loss ([\d.naif]+)", out)
+  assert all(math.isfinite(float(x)) for x in probe), out
+
+
+def test_cached_features_need_a_frozen_cnn():
+  with pytest.raises(SystemExit):
+    grounding_speed.main(["--steps", "1", "--cache_features", "--cnn_lr", "1e-3"])
