@@ -2,8 +2,9 @@
 
 A tuning aid for the demo (README "What the demo reaches today"), not a benchmark of speed: every caption
 of a batch has exactly one colour/shape word masked (the grounded-word probe's question, asked at train
-time), everything else intact, all pairs matched, Adam with a 50-step warm-up. It prints the running probe
-accuracy, so a setting that cannot ground even here will not ground in pre-training either.
+time), everything else intact, all pairs matched, Adam with a linear warm-up (--warmup, 50 steps). It
+prints the running probe accuracy, so a setting that cannot ground even here will not ground in
+pre-training either.
 
   python bench/grounding_speed.py --steps 200 --lr 3e-4 --cnn_lr 1e-3
   python bench/grounding_speed.py --objects 1          # single-object scenes only (no binding needed)
@@ -165,10 +166,11 @@ def main(argv=None):
                              optim.param_labels(params, freeze_cnn=False))
   opt_state = tx.init(params)
 
+  frozen_cnn = jax.jit(lambda x: model.apply({"params": params, "batch_stats": batch_stats}, x, method=lambda m, x:
+                                             m.encoder.cnn(normalize_image(x, jnp.ones(x.shape[:3], bool)), False)))
+
   def c5_of(images):  # the frozen CNN in eval mode, in chunks: float32 [N,h,w,C]
-    f = jax.jit(lambda x: model.apply({"params": params, "batch_stats": batch_stats}, x, method=lambda m, x:
-                                      m.encoder.cnn(normalize_image(x, jnp.ones(x.shape[:3], bool)), False)))
-    return np.concatenate([np.asarray(f(jnp.asarray(images[i:i + 64]))) for i in range(0, len(images), 64)])
+    return np.concatenate([np.asarray(frozen_cnn(jnp.asarray(images[i:i + 64]))) for i in range(0, len(images), 64)])
 
   def mlm_logits(p, bs, x, ids, mask, key, train):
     """x: images, or C5 features with --cache_features. -> (logits [B,L,V], new batch_stats)."""
