@@ -130,3 +130,65 @@ def test_r50_800x1344_gives_12x21_pixel_grid():
       lambda v: model.apply(v, inputs["image"], inputs["image_mask"], method="encode_image"),
       variables)
   assert pixels.shape == (1, 12 * 21, 768) and mask.shape == (1, 252)
+
+
+def _cnn_loss_and_grads(impl: str, x, norm: str):
+  cfg = cnn_config("tiny")
+  cfg.norm, cfg.conv_impl = norm, impl
+  model = resnet_from_config(cfg)
+  variables = nn.meta.unbox(model.init(jax.random.key(0), x))
+  w = jnp.asarray(np.random.default_rng(8).standard_normal((x.shape[0], 2, 2, model.out_channels)),
+                  jnp.float32)
+
+  def loss(params, x):
+    out, upd = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+    return (out * w).sum(), upd
+
+  (value, upd), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      variables["params"], x)
+  return value, upd, grads
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_conv_impls_agree_in_training(norm):
+  """`matmul` (1x1 convs as matmuls, explicit max-pool backward) is a lowering, not a different model:
+  loss, batch-norm updates, parameter and input gradients match `xla`'s, on a tie-heavy input."""
+  rng = np.random.default_rng(7)
+  # Half the image constant: many equal values reach the stem max-pool windows.
+  x = rng.standard_normal((3, 64, 64, 3)).astype(np.float32)
+  x[:, :32] = 0.25
+  x = jnp.asarray(x)
+  ref, ref_upd, ref_grads = _cnn_loss_and_grads("xla", x, norm)
+  got, got_upd, got_grads = _cnn_loss_and_grads("matmul", x, norm)
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((got_upd, got_grads)),
+                          jax.tree.leaves((ref_upd, ref_grads))):
+    scale = float(np.abs(np.asarray(b)).max()) or 1.0
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_first_max_pool_gradient_matches_torch():
+  """The explicit max-pool backward routes each window's gradient to its first maximum, as torch does:
+  checked on integer-valued inputs where most windows tie."""
+  from pixelbert_jax.models.resnet import max_pool_first_max
+  rng = np.random.default_rng(9)
+  x = rng.integers(0, 3, (2, 9, 10, 4)).astype(np.float32)
+  g = rng.standard_normal((2, 5, 5, 4)).astype(np.float32)
+  y, vjp = jax.vjp(lambda v: max_pool_first_max(v, 3, 2, 1), jnp.asarray(x))
+  (dx,) = vjp(jnp.asarray(g))
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+  yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
+  yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+  np.testing.assert_array_equal(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy())
+  np.testing.assert_allclose(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-6)
+  ref = jax.vjp(lambda v: nn.max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1))), jnp.asarray(x))[1]
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(ref(jnp.asarray(g))[0]), rtol=0, atol=1e-6)
+
+
+def test_conv_impl_is_validated():
+  from pixelbert_jax.models.resnet import resolve_conv_impl
+  assert resolve_conv_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "xla")
+  assert resolve_conv_impl("xla") == "xla"
+  with pytest.raises(ValueError, match="conv_impl 'cudnn'"):
+    resolve_conv_impl("cudnn")

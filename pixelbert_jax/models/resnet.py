@@ -4,7 +4,16 @@ Names follow torchvision (`conv1`, `bn1`, `layer1/0/conv1`, ..., `layer1/0/downs
 mapping in `pixelbert_jax.convert.mapping` is one rule per tensor. Normalisation is selectable:
 `frozen_bn` (pretrained statistics and affine used as constants), `bn` (batch statistics in training,
 running averages updated when `batch_stats` is mutable) or `gn` (group norm, no statistics).
+
+`conv_impl` picks how the same computation is lowered (the parameters are the same either way):
+`xla` (every conv a `lax.conv_general_dilated`, the stem max-pool `lax.reduce_window`, gradients by
+autodiff), `matmul` (1x1 convs as 2D matmuls and the stem max-pool with an explicit first-maximum
+backward), or `auto` (`matmul` on CPU, `xla` elsewhere). On XLA's CPU backend the weight gradient of a
+1x1 convolution is a layout-transposing convolution about 10x slower than the equivalent
+`[NHW, Cin]^T @ [NHW, Cout]` matmul, and the max-pool gradient (select-and-scatter, lowered with index
+iotas) costs 20x its forward; see bench/NOTES.md, items 11-13.
 """
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -12,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 NORM_KINDS = ("frozen_bn", "bn", "gn")
+CONV_IMPLS = ("auto", "xla", "matmul")
 CONV_AXES = (None, None, "conv_in", "conv_out")
 ACTIVATION_AXES = ("activation_batch", "activation_height", "activation_width", "activation_channels")
 EXPANSION = 4  # torchvision Bottleneck.expansion
@@ -20,13 +30,99 @@ EXPANSION = 4  # torchvision Bottleneck.expansion
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv(features: int, kernel: int, stride: int, groups: int, dtype: Any, name: str) -> nn.Conv:
-  """torchvision-style conv: symmetric padding kernel // 2, no bias."""
-  pad = kernel // 2
-  return nn.Conv(
-      features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-      feature_group_count=groups, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(_conv_init, CONV_AXES), name=name)
+def resolve_conv_impl(impl: str) -> str:
+  """`auto` -> `matmul` on the CPU backend, `xla` on GPU/TPU (where the 1x1 matmul form was not measured
+  to help); `xla` and `matmul` pass through; anything else is an error."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"unknown cnn.conv_impl {impl!r}; expected one of {CONV_IMPLS}")
+  if impl == "auto":
+    return "matmul" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+class Conv(nn.Module):
+  """torchvision-style conv: symmetric padding kernel // 2, no bias; kernel [k, k, Cin / groups, Cout]
+  named `kernel`, as `nn.Conv` names it, so checkpoints do not depend on `impl`."""
+  features: int
+  kernel: int
+  stride: int
+  groups: int
+  impl: str  # resolved: 'xla' | 'matmul'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cin = x.shape[-1]
+    if cin % self.groups:
+      raise ValueError(f"{self.name}: {cin} input channels not divisible by groups={self.groups}")
+    k = self.param("kernel", nn.with_logical_partitioning(_conv_init, CONV_AXES),
+                   (self.kernel, self.kernel, cin // self.groups, self.features), jnp.float32)
+    x, k = x.astype(self.dtype), k.astype(self.dtype)
+    s = self.stride
+    if self.impl == "matmul" and self.kernel == 1 and self.groups == 1:
+      # Autodiff of a 2D matmul gives the weight gradient as one [NHW, Cin]^T @ [NHW, Cout] matmul.
+      x = x[:, ::s, ::s, :]
+      n, h, w, _ = x.shape
+      return (x.reshape(n * h * w, cin) @ k[0, 0]).reshape(n, h, w, self.features)
+    pad = self.kernel // 2
+    return jax.lax.conv_general_dilated(
+        x, k, (s, s), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.groups)
+
+
+def conv(features: int, kernel: int, stride: int, groups: int, impl: str, dtype: Any, name: str) -> Conv:
+  return Conv(features, kernel, stride, groups, impl, dtype, name=name)
+
+
+def _window_taps(x, window, stride, pad, out_hw):
+  """The window*window strided views of -inf-padded x, in row-major window order."""
+  ho, wo = out_hw
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
+  span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+  return [xp[:, i:i + span_h:stride, j:j + span_w:stride, :] for i in range(window) for j in range(window)]
+
+
+def _pool_out_hw(x, window, stride, pad):
+  return tuple((d + 2 * pad - window) // stride + 1 for d in x.shape[1:3])
+
+
+def _max_pool_fwd(x, window, stride, pad):
+  taps = _window_taps(x, window, stride, pad, _pool_out_hw(x, window, stride, pad))
+  best, first = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+  for t, v in enumerate(taps[1:], start=1):
+    # torch's rule: a later element wins only if strictly greater (or NaN), so ties go to the first.
+    wins = (v > best) | jnp.isnan(v)
+    best, first = jnp.where(wins, v, best), jnp.where(wins, jnp.int8(t), first)
+  # The winner's index is saved, not recomputed by comparing values in the backward: XLA may re-fuse
+  # the producer of x into the backward with different rounding, and equality would then miss.
+  return best, (first, x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool_first_max(x: jax.Array, window: int, stride: int, pad: int) -> jax.Array:
+  """NHWC max-pool (padding never wins, NaN propagates) whose gradient goes to the first maximum of each
+  window in row-major order: torch's max_pool2d rule and XLA's select-and-scatter rule, so the gradient
+  is `nn.max_pool`'s, but built from strided slices and pads instead of select-and-scatter."""
+  return _max_pool_fwd(x, window, stride, pad)[0]
+
+
+def _max_pool_bwd(window, stride, pad, res, g):
+  first, (n, h, w, c) = res
+  _, ho, wo, _ = g.shape
+  hp, wp = h + 2 * pad, w + 2 * pad
+  span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+  zero = jnp.zeros((), g.dtype)
+  dxp = jnp.zeros((n, hp, wp, c), g.dtype)
+  for t in range(window * window):
+    i, j = divmod(t, window)
+    # Transpose of the strided slice: scatter back by interior padding.
+    dxp = dxp + jax.lax.pad(jnp.where(first == t, g, zero), zero,
+                            ((0, 0, 0), (i, hp - i - span_h, stride - 1),
+                             (j, wp - j - span_w, stride - 1), (0, 0, 0)))
+  return (dxp[:, pad:pad + h, pad:pad + w, :],)
+
+
+max_pool_first_max.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Norm(nn.Module):
@@ -80,11 +176,12 @@ class Downsample(nn.Module):
   features: int
   stride: int
   norm: Any  # a functools.partial(Norm, ...) without name
+  conv_impl: str
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train):
-    x = conv(self.features, 1, self.stride, 1, self.dtype, "0")(x)
+    x = conv(self.features, 1, self.stride, 1, self.conv_impl, self.dtype, "0")(x)
     return self.norm(name="1")(x, train)
 
 
@@ -96,6 +193,7 @@ class Bottleneck(nn.Module):
   width_per_group: int
   downsample: bool
   norm: Any
+  conv_impl: str
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -104,16 +202,16 @@ class Bottleneck(nn.Module):
     if width <= 0:
       raise ValueError(f"bottleneck width is 0 (planes={self.planes}, width_per_group="
                        f"{self.width_per_group}, groups={self.groups})")
-    out = conv(width, 1, 1, 1, self.dtype, "conv1")(x)
+    out = conv(width, 1, 1, 1, self.conv_impl, self.dtype, "conv1")(x)
     out = nn.relu(self.norm(name="bn1")(out, train))
-    out = conv(width, 3, self.stride, self.groups, self.dtype, "conv2")(out)
+    out = conv(width, 3, self.stride, self.groups, self.conv_impl, self.dtype, "conv2")(out)
     out = nn.relu(self.norm(name="bn2")(out, train))
-    out = conv(self.planes * EXPANSION, 1, 1, 1, self.dtype, "conv3")(out)
+    out = conv(self.planes * EXPANSION, 1, 1, 1, self.conv_impl, self.dtype, "conv3")(out)
     out = self.norm(name="bn3")(out, train)
     identity = x
     if self.downsample:
-      identity = Downsample(self.planes * EXPANSION, self.stride, self.norm, self.dtype,
-                            name="downsample")(x, train)
+      identity = Downsample(self.planes * EXPANSION, self.stride, self.norm, self.conv_impl,
+                            self.dtype, name="downsample")(x, train)
     return nn.relu(out + identity)
 
 
@@ -126,6 +224,7 @@ class ResStage(nn.Module):
   groups: int
   width_per_group: int
   norm: Any
+  conv_impl: str
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -134,7 +233,7 @@ class ResStage(nn.Module):
       first = i == 0
       needs_proj = first and (self.stride != 1 or self.in_channels != self.planes * EXPANSION)
       x = Bottleneck(self.planes, self.stride if first else 1, self.groups, self.width_per_group,
-                     needs_proj, self.norm, self.dtype, name=str(i))(x, train)
+                     needs_proj, self.norm, self.conv_impl, self.dtype, name=str(i))(x, train)
     return x
 
 
@@ -149,6 +248,7 @@ class ResNet(nn.Module):
   gn_groups: int = 32
   norm_eps: float = 1e-5
   bn_momentum: float = 0.1
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @property
@@ -159,16 +259,20 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = lambda name: Norm(self.norm, self.gn_groups, self.norm_eps, self.bn_momentum, self.dtype,
                              name=name)
+    impl = resolve_conv_impl(self.conv_impl)
     x = x.astype(self.dtype)
-    x = conv(self.stem_width, 7, 2, 1, self.dtype, "conv1")(x)
+    x = conv(self.stem_width, 7, 2, 1, impl, self.dtype, "conv1")(x)
     x = nn.relu(norm("bn1")(x, train))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if impl == "matmul":
+      x = max_pool_first_max(x, 3, 2, 1)
+    else:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     in_channels = self.stem_width
     for i, blocks in enumerate(self.stage_sizes):
       planes = self.base_planes * 2 ** i
       x = ResStage(blocks, planes, 1 if i == 0 else 2, in_channels, self.groups, self.width_per_group,
                    _NormFactory(self.norm, self.gn_groups, self.norm_eps, self.bn_momentum, self.dtype),
-                   self.dtype, name=f"layer{i + 1}")(x, train)
+                   impl, self.dtype, name=f"layer{i + 1}")(x, train)
       x = nn.with_logical_constraint(x, ACTIVATION_AXES)
       in_channels = planes * EXPANSION
     return x
@@ -196,4 +300,4 @@ def resnet_from_config(cnn_cfg, dtype: Any = jnp.float32) -> ResNet:
                 width_per_group=cnn_cfg.width_per_group, stem_width=cnn_cfg.stem_width,
                 base_planes=cnn_cfg.base_planes, norm=cnn_cfg.norm, gn_groups=cnn_cfg.gn_groups,
                 norm_eps=cnn_cfg.get("norm_eps", 1e-5), bn_momentum=cnn_cfg.get("bn_momentum", 0.1),
-                dtype=dtype)
+                conv_impl=cnn_cfg.get("conv_impl", "auto"), dtype=dtype)
