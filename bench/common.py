@@ -163,6 +163,62 @@ def xla_flops(compiled):
   return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
+def profile_jax(fn, args, trace_dir, *, steps=3, top=25):
+  """Trace `steps` calls of the compiled `fn(*args)` -> fn's result and the `top` XLA ops by time per
+  call, each with its output shape and the JAX op it came from (from the compiled HLO's metadata).
+
+  The trace (TensorBoard / Perfetto, `*.trace.json.gz`) stays in trace_dir. Times are summed over
+  threads, so on a CPU they can exceed the wall time of the call."""
+  import collections
+  import glob
+  import gzip
+  import re
+
+  import jax
+  hlo = fn.as_text()
+  os.makedirs(trace_dir, exist_ok=True)
+  out = None
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      out = fn(*args)
+      args = (out[0],) + tuple(args[1:]) if isinstance(out, tuple) else args  # donated state
+      jax.block_until_ready(out)
+  traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
+                  key=os.path.getmtime)
+  if not traces:
+    raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {trace_dir}")
+  with gzip.open(traces[-1]) as f:
+    events = json.load(f)["traceEvents"]
+  per_op = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") == "X" and "dur" in e and name in hlo and not name.startswith(("$", "Thunk", "Pjit")):
+      per_op[name] += e["dur"] / 1e3 / steps
+
+  def describe(name):
+    m = re.search(r"^\s*(?:ROOT )?%" + re.escape(name) + r" = (\S+) .*$", hlo, re.M)
+    if not m:
+      return "?", ""
+    shape, line = m.group(1), m.group(0)
+    op = re.search(r'op_name="([^"]+)"', line)
+    called = re.search(r"calls=%([\w.\-]+)", line)
+    if not op and called:  # a fusion: the last op named inside its computation
+      body = re.search(r"^%" + re.escape(called.group(1)) + r" .*?^\}", hlo, re.M | re.S)
+      ops = re.findall(r'op_name="([^"]+)"', body.group(0)) if body else []
+      return shape, ops[-1] if ops else ""
+    return shape, op.group(1) if op else ""
+
+  rows = [(name, ms, *describe(name)) for name, ms in per_op.most_common(top)]
+  return out, dict(trace=traces[-1], total_ms=sum(per_op.values()), top=rows)
+
+
+def print_profile(prof):
+  print(f"\nprofile: {prof['trace']}\nXLA ops, ms per call summed over threads "
+        f"(all ops: {prof['total_ms']:.1f} ms):")
+  for name, ms, shape, op in prof["top"]:
+    print(f"{ms:8.2f}  {name[:34]:34s} {shape[:44]:44s} {op[-90:]}")
+
+
 def cpu_name():
   try:
     with open("/proc/cpuinfo") as f:

@@ -4,6 +4,7 @@
   python bench/train_step.py --workload pretrain-r50 --batch 16 --dtype bfloat16 --json out.json  # a GPU
   python bench/train_step.py --workload finetune-r50 --frameworks jax,torch
   python bench/train_step.py --workload pretrain-r50 --max-batch   # largest JAX batch that fits (GPU)
+  python bench/train_step.py --workload demo --frameworks jax --profile /tmp/prof  # top XLA ops
 
 Workloads (all with 40 text tokens):
   pretrain-r50   BERT-base + ResNet-50, 800x1344 images (252 pixels), 100 sampled pixels, MLM + ITM loss
@@ -182,6 +183,9 @@ def jax_worker(args):
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
   mem, mem_kind = common.jax_peak_memory()
+  if args.profile:
+    state, prof = common.profile_jax(compiled, (state, batch), args.profile)
+    common.print_profile(prof)
   return dict(framework="jax", device=common.jax_device_name(), params=n_params, batch=args.batch,
               setup_s=setup_s, compile_s=compile_s, first_step_s=first_s, first_loss=loss0,
               peak_mem_bytes=mem, peak_mem_kind=mem_kind, flops_xla=common.xla_flops(compiled),
@@ -467,6 +471,8 @@ def parse_args(argv=None):
   p.add_argument("--torch-init", default="flax", choices=["flax", "random"],
                  help="flax: the Flax init converted (same weights); random: torch's own init (faster)")
   p.add_argument("--json", default=None, help="write the results here (rewritten after each framework)")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="after timing, trace 3 JAX steps into DIR and print the top XLA ops")
   p.add_argument("--worker-timeout", type=float, default=1800, help="seconds per framework subprocess")
   p.add_argument("--in-process", action="store_true", help="run the frameworks in this process (tests)")
   p.add_argument("--max-batch", action="store_true", help="find the largest JAX batch that fits")

@@ -134,7 +134,7 @@ def test_r50_800x1344_gives_12x21_pixel_grid():
 
 def _cnn_loss_and_grads(impl: str, x, norm: str):
   cfg = cnn_config("tiny")
-  cfg.norm, cfg.conv_impl = norm, impl
+  cfg.norm, cfg.impl = norm, impl
   model = resnet_from_config(cfg)
   variables = nn.meta.unbox(model.init(jax.random.key(0), x))
   w = jnp.asarray(np.random.default_rng(8).standard_normal((x.shape[0], 2, 2, model.out_channels)),
@@ -150,16 +150,17 @@ def _cnn_loss_and_grads(impl: str, x, norm: str):
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn"])
-def test_conv_impls_agree_in_training(norm):
-  """`matmul` (1x1 convs as matmuls, explicit max-pool backward) is a lowering, not a different model:
-  loss, batch-norm updates, parameter and input gradients match `xla`'s, on a tie-heavy input."""
+def test_cnn_impls_agree_in_training(norm):
+  """`cpu` (1x1 convs as matmuls, explicit max-pool and batch-norm gradients) is a way of writing the
+  model, not a different model: loss, batch-norm updates, parameter and input gradients match
+  `generic`'s, on an input where many stem max-pool windows tie."""
   rng = np.random.default_rng(7)
   # Half the image constant: many equal values reach the stem max-pool windows.
   x = rng.standard_normal((3, 64, 64, 3)).astype(np.float32)
   x[:, :32] = 0.25
   x = jnp.asarray(x)
-  ref, ref_upd, ref_grads = _cnn_loss_and_grads("xla", x, norm)
-  got, got_upd, got_grads = _cnn_loss_and_grads("matmul", x, norm)
+  ref, ref_upd, ref_grads = _cnn_loss_and_grads("generic", x, norm)
+  got, got_upd, got_grads = _cnn_loss_and_grads("cpu", x, norm)
   np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((got_upd, got_grads)),
                           jax.tree.leaves((ref_upd, ref_grads))):
@@ -186,9 +187,30 @@ def test_first_max_pool_gradient_matches_torch():
   np.testing.assert_allclose(np.asarray(dx), np.asarray(ref(jnp.asarray(g))[0]), rtol=0, atol=1e-6)
 
 
-def test_conv_impl_is_validated():
-  from pixelbert_jax.models.resnet import resolve_conv_impl
-  assert resolve_conv_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "xla")
-  assert resolve_conv_impl("xla") == "xla"
-  with pytest.raises(ValueError, match="conv_impl 'cudnn'"):
-    resolve_conv_impl("cudnn")
+def test_cnn_impl_is_validated():
+  from pixelbert_jax.models.resnet import resolve_impl
+  assert resolve_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "generic")
+  assert resolve_impl("generic") == "generic"
+  with pytest.raises(ValueError, match="cnn.impl 'cudnn'"):
+    resolve_impl("cudnn")
+
+
+def test_batch_norm_gradient_includes_the_statistics():
+  """The closed-form backward also carries gradients that reach x through the returned mean and var."""
+  from pixelbert_jax.models.resnet import batch_norm_train
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.standard_normal((2, 3, 4, 5)) * 2 + 1, jnp.float32)
+  scale, bias = jnp.asarray(rng.uniform(0.5, 1.5, 5), jnp.float32), jnp.asarray(rng.standard_normal(5), jnp.float32)
+  wy, wm, wv = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(2, 3, 4, 5), (5,), (5,)])
+
+  def reference(x, scale, bias):
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    return (x - mean) * (scale * jax.lax.rsqrt(var + 1e-5)) + bias, mean, var
+
+  def objective(fn):
+    return lambda *a: sum(jnp.sum(o * w) for o, w in zip(fn(*a), (wy, wm, wv)))
+
+  got = jax.grad(objective(lambda *a: batch_norm_train(*a, 1e-5)), argnums=(0, 1, 2))(x, scale, bias)
+  want = jax.grad(objective(reference), argnums=(0, 1, 2))(x, scale, bias)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)

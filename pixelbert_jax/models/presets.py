@@ -45,8 +45,10 @@ def cnn_config(cnn: str) -> ml_collections.ConfigDict:
       gn_groups=4 if cnn == "tiny" else 8 if cnn == "demo" else 32,
       norm_eps=1e-5,  # torchvision BatchNorm2d / GroupNorm default
       bn_momentum=0.1,  # torchvision convention: new = (1 - m) * old + m * batch
-      # auto: 1x1 convs as matmuls + explicit max-pool backward on CPU, lax.conv on GPU/TPU (same params).
-      conv_impl="auto",
+      # How XLA is given the same computation (models/resnet.py): auto = 'cpu' on the CPU backend (1x1
+      # convs as matmuls, explicit max-pool and batch-norm gradients), 'generic' (lax.conv, autodiff)
+      # elsewhere. Parameters and checkpoints do not depend on it.
+      impl="auto",
   ))
 
 

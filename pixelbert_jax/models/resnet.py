@@ -5,13 +5,15 @@ mapping in `pixelbert_jax.convert.mapping` is one rule per tensor. Normalisation
 `frozen_bn` (pretrained statistics and affine used as constants), `bn` (batch statistics in training,
 running averages updated when `batch_stats` is mutable) or `gn` (group norm, no statistics).
 
-`conv_impl` picks how the same computation is lowered (the parameters are the same either way):
-`xla` (every conv a `lax.conv_general_dilated`, the stem max-pool `lax.reduce_window`, gradients by
-autodiff), `matmul` (1x1 convs as 2D matmuls and the stem max-pool with an explicit first-maximum
-backward), or `auto` (`matmul` on CPU, `xla` elsewhere). On XLA's CPU backend the weight gradient of a
-1x1 convolution is a layout-transposing convolution about 10x slower than the equivalent
-`[NHW, Cin]^T @ [NHW, Cout]` matmul, and the max-pool gradient (select-and-scatter, lowered with index
-iotas) costs 20x its forward; see bench/NOTES.md, items 11-13.
+`impl` picks how the same computation is written for XLA (parameters, outputs and gradients are the
+same either way, up to float rounding): `generic` (every conv a `lax.conv_general_dilated`, the stem
+max-pool `lax.reduce_window`, gradients by autodiff), `cpu` (1x1 convs as 2D matmuls; explicit backward
+passes for the stem max-pool and for batch norm with batch statistics), or `auto` (`cpu` on the CPU
+backend, `generic` elsewhere). On XLA's CPU backend the weight gradient of a 1x1 convolution is a
+layout-transposing convolution about 10x slower than the equivalent `[NHW, Cin]^T @ [NHW, Cout]`
+matmul, the max-pool gradient (select-and-scatter, lowered with index iotas) costs 20x its forward, and
+autodiff of batch norm makes more passes over the activations than its closed-form gradient; see
+bench/NOTES.md, items 11-14.
 """
 import functools
 from typing import Any, Sequence
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 NORM_KINDS = ("frozen_bn", "bn", "gn")
-CONV_IMPLS = ("auto", "xla", "matmul")
+CNN_IMPLS = ("auto", "generic", "cpu")
 CONV_AXES = (None, None, "conv_in", "conv_out")
 ACTIVATION_AXES = ("activation_batch", "activation_height", "activation_width", "activation_channels")
 EXPANSION = 4  # torchvision Bottleneck.expansion
@@ -30,13 +32,13 @@ EXPANSION = 4  # torchvision Bottleneck.expansion
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """`auto` -> `matmul` on the CPU backend, `xla` on GPU/TPU (where the 1x1 matmul form was not measured
-  to help); `xla` and `matmul` pass through; anything else is an error."""
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"unknown cnn.conv_impl {impl!r}; expected one of {CONV_IMPLS}")
+def resolve_impl(impl: str) -> str:
+  """`auto` -> `cpu` on the CPU backend, `generic` on GPU/TPU (where the CPU forms were not measured to
+  help); `generic` and `cpu` pass through; anything else is an error."""
+  if impl not in CNN_IMPLS:
+    raise ValueError(f"unknown cnn.impl {impl!r}; expected one of {CNN_IMPLS}")
   if impl == "auto":
-    return "matmul" if jax.default_backend() == "cpu" else "xla"
+    return "cpu" if jax.default_backend() == "cpu" else "generic"
   return impl
 
 
@@ -47,7 +49,7 @@ class Conv(nn.Module):
   kernel: int
   stride: int
   groups: int
-  impl: str  # resolved: 'xla' | 'matmul'
+  impl: str  # resolved: 'generic' | 'cpu'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -59,7 +61,7 @@ class Conv(nn.Module):
                    (self.kernel, self.kernel, cin // self.groups, self.features), jnp.float32)
     x, k = x.astype(self.dtype), k.astype(self.dtype)
     s = self.stride
-    if self.impl == "matmul" and self.kernel == 1 and self.groups == 1:
+    if self.impl == "cpu" and self.kernel == 1 and self.groups == 1:
       # Autodiff of a 2D matmul gives the weight gradient as one [NHW, Cin]^T @ [NHW, Cout] matmul.
       x = x[:, ::s, ::s, :]
       n, h, w, _ = x.shape
@@ -125,6 +127,37 @@ def _max_pool_bwd(window, stride, pad, res, g):
 max_pool_first_max.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
+  """Batch norm with batch statistics over all but the last axis -> (y, mean, biased var), with the
+  closed-form gradient (fewer passes over x than autodiff of mean, var and the affine)."""
+  return _batch_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, eps):
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axis=axes)
+  var = x.var(axis=axes)
+  rstd = jax.lax.rsqrt(var + eps)
+  return ((x - mean) * (scale * rstd) + bias, mean, var), (x, mean, rstd, scale)
+
+
+def _batch_norm_bwd(eps, res, cotangents):
+  x, mean, rstd, scale = res
+  dy, dmean, dvar = cotangents  # dmean, dvar: zero where the statistics are used under stop_gradient
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  centered = x - mean
+  xhat = centered * rstd
+  dbias = dy.sum(axis=axes)
+  dscale = (dy * xhat).sum(axis=axes)
+  dx = (scale * rstd / n) * (n * dy - dbias - xhat * dscale) + (dmean + 2.0 * dvar * centered) / n
+  return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
 class Norm(nn.Module):
   """Batch norm (frozen or trainable) or group norm, computed in float32, torchvision semantics."""
   kind: str
@@ -132,6 +165,7 @@ class Norm(nn.Module):
   eps: float = 1e-5
   momentum: float = 0.1
   dtype: Any = jnp.float32
+  impl: str = "generic"  # resolved: 'generic' | 'cpu' (closed-form batch-norm gradient)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -157,14 +191,19 @@ class Norm(nn.Module):
       scale, bias = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(bias)
       mean, var = ra_mean.value, ra_var.value
     elif train:
-      mean = xf.mean(axis=(0, 1, 2))
-      var = xf.var(axis=(0, 1, 2))
+      if self.impl == "cpu":
+        y, mean, var = batch_norm_train(xf, scale, bias, self.eps)
+      else:
+        mean = xf.mean(axis=(0, 1, 2))
+        var = xf.var(axis=(0, 1, 2))
+        y = (xf - mean) * (scale * jax.lax.rsqrt(var + self.eps)) + bias
       if self.is_mutable_collection("batch_stats") and not self.is_initializing():
         n = xf.size // c
         unbiased = var * n / max(n - 1, 1)  # torchvision keeps the unbiased variance
         m = self.momentum
         ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
         ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
+      return y.astype(self.dtype)
     else:
       mean, var = ra_mean.value, ra_var.value
     y = (xf - mean) * (scale * jax.lax.rsqrt(var + self.eps)) + bias
@@ -176,12 +215,12 @@ class Downsample(nn.Module):
   features: int
   stride: int
   norm: Any  # a functools.partial(Norm, ...) without name
-  conv_impl: str
+  impl: str
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train):
-    x = conv(self.features, 1, self.stride, 1, self.conv_impl, self.dtype, "0")(x)
+    x = conv(self.features, 1, self.stride, 1, self.impl, self.dtype, "0")(x)
     return self.norm(name="1")(x, train)
 
 
@@ -193,7 +232,7 @@ class Bottleneck(nn.Module):
   width_per_group: int
   downsample: bool
   norm: Any
-  conv_impl: str
+  impl: str
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -202,15 +241,15 @@ class Bottleneck(nn.Module):
     if width <= 0:
       raise ValueError(f"bottleneck width is 0 (planes={self.planes}, width_per_group="
                        f"{self.width_per_group}, groups={self.groups})")
-    out = conv(width, 1, 1, 1, self.conv_impl, self.dtype, "conv1")(x)
+    out = conv(width, 1, 1, 1, self.impl, self.dtype, "conv1")(x)
     out = nn.relu(self.norm(name="bn1")(out, train))
-    out = conv(width, 3, self.stride, self.groups, self.conv_impl, self.dtype, "conv2")(out)
+    out = conv(width, 3, self.stride, self.groups, self.impl, self.dtype, "conv2")(out)
     out = nn.relu(self.norm(name="bn2")(out, train))
-    out = conv(self.planes * EXPANSION, 1, 1, 1, self.conv_impl, self.dtype, "conv3")(out)
+    out = conv(self.planes * EXPANSION, 1, 1, 1, self.impl, self.dtype, "conv3")(out)
     out = self.norm(name="bn3")(out, train)
     identity = x
     if self.downsample:
-      identity = Downsample(self.planes * EXPANSION, self.stride, self.norm, self.conv_impl,
+      identity = Downsample(self.planes * EXPANSION, self.stride, self.norm, self.impl,
                             self.dtype, name="downsample")(x, train)
     return nn.relu(out + identity)
 
@@ -224,7 +263,7 @@ class ResStage(nn.Module):
   groups: int
   width_per_group: int
   norm: Any
-  conv_impl: str
+  impl: str
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -233,7 +272,7 @@ class ResStage(nn.Module):
       first = i == 0
       needs_proj = first and (self.stride != 1 or self.in_channels != self.planes * EXPANSION)
       x = Bottleneck(self.planes, self.stride if first else 1, self.groups, self.width_per_group,
-                     needs_proj, self.norm, self.conv_impl, self.dtype, name=str(i))(x, train)
+                     needs_proj, self.norm, self.impl, self.dtype, name=str(i))(x, train)
     return x
 
 
@@ -248,7 +287,7 @@ class ResNet(nn.Module):
   gn_groups: int = 32
   norm_eps: float = 1e-5
   bn_momentum: float = 0.1
-  conv_impl: str = "auto"
+  impl: str = "auto"
   dtype: Any = jnp.float32
 
   @property
@@ -257,13 +296,12 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    norm = lambda name: Norm(self.norm, self.gn_groups, self.norm_eps, self.bn_momentum, self.dtype,
-                             name=name)
-    impl = resolve_conv_impl(self.conv_impl)
+    impl = resolve_impl(self.impl)
+    norms = _NormFactory(self.norm, self.gn_groups, self.norm_eps, self.bn_momentum, self.dtype, impl)
     x = x.astype(self.dtype)
     x = conv(self.stem_width, 7, 2, 1, impl, self.dtype, "conv1")(x)
-    x = nn.relu(norm("bn1")(x, train))
-    if impl == "matmul":
+    x = nn.relu(norms("bn1")(x, train))
+    if impl == "cpu":
       x = max_pool_first_max(x, 3, 2, 1)
     else:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -271,8 +309,7 @@ class ResNet(nn.Module):
     for i, blocks in enumerate(self.stage_sizes):
       planes = self.base_planes * 2 ** i
       x = ResStage(blocks, planes, 1 if i == 0 else 2, in_channels, self.groups, self.width_per_group,
-                   _NormFactory(self.norm, self.gn_groups, self.norm_eps, self.bn_momentum, self.dtype),
-                   impl, self.dtype, name=f"layer{i + 1}")(x, train)
+                   norms, impl, self.dtype, name=f"layer{i + 1}")(x, train)
       x = nn.with_logical_constraint(x, ACTIVATION_AXES)
       in_channels = planes * EXPANSION
     return x
@@ -281,8 +318,8 @@ class ResNet(nn.Module):
 class _NormFactory:
   """A hashable `Norm` constructor passed down to blocks (module attributes must be hashable)."""
 
-  def __init__(self, kind, gn_groups, eps, momentum, dtype):
-    self._args = (kind, gn_groups, eps, momentum, dtype)
+  def __init__(self, kind, gn_groups, eps, momentum, dtype, impl):
+    self._args = (kind, gn_groups, eps, momentum, dtype, impl)
 
   def __call__(self, name: str) -> Norm:
     return Norm(*self._args, name=name)
@@ -300,4 +337,4 @@ def resnet_from_config(cnn_cfg, dtype: Any = jnp.float32) -> ResNet:
                 width_per_group=cnn_cfg.width_per_group, stem_width=cnn_cfg.stem_width,
                 base_planes=cnn_cfg.base_planes, norm=cnn_cfg.norm, gn_groups=cnn_cfg.gn_groups,
                 norm_eps=cnn_cfg.get("norm_eps", 1e-5), bn_momentum=cnn_cfg.get("bn_momentum", 0.1),
-                conv_impl=cnn_cfg.get("conv_impl", "auto"), dtype=dtype)
+                impl=cnn_cfg.get("impl", "auto"), dtype=dtype)
