@@ -189,10 +189,14 @@ def profile_jax(fn, args, trace_dir, *, steps=3, top=25):
     raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {trace_dir}")
   with gzip.open(traces[-1]) as f:
     events = json.load(f)["traceEvents"]
+  # On a GPU the kernels carry their HLO op in args.hlo_op (host-side launch events would count twice);
+  # on the CPU the op events are named after the HLO instruction.
+  complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+  device = [e for e in complete if e.get("args", {}).get("hlo_op")]
   per_op = collections.Counter()
-  for e in events:
-    name = e.get("name", "")
-    if e.get("ph") == "X" and "dur" in e and name in hlo and not name.startswith(("$", "Thunk", "Pjit")):
+  for e in device or complete:
+    name = e["args"]["hlo_op"] if device else e.get("name", "")
+    if name in hlo and not name.startswith(("$", "Thunk", "Pjit")):
       per_op[name] += e["dur"] / 1e3 / steps
 
   def describe(name):
@@ -213,6 +217,9 @@ def profile_jax(fn, args, trace_dir, *, steps=3, top=25):
 
 
 def print_profile(prof):
+  if not prof["top"]:
+    print(f"\nprofile: {prof['trace']}: no event named after an XLA op of the program")
+    return
   print(f"\nprofile: {prof['trace']}\nXLA ops, ms per call summed over threads "
         f"(all ops: {prof['total_ms']:.1f} ms):")
   for name, ms, shape, op in prof["top"]:

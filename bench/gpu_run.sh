@@ -7,6 +7,9 @@
 #   (d) inference r50: batch-1 latency and cached-pixel ITM throughput: jax, torch
 #   (c) train step pretrain-x152: jax, torch
 #   (d) again with jax.nn.dot_product_attention (--attention dot_product)
+#   (f) train step pretrain-r50, jax only, with model.cnn.impl=cpu (1x1 convs as matmuls, explicit
+#       max-pool / batch-norm gradients): does the CPU formulation help or hurt on a GPU?
+# (a) and (d) also print the top XLA ops of a profiled JAX step / pair batch (--profile).
 # Everything (per step a log and a JSON, packed into steps.tar.gz at the end; env.txt, status.txt,
 # summary.md) goes to $OUT.
 #
@@ -90,22 +93,24 @@ run() {
 FW=jax,torch,torch-compile
 [ "${SKIP_COMPILE:-0}" = 1 ] && FW=jax,torch
 run a_train_pretrain-r50 420 100 "$PY" bench/train_step.py "${PRE[@]}" --frameworks "$FW" \
-  $STEPS --worker-timeout 400 --json "$OUT/a_train_pretrain-r50.json"
+  $STEPS --worker-timeout 400 --profile /tmp/prof_a --json "$OUT/a_train_pretrain-r50.json"
 # (e) from batch 64 (32 fits: 28.6 GiB at 251 img/s); MAXB_MEM_FRACTION=0.55 on an H200 keeps JAX to about
 # an H100's 80 GB. The JSON keeps every try, so a timeout still tells the bracket.
 run e_max_batch-r50 300 0 env XLA_PYTHON_CLIENT_MEM_FRACTION="${MAXB_MEM_FRACTION:-0.95}" "$PY" \
   bench/train_step.py "${MAXB[@]}" --max-batch --json "$OUT/e_max_batch-r50.json"
 run b_train_finetune-r50 200 0 "$PY" bench/train_step.py "${FT[@]}" --frameworks jax,torch \
   $STEPS --worker-timeout 150 --json "$OUT/b_train_finetune-r50.json"
-run d_inference-r50 110 0 "$PY" bench/inference.py "${INF[@]}" --frameworks jax,torch \
-  --worker-timeout 80 --json "$OUT/d_inference-r50.json"
+run d_inference-r50 130 0 "$PY" bench/inference.py "${INF[@]}" --frameworks jax,torch \
+  --worker-timeout 100 --profile /tmp/prof_d --json "$OUT/d_inference-r50.json"
 run c_train_pretrain-x152 200 0 "$PY" bench/train_step.py "${X152[@]}" --frameworks jax,torch \
   $STEPS --worker-timeout 150 --json "$OUT/c_train_pretrain-x152.json"
 run d_inference-r50-dot_product 70 0 "$PY" bench/inference.py "${INF[@]}" --frameworks jax --attention dot_product \
   --worker-timeout 60 --json "$OUT/d_inference-r50-dot_product.json"
+run f_train_pretrain-r50-cnn_cpu 120 0 "$PY" bench/train_step.py "${PRE[@]}" --frameworks jax --cnn-impl cpu \
+  $STEPS --worker-timeout 110 --json "$OUT/f_train_pretrain-r50-cnn_cpu.json"
 
 # The tables of every step in one file.
-for f in "$OUT"/[a-d]_*.log; do
+for f in "$OUT"/[a-df]_*.log; do
   [ -f "$f" ] || continue
   echo "## $(basename "$f" .log)"
   sed -n '/^### /,$p' "$f"

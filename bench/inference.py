@@ -3,6 +3,7 @@
   python bench/inference.py --workload demo                  # CPU: demo model, 192x192, a few minutes
   python bench/inference.py --workload r50 --dtype bfloat16 --json out.json      # a GPU
   python bench/inference.py --workload r50 --frameworks jax,torch,torch-compile
+  python bench/inference.py --workload demo --frameworks jax --profile /tmp/prof   # top XLA ops of pair scoring
 
 Two measurements per framework, both ITM scoring with the pre-training model in eval mode, all pixels:
   latency     one (image, caption) pair: the whole model, CNN included (R50 at 800x1344: 252 pixels,
@@ -47,6 +48,8 @@ def workload_cfg(args):
     w["image"] = tuple(int(v) for v in args.image.split("x"))
   cfg = common.model_cfg(w["size"], w["cnn"], w["vocab"], dtype=args.dtype, norm=w["norm"])
   cfg.attention_impl = args.attention  # JAX only (eval mode, so no attention dropout either way)
+  if args.cnn_impl:
+    cfg.cnn.impl = args.cnn_impl
   return w, cfg
 
 
@@ -131,6 +134,10 @@ def jax_worker(args):
 
   first_pairs, pair_times, scores = timed(lambda: score_pairs(variables, cache, cache_mask, pairs), sync,
                                           args.pairs_steps, args.warmup)
+  if args.profile:
+    compiled = score_pairs.lower(variables, cache, cache_mask, pairs).compile()
+    _, prof = common.profile_jax(compiled, (variables, cache, cache_mask, pairs), args.profile)
+    common.print_profile(prof)
   return summary("jax", common.jax_device_name(), first_latency, latency, encode_s, first_pairs, pair_times,
                  args, np.asarray(scores, np.float32), common.jax_peak_memory())
 
@@ -251,7 +258,11 @@ def parse_args(argv=None):
   p.add_argument("--attention", default="einsum", choices=["einsum", "dot_product"],
                  help="JAX model.attention_impl (dot_product: jax.nn.dot_product_attention, cuDNN on a GPU)")
   p.add_argument("--channels-last", default="on", choices=["on", "off"], help="torch CNN memory format")
+  p.add_argument("--cnn-impl", default=None, choices=["auto", "generic", "cpu"],
+                 help="JAX model.cnn.impl (default: the config's, auto = cpu on a CPU, generic elsewhere)")
   p.add_argument("--json", default=None)
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="after timing, trace 3 JAX pair-scoring batches into DIR and print the top XLA ops")
   p.add_argument("--worker-timeout", type=float, default=1800, help="seconds per framework subprocess")
   p.add_argument("--in-process", action="store_true", help="run the frameworks in this process (tests)")
   p.add_argument("--weights", default=None, help=argparse.SUPPRESS)  # the initial weights, shared by workers

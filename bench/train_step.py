@@ -67,6 +67,8 @@ def workload_cfg(args):
     w["image"] = tuple(int(v) for v in args.image.split("x"))
   cfg = common.model_cfg(w["size"], w["cnn"], w["vocab"], dtype=args.dtype, remat=args.remat == "on",
                          num_pixels=w["num_pixels"], norm=args.norm or w["norm"])
+  if args.cnn_impl:
+    cfg.cnn.impl = args.cnn_impl
   return w, cfg
 
 
@@ -467,6 +469,8 @@ def parse_args(argv=None):
   p.add_argument("--remat", default="off", choices=["on", "off"], help="rematerialise each BERT layer")
   p.add_argument("--image", default=None, help="HxW instead of the workload's image size")
   p.add_argument("--norm", default=None, choices=["frozen_bn", "bn", "gn"], help="override the CNN norm")
+  p.add_argument("--cnn-impl", default=None, choices=["auto", "generic", "cpu"],
+                 help="JAX model.cnn.impl (default: the config's, auto = cpu on a CPU, generic elsewhere)")
   p.add_argument("--channels-last", default="on", choices=["on", "off"], help="torch CNN memory format")
   p.add_argument("--torch-init", default="flax", choices=["flax", "random"],
                  help="flax: the Flax init converted (same weights); random: torch's own init (faster)")
