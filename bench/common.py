@@ -177,6 +177,7 @@ def profile_jax(fn, args, trace_dir, *, steps=3, top=25):
   import jax
   hlo = fn.as_text()
   os.makedirs(trace_dir, exist_ok=True)
+  jax.block_until_ready(args)  # calls still in flight (async dispatch) would land in the trace
   out = None
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(steps):
