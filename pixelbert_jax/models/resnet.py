@@ -33,8 +33,10 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def resolve_impl(impl: str) -> str:
-  """`auto` -> `cpu` on the CPU backend, `generic` on GPU/TPU (where the CPU forms were not measured to
-  help); `generic` and `cpu` pass through; anything else is an error."""
+  """`auto` -> `cpu` when JAX's default backend is the CPU, else `generic` (GPU/TPU, where the CPU forms
+  were not measured to help). Decided at trace time from the default backend, so a program placed on
+  the CPU of a GPU machine gets `generic`: the same numbers, only the CPU-tuned form is missed.
+  `generic` and `cpu` pass through; anything else is an error."""
   if impl not in CNN_IMPLS:
     raise ValueError(f"unknown cnn.impl {impl!r}; expected one of {CNN_IMPLS}")
   if impl == "auto":
