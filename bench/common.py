@@ -131,6 +131,26 @@ def time_stats(times_s):
               min_ms=1e3 * ts[0], max_ms=1e3 * ts[-1], n=len(ts))
 
 
+def cpu_usage():
+  """This process's CPU-time and page-fault counters (resource.getrusage), for `cpu_stats`."""
+  return resource.getrusage(resource.RUSAGE_SELF)
+
+
+def cpu_stats(before, after, steps):
+  """Per step: user and system CPU milliseconds, minor page faults. On a CPU, system time is mostly the
+  kernel zeroing freshly mapped pages: XLA maps its temporary buffer anew on every call (glibc serves
+  allocations above 32 MiB with mmap), which `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` or jemalloc avoid."""
+  return dict(cpu_user_ms=1e3 * (after.ru_utime - before.ru_utime) / steps,
+              cpu_sys_ms=1e3 * (after.ru_stime - before.ru_stime) / steps,
+              minflt=(after.ru_minflt - before.ru_minflt) / steps)
+
+
+def cpu_line(results):
+  parts = [f"{r['framework']} {r['cpu_user_ms']:.0f} + {r['cpu_sys_ms']:.0f} ms, {r['minflt']:.0f} faults"
+           for r in results if "cpu_user_ms" in r]
+  return ("process CPU per timed step (user + system, minor page faults): " + ", ".join(parts)) if parts else ""
+
+
 def peak_rss_bytes():
   """Peak resident memory of this process (the CPU stand-in for device memory; each framework runs in
   its own process, so this is that framework's peak, interpreter and libraries included)."""

@@ -179,11 +179,13 @@ def jax_worker(args):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
   times = []
+  usage = common.cpu_usage()
   for _ in range(args.steps):
     t0 = time.perf_counter()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
+  cpu = common.cpu_stats(usage, common.cpu_usage(), args.steps)
   mem, mem_kind = common.jax_peak_memory()
   if args.profile:
     state, prof = common.profile_jax(compiled, (state, batch), args.profile)
@@ -191,7 +193,7 @@ def jax_worker(args):
   return dict(framework="jax", device=common.jax_device_name(), params=n_params, batch=args.batch,
               setup_s=setup_s, compile_s=compile_s, first_step_s=first_s, first_loss=loss0,
               peak_mem_bytes=mem, peak_mem_kind=mem_kind, flops_xla=common.xla_flops(compiled),
-              **common.time_stats(times))
+              **cpu, **common.time_stats(times))
 
 
 def jax_max_batch(args):
@@ -392,11 +394,13 @@ def torch_worker(args, compile_model):
     step()
   common.torch_sync(device)
   times = []
+  usage = common.cpu_usage()
   for _ in range(args.steps):
     t0 = time.perf_counter()
     step()
     common.torch_sync(device)
     times.append(time.perf_counter() - t0)
+  cpu = common.cpu_stats(usage, common.cpu_usage(), args.steps)
   mem, mem_kind = common.torch_peak_memory(device)
 
   # FLOPs of one eager step (forward + backward; the optimizer's elementwise work is not counted).
@@ -410,7 +414,7 @@ def torch_worker(args, compile_model):
   return dict(framework=name, device=common.torch_device_name(device), params=n_params, batch=args.batch,
               setup_s=setup_s, compile_s=None, first_step_s=first_s, first_loss=loss0,
               peak_mem_bytes=mem, peak_mem_kind=mem_kind, flops_torch=float(counter.get_total_flops()),
-              **common.time_stats(times))
+              **cpu, **common.time_stats(times))
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -454,7 +458,7 @@ def report(args, results):
   if mems:
     lines.append("peak memory: " + "; ".join(mems))
   if not common.on_gpu():
-    lines.append(common.load_line(results))
+    lines += [common.cpu_line(results), common.load_line(results)]
   return "\n".join(lines)
 
 
