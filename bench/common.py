@@ -148,7 +148,8 @@ def cpu_stats(before, after, steps):
 def cpu_line(results):
   parts = [f"{r['framework']} {r['cpu_user_ms']:.0f} + {r['cpu_sys_ms']:.0f} ms, {r['minflt']:.0f} faults"
            for r in results if "cpu_user_ms" in r]
-  return ("process CPU per timed step (user + system, minor page faults): " + ", ".join(parts)) if parts else ""
+  head = "process CPU per timed step (user + system, minor page faults): "
+  return head + ", ".join(parts) if parts else ""
 
 
 def peak_rss_bytes():
@@ -188,7 +189,8 @@ def profile_jax(fn, args, trace_dir, *, steps=3, top=25):
   call, each with its output shape and the JAX op it came from (from the compiled HLO's metadata).
 
   The trace (TensorBoard / Perfetto, `*.trace.json.gz`) stays in trace_dir. Times are summed over
-  threads, so on a CPU they can exceed the wall time of the call."""
+  threads, so on a CPU they can exceed the wall time of the call. On a GPU only kernels that the trace
+  ties to an HLO op (args.hlo_op, or named after one) are counted; open the trace for the rest."""
   import collections
   import glob
   import gzip

@@ -109,7 +109,8 @@ class BertSelfAttention(nn.Module):
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic).astype(v.dtype)
-    ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(x.shape[:2] + (cfg.hidden_size,))
+    ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+    ctx = ctx.reshape(x.shape[:2] + (cfg.hidden_size,))
     return nn.with_logical_constraint(ctx, kv_axes)
 
 

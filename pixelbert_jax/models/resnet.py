@@ -91,6 +91,9 @@ def _pool_out_hw(x, window, stride, pad):
 
 
 def _max_pool_fwd(x, window, stride, pad):
+  if window * window > 127:
+    raise ValueError(f"max_pool_first_max: a {window}x{window} window has more taps than an int8 "
+                     f"index holds")
   taps = _window_taps(x, window, stride, pad, _pool_out_hw(x, window, stride, pad))
   best, first = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
   for t, v in enumerate(taps[1:], start=1):
