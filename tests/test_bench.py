@@ -27,13 +27,19 @@ def test_train_step_bench_demo(tmp_path):
   jax_loss, torch_loss = results["jax"]["first_loss"], results["torch"]["first_loss"]
   assert abs(jax_loss - torch_loss) < 0.1 * jax_loss, (jax_loss, torch_loss)
   assert results["torch"]["flops_torch"] > 0 and results["jax"]["median_ms"] > 0
+  assert all(r["cpu_user_ms"] > 0 and r["minflt"] >= 0 for r in results.values())
 
 
-def test_inference_bench_demo(tmp_path):
+def test_inference_bench_demo(tmp_path, capsys):
   out = tmp_path / "inference.json"
   inference.main(["--workload", "demo", "--frameworks", "jax,torch", "--in-process", "--dtype", "float32",
                   "--latency-iters", "1", "--pairs-steps", "1", "--warmup", "0", "--pairs-batch", "16",
-                  "--cache-images", "4", "--encode-batch", "4", "--json", str(out)])
+                  "--cache-images", "4", "--encode-batch", "4", "--json", str(out),
+                  "--profile", str(tmp_path / "prof")])
   jax_r, torch_r = json.loads(out.read_text())["results"]
   assert len(jax_r["scores"]) == 16
   assert max(abs(a - b) for a, b in zip(jax_r["scores"], torch_r["scores"])) < 1e-4
+  # --profile: a trace on disk and a table of XLA ops that names the model's layers.
+  printed = capsys.readouterr().out
+  assert "XLA ops, ms per call" in printed and "bert.encode/encoder/layer_0" in printed
+  assert list((tmp_path / "prof").rglob("*.trace.json.gz"))
