@@ -74,10 +74,6 @@ class Conv(nn.Module):
         feature_group_count=self.groups)
 
 
-def conv(features: int, kernel: int, stride: int, groups: int, impl: str, dtype: Any, name: str) -> Conv:
-  return Conv(features, kernel, stride, groups, impl, dtype, name=name)
-
-
 def _window_taps(x, window, stride, pad, out_hw):
   """The window*window strided views of -inf-padded x, in row-major window order."""
   ho, wo = out_hw
@@ -225,7 +221,7 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x, train):
-    x = conv(self.features, 1, self.stride, 1, self.impl, self.dtype, "0")(x)
+    x = Conv(self.features, 1, self.stride, 1, self.impl, self.dtype, name="0")(x)
     return self.norm(name="1")(x, train)
 
 
@@ -246,11 +242,11 @@ class Bottleneck(nn.Module):
     if width <= 0:
       raise ValueError(f"bottleneck width is 0 (planes={self.planes}, width_per_group="
                        f"{self.width_per_group}, groups={self.groups})")
-    out = conv(width, 1, 1, 1, self.impl, self.dtype, "conv1")(x)
+    out = Conv(width, 1, 1, 1, self.impl, self.dtype, name="conv1")(x)
     out = nn.relu(self.norm(name="bn1")(out, train))
-    out = conv(width, 3, self.stride, self.groups, self.impl, self.dtype, "conv2")(out)
+    out = Conv(width, 3, self.stride, self.groups, self.impl, self.dtype, name="conv2")(out)
     out = nn.relu(self.norm(name="bn2")(out, train))
-    out = conv(self.planes * EXPANSION, 1, 1, 1, self.impl, self.dtype, "conv3")(out)
+    out = Conv(self.planes * EXPANSION, 1, 1, 1, self.impl, self.dtype, name="conv3")(out)
     out = self.norm(name="bn3")(out, train)
     identity = x
     if self.downsample:
@@ -304,7 +300,7 @@ class ResNet(nn.Module):
     impl = resolve_impl(self.impl)
     norms = _NormFactory(self.norm, self.gn_groups, self.norm_eps, self.bn_momentum, self.dtype, impl)
     x = x.astype(self.dtype)
-    x = conv(self.stem_width, 7, 2, 1, impl, self.dtype, "conv1")(x)
+    x = Conv(self.stem_width, 7, 2, 1, impl, self.dtype, name="conv1")(x)
     x = nn.relu(norms("bn1")(x, train))
     if impl == "cpu":
       x = max_pool_first_max(x, 3, 2, 1)
