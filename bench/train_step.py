@@ -109,16 +109,22 @@ def vqa_loss_jax(outputs, batch):
   return loss, {"loss": (loss, jnp.ones(()))}
 
 
+def data_parallel(args):
+  """JAX devices the step is split over: --jax-cpu-devices on a CPU, one device on a GPU."""
+  return 1 if common.on_gpu() else max(args.jax_cpu_devices, 1)
+
+
 def jax_setup(args, batch_size):
   """-> (jitted donated train step, init_state(seed) -> state, device batch, model cfg)."""
   import jax
   import jax.numpy as jnp
   import optax
 
-  from pixelbert_jax import optim
+  from pixelbert_jax import distributed, optim
   from pixelbert_jax.models import build_model
   from pixelbert_jax.tasks import pretrain
 
+  distributed.set_cpu_devices(args.jax_cpu_devices)  # before the first jax.devices()
   w, cfg = workload_cfg(args)
   model = build_model(cfg, w["task"])
   abstract = jax.eval_shape(lambda: common.init_flax(model, w["task"]))
@@ -153,9 +159,18 @@ def jax_setup(args, batch_size):
     return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
             "batch_stats": batch_stats, "opt_state": opt_state, "rng": state["rng"]}, metrics
 
-  step = jax.jit(train_step, donate_argnums=0)
-  batch = jax.device_put(synthetic_batch(w, cfg, batch_size))
-  return step, init_state, batch, cfg
+  batch = synthetic_batch(w, cfg, batch_size)
+  if data_parallel(args) > 1:
+    # As main.py with config.cpu_devices: the batch split over a data axis, the state replicated.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(jax.devices()[:data_parallel(args)], ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = {k: NamedSharding(mesh, P("data")) for k in batch}
+    step = jax.jit(train_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated,
+                   donate_argnums=0)
+    return step, lambda seed=0: jax.device_put(init_state(seed), replicated), \
+        jax.device_put(batch, batch_sharding), cfg
+  return jax.jit(train_step, donate_argnums=0), init_state, jax.device_put(batch), cfg
 
 
 def jax_worker(args):
@@ -187,12 +202,14 @@ def jax_worker(args):
     times.append(time.perf_counter() - t0)
   cpu = common.cpu_stats(usage, common.cpu_usage(), args.steps)
   mem, mem_kind = common.jax_peak_memory()
+  xla_flops = common.xla_flops(compiled)  # of one device's program
+  xla_flops = xla_flops and xla_flops * data_parallel(args)
   if args.profile:
     state, prof = common.profile_jax(compiled, (state, batch), args.profile)
     common.print_profile(prof)
   return dict(framework="jax", device=common.jax_device_name(), params=n_params, batch=args.batch,
               setup_s=setup_s, compile_s=compile_s, first_step_s=first_s, first_loss=loss0,
-              peak_mem_bytes=mem, peak_mem_kind=mem_kind, flops_xla=common.xla_flops(compiled),
+              peak_mem_bytes=mem, peak_mem_kind=mem_kind, flops_xla=xla_flops,
               **cpu, **common.time_stats(times))
 
 
@@ -458,6 +475,8 @@ def report(args, results):
   if mems:
     lines.append("peak memory: " + "; ".join(mems))
   if not common.on_gpu():
+    if any(r["framework"] == "jax" for r in ok):
+      lines.append(f"JAX CPU devices (data-parallel, --jax-cpu-devices): {data_parallel(args)}")
     lines += [common.cpu_line(results), common.load_line(results)]
   return "\n".join(lines)
 
@@ -475,6 +494,9 @@ def parse_args(argv=None):
   p.add_argument("--norm", default=None, choices=["frozen_bn", "bn", "gn"], help="override the CNN norm")
   p.add_argument("--cnn-impl", default=None, choices=["auto", "generic", "cpu"],
                  help="JAX model.cnn.impl (default: the config's, auto = cpu on a CPU, generic elsewhere)")
+  p.add_argument("--jax-cpu-devices", type=int, default=None,
+                 help="CPU only: split the CPU into N data-parallel JAX devices, as config.cpu_devices "
+                      "(default: 2, the demo configs' value, or 1 on a 1-core machine; 0 with --in-process)")
   p.add_argument("--channels-last", default="on", choices=["on", "off"], help="torch CNN memory format")
   p.add_argument("--torch-init", default="flax", choices=["flax", "random"],
                  help="flax: the Flax init converted (same weights); random: torch's own init (faster)")
@@ -495,8 +517,10 @@ def parse_args(argv=None):
     args.batch = 16 if gpu else WORKLOADS[args.workload]["cpu_batch"]
   if args.dtype is None:
     args.dtype = "bfloat16" if gpu else "float32"
+  if args.jax_cpu_devices is None:
+    args.jax_cpu_devices = 0 if gpu or args.in_process else min(2, os.cpu_count() or 1)
   if args.max_batch_granularity is None:
-    args.max_batch_granularity = 8 if gpu else 1
+    args.max_batch_granularity = 8 if gpu else data_parallel(args)
   return args
 
 

@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 40.0          # paper
     c.total_steps = -1           # > 0 overrides num_epochs
     c.mesh_shape = (-1, 1, 1)    # (data, fsdp, tensor); -1 = all remaining devices
+    c.cpu_devices = 0            # CPU-only runs: N data-parallel CPU devices; 0: JAX's default (1)
     c.log_every_steps = 50
     c.eval_every_steps = 5000    # 0: evaluate only at the end
     c.eval_steps = -1            # batches per evaluation; -1 = the whole held-out split
@@ -52,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.cnn.norm = "bn"     # trained from scratch; on 2 CPU cores group norm costs 2x the step time
         c.batch_size = 32
         c.eval_batch_size = 64
+        c.cpu_devices = 2            # ours: XLA runs a CPU step mostly on one core; 2 devices use 2 cores
         c.num_epochs = 4.0
         c.log_every_steps = 10
         c.eval_every_steps = 100

@@ -302,15 +302,17 @@ def _run_plan(plan: InitPlan, timeout_s: int) -> None:
                            f"{plan.num_processes} failed: {error}") from error
 
 
-def initialize_from_env(timeout_s: int = 300, *, environ: Mapping[str, str] | None = None,
-                        sys_root: str = "/sys") -> DistributedInfo:
+def initialize_from_env(timeout_s: int = 300, *, cpu_devices: int = 0,
+                        environ: Mapping[str, str] | None = None, sys_root: str = "/sys") -> DistributedInfo:
     """Joins the multi-process run the environment describes (see the module docstring); idempotent.
 
-    Call before any other JAX use: backends are created on first use and cannot join afterwards.
+    `cpu_devices` > 0 splits the CPU backend into that many devices (config.cpu_devices); 0 keeps JAX's
+    default. Call before any other JAX use: backends are created on first use and cannot join afterwards.
     """
     global _INFO
     if _INFO is not None:
         return _INFO
+    set_cpu_devices(cpu_devices)
     if jax.distributed.is_initialized():
         plan = InitPlan("preinitialized")  # someone called jax.distributed.initialize already: respect it
     else:
@@ -324,6 +326,22 @@ def initialize_from_env(timeout_s: int = 300, *, environ: Mapping[str, str] | No
     _say(f"{_INFO.detected_by}: process {_INFO.process_index} of {_INFO.process_count}, "
          f"{_INFO.local_device_count} local / {_INFO.device_count} global {_INFO.platform} devices")
     return _INFO
+
+
+def set_cpu_devices(n: int) -> None:
+    """How many devices the CPU backend exposes (`jax_num_cpu_devices`); 0 leaves JAX's default (one, or
+    --xla_force_host_platform_device_count). XLA's CPU backend runs most ops of a step on one thread, so a
+    CPU-only run uses N cores through N-way data parallelism (bench/NOTES.md, item 21). GPU and TPU
+    backends are unaffected: their meshes never include CPU devices."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"config.cpu_devices must be an integer >= 0 (0: JAX's default), got {n!r}")
+    if n == 0 or jax.config.jax_num_cpu_devices == n:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as error:  # the backend exists already: too late to split it
+        raise RuntimeError(f"config.cpu_devices={n} must be applied before JAX creates its backends, which "
+                           f"this process has already done: {error}") from error
 
 
 def is_main_process() -> bool:

@@ -31,7 +31,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietLibraries())
-    info = distributed.initialize_from_env()
+    info = distributed.initialize_from_env(cpu_devices=_CONFIG.value.get("cpu_devices", 0))
     # Imported after initialisation: nothing may touch the JAX backend before jax.distributed is set up.
     from pixelbert_jax import train
 

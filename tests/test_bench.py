@@ -4,6 +4,7 @@ training losses agree up to dropout and pixel-sampling noise, and eval-mode ITM 
 precision."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -28,6 +29,21 @@ def test_train_step_bench_demo(tmp_path):
   assert abs(jax_loss - torch_loss) < 0.1 * jax_loss, (jax_loss, torch_loss)
   assert results["torch"]["flops_torch"] > 0 and results["jax"]["median_ms"] > 0
   assert all(r["cpu_user_ms"] > 0 and r["minflt"] >= 0 for r in results.values())
+
+
+def test_train_step_bench_on_two_cpu_devices_computes_the_same_step(tmp_path):
+  """--jax-cpu-devices 2 (the CPU default, as the demo configs' cpu_devices) splits the batch over a
+  data-parallel mesh in a fresh process; its first loss is the one-device loss of the same batch."""
+  common = ["--workload", "demo", "--frameworks", "jax", "--batch", "4", "--steps", "1", "--warmup", "0",
+            "--dtype", "float32"]
+  one, two = tmp_path / "one.json", tmp_path / "two.json"
+  train_step.main(common + ["--in-process", "--json", str(one)])
+  done = subprocess.run([sys.executable, os.path.join(BENCH, "train_step.py"), *common, "--jax-cpu-devices", "2",
+                         "--json", str(two)], capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "JAX CPU devices (data-parallel, --jax-cpu-devices): 2" in done.stdout
+  loss = [json.loads(f.read_text())["results"][0]["first_loss"] for f in (one, two)]
+  assert abs(loss[0] - loss[1]) < 1e-5, loss
 
 
 def test_inference_bench_demo(tmp_path, capsys):

@@ -181,3 +181,17 @@ def test_wait_for_coordinator_returns_when_listening():
         server.listen()
         left = distributed.wait_for_coordinator(f"127.0.0.1:{server.getsockname()[1]}", 5)
     assert 0 < left <= 5
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
+def test_cpu_devices_is_validated(bad):
+    with pytest.raises(ValueError, match="config.cpu_devices"):
+        distributed.set_cpu_devices(bad)
+
+
+def test_cpu_devices_after_the_backend_exists_is_an_error():
+    import jax
+    jax.devices()  # this process's backend exists from here on
+    distributed.set_cpu_devices(0)  # nothing asked: no error
+    with pytest.raises(RuntimeError, match="config.cpu_devices=3 must be applied before JAX creates"):
+        distributed.set_cpu_devices(3)

@@ -157,6 +157,15 @@ def test_two_processes_reach_the_parameters_of_one(data_dir, reference, tmp_path
     th.assert_same_params(th.final_params(tmp_path), th.final_params(reference), atol=1e-5)
 
 
+def test_two_cpu_devices_reach_the_parameters_of_one(data_dir, reference, tmp_path):
+    """config.cpu_devices=2 (the demo's setting): main splits the CPU into two data-parallel devices, and
+    6 steps end where the single-device run does (the BN statistics are the global batch's on both)."""
+    done = th.run_main(str(tmp_path), {**th.tiny_overrides(data_dir, total_steps=6), "cpu_devices": 2})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 local / 2 global cpu devices" in done.stderr, done.stderr[-3000:]
+    th.assert_same_params(th.final_params(tmp_path), th.final_params(reference), atol=1e-5)
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -29,6 +29,9 @@ def tiny_overrides(data_dir: str, total_steps: int = 4) -> dict:
         "model.pixel_sampling.num_pixels": 4,
         "batch_size": 8, "eval_batch_size": 8, "total_steps": total_steps, "log_every_steps": 1,
         "eval_every_steps": 0, "eval_steps": 1, "checkpoint_every_steps": 2, "optim.warmup_steps": 2,
+        # One device, as in the in-process runs they are compared with bit for bit (the demo's 2 data-parallel
+        # CPU devices sum gradients in another order; test_two_cpu_devices_* covers them).
+        "cpu_devices": 1,
     }
 
 
