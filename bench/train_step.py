@@ -26,8 +26,10 @@ both sides (JAX: model.dtype=bfloat16; torch: autocast(bfloat16)); torch also ge
 cudnn.benchmark. Both start from the same weights (the Flax init converted with convert/model_mapping)
 and see the same batch.
 
-Each framework runs in its own subprocess, one after the other. Step times are wall clock per step with a
-device sync after every step. "first step" is the first call: JAX lower + compile + run; torch eager:
+On a CPU, JAX splits the batch over 2 data-parallel CPU devices (--jax-cpu-devices; the demo configs'
+cpu_devices), because XLA's CPU backend runs most ops of a step on one thread; torch uses its intra-op
+threads. Each framework runs in its own subprocess, one after the other. Step times are wall clock per
+step with a device sync after every step. "first step" is the first call: JAX lower + compile + run; torch eager:
 the first run (cudnn autotuning); torch.compile: Dynamo + Inductor compile + run. Peak memory: JAX
 `memory_stats()['peak_bytes_in_use']`, torch `max_memory_allocated` (on CPU: the process's peak RSS).
 TFLOP/s divides the FLOPs of one step by the median step time: torch's FlopCounterMode count of one eager

@@ -34,11 +34,11 @@ def test_train_step_bench_demo(tmp_path):
 def test_train_step_bench_on_two_cpu_devices_computes_the_same_step(tmp_path):
   """--jax-cpu-devices 2 (the CPU default, as the demo configs' cpu_devices) splits the batch over a
   data-parallel mesh in a fresh process; its first loss is the one-device loss of the same batch."""
-  common = ["--workload", "demo", "--frameworks", "jax", "--batch", "4", "--steps", "1", "--warmup", "0",
-            "--dtype", "float32"]
+  flags = ["--workload", "demo", "--frameworks", "jax", "--batch", "4", "--steps", "1", "--warmup", "0",
+           "--dtype", "float32"]
   one, two = tmp_path / "one.json", tmp_path / "two.json"
-  train_step.main(common + ["--in-process", "--json", str(one)])
-  done = subprocess.run([sys.executable, os.path.join(BENCH, "train_step.py"), *common, "--jax-cpu-devices", "2",
+  train_step.main(flags + ["--in-process", "--json", str(one)])
+  done = subprocess.run([sys.executable, os.path.join(BENCH, "train_step.py"), *flags, "--jax-cpu-devices", "2",
                          "--json", str(two)], capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "JAX CPU devices (data-parallel, --jax-cpu-devices): 2" in done.stdout
