@@ -29,9 +29,10 @@ and see the same batch.
 On a CPU, JAX splits the batch over 2 data-parallel CPU devices (--jax-cpu-devices; the demo configs'
 cpu_devices), because XLA's CPU backend runs most ops of a step on one thread; torch uses its intra-op
 threads. Each framework runs in its own subprocess, one after the other. Step times are wall clock per
-step with a device sync after every step. "first step" is the first call: JAX lower + compile + run; torch eager:
-the first run (cudnn autotuning); torch.compile: Dynamo + Inductor compile + run. Peak memory: JAX
-`memory_stats()['peak_bytes_in_use']`, torch `max_memory_allocated` (on CPU: the process's peak RSS).
+step with a device sync after every step. "first step" is the first call: JAX lower + compile + run;
+torch eager: the first run (cudnn autotuning); torch.compile: Dynamo + Inductor compile + run. Peak
+memory: JAX `memory_stats()['peak_bytes_in_use']`, torch `max_memory_allocated` (on CPU: the process's
+peak RSS).
 TFLOP/s divides the FLOPs of one step by the median step time: torch's FlopCounterMode count of one eager
 step (matmuls, convolutions, attention; the model's FLOPs) when a torch worker ran, else XLA's
 cost_analysis of the compiled JAX step (which includes what remat recomputes).
@@ -161,11 +162,11 @@ def jax_setup(args, batch_size):
     return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
             "batch_stats": batch_stats, "opt_state": opt_state, "rng": state["rng"]}, metrics
 
-  batch = synthetic_batch(w, cfg, batch_size)
-  if data_parallel(args) > 1:
+  batch, n = synthetic_batch(w, cfg, batch_size), data_parallel(args)
+  if n > 1:
     # As main.py with config.cpu_devices: the batch split over a data axis, the state replicated.
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    mesh = Mesh(jax.devices()[:data_parallel(args)], ("data",))
+    mesh = Mesh(jax.devices()[:n], ("data",))
     replicated = NamedSharding(mesh, P())
     batch_sharding = {k: NamedSharding(mesh, P("data")) for k in batch}
     step = jax.jit(train_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated,
