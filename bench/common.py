@@ -173,6 +173,27 @@ def torch_peak_memory(device):
   return peak_rss_bytes(), "process peak RSS"
 
 
+def add_xla_options_arg(parser):
+  parser.add_argument("--xla-options", default="library", choices=["library", "none"],
+                      help="JAX compile options: the library's (pixelbert_jax/xla_options.py: 16 MiB heaps "
+                           "for CPU temporaries) or none (XLA's default, one temporary buffer per call)")
+
+
+def jax_compiler_options(args):
+  """What `jax.jit(compiler_options=)` gets: the library's, as main.py's steps, unless --xla-options none."""
+  from pixelbert_jax import xla_options
+  return xla_options.compiler_options() if args.xla_options == "library" else {}
+
+
+def xla_options_line(args, results):
+  """The footer line naming what the JAX worker compiled with (empty when no JAX worker ran)."""
+  r = next((r for r in results if r.get("framework") == "jax" and "xla_options" in r), None)
+  if r is None:
+    return []
+  return [f"JAX compile options (--xla-options {args.xla_options}): "
+          + (", ".join(f"{k}={v}" for k, v in r["xla_options"].items()) or "none")]
+
+
 def xla_flops(compiled):
   """FLOPs XLA's cost analysis gives for one call of a compiled executable (None if unavailable)."""
   try:

@@ -19,6 +19,7 @@ between frameworks over one batch of pairs (float32: ~1e-5; bfloat16: ~1e-2). bf
 parameters on both sides. torch runs under inference_mode; each framework in its own subprocess.
 """
 import argparse
+import functools
 import os
 import sys
 import time
@@ -98,19 +99,20 @@ def jax_worker(args):
   variables = common.init_flax(model, "pretrain")
   common.save_weights(args.weights, cfg, "pretrain", variables)
   one, images, pairs = (jax.device_put(x) for x in inputs(args, w))
+  options = common.jax_compiler_options(args)
 
   def p_match(m, pooled):
     return jax.nn.softmax(m.itm_head(pooled), axis=-1)[:, 1]
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=options)
   def score_full(v, x):
     return model.apply(v, **x, method=lambda m, **x: p_match(m, m.encoder(**x, train=False)["pooled"]))
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=options)
   def encode(v, image, image_mask):
     return model.apply(v, image, image_mask, method=lambda m, i, k: m.encode_image(i, k))
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=options)
   def score_pairs(v, cache, cache_mask, p):
     pixels, pixel_mask = cache[p["image_index"]], cache_mask[p["image_index"]]
     return model.apply(v, p["input_ids"], p["text_mask"], pixels, pixel_mask,
@@ -138,8 +140,8 @@ def jax_worker(args):
     compiled = score_pairs.lower(variables, cache, cache_mask, pairs).compile()
     _, prof = common.profile_jax(compiled, (variables, cache, cache_mask, pairs), args.profile)
     common.print_profile(prof)
-  return summary("jax", common.jax_device_name(), first_latency, latency, encode_s, first_pairs, pair_times,
-                 args, np.asarray(scores, np.float32), common.jax_peak_memory())
+  return dict(summary("jax", common.jax_device_name(), first_latency, latency, encode_s, first_pairs, pair_times,
+                      args, np.asarray(scores, np.float32), common.jax_peak_memory()), xla_options=options)
 
 
 # ------------------------------------------------------------------------------------------- torch
@@ -238,6 +240,7 @@ def report(args, results):
   mems = sorted({r["peak_mem_kind"] for r in ok})
   if mems:
     lines.append("peak memory: " + "; ".join(mems))
+  lines += common.xla_options_line(args, ok)
   if not common.on_gpu():
     lines.append(common.load_line(results))
   return "\n".join(lines)
@@ -257,6 +260,7 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--attention", default="einsum", choices=["einsum", "dot_product"],
                  help="JAX model.attention_impl (dot_product: jax.nn.dot_product_attention, cuDNN on a GPU)")
+  common.add_xla_options_arg(p)
   p.add_argument("--channels-last", default="on", choices=["on", "off"], help="torch CNN memory format")
   p.add_argument("--cnn-impl", default=None, choices=["auto", "generic", "cpu"],
                  help="JAX model.cnn.impl (default: the config's, auto = cpu on a CPU, generic elsewhere)")

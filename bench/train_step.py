@@ -170,10 +170,11 @@ def jax_setup(args, batch_size):
     replicated = NamedSharding(mesh, P())
     batch_sharding = {k: NamedSharding(mesh, P("data")) for k in batch}
     step = jax.jit(train_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated,
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=common.jax_compiler_options(args))
     return step, lambda seed=0: jax.device_put(init_state(seed), replicated), \
         jax.device_put(batch, batch_sharding), cfg
-  return jax.jit(train_step, donate_argnums=0), init_state, jax.device_put(batch), cfg
+  step = jax.jit(train_step, donate_argnums=0, compiler_options=common.jax_compiler_options(args))
+  return step, init_state, jax.device_put(batch), cfg
 
 
 def jax_worker(args):
@@ -213,7 +214,7 @@ def jax_worker(args):
   return dict(framework="jax", device=common.jax_device_name(), params=n_params, batch=args.batch,
               setup_s=setup_s, compile_s=compile_s, first_step_s=first_s, first_loss=loss0,
               peak_mem_bytes=mem, peak_mem_kind=mem_kind, flops_xla=xla_flops,
-              **cpu, **common.time_stats(times))
+              xla_options=common.jax_compiler_options(args), **cpu, **common.time_stats(times))
 
 
 def jax_max_batch(args):
@@ -477,6 +478,7 @@ def report(args, results):
   mems = sorted({r["peak_mem_kind"] for r in ok})
   if mems:
     lines.append("peak memory: " + "; ".join(mems))
+  lines += common.xla_options_line(args, ok)
   if not common.on_gpu():
     if any(r["framework"] == "jax" for r in ok):
       lines.append(f"JAX CPU devices (data-parallel, --jax-cpu-devices): {data_parallel(args)}")
@@ -500,6 +502,7 @@ def parse_args(argv=None):
   p.add_argument("--jax-cpu-devices", type=int, default=None,
                  help="CPU only: split the CPU into N data-parallel JAX devices, as config.cpu_devices "
                       "(default: 2, the demo configs' value, or 1 on a 1-core machine; 0 with --in-process)")
+  common.add_xla_options_arg(p)
   p.add_argument("--channels-last", default="on", choices=["on", "off"], help="torch CNN memory format")
   p.add_argument("--torch-init", default="flax", choices=["flax", "random"],
                  help="flax: the Flax init converted (same weights); random: torch's own init (faster)")

@@ -23,6 +23,7 @@ import numpy as np
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
+from pixelbert_jax import xla_options
 from pixelbert_jax.data import pipeline, text
 from pixelbert_jax.data.preprocess import BadImageError, decode_image, resize_and_pad
 from pixelbert_jax.models import build_model
@@ -53,7 +54,8 @@ class Predictor:
         self.model = build_model(ml_collections.ConfigDict(meta["model"]), self.task)
         self.variables = {k: v for k, v in variables.items() if v or k == "params"}
         self.tokenizer = pipeline.tokenizer(self.data_cfg)
-        self._apply = jax.jit(self.model.apply, static_argnames=("train", "method"))
+        self._apply = jax.jit(self.model.apply, static_argnames=("train", "method"),
+                              compiler_options=xla_options.compiler_options())
         self._answers: list[str] | None = None
 
     # -- inputs ------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import optax
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import metrics_writer, optim, partitioning
+from pixelbert_jax import metrics_writer, optim, partitioning, xla_options
 from pixelbert_jax.data import pipeline
 from pixelbert_jax.models import build_model, dummy_inputs
 from pixelbert_jax.tasks import get_task
@@ -76,9 +76,11 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             self.abstract_state, self.state_shardings)
         replicated = partitioning.replicated(mesh)
+        self.compiler_options = xla_options.compiler_options(mesh.devices.flat[0].platform)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
-                                  out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-        self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
+                                  out_shardings=(self.state_shardings, replicated), donate_argnums=0,
+                                  compiler_options=self.compiler_options)
+        self.eval_step = jax.jit(self._eval_step, out_shardings=replicated, compiler_options=self.compiler_options)
 
     def init_state(self, seed: int) -> State:
         with partitioning.activate(self.mesh):

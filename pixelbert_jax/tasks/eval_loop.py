@@ -29,7 +29,8 @@ def _jitted(trainer, predict_fn: PredictFn):
             variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
             apply = lambda **kw: trainer.model.apply(variables, train=False, **kw)
             return predict_fn(apply, batch)
-        cache[predict_fn] = jax.jit(run, out_shardings=partitioning.replicated(trainer.mesh))
+        cache[predict_fn] = jax.jit(run, out_shardings=partitioning.replicated(trainer.mesh),
+                                    compiler_options=trainer.compiler_options)
     return cache[predict_fn]
 
 

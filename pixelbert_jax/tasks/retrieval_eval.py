@@ -10,6 +10,7 @@ Pairs the first stage dropped rank after every scored pair, in first-stage order
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Sequence
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixelbert_jax import xla_options
 from pixelbert_jax.tasks import eval_loop
 
 
@@ -30,7 +32,8 @@ def encode_images(model, variables, images: Sequence[np.ndarray], masks: Sequenc
     """Per-image uint8 [H,W,3] and bool [H,W] -> pixels [N,P,D], mask [N,P] (P = the largest grid)."""
     if len(images) != len(masks) or not len(images):
         raise ValueError(f"need as many images as masks (>0), got {len(images)} and {len(masks)}")
-    fn = jax.jit(lambda v, im, m: model.apply(v, im, m, method=model.encode_image))
+    fn = jax.jit(lambda v, im, m: model.apply(v, im, m, method=model.encode_image),
+                 compiler_options=xla_options.compiler_options())
     by_shape: dict[tuple, list[int]] = {}
     for i, im in enumerate(images):
         by_shape.setdefault(tuple(im.shape), []).append(i)
@@ -80,7 +83,7 @@ def score_pairs(model, variables, pixels, pixel_mask, input_ids, text_mask, pair
     length = max(1, int(np.max(np.sum(np.asarray(text_mask), axis=1))))  # every caption fits: trim padding
     ids, tmask = jnp.asarray(np.asarray(input_ids)[:, :length]), jnp.asarray(np.asarray(text_mask)[:, :length])
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=xla_options.compiler_options())
     def fn(v, px, pm, all_ids, all_tmask, img, cap):
         return model.apply(v, all_ids[cap], all_tmask[cap], px[img], pm[img], method=model.score_pixels)
 
