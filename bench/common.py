@@ -138,8 +138,8 @@ def cpu_usage():
 
 def cpu_stats(before, after, steps):
   """Per step: user and system CPU milliseconds, minor page faults. On a CPU, system time is mostly the
-  kernel zeroing freshly mapped pages: XLA maps its temporary buffer anew on every call (glibc serves
-  allocations above 32 MiB with mmap), which `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` or jemalloc avoid."""
+  kernel zeroing freshly mapped pages: glibc serves allocations above 32 MiB with a new mmap, which is
+  what XLA's single temporary buffer was before `--xla-options library` (bench/NOTES.md item 28)."""
   return dict(cpu_user_ms=1e3 * (after.ru_utime - before.ru_utime) / steps,
               cpu_sys_ms=1e3 * (after.ru_stime - before.ru_stime) / steps,
               minflt=(after.ru_minflt - before.ru_minflt) / steps)
