@@ -16,7 +16,8 @@ Two measurements per framework, both ITM scoring with the pre-training model in 
 in bfloat16 on a GPU) instead of einsum + float32 softmax. Same weights on both sides (the Flax init
 converted to PyTorch), so the scores must agree: the report gives the largest difference of P(match)
 between frameworks over one batch of pairs (float32: ~1e-5; bfloat16: ~1e-2). bfloat16: JAX model.dtype=bfloat16, torch autocast(bfloat16) + channels_last; float32
-parameters on both sides. torch runs under inference_mode; each framework in its own subprocess.
+parameters on both sides. torch runs under inference_mode; each framework in its own subprocess. JAX
+compiles with the library's options (pixelbert_jax/xla_options.py; --xla-options none for XLA's defaults).
 """
 import argparse
 import functools
