@@ -209,6 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              f"size {dp} and the process count {pc}")
     _write_config(config, workdir)
     trainer = Trainer(config, mesh)
+    logging.info("XLA compile options of the steps: %s (pixelbert_jax/xla_options.py)",
+                 trainer.compiler_options or "XLA's defaults")
     meta = {"task": config.task, "model": config.model.to_dict(), "data": config.data.name,
             "vocab_size": int(config.model.vocab_size)}
 
