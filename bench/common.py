@@ -173,6 +173,23 @@ def torch_peak_memory(device):
   return peak_rss_bytes(), "process peak RSS"
 
 
+def add_jax_cpu_devices_arg(parser, what):
+  parser.add_argument("--jax-cpu-devices", type=int, default=None,
+                      help=f"CPU only: split the CPU into N data-parallel JAX devices for {what}, as "
+                           "config.cpu_devices (default: 2, the demo configs' value, or 1 on a 1-core "
+                           "machine; 0 with --in-process)")
+
+
+def resolve_jax_cpu_devices(args):
+  if args.jax_cpu_devices is None:
+    args.jax_cpu_devices = 0 if on_gpu() or args.in_process else min(2, os.cpu_count() or 1)
+
+
+def jax_data_parallel(args):
+  """JAX devices the work is split over: --jax-cpu-devices on a CPU, one device on a GPU."""
+  return 1 if on_gpu() else max(args.jax_cpu_devices, 1)
+
+
 def add_xla_options_arg(parser):
   parser.add_argument("--xla-options", default="library", choices=["library", "none"],
                       help="JAX compile options: the library's (pixelbert_jax/xla_options.py: 16 MiB heaps "

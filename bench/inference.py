@@ -93,13 +93,24 @@ def jax_worker(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from pixelbert_jax import distributed
   from pixelbert_jax.models import build_model
 
+  distributed.set_cpu_devices(args.jax_cpu_devices)  # before the first jax.devices()
   w, cfg = workload_cfg(args)
   model = build_model(cfg, "pretrain")
   variables = common.init_flax(model, "pretrain")
   common.save_weights(args.weights, cfg, "pretrain", variables)
-  one, images, pairs = (jax.device_put(x) for x in inputs(args, w))
+  one, images, pairs = inputs(args, w)
+  one, batched, batched_variables = jax.device_put(one), jax.device_put, variables
+  if common.jax_data_parallel(args) > 1:
+    # As training's retrieval evaluation with config.cpu_devices: images and pairs split over a data
+    # axis, the weights replicated. Batch-1 latency stays on one device.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(jax.devices()[:common.jax_data_parallel(args)], ("data",))
+    batched = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+    batched_variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  pairs = batched(pairs)
   options = common.jax_compiler_options(args)
 
   def p_match(m, pooled):
@@ -123,23 +134,23 @@ def jax_worker(args):
   first_latency, latency, _ = timed(lambda: score_full(variables, one), sync, args.latency_iters, args.warmup)
 
   # The cache: encode once in chunks (first chunk compiles; timed from the second call on).
-  chunks = range(0, args.cache_images, args.encode_batch)
-  enc = lambda s: encode(variables, images["image"][s:s + args.encode_batch],
-                         images["image_mask"][s:s + args.encode_batch])
-  sync(enc(0))
+  chunks = [batched({k: v[s:s + args.encode_batch] for k, v in images.items()})
+            for s in range(0, args.cache_images, args.encode_batch)]
+  enc = lambda c: encode(batched_variables, c["image"], c["image_mask"])
+  sync(enc(chunks[0]))
   t0 = time.perf_counter()
-  parts = [enc(s) for s in chunks]
+  parts = [enc(c) for c in chunks]
   sync(parts)
   encode_s = time.perf_counter() - t0
   cache = jnp.concatenate([p[0] for p in parts])
   cache_mask = jnp.concatenate([p[1] for p in parts])
   del parts
 
-  first_pairs, pair_times, scores = timed(lambda: score_pairs(variables, cache, cache_mask, pairs), sync,
-                                          args.pairs_steps, args.warmup)
+  first_pairs, pair_times, scores = timed(lambda: score_pairs(batched_variables, cache, cache_mask, pairs),
+                                          sync, args.pairs_steps, args.warmup)
   if args.profile:
-    compiled = score_pairs.lower(variables, cache, cache_mask, pairs).compile()
-    _, prof = common.profile_jax(compiled, (variables, cache, cache_mask, pairs), args.profile)
+    compiled = score_pairs.lower(batched_variables, cache, cache_mask, pairs).compile()
+    _, prof = common.profile_jax(compiled, (batched_variables, cache, cache_mask, pairs), args.profile)
     common.print_profile(prof)
   return dict(summary("jax", common.jax_device_name(), first_latency, latency, encode_s, first_pairs, pair_times,
                       args, np.asarray(scores, np.float32), common.jax_peak_memory()), xla_options=options)
@@ -243,6 +254,9 @@ def report(args, results):
     lines.append("peak memory: " + "; ".join(mems))
   lines += common.xla_options_line(args, ok)
   if not common.on_gpu():
+    if any(r["framework"] == "jax" for r in ok):
+      lines.append("JAX CPU devices (data-parallel encoding and pair scoring, --jax-cpu-devices): "
+                   f"{common.jax_data_parallel(args)}")
     lines.append(common.load_line(results))
   return "\n".join(lines)
 
@@ -261,6 +275,7 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--attention", default="einsum", choices=["einsum", "dot_product"],
                  help="JAX model.attention_impl (dot_product: jax.nn.dot_product_attention, cuDNN on a GPU)")
+  common.add_jax_cpu_devices_arg(p, "encoding and pair scoring")
   common.add_xla_options_arg(p)
   p.add_argument("--channels-last", default="on", choices=["on", "off"], help="torch CNN memory format")
   p.add_argument("--cnn-impl", default=None, choices=["auto", "generic", "cpu"],
@@ -278,12 +293,18 @@ def parse_args(argv=None):
   args.workload = args.workload or ("r50" if gpu else "demo")
   args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
   args.latency_iters = args.latency_iters or (20 if gpu else 10)
+  common.resolve_jax_cpu_devices(args)
   sizes = WORKLOADS[args.workload]["gpu" if gpu else "cpu"]
   for k, v in sizes.items():
     if getattr(args, k) is None:
       setattr(args, k, v)
   args.encode_batch = min(args.encode_batch, args.cache_images)
   args.cache_images += -args.cache_images % args.encode_batch  # equal chunks: one compiled encode
+  n = common.jax_data_parallel(args)
+  for name in ("pairs_batch", "encode_batch"):
+    if getattr(args, name) % n:
+      p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must divide by the {n} JAX CPU devices "
+              "(--jax-cpu-devices)")
   return args
 
 

@@ -113,11 +113,6 @@ def vqa_loss_jax(outputs, batch):
   return loss, {"loss": (loss, jnp.ones(()))}
 
 
-def data_parallel(args):
-  """JAX devices the step is split over: --jax-cpu-devices on a CPU, one device on a GPU."""
-  return 1 if common.on_gpu() else max(args.jax_cpu_devices, 1)
-
-
 def jax_setup(args, batch_size):
   """-> (jitted donated train step, init_state(seed) -> state, device batch, model cfg)."""
   import jax
@@ -163,7 +158,7 @@ def jax_setup(args, batch_size):
     return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
             "batch_stats": batch_stats, "opt_state": opt_state, "rng": state["rng"]}, metrics
 
-  batch, n = synthetic_batch(w, cfg, batch_size), data_parallel(args)
+  batch, n = synthetic_batch(w, cfg, batch_size), common.jax_data_parallel(args)
   if n > 1:
     # As main.py with config.cpu_devices: the batch split over a data axis, the state replicated.
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -208,7 +203,7 @@ def jax_worker(args):
   cpu = common.cpu_stats(usage, common.cpu_usage(), args.steps)
   mem, mem_kind = common.jax_peak_memory()
   xla_flops = common.xla_flops(compiled)  # of one device's program
-  xla_flops = xla_flops and xla_flops * data_parallel(args)
+  xla_flops = xla_flops and xla_flops * common.jax_data_parallel(args)
   if args.profile:
     state, prof = common.profile_jax(compiled, (state, batch), args.profile)
     common.print_profile(prof)
@@ -482,7 +477,7 @@ def report(args, results):
   lines += common.xla_options_line(args, ok)
   if not common.on_gpu():
     if any(r["framework"] == "jax" for r in ok):
-      lines.append(f"JAX CPU devices (data-parallel, --jax-cpu-devices): {data_parallel(args)}")
+      lines.append(f"JAX CPU devices (data-parallel, --jax-cpu-devices): {common.jax_data_parallel(args)}")
     lines += [common.cpu_line(results), common.load_line(results)]
   return "\n".join(lines)
 
@@ -500,9 +495,7 @@ def parse_args(argv=None):
   p.add_argument("--norm", default=None, choices=["frozen_bn", "bn", "gn"], help="override the CNN norm")
   p.add_argument("--cnn-impl", default=None, choices=["auto", "generic", "cpu"],
                  help="JAX model.cnn.impl (default: the config's, auto = cpu on a CPU, generic elsewhere)")
-  p.add_argument("--jax-cpu-devices", type=int, default=None,
-                 help="CPU only: split the CPU into N data-parallel JAX devices, as config.cpu_devices "
-                      "(default: 2, the demo configs' value, or 1 on a 1-core machine; 0 with --in-process)")
+  common.add_jax_cpu_devices_arg(p, "the step")
   common.add_xla_options_arg(p)
   p.add_argument("--channels-last", default="on", choices=["on", "off"], help="torch CNN memory format")
   p.add_argument("--torch-init", default="flax", choices=["flax", "random"],
@@ -524,10 +517,9 @@ def parse_args(argv=None):
     args.batch = 16 if gpu else WORKLOADS[args.workload]["cpu_batch"]
   if args.dtype is None:
     args.dtype = "bfloat16" if gpu else "float32"
-  if args.jax_cpu_devices is None:
-    args.jax_cpu_devices = 0 if gpu or args.in_process else min(2, os.cpu_count() or 1)
+  common.resolve_jax_cpu_devices(args)
   if args.max_batch_granularity is None:
-    args.max_batch_granularity = 8 if gpu else data_parallel(args)
+    args.max_batch_granularity = 8 if gpu else common.jax_data_parallel(args)
   return args
 
 

@@ -59,3 +59,20 @@ def test_inference_bench_demo(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert "XLA ops, ms per call" in printed and "bert.encode/encoder/layer_0" in printed
   assert list((tmp_path / "prof").rglob("*.trace.json.gz"))
+
+
+def test_inference_bench_on_two_cpu_devices_scores_as_one(tmp_path):
+  """--jax-cpu-devices 2 splits encoding and pair scoring over a data axis in a fresh process; the
+  scores are those of one device."""
+  flags = ["--workload", "demo", "--frameworks", "jax", "--dtype", "float32", "--latency-iters", "1",
+           "--pairs-steps", "1", "--warmup", "0", "--pairs-batch", "16", "--cache-images", "4",
+           "--encode-batch", "2"]
+  one, two = tmp_path / "one.json", tmp_path / "two.json"
+  inference.main(flags + ["--in-process", "--json", str(one)])
+  done = subprocess.run([sys.executable, os.path.join(BENCH, "inference.py"), *flags, "--jax-cpu-devices", "2",
+                         "--json", str(two)], capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "JAX CPU devices (data-parallel encoding and pair scoring, --jax-cpu-devices): 2" in done.stdout
+  scores = [json.loads(f.read_text())["results"][0]["scores"] for f in (one, two)]
+  assert len(scores[1]) == 16
+  assert max(abs(a - b) for a, b in zip(*scores)) < 1e-6
