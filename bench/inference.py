@@ -1,4 +1,4 @@
-"""Pixel-BERT inference, JAX vs PyTorch on one device: batch-1 latency and cached-pixel ITM throughput.
+"""Pixel-BERT inference, JAX vs PyTorch on the same machine: batch-1 latency and cached-pixel ITM throughput.
 
   python bench/inference.py --workload demo                  # CPU: demo model, 192x192, a few minutes
   python bench/inference.py --workload r50 --dtype bfloat16 --json out.json      # a GPU
@@ -15,9 +15,12 @@ Two measurements per framework, both ITM scoring with the pre-training model in 
 `--attention dot_product` runs the JAX model with jax.nn.dot_product_attention (cuDNN's fused attention
 in bfloat16 on a GPU) instead of einsum + float32 softmax. Same weights on both sides (the Flax init
 converted to PyTorch), so the scores must agree: the report gives the largest difference of P(match)
-between frameworks over one batch of pairs (float32: ~1e-5; bfloat16: ~1e-2). bfloat16: JAX model.dtype=bfloat16, torch autocast(bfloat16) + channels_last; float32
-parameters on both sides. torch runs under inference_mode; each framework in its own subprocess. JAX
-compiles with the library's options (pixelbert_jax/xla_options.py; --xla-options none for XLA's defaults).
+between frameworks over one batch of pairs (float32: ~1e-5; bfloat16: ~1e-2). bfloat16: JAX
+model.dtype=bfloat16, torch autocast(bfloat16) + channels_last; float32 parameters on both sides. torch
+runs under inference_mode; each framework in its own subprocess. JAX compiles with the library's options
+(pixelbert_jax/xla_options.py; --xla-options none for XLA's defaults). On a CPU, JAX encodes and scores
+pairs on 2 data-parallel CPU devices (--jax-cpu-devices), as training's retrieval evaluation does with
+the demo configs' cpu_devices; batch-1 latency runs on one.
 """
 import argparse
 import functools
@@ -102,7 +105,8 @@ def jax_worker(args):
   variables = common.init_flax(model, "pretrain")
   common.save_weights(args.weights, cfg, "pretrain", variables)
   one, images, pairs = inputs(args, w)
-  one, batched, batched_variables = jax.device_put(one), jax.device_put, variables
+  one = jax.device_put(one)
+  batched, batched_variables = jax.device_put, variables
   if common.jax_data_parallel(args) > 1:
     # As training's retrieval evaluation with config.cpu_devices: images and pairs split over a data
     # axis, the weights replicated. Batch-1 latency stays on one device.
