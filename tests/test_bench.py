@@ -31,21 +31,6 @@ def test_train_step_bench_demo(tmp_path):
   assert all(r["cpu_user_ms"] > 0 and r["minflt"] >= 0 for r in results.values())
 
 
-def test_train_step_bench_on_two_cpu_devices_computes_the_same_step(tmp_path):
-  """--jax-cpu-devices 2 (the CPU default, as the demo configs' cpu_devices) splits the batch over a
-  data-parallel mesh in a fresh process; its first loss is the one-device loss of the same batch."""
-  flags = ["--workload", "demo", "--frameworks", "jax", "--batch", "4", "--steps", "1", "--warmup", "0",
-           "--dtype", "float32"]
-  one, two = tmp_path / "one.json", tmp_path / "two.json"
-  train_step.main(flags + ["--in-process", "--json", str(one)])
-  done = subprocess.run([sys.executable, os.path.join(BENCH, "train_step.py"), *flags, "--jax-cpu-devices", "2",
-                         "--json", str(two)], capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert "JAX CPU devices (data-parallel, --jax-cpu-devices): 2" in done.stdout
-  loss = [json.loads(f.read_text())["results"][0]["first_loss"] for f in (one, two)]
-  assert abs(loss[0] - loss[1]) < 1e-5, loss
-
-
 def test_inference_bench_demo(tmp_path, capsys):
   out = tmp_path / "inference.json"
   inference.main(["--workload", "demo", "--frameworks", "jax,torch", "--in-process", "--dtype", "float32",
@@ -61,18 +46,34 @@ def test_inference_bench_demo(tmp_path, capsys):
   assert list((tmp_path / "prof").rglob("*.trace.json.gz"))
 
 
-def test_inference_bench_on_two_cpu_devices_scores_as_one(tmp_path):
-  """--jax-cpu-devices 2 splits encoding and pair scoring over a data axis in a fresh process; the
-  scores are those of one device."""
-  flags = ["--workload", "demo", "--frameworks", "jax", "--dtype", "float32", "--latency-iters", "1",
-           "--pairs-steps", "1", "--warmup", "0", "--pairs-batch", "16", "--cache-images", "4",
-           "--encode-batch", "2"]
+def _in_process_then_two_cpu_devices(tmp_path, module, flags):
+  """`module` run in this process (one device), then as a fresh process with --jax-cpu-devices 2 (JAX's
+  device count is fixed when it starts) -> (the two JAX results, the second run's stdout)."""
   one, two = tmp_path / "one.json", tmp_path / "two.json"
-  inference.main(flags + ["--in-process", "--json", str(one)])
-  done = subprocess.run([sys.executable, os.path.join(BENCH, "inference.py"), *flags, "--jax-cpu-devices", "2",
-                         "--json", str(two)], capture_output=True, text=True, timeout=600)
+  module.main(flags + ["--in-process", "--json", str(one)])
+  done = subprocess.run([sys.executable, module.__file__, *flags, "--jax-cpu-devices", "2", "--json", str(two)],
+                        capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert "JAX CPU devices (data-parallel encoding and pair scoring, --jax-cpu-devices): 2" in done.stdout
-  scores = [json.loads(f.read_text())["results"][0]["scores"] for f in (one, two)]
+  return [json.loads(f.read_text())["results"][0] for f in (one, two)], done.stdout
+
+
+def test_train_step_bench_on_two_cpu_devices_computes_the_same_step(tmp_path):
+  """--jax-cpu-devices 2 (the CPU default, as the demo configs' cpu_devices) splits the batch over a
+  data-parallel mesh; its first loss is the one-device loss of the same batch."""
+  results, out = _in_process_then_two_cpu_devices(tmp_path, train_step, [
+      "--workload", "demo", "--frameworks", "jax", "--batch", "4", "--steps", "1", "--warmup", "0",
+      "--dtype", "float32"])
+  assert "JAX CPU devices (data-parallel, --jax-cpu-devices): 2" in out
+  assert abs(results[0]["first_loss"] - results[1]["first_loss"]) < 1e-5, results
+
+
+def test_inference_bench_on_two_cpu_devices_scores_as_one(tmp_path):
+  """--jax-cpu-devices 2 splits encoding and pair scoring over a data axis; the scores are those of one
+  device."""
+  results, out = _in_process_then_two_cpu_devices(tmp_path, inference, [
+      "--workload", "demo", "--frameworks", "jax", "--dtype", "float32", "--latency-iters", "1",
+      "--pairs-steps", "1", "--warmup", "0", "--pairs-batch", "16", "--cache-images", "4", "--encode-batch", "2"])
+  assert "JAX CPU devices (data-parallel encoding and pair scoring, --jax-cpu-devices): 2" in out
+  scores = [r["scores"] for r in results]
   assert len(scores[1]) == 16
   assert max(abs(a - b) for a, b in zip(*scores)) < 1e-6
