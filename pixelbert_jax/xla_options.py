@@ -11,12 +11,14 @@ soft: a single larger tensor still gets a heap of its own.
 JAX's persistent compilation cache cannot store an executable with several temporary buffers (it fails
 with "Multiple temp buffer allocations found"). A process that enabled the cache (`jax_compilation_cache_dir`,
 e.g. through JAX_COMPILATION_CACHE_DIR) asked for compiled programs to be reused across runs, so it gets
-XLA's single buffer and a log line saying so; unset the cache to get the heaps.
+XLA's single buffer and a log line saying so; unset the cache to get the heaps. A heap size of your own
+in XLA_FLAGS (`--xla_multiheap_size_constraint_per_heap=N`, -1 for one buffer) is left to apply.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import jax
 import numpy as np
@@ -42,7 +44,7 @@ def _cpu_accepts_heap_option() -> bool:
 def compiler_options(platform: str | None = None) -> dict[str, int]:
     """Options for a computation that runs on `platform` (default: JAX's default backend)."""
     platform = platform or jax.default_backend()
-    if platform != "cpu":
+    if platform != "cpu" or _HEAP_OPTION in os.environ.get("XLA_FLAGS", ""):
         return {}
     if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
         _note_cache_wins(jax.config.jax_compilation_cache_dir)

@@ -39,6 +39,11 @@ def test_options_by_platform(heaps_on):
     assert xla_options.compiler_options("tpu") == {}
 
 
+def test_a_heap_size_in_xla_flags_is_left_to_apply(heaps_on, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_multiheap_size_constraint_per_heap=-1")
+    assert xla_options.compiler_options("cpu") == {}
+
+
 def test_the_persistent_compilation_cache_wins_and_says_so(caplog):
     assert jax.config.jax_compilation_cache_dir  # conftest's
     xla_options._note_cache_wins.cache_clear()
