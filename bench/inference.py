@@ -156,8 +156,9 @@ def jax_worker(args):
     compiled = score_pairs.lower(batched_variables, cache, cache_mask, pairs).compile()
     _, prof = common.profile_jax(compiled, (batched_variables, cache, cache_mask, pairs), args.profile)
     common.print_profile(prof)
-  return dict(summary("jax", common.jax_device_name(), first_latency, latency, encode_s, first_pairs, pair_times,
-                      args, np.asarray(scores, np.float32), common.jax_peak_memory()), xla_options=options)
+  result = summary("jax", common.jax_device_name(), first_latency, latency, encode_s, first_pairs,
+                   pair_times, args, np.asarray(scores, np.float32), common.jax_peak_memory())
+  return dict(result, xla_options=options)
 
 
 # ------------------------------------------------------------------------------------------- torch

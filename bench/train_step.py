@@ -30,10 +30,10 @@ On a CPU, JAX splits the batch over 2 data-parallel CPU devices (--jax-cpu-devic
 cpu_devices), because XLA's CPU backend runs most ops of a step on one thread; torch uses its intra-op
 threads. JAX compiles with the library's CPU compile options (pixelbert_jax/xla_options.py, as main.py's
 steps; --xla-options none for XLA's defaults). Each framework runs in its own subprocess, one after the
-other. Step times are wall clock per step with a device sync after every step. "first step" is the first call: JAX lower + compile + run;
-torch eager: the first run (cudnn autotuning); torch.compile: Dynamo + Inductor compile + run. Peak
-memory: JAX `memory_stats()['peak_bytes_in_use']`, torch `max_memory_allocated` (on CPU: the process's
-peak RSS).
+other. Step times are wall clock per step with a device sync after every step. "first step" is the
+first call: JAX lower + compile + run; torch eager: the first run (cudnn autotuning); torch.compile:
+Dynamo + Inductor compile + run. Peak memory: JAX `memory_stats()['peak_bytes_in_use']`, torch
+`max_memory_allocated` (on CPU: the process's peak RSS).
 TFLOP/s divides the FLOPs of one step by the median step time: torch's FlopCounterMode count of one eager
 step (matmuls, convolutions, attention; the model's FLOPs) when a torch worker ran, else XLA's
 cost_analysis of the compiled JAX step (which includes what remat recomputes).

@@ -84,7 +84,7 @@ def test_a_jaxlib_without_the_option_gets_none_and_a_warning(monkeypatch, caplog
 
 @pytest.mark.filterwarnings("ignore:Error writing persistent compilation cache entry")
 def test_a_train_step_with_heaps_is_bit_identical(data_dir):
-    """The tiny demo step (192x192 images) has more than 16 MiB of temporaries, so the heaps split them."""
+    """The tiny demo step (192x192 images) has 31 MiB of temporaries (checked below), so the heaps split them."""
     from flax import traverse_util
 
     from pixelbert_jax import partitioning
@@ -105,7 +105,12 @@ def test_a_train_step_with_heaps_is_bit_identical(data_dir):
             jax.config.update("jax_compilation_cache_dir", cache_dir)
         results[name] = trainer.compiler_options
         with partitioning.activate(mesh):
-            state, _ = trainer.train_step(trainer.init_state(config.seed), partitioning.global_batch(batch, mesh))
+            state, device_batch = trainer.init_state(config.seed), partitioning.global_batch(batch, mesh)
+            if name == "one buffer":  # more temporaries than one heap holds, or there is nothing to split
+                compiled = trainer.train_step.lower(state, device_batch).compile()
+                temp = compiled.memory_analysis().temp_size_in_bytes
+                assert temp > xla_options.CPU_HEAP_BYTES, temp  # 31 MiB: at least two heaps
+            state, _ = trainer.train_step(state, device_batch)
         results[name + " params"] = traverse_util.flatten_dict(jax.device_get(state["params"]), sep="/")
     assert results["one buffer"] == {}
     assert results["heaps"] == {"xla_multiheap_size_constraint_per_heap": xla_options.CPU_HEAP_BYTES}
