@@ -3,13 +3,15 @@
 # each step also has its own cap, and later steps are skipped when the budget runs out):
 #   (a) train step pretrain-r50, batch 16, bfloat16: jax, torch, torch-compile (SKIP_COMPILE=1: no compile)
 #   (e) the largest JAX batch for pretrain-r50, doubling from 64
-#   (b) train step finetune-r50 (VQA head, all 252 pixels): jax, torch
 #   (d) inference r50: batch-1 latency and cached-pixel ITM throughput: jax, torch
+#   (g) (d) for jax with cuDNN's fused attention (--attention cudnn; session 4's `dot_product` run was
+#       XLA's attention: jax.nn.dot_product_attention does not pick cuDNN by itself)
+#   (b) train step finetune-r50 (VQA head, all 252 pixels): jax, torch
 #   (c) train step pretrain-x152: jax, torch
-#   (d) again with jax.nn.dot_product_attention (--attention dot_product)
 #   (f) train step pretrain-r50, jax only, with model.cnn.impl=cpu (1x1 convs as matmuls, explicit
 #       max-pool / batch-norm gradients): does the CPU formulation help or hurt on a GPU?
-# (a) and (d) also print the top XLA ops of a profiled JAX step / pair batch (--profile).
+# (a), (d) and (g) also print the top XLA ops of a profiled JAX step / pair batch (--profile).
+# ONLY="d g" runs just those steps (a device call is capped at 600 s: split the sequence over calls).
 # Everything (per step a log and a JSON, packed into steps.tar.gz at the end; env.txt, status.txt,
 # summary.md) goes to $OUT.
 #
@@ -75,6 +77,10 @@ left() { echo $((BUDGET - SECONDS)); }
 run() {
   local name=$1 cap=$2 reserve=$3 t
   shift 3
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" ${name%%_*} "* ]]; then
+    echo "$name: not in ONLY=$ONLY" | tee -a "$OUT/status.txt"
+    return
+  fi
   t=$(( $(left) - reserve ))
   [ "$cap" -lt "$t" ] && t=$cap
   if [ "$t" -lt 30 ]; then
@@ -89,7 +95,7 @@ run() {
 
 # Measured (s): JAX set-up 9-36 (init on the host CPU), compile 37-69; torch eager set-up + first step
 # 13-31; torch.compile of pretrain-r50 > 170 (unfinished). One max-batch try compiles for ~100 s. Order:
-# what has no figure yet first (session 4 measured (b), (c), (d) and (a) without torch.compile).
+# what has no figure yet first (session 4 measured (b), (c), (d) and (a) without torch.compile; (g) is new).
 FW=jax,torch,torch-compile
 [ "${SKIP_COMPILE:-0}" = 1 ] && FW=jax,torch
 run a_train_pretrain-r50 420 100 "$PY" bench/train_step.py "${PRE[@]}" --frameworks "$FW" \
@@ -98,19 +104,20 @@ run a_train_pretrain-r50 420 100 "$PY" bench/train_step.py "${PRE[@]}" --framewo
 # an H100's 80 GB. The JSON keeps every try, so a timeout still tells the bracket.
 run e_max_batch-r50 300 0 env XLA_PYTHON_CLIENT_MEM_FRACTION="${MAXB_MEM_FRACTION:-0.95}" "$PY" \
   bench/train_step.py "${MAXB[@]}" --max-batch --json "$OUT/e_max_batch-r50.json"
-run b_train_finetune-r50 200 0 "$PY" bench/train_step.py "${FT[@]}" --frameworks jax,torch \
-  $STEPS --worker-timeout 150 --json "$OUT/b_train_finetune-r50.json"
 run d_inference-r50 130 0 "$PY" bench/inference.py "${INF[@]}" --frameworks jax,torch \
   --worker-timeout 100 --profile /tmp/prof_d --json "$OUT/d_inference-r50.json"
+if [ "${BENCH_SMOKE:-0}" = 1 ]; then ATT=dot_product; else ATT=cudnn; fi  # cuDNN: GPU and bf16 only
+run g_inference-r50-$ATT 70 0 "$PY" bench/inference.py "${INF[@]}" --frameworks jax --attention $ATT \
+  --worker-timeout 60 --profile /tmp/prof_g --json "$OUT/g_inference-r50-$ATT.json"
+run b_train_finetune-r50 200 0 "$PY" bench/train_step.py "${FT[@]}" --frameworks jax,torch \
+  $STEPS --worker-timeout 150 --json "$OUT/b_train_finetune-r50.json"
 run c_train_pretrain-x152 200 0 "$PY" bench/train_step.py "${X152[@]}" --frameworks jax,torch \
   $STEPS --worker-timeout 150 --json "$OUT/c_train_pretrain-x152.json"
-run d_inference-r50-dot_product 70 0 "$PY" bench/inference.py "${INF[@]}" --frameworks jax --attention dot_product \
-  --worker-timeout 60 --json "$OUT/d_inference-r50-dot_product.json"
 run f_train_pretrain-r50-cnn_cpu 120 0 "$PY" bench/train_step.py "${PRE[@]}" --frameworks jax --cnn-impl cpu \
   $STEPS --worker-timeout 110 --json "$OUT/f_train_pretrain-r50-cnn_cpu.json"
 
 # The tables of every step in one file.
-for f in "$OUT"/[a-df]_*.log; do
+for f in "$OUT"/[a-g]_*.log; do
   [ -f "$f" ] || continue
   echo "## $(basename "$f" .log)"
   sed -n '/^### /,$p' "$f"

@@ -12,8 +12,9 @@ Two measurements per framework, both ITM scoring with the pre-training model in 
               `encode_image` (timed too: images/s) and kept on the device in the compute dtype; then
               batches of --pairs-batch (caption, image) pairs go through `fuse` + the ITM head only,
               gathering each pair's pixels from the cache. Reported in pairs/s.
-`--attention dot_product` runs the JAX model with jax.nn.dot_product_attention (cuDNN's fused attention
-in bfloat16 on a GPU) instead of einsum + float32 softmax. Same weights on both sides (the Flax init
+`--attention dot_product` runs the JAX model with jax.nn.dot_product_attention (XLA's implementation: jax
+does not pick cuDNN by itself), `--attention cudnn` with its cuDNN fused kernel (CUDA GPU, bfloat16),
+instead of einsum + float32 softmax. Same weights on both sides (the Flax init
 converted to PyTorch), so the scores must agree: the report gives the largest difference of P(match)
 between frameworks over one batch of pairs (float32: ~1e-5; bfloat16: ~1e-2). bfloat16: JAX
 model.dtype=bfloat16, torch autocast(bfloat16) + channels_last; float32 parameters on both sides. torch
@@ -278,8 +279,9 @@ def parse_args(argv=None):
   p.add_argument("--cache-images", type=int, default=None)
   p.add_argument("--encode-batch", type=int, default=None)
   p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--attention", default="einsum", choices=["einsum", "dot_product"],
-                 help="JAX model.attention_impl (dot_product: jax.nn.dot_product_attention, cuDNN on a GPU)")
+  p.add_argument("--attention", default="einsum", choices=["einsum", "dot_product", "cudnn"],
+                 help="JAX model.attention_impl (dot_product: jax.nn.dot_product_attention through XLA; "
+                      "cudnn: its cuDNN fused kernel, CUDA GPU and bfloat16 only)")
   common.add_jax_cpu_devices_arg(p, "encoding and pair scoring")
   common.add_xla_options_arg(p)
   p.add_argument("--channels-last", default="on", choices=["on", "off"], help="torch CNN memory format")
@@ -298,6 +300,9 @@ def parse_args(argv=None):
   args.workload = args.workload or ("r50" if gpu else "demo")
   args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
   args.latency_iters = args.latency_iters or (20 if gpu else 10)
+  if args.attention == "cudnn" and (not gpu or args.dtype != "bfloat16"):
+    p.error(f"--attention cudnn needs a CUDA GPU and --dtype bfloat16 (here: "
+            f"{'a GPU' if gpu else 'no GPU'}, {args.dtype})")
   common.resolve_jax_cpu_devices(args)
   sizes = WORKLOADS[args.workload]["gpu" if gpu else "cpu"]
   for k, v in sizes.items():

@@ -46,6 +46,12 @@ def test_inference_bench_demo(tmp_path, capsys):
   assert list((tmp_path / "prof").rglob("*.trace.json.gz"))
 
 
+def test_inference_bench_refuses_cudnn_attention_without_gpu_and_bf16(capsys):
+  with pytest.raises(SystemExit):
+    inference.parse_args(["--attention", "cudnn", "--dtype", "float32"])
+  assert "--attention cudnn needs a CUDA GPU and --dtype bfloat16" in capsys.readouterr().err
+
+
 def _in_process_then_two_cpu_devices(tmp_path, module, flags):
   """`module` run in this process (one device), then as a fresh process with --jax-cpu-devices 2 (JAX's
   device count is fixed when it starts) -> (the two JAX results, the second run's stdout)."""

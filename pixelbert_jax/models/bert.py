@@ -42,6 +42,23 @@ def attention_bias(mask: jax.Array) -> jax.Array:
   return jnp.where(mask.astype(bool), 0.0, neg).astype(jnp.float32)[:, None, None, :]
 
 
+# model.attention_impl -> jax.nn.dot_product_attention's `implementation`. None is XLA's own attention
+# (jax picks XLA for None; it does not choose cuDNN by itself): "dot_product" measured no faster than
+# einsum on an H200 (bench/NOTES.md item 9). "cudnn" is cuDNN's fused flash attention.
+FUSED_ATTENTION = {"dot_product": None, "cudnn": "cudnn"}
+
+
+def check_cudnn_attention(dtype, backend: str | None = None) -> None:
+  """cuDNN's fused attention exists only on CUDA GPUs and in 16-bit floats: say so, naming the key."""
+  backend = backend or jax.default_backend()
+  if backend != "gpu":
+    raise ValueError(f"model.attention_impl='cudnn' needs a CUDA GPU, but JAX's backend is {backend!r}; "
+                     f"use 'einsum' or 'dot_product'")
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"model.attention_impl='cudnn' runs in bfloat16 or float16, but model.dtype is "
+                     f"{jnp.dtype(dtype).name}")
+
+
 class BertEmbeddings(nn.Module):
   """Word + position + token-type embeddings, LayerNorm, dropout (text tokens only)."""
   cfg: Any
@@ -92,17 +109,21 @@ class BertSelfAttention(nn.Module):
 
     q, k, v = heads("query"), heads("key"), heads("value")
     impl = cfg.get("attention_impl", "einsum")  # absent from configs saved before the option existed
-    if impl == "dot_product":
-      # jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU where it applies (bf16/fp16), XLA
-      # elsewhere. It has no attention dropout, so training with attention_dropout > 0 is refused.
+    if impl in FUSED_ATTENTION:
+      # jax.nn.dot_product_attention has no attention dropout: training with it would silently drop it.
       if not deterministic and cfg.attention_dropout > 0:
-        raise ValueError(f"model.attention_impl='dot_product' has no attention dropout, but "
+        raise ValueError(f"model.attention_impl={impl!r} has no attention dropout, but "
                          f"model.attention_dropout={cfg.attention_dropout} in training; set it to 0 or use "
                          f"attention_impl='einsum'")
-      ctx = jax.nn.dot_product_attention(q, k, v, mask=bias == 0.0).reshape(x.shape[:2] + (cfg.hidden_size,))
-      return nn.with_logical_constraint(ctx, kv_axes)
+      mask = bias == 0.0  # [B,1,1,S]
+      if impl == "cudnn":
+        check_cudnn_attention(q.dtype)
+        # cuDNN takes a mask only as an additive bias whose last two dims are (T, S).
+        mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], mask.shape[-1]))
+      ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=FUSED_ATTENTION[impl])
+      return nn.with_logical_constraint(ctx.reshape(x.shape[:2] + (cfg.hidden_size,)), kv_axes)
     if impl != "einsum":
-      raise ValueError(f"model.attention_impl must be 'einsum' or 'dot_product', got {impl!r}")
+      raise ValueError(f"model.attention_impl must be one of {['einsum', *FUSED_ATTENTION]}, got {impl!r}")
     # Heads to [B,H,T,Dh] explicitly: with (batch, head) leading, XLA's CPU backend runs the batched
     # matmuls ~4x faster than from einsum's [B,T,H,Dh] operands (bench/NOTES.md item 15).
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))

@@ -71,8 +71,9 @@ def model_config(size: str, cnn: str, vocab_size: int) -> ml_collections.ConfigD
       type_vocab_size=2,
       hidden_dropout=0.1,
       attention_dropout=0.1,
-      # einsum: scores, float32 softmax, dropout; dot_product: jax.nn.dot_product_attention (fused cuDNN
-      # attention on GPU in bf16; no attention dropout, so for inference or attention_dropout=0).
+      # einsum: scores, float32 softmax, dropout. dot_product: jax.nn.dot_product_attention, XLA's
+      # implementation; cudnn: the same with cuDNN's fused kernel (CUDA GPU, bf16/fp16). Neither has
+      # attention dropout, so they are for inference or attention_dropout=0.
       attention_impl="einsum",
       layer_norm_eps=1e-12,  # HF BERT
       initializer_range=0.02,
