@@ -113,6 +113,26 @@ def vqa_loss_jax(outputs, batch):
   return loss, {"loss": (loss, jnp.ones(()))}
 
 
+def jax_loss_fn(model, task, update_bn):
+  """-> loss_fn(params, batch_stats, batch, k_drop, k_sample) -> (loss, (metrics, new batch_stats)): the
+  step's forward and loss, as train.Trainer._train_step (which this cannot import: train.py imports the
+  data pipeline)."""
+  from pixelbert_jax.tasks import pretrain
+  mutable = ["batch_stats"] if update_bn else False
+
+  def loss_fn(params, batch_stats, batch, k_drop, k_sample):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    inputs = {k: batch[k] for k in pretrain.INPUT_KEYS}
+    out = model.apply(variables, **inputs, train=True, rngs={"dropout": k_drop, "sample": k_sample},
+                      mutable=mutable)
+    outputs, new_vars = out if mutable else (out, {})
+    loss, metrics = (pretrain.loss_and_metrics(outputs, batch) if task == "pretrain"
+                     else vqa_loss_jax(outputs, batch))
+    return loss, (metrics, new_vars.get("batch_stats", batch_stats))
+
+  return loss_fn
+
+
 def jax_setup(args, batch_size):
   """-> (jitted donated train step, init_state(seed) -> state, device batch, model cfg)."""
   import jax
@@ -121,7 +141,6 @@ def jax_setup(args, batch_size):
 
   from pixelbert_jax import distributed, optim
   from pixelbert_jax.models import build_model
-  from pixelbert_jax.tasks import pretrain
 
   distributed.set_cpu_devices(args.jax_cpu_devices)  # before the first jax.devices()
   w, cfg = workload_cfg(args)
@@ -137,22 +156,12 @@ def jax_setup(args, batch_size):
             "batch_stats": variables.get("batch_stats", {}),
             "opt_state": jax.jit(tx.init)(params), "rng": jax.random.key(seed + 1)}
 
+  loss_fn = jax_loss_fn(model, w["task"], update_bn)
+
   def train_step(state, batch):
-    # As train.Trainer._train_step (which this cannot import: train.py imports the data pipeline).
     k_drop, k_sample = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
-    mutable = ["batch_stats"] if update_bn else False
-    inputs = {k: batch[k] for k in pretrain.INPUT_KEYS}
-
-    def loss_fn(params):
-      variables = {"params": params, **({"batch_stats": state["batch_stats"]} if state["batch_stats"] else {})}
-      out = model.apply(variables, **inputs, train=True, rngs={"dropout": k_drop, "sample": k_sample},
-                        mutable=mutable)
-      outputs, new_vars = out if mutable else (out, {})
-      loss, metrics = (pretrain.loss_and_metrics(outputs, batch) if w["task"] == "pretrain"
-                       else vqa_loss_jax(outputs, batch))
-      return loss, (metrics, new_vars.get("batch_stats", state["batch_stats"]))
-
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["batch_stats"], batch, k_drop, k_sample)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     metrics["grad_norm"] = (optim.global_norm(grads), jnp.ones(()))
     return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),

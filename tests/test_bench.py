@@ -16,6 +16,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 
 import inference  # noqa: E402
+import residuals  # noqa: E402
 import train_step  # noqa: E402
 
 
@@ -50,6 +51,26 @@ def test_inference_bench_refuses_cudnn_attention_without_gpu_and_bf16(capsys):
   with pytest.raises(SystemExit):
     inference.parse_args(["--attention", "cudnn", "--dtype", "float32"])
   assert "--attention cudnn needs a CUDA GPU and --dtype bfloat16" in capsys.readouterr().err
+
+
+def test_residuals_bench_attributes_what_the_backward_keeps(tmp_path, capsys):
+  """The demo step in bf16: the parts add up, the CNN's activations are kept in bf16 (frozen batch norm,
+  no float32 copies), and remat leaves the transformer only its layer inputs while the CNN is untouched."""
+  tables = {}
+  for remat in ("off", "on"):
+    out = tmp_path / f"{remat}.json"
+    residuals.main(["--workload", "demo", "--batch", "2", "--norm", "frozen_bn", "--remat", remat,
+                    "--json", str(out)])
+    tables[remat] = json.loads(out.read_text())["table"]
+  off, on = tables["off"], tables["on"]
+  for column in ("total", "bfloat16", "float32", "bool", residuals.BROADCAST):
+    assert sum(off[p].get(column, 0) for p in off if p != "total") == off["total"].get(column, 0)
+  assert off["CNN"]["total"] > off["transformer"]["total"] > 0
+  assert off["CNN"].get("float32", 0) == 0 and off["CNN"]["bfloat16"] > 0
+  assert on["CNN"] == off["CNN"]
+  assert 0 < on["transformer"]["total"] < 0.2 * off["transformer"]["total"]
+  printed = capsys.readouterr().out
+  assert "| CNN |" in printed and "encoder.encode_image/cnn" in printed
 
 
 def _in_process_then_two_cpu_devices(tmp_path, module, flags):
