@@ -26,7 +26,7 @@ DEMO_VOCAB = 69  # the synthetic world's tokenizer (pipeline.vocab_size); hard-c
 
 # configs/pretrain.py:base_config().optim, copied: importing configs/ imports the data package.
 OPTIM = dict(
-    cnn=dict(lr=1e-2, momentum=0.9, weight_decay=5e-4, frozen=False),
+    cnn=dict(lr=1e-2, momentum=0.9, weight_decay=5e-4),
     transformer=dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-6, weight_decay=1e-2),
     warmup_steps=1000, decay_epochs=(25.0, 35.0), decay_factor=0.1, grad_clip_norm=0.0,
     grad_accum_steps=1)

@@ -79,7 +79,7 @@ def workload_cfg(args):
 def optim_config(w):
   import ml_collections
   optim = dict(common.OPTIM, grad_clip_norm=w.get("grad_clip_norm", 0.0))
-  return ml_collections.ConfigDict(dict(optim=optim))
+  return ml_collections.ConfigDict(dict(optim=optim, model=dict(cnn=dict(frozen=False))))
 
 
 def synthetic_batch(w, cfg, batch, seed=0):

@@ -23,6 +23,7 @@ def finetune_config(task: str, variant: str, dataset: str) -> ml_collections.Con
     if variant == "demo":
         demo = _pretrain.get_config("demo")  # same model as the demo pre-training, so init_from fits
         c.data, c.model, c.cpu_devices = demo.data, demo.model, demo.cpu_devices
+        c.model.cnn.frozen = False              # fine-tuning trains the CNN (retrieval's config freezes it)
         c.batch_size, c.eval_batch_size = 32, 64
         c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 0, 200
         c.optim.warmup_steps = 50               # ours

@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"Unknown variant {variant!r} of configs/retrieval.py: use demo, r50, x152, r50_coco "
                          "or x152_coco")
     c = load_sibling(__file__, "finetune_common").finetune_config("retrieval", backbone, dataset)
-    c.optim.cnn.frozen = True                   # paper: only the transformer is fine-tuned
+    c.model.cnn.frozen = True                   # paper: only the transformer is fine-tuned
     c.loss = ml_collections.ConfigDict(dict(hard_negatives=5))  # paper
     c.retrieval_eval = ml_collections.ConfigDict(dict(
         num_images=0,          # evaluate on the first N images of the split (0 = all)

@@ -70,7 +70,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, steps_per_epo
                               eps=o.transformer.eps, weight_decay=o.transformer.weight_decay, mask=mask)
     tx = optax.multi_transform(
         {"cnn": cnn, "transformer": transformer, "frozen": optax.set_to_zero()},
-        param_labels(params, freeze_cnn=o.cnn.frozen))
+        param_labels(params, freeze_cnn=bool(cfg.model.cnn.frozen)))
     if o.grad_clip_norm and o.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
     if o.grad_accum_steps > 1:

@@ -197,6 +197,25 @@ def load_init(trainer: Trainer, state: State) -> State:
     return state
 
 
+def _warm_start_cnn(trainer: Trainer, state: State, writer: metrics_writer.MetricWriter) -> State:
+    """`config.cnn_warm_start`: train the CNN as a per-cell classifier first (warm_start.py)."""
+    cfg = trainer.config
+    if cfg.get("cnn_warm_start", {}).get("steps", 0) <= 0:
+        return state
+    if cfg.get("init_from", "") or cfg.get("init_from_torch", ""):
+        logging.info("config.cnn_warm_start skipped: the CNN comes from init_from")
+        return state
+    from pixelbert_jax import warm_start
+
+    params, batch_stats, held_out = warm_start.train_cnn(cfg, trainer.mesh, cfg.seed)
+    writer.write(0, held_out)
+    for collection, tree in (("params", params), ("batch_stats", batch_stats)):
+        if tree:
+            sharding = trainer.state_shardings[collection]["encoder"]["cnn"]
+            state[collection]["encoder"]["cnn"] = jax.device_put(tree, sharding)
+    return state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     workdir = epath.Path(workdir)
     mesh = partitioning.make_mesh(config.mesh_shape)
@@ -230,6 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = load_init(trainer, state)
 
     writer = metrics_writer.MetricWriter(workdir)
+    if start == 0:
+        state = _warm_start_cnn(trainer, state, writer)
     progress = metrics_writer.ProgressLine(trainer.total_steps, start)
     sigterm = _SigtermFlag()
     sums: dict[str, Any] = {}

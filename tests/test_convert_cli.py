@@ -89,7 +89,7 @@ def test_from_torch_then_one_training_step(data_dir, tmp_path):
 
   config = th.tiny_config(data_dir, total_steps=1, **R50_TINY)
   config.init_from_torch = str(init_dir)
-  config.optim.cnn.frozen = True  # keep the one step cheap: the imported CNN must still come through
+  config.model.cnn.frozen = True  # keep the one step cheap: the imported CNN must still come through
   workdir = tmp_path / "run"
   train.train_and_evaluate(config, str(workdir))
   after, _, _ = ckpt_lib.load_model_variables(workdir)

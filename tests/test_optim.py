@@ -10,12 +10,12 @@ from pixelbert_jax import optim
 
 
 def _config(**over):
-    o = dict(cnn=dict(lr=1e-2, momentum=0.9, weight_decay=5e-4, frozen=False),
+    o = dict(cnn=dict(lr=1e-2, momentum=0.9, weight_decay=5e-4),
              transformer=dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-6, weight_decay=1e-2),
              warmup_steps=10, decay_epochs=(25.0, 35.0), decay_factor=0.1, grad_clip_norm=0.0,
              grad_accum_steps=1)
     o.update(over)
-    return ml_collections.ConfigDict(dict(optim=o))
+    return ml_collections.ConfigDict(dict(optim=o, model=dict(cnn=dict(frozen=False))))
 
 
 def _params():
@@ -76,7 +76,7 @@ def test_cnn_adamw_option_decouples_decay_and_bad_names_fail():
 
 def test_frozen_cnn_does_not_move():
     cfg = _config(warmup_steps=0)
-    cfg.optim.cnn.frozen = True
+    cfg.model.cnn.frozen = True
     p = _params()
     tx, _ = optim.make_optimizer(cfg, p, steps_per_epoch=10)
     g = jax.tree.map(jnp.ones_like, p)

@@ -59,15 +59,20 @@ def data_config(name: str = "synthetic") -> ml_collections.ConfigDict:
   c.retrieval_negatives = 20
   c.num_workers = 0  # grain worker processes; 0 = decode in the main process
   c.prefetch = 2  # batches buffered per worker
+  c.read_threads = 16  # grain's reader threads and buffered elements (per process, or per worker)
+  c.read_buffer = 500
   c.max_bad_fraction = 0.01
   c.grounded_metric = name == "synthetic"
   c.synthetic = ml_collections.ConfigDict(dict(
       seed=0, image_size=192, num_train=4000, num_val=500, num_test=500, captions_per_image=5,
-      questions_per_image=3))
+      questions_per_image=3,
+      # scenes (data/synthetic.py SceneSpec): objects per image, radius as a fraction of the cell side
+      min_objects=1, max_objects=3, radius_small=0.2, radius_large=0.38))
   if name == "synthetic":
     c.image_short_side = 192
     c.image_long_side = 192
     c.buckets = ((192, 192),)
+    c.read_threads, c.read_buffer = 2, 128  # 2 CPU cores: 305 -> 150 ms of CPU per batch of 64 (default 16, 500)
   return c
 
 

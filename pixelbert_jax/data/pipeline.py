@@ -111,7 +111,8 @@ def planned_iterator(data_cfg: ml_collections.ConfigDict, opened: OpenSplit, exa
                     seed=seed, train=train)
   rows = PlannedRows(plan, examples, batch_size=batch_size, process_index=process_index, process_count=process_count)
   return BatchIterator(rows, train=train, max_bad_fraction=data_cfg.max_bad_fraction,
-                       num_workers=data_cfg.num_workers, prefetch=data_cfg.prefetch)
+                       num_workers=data_cfg.num_workers, prefetch=data_cfg.prefetch,
+                       read_threads=data_cfg.get("read_threads", 16), read_buffer=data_cfg.get("read_buffer", 500))
 
 
 def make_iterator(data_cfg: ml_collections.ConfigDict, task: str, split: str, *, batch_size: int, seed: int,

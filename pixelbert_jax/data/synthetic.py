@@ -1,8 +1,10 @@
-"""The embedded synthetic world: scenes of 1-3 coloured shapes, their captions, VQA questions and NLVR2 pairs.
+"""The embedded synthetic world: scenes of coloured shapes, their captions, VQA questions and NLVR2 pairs.
 
 Designed so that learning on it proves pixel-text alignment:
 - the image is a 3x3 grid of cells (64x64 at the default 192x192, one feature pixel each at stride 64) and
   every object lies entirely inside its own cell, so a relation between two objects is never ambiguous;
+- how many objects a scene has and how large they are is a `SceneSpec` (the demo's world has one large
+  object per image, the `demo_hard` world 1-3 smaller ones);
 - colour and shape words are the *grounded* words: colours and shapes are drawn uniformly and without
   repetition inside one image and independently of each other, so the text around a masked colour/shape
   word tells at most which of the other 7 it is not; only the pixels tell which it is;
@@ -49,6 +51,26 @@ def world_words() -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
+class SceneSpec:
+  """How scenes are drawn: objects per image (uniform in [min_objects, max_objects]) and their radius as a
+  fraction of the cell side, for 'small' and 'large' objects."""
+  min_objects: int = 1
+  max_objects: int = 3
+  radius_small: float = 0.2
+  radius_large: float = 0.38
+
+  def __post_init__(self):
+    if not 1 <= self.min_objects <= self.max_objects <= GRID * GRID:
+      raise ValueError(f"synthetic objects per image must satisfy 1 <= min_objects <= max_objects <= "
+                       f"{GRID * GRID}, got {self.min_objects}..{self.max_objects}")
+    if self.max_objects > len(COLOURS):  # colours and shapes are distinct within an image
+      raise ValueError(f"synthetic max_objects {self.max_objects} exceeds the {len(COLOURS)} colours")
+    if not 0.05 <= self.radius_small <= self.radius_large <= 0.5:
+      raise ValueError(f"synthetic object radii must satisfy 0.05 <= radius_small <= radius_large <= 0.5 "
+                       f"(fractions of the cell side), got {self.radius_small}, {self.radius_large}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Obj:
   colour: str
   shape: str
@@ -62,9 +84,9 @@ def _rng(seed: int, split: str, kind: int, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, SPLITS.index(split), kind, index])
 
 
-def make_scene(seed: int, split: str, index: int, image_size: int) -> list[Obj]:
+def make_scene(seed: int, split: str, index: int, image_size: int, spec: SceneSpec = SceneSpec()) -> list[Obj]:
   rng = _rng(seed, split, 0, index)
-  n = int(rng.integers(1, 4))
+  n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
   colours = rng.choice(list(COLOURS), n, replace=False)
   shapes = rng.choice(SHAPES, n, replace=False)
   cells = rng.choice(GRID * GRID, n, replace=False)
@@ -72,13 +94,22 @@ def make_scene(seed: int, split: str, index: int, image_size: int) -> list[Obj]:
   objs = []
   for c, s, cell in zip(colours, shapes, cells):
     size = SIZES[int(rng.integers(2))]
-    radius = cell_px * (0.38 if size == "large" else 0.2)
+    radius = cell_px * (spec.radius_large if size == "large" else spec.radius_small)
     slack = max(0.0, cell_px / 2 - radius - 2)
     row, col = divmod(int(cell), GRID)
     cx = (col + 0.5) * cell_px + rng.uniform(-slack, slack)
     cy = (row + 0.5) * cell_px + rng.uniform(-slack, slack)
     objs.append(Obj(str(c), str(s), size, (row, col), (cx, cy), radius))
   return objs
+
+
+def cell_labels(objs: list[Obj]) -> np.ndarray:
+  """int32 [GRID*GRID, 2]: (colour, shape) index of the object in each cell (row-major), -1 for an empty
+  cell. The per-cell labels of the world's 'ImageNet' (the demo's CNN warm start)."""
+  out = np.full((GRID * GRID, 2), -1, np.int32)
+  for o in objs:
+    out[o.cell[0] * GRID + o.cell[1]] = (list(COLOURS).index(o.colour), SHAPES.index(o.shape))
+  return out
 
 
 def _polygon(cx, cy, r, points):

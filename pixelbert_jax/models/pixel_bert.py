@@ -97,7 +97,10 @@ class PixelBertEncoder(nn.Module):
     if image.shape[1] < CELL or image.shape[2] < CELL:
       raise ValueError(f"image {image.shape}: height and width must be at least {CELL}")
     image_mask = image_mask.astype(bool)
-    c5 = self.cnn(normalize_image(image, image_mask), train)
+    frozen = self.cfg.cnn.get("frozen", False)  # configs of older checkpoints lack the key
+    c5 = self.cnn(normalize_image(image, image_mask), train and not frozen)
+    if frozen:
+      c5 = jax.lax.stop_gradient(c5)
     pixels = self.visual(c5)
     gh, gw = c5.shape[1] // 2, c5.shape[2] // 2
     pixel_mask = pixel_grid_mask(image_mask, gh, gw).reshape(image.shape[0], gh * gw)

@@ -49,6 +49,9 @@ def cnn_config(cnn: str) -> ml_collections.ConfigDict:
       # convs as matmuls, explicit max-pool and batch-norm gradients), 'generic' (lax.conv, autodiff)
       # elsewhere. Parameters and checkpoints do not depend on it.
       impl="auto",
+      # Not trained: the CNN runs in inference mode (batch norm on its running statistics) under
+      # stop_gradient, so no backward pass goes through it, and the optimizer leaves it alone.
+      frozen=False,
   ))
 
 

@@ -3,7 +3,7 @@
 Train batches carry `input_ids`/`text_mask` [B,1+N,L] (caption 0 is the positive). The CNN runs once per
 image and its features are shared by the 1+N pairs; it is frozen (paper: only the transformer is
 fine-tuned), so its features are computed in inference mode under stop_gradient, which also saves the
-backward pass through it (`optim.cnn.frozen=True` keeps weight decay off it too). The loss is the softmax
+backward pass through it (`model.cnn.frozen=True` keeps the optimizer off it too). The loss is the softmax
 cross-entropy over the 1+N scores where only the positive and the `hard_negatives` highest-scoring
 negatives pass gradient; the other negatives stay in the softmax's denominator as constants.
 Evaluation (tasks/retrieval_eval.py) ranks every caption for every image and back.

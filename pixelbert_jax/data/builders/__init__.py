@@ -24,6 +24,14 @@ def _builder_class(name: str) -> type:
   return found[0]
 
 
+def scene_spec(data_cfg: ml_collections.ConfigDict):
+  """The synthetic world's `SceneSpec` from `config.data.synthetic` (ValueError names a bad value)."""
+  from pixelbert_jax.data import synthetic as world
+  s = data_cfg.synthetic
+  return world.SceneSpec(min_objects=int(s.min_objects), max_objects=int(s.max_objects),
+                         radius_small=float(s.radius_small), radius_large=float(s.radius_large))
+
+
 def builder(data_cfg: ml_collections.ConfigDict, schema: str) -> tfds.core.DatasetBuilder:
   """The prepared builder of `data_cfg.name` for `schema`; the synthetic world is generated on first use."""
   if data_cfg.name == "synthetic":
@@ -31,7 +39,7 @@ def builder(data_cfg: ml_collections.ConfigDict, schema: str) -> tfds.core.Datas
     s = data_cfg.synthetic
     cfg = synthetic.synthetic_config(schema, seed=s.seed, image_size=s.image_size, num_train=s.num_train,
                                      num_val=s.num_val, num_test=s.num_test, captions_per_image=s.captions_per_image,
-                                     questions_per_image=s.questions_per_image)
+                                     questions_per_image=s.questions_per_image, scene=scene_spec(data_cfg))
     return synthetic.prepare(cfg, data_cfg.data_dir)
   if data_cfg.name not in REAL_DATASETS:
     raise ValueError(f"unknown dataset {data_cfg.name!r}; known: synthetic, {', '.join(REAL_DATASETS)}")

@@ -26,19 +26,22 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   num_test: int = 500
   captions_per_image: int = 5
   questions_per_image: int = 3
+  scene: world.SceneSpec = world.SceneSpec()
 
 
 def synthetic_config(schema: str, *, seed: int, image_size: int, num_train: int, num_val: int, num_test: int,
-                     captions_per_image: int = 5, questions_per_image: int = 3) -> SyntheticConfig:
+                     captions_per_image: int = 5, questions_per_image: int = 3,
+                     scene: world.SceneSpec = world.SceneSpec()) -> SyntheticConfig:
   if schema not in ("captions", "vqa", "nlvr2"):
     raise ValueError(f"synthetic schema must be captions, vqa or nlvr2, got {schema!r}")
   if image_size % world.GRID or image_size < 48:
     raise ValueError(f"synthetic image_size must be a multiple of {world.GRID} and >= 48, got {image_size}")
   name = (f"{schema}_s{seed}_i{image_size}_n{num_train}-{num_val}-{num_test}"
-          f"_c{captions_per_image}_q{questions_per_image}")
+          f"_c{captions_per_image}_q{questions_per_image}"
+          f"_o{scene.min_objects}-{scene.max_objects}_r{scene.radius_small:g}-{scene.radius_large:g}")
   return SyntheticConfig(name=name, schema=schema, seed=seed, image_size=image_size, num_train=num_train,
                          num_val=num_val, num_test=num_test, captions_per_image=captions_per_image,
-                         questions_per_image=questions_per_image)
+                         questions_per_image=questions_per_image, scene=scene)
 
 
 def _features(schema: str) -> tfds.features.FeaturesDict:
@@ -48,6 +51,8 @@ def _features(schema: str) -> tfds.features.FeaturesDict:
         "image": _BYTES(), "image_id": f.Text(), "captions": f.Sequence(f.Text()),
         # per caption: indices into caption.split() of its grounded words, padded with -1
         "grounded_words": f.Sequence(f.Tensor(shape=(world.MAX_GROUNDED,), dtype=np.int32)),
+        # per grid cell (row-major): (colour, shape) index of its object, -1 if empty (world.cell_labels)
+        "cell_labels": f.Tensor(shape=(world.GRID * world.GRID, 2), dtype=np.int32),
         "height": np.int32, "width": np.int32})
   if schema == "vqa":
     return f.FeaturesDict({
@@ -62,7 +67,8 @@ def _features(schema: str) -> tfds.features.FeaturesDict:
 class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes on a 3x3 grid with captions, questions and pair statements; see data/synthetic.py."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Scene spec (objects per image, radii) in the config name; captions carry cell_labels."}
   BUILDER_CONFIGS = [synthetic_config("captions", seed=0, image_size=192, num_train=4000, num_val=500,
                                       num_test=500)]
 
@@ -82,7 +88,7 @@ class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
 
   def _scene(self, split: str, index: int):
     c = self.builder_config
-    objs = world.make_scene(c.seed, split, index, c.image_size)
+    objs = world.make_scene(c.seed, split, index, c.image_size, c.scene)
     return objs, world.encode_jpeg(world.render(c.seed, split, index, objs, c.image_size))
 
   def _generate_examples(self, split: str, num: int):
@@ -102,7 +108,8 @@ class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
         caps = world.captions(c.seed, split, i, objs, c.captions_per_image)
         grounded = [np.array(g + [-1] * (world.MAX_GROUNDED - len(g)), np.int32) for _, g in caps]
         yield image_id, {"image": img, "image_id": image_id, "captions": [t for t, _ in caps],
-                         "grounded_words": grounded, "height": size, "width": size}
+                         "grounded_words": grounded, "cell_labels": world.cell_labels(objs), "height": size,
+                         "width": size}
       else:
         for k, q in enumerate(world.questions(c.seed, split, i, objs, c.questions_per_image)):
           qid = i * 1000 + k
