@@ -38,7 +38,7 @@ def main(argv):
     logging.info("Process %d/%d (%s)", info.process_index, info.process_count, info.detected_by)
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+    except (FloatingPointError, ValueError, FileNotFoundError) as e:  # NonFiniteLossError included
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

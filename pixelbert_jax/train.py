@@ -23,7 +23,7 @@ import optax
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import metrics_writer, optim, partitioning, xla_options
+from pixelbert_jax import metrics_writer, optim, partitioning, paths, xla_options
 from pixelbert_jax.data import pipeline
 from pixelbert_jax.models import build_model, dummy_inputs
 from pixelbert_jax.tasks import get_task
@@ -217,7 +217,8 @@ def _warm_start_cnn(trainer: Trainer, state: State, writer: metrics_writer.Metri
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    workdir = epath.Path(workdir)
+    workdir = epath.Path(paths.resolve(workdir))
+    config.data.data_dir = paths.resolve(config.data.data_dir)
     mesh = partitioning.make_mesh(config.mesh_shape)
     partitioning.log_mesh(mesh)
     pc, pi = jax.process_count(), jax.process_index()

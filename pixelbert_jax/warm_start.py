@@ -154,16 +154,18 @@ def train_cnn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed: 
     state, metrics = step(state, partitioning.global_batch(train_data.batch(rows), mesh))
     if i % 50 == 0 or i == steps:
       m = jax.device_get(metrics)
+      if not np.isfinite(m["loss"]):
+        raise FloatingPointError(f"cnn warm start step {i}: loss is {m['loss']}; lower config.cnn_warm_start.lr")
       logging.info("cnn warm start %d/%d: loss %.3f, colour %.3f, shape %.3f (this batch), %.1f s", i, steps,
                    m["loss"], m["colour_acc"], m["shape_acc"], time.monotonic() - t0)
-  held_out = evaluate(model, state, config, mesh)
+  held_out = evaluate(model, state, config)
   logging.info("cnn warm start, held-out %s cells: %s", config.data.eval_split,
                " ".join(f"{k}={v:.3f}" for k, v in held_out.items()))
   params, stats = jax.device_get((state["params"], state["batch_stats"]))
   return params["cnn"], stats.get("cnn", {}), held_out
 
 
-def evaluate(model: CellClassifier, state: dict, config: ml_collections.ConfigDict, mesh,
+def evaluate(model: CellClassifier, state: dict, config: ml_collections.ConfigDict,
              max_images: int = 256) -> dict[str, float]:
   """Per-cell colour and shape accuracy (cells with an object) on the eval split, inference-mode CNN."""
   data = _CellImages(config.data, config.data.eval_split)

@@ -60,3 +60,17 @@ def test_paper_recipe_values():
 def test_unknown_variant_is_named():
     with pytest.raises(ValueError, match="'r51'"):
         th.load_config("pretrain", "r51")
+
+
+def test_demo_variants():
+  """`demo` is the world and recipe that learns in CPU minutes; `demo_hard` keeps the first world."""
+  demo, hard = th.load_config("pretrain", "demo"), th.load_config("pretrain", "demo_hard")
+  assert (demo.data.synthetic.min_objects, demo.data.synthetic.max_objects) == (1, 1)
+  assert (hard.data.synthetic.min_objects, hard.data.synthetic.max_objects) == (1, 3)
+  assert (hard.data.synthetic.radius_small, hard.data.synthetic.radius_large) == (0.2, 0.38)
+  assert demo.model.cnn.frozen and demo.cnn_warm_start.steps > 0
+  assert not hard.model.cnn.frozen and hard.cnn_warm_start.steps == 0
+  # the paper's recipes keep a trained CNN and no warm start
+  for v in ("r50", "x152"):
+    c = th.load_config("pretrain", v)
+    assert not c.model.cnn.frozen and c.cnn_warm_start.steps == 0 and c.data.mlm_prob == 0.15

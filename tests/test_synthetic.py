@@ -123,7 +123,8 @@ def test_builder_fast_deterministic_and_reused(tmp_path):
   src = b.as_data_source("train")
   assert len(src) == 300 and len(b.as_data_source("val")) == 40
   rec = src[0]
-  assert set(rec) == {"image", "image_id", "captions", "grounded_words", "height", "width"}
+  assert set(rec) == {"image", "image_id", "captions", "grounded_words", "cell_labels", "height", "width"}
+  np.testing.assert_array_equal(rec["cell_labels"], world.cell_labels(world.make_scene(3, "train", 0, 192)))
   assert decode_image(rec["image"], name="r").shape == (192, 192, 3)
   start = time.time()
   b2 = builder.prepare(cfg, str(tmp_path))
@@ -144,3 +145,34 @@ def test_builder_other_schemas(tmp_path, schema):
     assert decode_image(rec["image"], name="q").shape == (96, 96, 3)
   else:
     assert rec["label"] in (0, 1) and decode_image(rec["image1"], name="i1").shape == (96, 96, 3)
+
+
+def test_scene_spec_sets_objects_and_size():
+  one = world.SceneSpec(min_objects=1, max_objects=1, radius_small=0.3, radius_large=0.45)
+  scenes = [world.make_scene(0, "train", i, 192, one) for i in range(200)]
+  assert all(len(s) == 1 for s in scenes)
+  radii = {round(s[0].radius / 64, 3) for s in scenes}
+  assert radii == {0.3, 0.45}
+  # the default spec is the first demo world (demo_hard): 1-3 objects, the same scenes as before the spec
+  assert {len(world.make_scene(0, "train", i, 192)) for i in range(200)} == {1, 2, 3}
+  for bad, key in ((dict(min_objects=0), "min_objects"), (dict(max_objects=10), "max_objects"),
+                   (dict(radius_large=0.6), "radius")):
+    with pytest.raises(ValueError, match=key):
+      world.SceneSpec(**bad)
+
+
+def test_cell_labels_name_each_object_in_its_cell():
+  for i in range(50):
+    objs = world.make_scene(0, "val", i, 192)
+    labels = world.cell_labels(objs)
+    assert labels.shape == (9, 2) and (labels[:, 0] >= 0).sum() == len(objs)
+    for o in objs:
+      colour, shape = labels[o.cell[0] * 3 + o.cell[1]]
+      assert (list(world.COLOURS)[colour], world.SHAPES[shape]) == (o.colour, o.shape)
+
+
+def test_scene_spec_is_part_of_the_dataset_name():
+  a = builder.synthetic_config("captions", seed=0, image_size=192, num_train=10, num_val=2, num_test=2)
+  b = builder.synthetic_config("captions", seed=0, image_size=192, num_train=10, num_val=2, num_test=2,
+                               scene=world.SceneSpec(1, 1, 0.3, 0.45))
+  assert a.name.endswith("_o1-3_r0.2-0.38") and b.name.endswith("_o1-1_r0.3-0.45")

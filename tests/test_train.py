@@ -171,3 +171,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_relative_workdir_and_tilde_data_dir(data_dir, tmp_path, monkeypatch):
+  """The README passes `--workdir=workdirs/demo`; Orbax refuses relative paths unless they are resolved."""
+  from pixelbert_jax import paths
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert paths.resolve("~/tfds") == str(tmp_path / "home" / "tfds")
+  assert paths.resolve("gs://bucket/run") == "gs://bucket/run" and paths.resolve("") == ""
+  overrides = {**th.tiny_overrides(data_dir, total_steps=2), "checkpoint_every_steps": 1}
+  cmd = th.main_command("workdirs/rel", overrides)
+  cmd[3] = f"--config={th.REPO / 'configs' / 'pretrain.py'}:demo"
+  result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(th.REPO)})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert (tmp_path / "workdirs" / "rel" / "checkpoints" / "2").is_dir()
