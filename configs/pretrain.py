@@ -67,11 +67,11 @@ def _demo_learns(c: ml_collections.ConfigDict) -> None:
     c.model.pixel_sampling.num_pixels = 8
     c.cnn_warm_start.update(steps=200, batch_size=32, lr=3e-3)
     c.batch_size = 64
-    c.total_steps = 800
-    c.eval_every_steps = 400
-    c.checkpoint_every_steps = 200
+    c.total_steps = 1000
+    c.eval_every_steps = 500
+    c.checkpoint_every_steps = 250
     c.optim.warmup_steps = 50
-    c.optim.decay_epochs = (8.5,)  # step 527 (62 an epoch): lr x0.1 for the last third, which steadies ITM
+    c.optim.decay_epochs = (10.75,)  # step 666 (62 an epoch): lr x0.1 for the last third, which steadies ITM
     c.optim.transformer.lr = 1e-3
     c.optim.transformer.weight_decay = 1e-2
 

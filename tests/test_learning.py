@@ -14,13 +14,16 @@ import pytest
 
 from tests import train_helpers as th
 
-# The demo recipe (configs/pretrain.py:demo) at test size. Held-out numbers come from the val split.
+# The demo recipe (configs/pretrain.py:demo) at test size: a 64-wide transformer, a CNN of 8 / 8 channels,
+# more masking (still BERT's random masking) for more grounded words per step. Held-out numbers come from
+# the val split. Measured: probe 0.53 against 0.09 shuffled at step 200, 0.60 at 400.
 _RECIPE = {
-    "cnn_warm_start.steps": 60, "cnn_warm_start.batch_size": 32, "cnn_warm_start.lr": 3e-3,
-    "model.cnn.frozen": True, "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0,
+    "cnn_warm_start.steps": 100, "cnn_warm_start.batch_size": 32, "cnn_warm_start.lr": 3e-3,
+    "model.cnn.frozen": True, "model.cnn.base_planes": 8, "model.hidden_size": 64, "model.intermediate_size": 128,
+    "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0,
     "model.initializer_range": 0.08, "model.pixel_sampling.num_pixels": 8,
-    "data.synthetic.num_train": 512, "data.synthetic.num_val": 64, "data.synthetic.num_test": 16,
-    "data.mlm_prob": 0.3,
+    "data.synthetic.num_train": 512, "data.synthetic.num_val": 128, "data.synthetic.num_test": 16,
+    "data.mlm_prob": 0.5,
     "batch_size": 32, "eval_batch_size": 32, "eval_steps": -1, "log_every_steps": 50,
     "checkpoint_every_steps": 1000, "optim.warmup_steps": 20, "optim.transformer.lr": 2e-3,
     "optim.decay_epochs": (1000.0,),
@@ -28,13 +31,14 @@ _RECIPE = {
 
 
 def test_pixels_are_used(data_dir, tmp_path):
-  config = th.tiny_config(data_dir, total_steps=300, **_RECIPE)
+  config = th.tiny_config(data_dir, total_steps=250, **_RECIPE)
   from pixelbert_jax import train
   final = train.train_and_evaluate(config, str(tmp_path / "run"))
   grounded, shuffled = final["eval/mlm_acc_grounded"], final["eval/mlm_acc_grounded_shuffled"]
   majority = final["eval/mlm_grounded_majority_rate"]
-  # 64 held-out probes: a model that ignores the image is at the majority rate (~0.1) on both; binomial
-  # noise on 64 probes is +-0.06 (1 sd), so a gap of 0.3 cannot come from chance.
+  # ~64 held-out probes (the matched pairs among 128 images): a model that ignores the image is at the
+  # majority rate (~0.1) on both; binomial noise on 64 probes is at most 0.06 (1 sd), so a gap of 0.3
+  # cannot come from chance.
   assert grounded >= shuffled + 0.3, final
   assert shuffled <= majority + 0.15, final
   warm = [r for r in th.metrics(tmp_path / "run") if "warm_start/colour_acc" in r]
@@ -51,9 +55,10 @@ def test_pretraining_overfits_one_batch(data_dir):
       "optim.cnn.lr": 1e-3, "optim.decay_epochs": (1000.0,)})
   mesh = partitioning.make_mesh(config.mesh_shape)
   trainer = train.Trainer(config, mesh)
-  it = pipeline.make_iterator(config.data, "pretrain", "val", batch_size=8, seed=0, train=False)
-  batch = partitioning.global_batch(next(iter(it)), mesh)
-  assert float(np.sum(batch["mlm_weights"])) > 0 and 0 < int(np.sum(batch["itm_label"])) < 8
+  it = pipeline.make_iterator(config.data, "pretrain", "train", batch_size=8, seed=0, train=True)
+  # the first batch (deterministic) with matched and unmatched pairs, and masked words to predict
+  batch = next(b for b in it if np.sum(b["mlm_weights"]) > 0 and 0 < np.sum(b["itm_label"]) < 8)
+  batch = partitioning.global_batch(batch, mesh)
   state = trainer.init_state(0)
   losses = []
   with partitioning.activate(mesh):
@@ -72,7 +77,9 @@ def _count_convs(fn, *args) -> int:
 @pytest.mark.parametrize("frozen", [False, True])
 def test_frozen_cnn_has_no_backward_pass(frozen):
   """model.cnn.frozen: no gradient reaches the CNN, batch norm keeps its statistics, and the gradient
-  computation has no convolution beyond the forward's (the backward through the CNN is not traced)."""
+  computation adds one convolution to the forward's, the weight gradient of the trainable 1x1 projection
+  after the CNN: the backward through the CNN is not traced at all."""
+  import flax.linen as nn
   from flax import traverse_util
   from pixelbert_jax.models import build_model, dummy_inputs, model_config
   cfg = model_config("tiny", "tiny", 40)
@@ -80,8 +87,7 @@ def test_frozen_cnn_has_no_backward_pass(frozen):
   model = build_model(cfg, "pretrain")
   inputs = dummy_inputs("pretrain", batch_size=2, image_size=(128, 128), text_len=8)
   inputs["image"] = jax.random.randint(jax.random.PRNGKey(1), inputs["image"].shape, 0, 255).astype(jnp.uint8)
-  variables = model.init({"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(2)}, **inputs, train=False)
-  variables = jax.tree.map(lambda x: x, variables)
+  variables = nn.unbox(model.init({"params": jax.random.PRNGKey(0)}, **inputs, train=False))
   rngs = {"sample": jax.random.PRNGKey(3), "dropout": jax.random.PRNGKey(4)}
 
   def loss(params):
@@ -97,11 +103,11 @@ def test_frozen_cnn_has_no_backward_pass(frozen):
   stats_after = jax.tree.leaves(new["batch_stats"])
   if frozen:
     assert all(float(jnp.abs(g).max()) == 0.0 for g in cnn_grads.values())
-    assert backward == forward, (forward, backward)
+    assert backward == forward + 1, (forward, backward)
     assert all(np.array_equal(a, b) for a, b in zip(stats_before, stats_after))
   else:  # the control: the same checks see a trained CNN
     assert any(float(jnp.abs(g).max()) > 0.0 for g in cnn_grads.values())
-    assert backward > forward, (forward, backward)
+    assert backward > 2 * forward, (forward, backward)  # about two per CNN convolution
     assert not all(np.array_equal(a, b) for a, b in zip(stats_before, stats_after))
   # the visual projection after the CNN trains either way
   assert float(jnp.abs(grads["encoder"]["visual"]["proj"]["kernel"]).max()) > 0.0
