@@ -192,7 +192,7 @@ def jax_data_parallel(args):
 
 def add_xla_options_arg(parser):
   parser.add_argument("--xla-options", default="library", choices=["library", "none"],
-                      help="JAX compile options: the library's (pixelbert_jax/xla_options.py: 16 MiB heaps "
+                      help="JAX compile options: the library's (pixelbert_jax/xla_options.py: 24 MiB heaps "
                            "for CPU temporaries) or none (XLA's default, one temporary buffer per call)")
 
 

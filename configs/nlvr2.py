@@ -1,6 +1,6 @@
 """NLVR2 fine-tuning: `--config=configs/nlvr2.py[:demo|r50|x152] --config.init_from=PRETRAIN_WORKDIR`.
 
-PAPER.md "Fine-tuning": each image with the sentence is one pass, the two [CLS] vectors are concatenated
+The paper's fine-tuning recipe: each image with the sentence is one pass, the two [CLS] vectors are concatenated
 and classified true/false with cross-entropy; batch 128, otherwise as VQA (18 epochs, lr x0.1 at 12 and 16,
 SGD 1e-2 for the CNN, AdamW 1e-4 for the transformer).
 """

@@ -1,7 +1,7 @@
 """Image-text retrieval fine-tuning: `--config=configs/retrieval.py[:demo|r50|x152|r50_coco|x152_coco]
 --config.init_from=PRETRAIN_WORKDIR`.
 
-PAPER.md "Fine-tuning": each image with its caption and 20 random other captions, score = FC on [CLS],
+The paper's fine-tuning recipe: each image with its caption and 20 random other captions, score = FC on [CLS],
 softmax cross-entropy over the 21, back-propagation through the 5 hardest negatives only; only the
 transformer is fine-tuned (AdamW 1e-4, wd 1e-2), batch 8x64; Flickr30K 10 epochs (lr decay at 6), COCO 4.
 The evaluation caches pixels, scores pairs in batches, and can keep a first stage's top-k (`retrieval_eval`).

@@ -1,6 +1,6 @@
 """VQA fine-tuning: `--config=configs/vqa.py[:demo|r50|x152] --config.init_from=PRETRAIN_WORKDIR`.
 
-PAPER.md "Fine-tuning": [CLS] -> MLP -> 3129 answers (seen >= 9 times in train), BCE on soft scores,
+The paper's fine-tuning recipe: [CLS] -> MLP -> 3129 answers (seen >= 9 times in train), BCE on soft scores,
 batch 256, 18 epochs, lr x0.1 at epochs 12 and 16, the pre-training optimisers (SGD 1e-2 for the CNN,
 AdamW 1e-4 for the transformer). Test-dev predictions go to the evaluation server as results/*.json.
 """

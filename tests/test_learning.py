@@ -31,7 +31,7 @@ _RECIPE = {
 
 
 def test_pixels_are_used(data_dir, tmp_path):
-  config = th.tiny_config(data_dir, total_steps=250, **_RECIPE)
+  config = th.tiny_config(data_dir, total_steps=250, variant="demo", **_RECIPE)
   from pixelbert_jax import train
   final = train.train_and_evaluate(config, str(tmp_path / "run"))
   grounded, shuffled = final["eval/mlm_acc_grounded"], final["eval/mlm_acc_grounded_shuffled"]
@@ -49,10 +49,11 @@ def test_pretraining_overfits_one_batch(data_dir):
   """8 fixed examples (fixed masking, no dropout, every pixel): MLM + ITM loss must fall below 0.05."""
   from pixelbert_jax import partitioning, train
   from pixelbert_jax.data import pipeline
-  config = th.tiny_config(data_dir, total_steps=1000, **{
+  config = th.tiny_config(data_dir, total_steps=1000, variant="demo", **{
       "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0, "model.pixel_sampling.enabled": False,
       "optim.warmup_steps": 10, "optim.transformer.lr": 3e-3, "optim.cnn.optimizer": "adamw",
-      "optim.cnn.lr": 1e-3, "optim.decay_epochs": (1000.0,)})
+      "optim.cnn.lr": 1e-3, "optim.decay_epochs": (1000.0,), "model.cnn.frozen": False,
+      "cnn_warm_start.steps": 0})
   mesh = partitioning.make_mesh(config.mesh_shape)
   trainer = train.Trainer(config, mesh)
   it = pipeline.make_iterator(config.data, "pretrain", "train", batch_size=8, seed=0, train=True)

@@ -252,3 +252,14 @@ def test_itm_label_cannot_be_read_off_the_masking(cfg):
   assert matched.sum() > 60 and (~matched).sum() > 60
   assert abs(has_mask[matched].mean() - has_mask[~matched].mean()) < 0.15
   assert (weights[~matched] == 0).all() and (weights[matched] > 0).all()
+
+
+def test_eval_batches_carry_the_unmasked_caption(cfg):
+  """Eval pre-training batches add `text_ids` (the caption before masking, for ITM); train batches don't."""
+  train_batch = next(iter(pipeline.make_iterator(cfg, "pretrain", "train", batch_size=8, seed=0)))
+  assert "text_ids" not in train_batch
+  for b in _take(pipeline.make_iterator(cfg, "pretrain", "val", batch_size=8, seed=0, train=False), 3):
+    restored = np.where(b["mlm_weights"] > 0, b["mlm_labels"], b["input_ids"])
+    matched = b["itm_label"] == 1
+    np.testing.assert_array_equal(b["text_ids"][matched], restored[matched])
+    assert (b["text_ids"][b["example_mask"] == 0] == 0).all()

@@ -65,3 +65,22 @@ def test_summarize_eval_majority_rate():
     hist[[3, 5]] = [3, 1]
     out = pretrain.summarize_eval({"mlm_acc_grounded": (2.0, 4.0), "grounded_label_histogram": hist})
     assert out == {"mlm_acc_grounded": 0.5, "mlm_grounded_majority_rate": 0.75}
+
+
+def test_eval_itm_reads_the_caption_as_written():
+    """`itm_acc` scores ITM on `text_ids` (unmasked), `itm_acc_masked` on the masked input_ids."""
+    import ml_collections
+    batch = _batch()
+    batch["text_ids"] = batch["input_ids"].at[0, 3].set(30)  # the caption before masking
+
+    def apply(image, image_mask, input_ids, text_mask):
+        # right (logit for the true label) on unmasked text, wrong on masked text
+        masked = jnp.any(input_ids == MASK, axis=1)
+        right = jnp.stack([1 - batch["itm_label"], batch["itm_label"]], -1).astype(jnp.float32)
+        itm = jnp.where(masked[:, None], 1.0 - right, right)
+        return {"itm_logits": itm, "mlm_logits": jnp.zeros(input_ids.shape + (40,))}
+
+    config = ml_collections.ConfigDict(dict(loss={}, data=dict(grounded_metric=False)))
+    m = pretrain.eval_metrics(apply, batch, config)
+    np.testing.assert_allclose([m["itm_acc"][0], m["itm_acc"][1]], [2, 2])  # both real examples right
+    np.testing.assert_allclose([m["itm_acc_masked"][0], m["itm_acc_masked"][1]], [1, 2])  # example 0 masked

@@ -181,7 +181,7 @@ def test_relative_workdir_and_tilde_data_dir(data_dir, tmp_path, monkeypatch):
   assert paths.resolve("gs://bucket/run") == "gs://bucket/run" and paths.resolve("") == ""
   overrides = {**th.tiny_overrides(data_dir, total_steps=2), "checkpoint_every_steps": 1}
   cmd = th.main_command("workdirs/rel", overrides)
-  cmd[3] = f"--config={th.REPO / 'configs' / 'pretrain.py'}:demo"
+  cmd[3] = f"--config={th.REPO / 'configs' / 'pretrain.py'}:demo_hard"
   result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(th.REPO)})
   assert result.returncode == 0, result.stderr[-2000:]

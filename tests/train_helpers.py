@@ -27,10 +27,6 @@ def tiny_overrides(data_dir: str, total_steps: int = 4) -> dict:
         "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2, "model.intermediate_size": 64,
         "model.cnn.stem_width": 8, "model.cnn.base_planes": 4, "model.cnn.norm": "bn",
         "model.pixel_sampling.num_pixels": 4,
-        # The mechanics under test (resume, sharding, dropout keys) need a CNN that trains and dropout on; the
-        # demo's warm start and frozen CNN are tested in test_learning.py.
-        "cnn_warm_start.steps": 0, "model.cnn.frozen": False,
-        "model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,
         "batch_size": 8, "eval_batch_size": 8, "total_steps": total_steps, "log_every_steps": 1,
         "eval_every_steps": 0, "eval_steps": 1, "checkpoint_every_steps": 2, "optim.warmup_steps": 2,
         # One device, as in the in-process runs they are compared with bit for bit (the demo's 2 data-parallel
@@ -39,8 +35,10 @@ def tiny_overrides(data_dir: str, total_steps: int = 4) -> dict:
     }
 
 
-def tiny_config(data_dir: str, total_steps: int = 4, **extra):
-    config = load_config()
+def tiny_config(data_dir: str, total_steps: int = 4, variant: str = "demo_hard", **extra):
+    """`variant` demo_hard (default): a CNN that trains and dropout on, for the mechanics under test (resume,
+    sharding, dropout keys, conversion); the `demo` recipe's warm start and frozen CNN: test_learning.py."""
+    config = load_config(variant=variant)
     for key, value in {**tiny_overrides(data_dir, total_steps), **extra}.items():
         *parents, leaf = key.split(".")
         node = config
@@ -51,7 +49,7 @@ def tiny_config(data_dir: str, total_steps: int = 4, **extra):
 
 
 def main_command(workdir: str, overrides: dict) -> list[str]:
-    return [sys.executable, "-m", "pixelbert_jax.main", "--config=configs/pretrain.py:demo",
+    return [sys.executable, "-m", "pixelbert_jax.main", "--config=configs/pretrain.py:demo_hard",
             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 

@@ -132,8 +132,9 @@ class PretrainExamples(Examples):
 
   def _padding_extra(self, h, w):
     L = self._max_len
-    return {"mlm_labels": np.zeros(L, np.int32), "mlm_weights": np.zeros(L, np.float32),
-            "mlm_grounded": np.zeros(L, np.float32), "itm_label": np.int32(0)}
+    extra = {"mlm_labels": np.zeros(L, np.int32), "mlm_weights": np.zeros(L, np.float32),
+             "mlm_grounded": np.zeros(L, np.float32), "itm_label": np.int32(0)}
+    return extra if self._train else {**extra, "text_ids": np.zeros(L, np.int32)}
 
   def _captions(self, record, index: int) -> list[tuple[str, np.ndarray]]:
     self._field(record, "captions", index)
@@ -163,6 +164,8 @@ class PretrainExamples(Examples):
                                             special_ids=tok.all_special_ids, vocab_size=len(tok))
     if not matched:
       labels, weights = np.zeros_like(labels), np.zeros_like(weights)
-    return {"image": image, "image_mask": image_mask, "input_ids": masked.astype(np.int32),
-            "text_mask": text_mask, "example_mask": np.float32(1), "mlm_labels": labels.astype(np.int32),
-            "mlm_weights": weights, "mlm_grounded": grounded, "itm_label": np.int32(matched)}
+    out = {"image": image, "image_mask": image_mask, "input_ids": masked.astype(np.int32),
+           "text_mask": text_mask, "example_mask": np.float32(1), "mlm_labels": labels.astype(np.int32),
+           "mlm_weights": weights, "mlm_grounded": grounded, "itm_label": np.int32(matched)}
+    # evaluation also scores ITM on the caption as written (tasks/pretrain.py)
+    return out if self._train else {**out, "text_ids": ids_.astype(np.int32)}

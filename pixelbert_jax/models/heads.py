@@ -52,7 +52,7 @@ class MlpHead(nn.Module):
 class _TaskModel(nn.Module):
   """Shared by all task models: the encoder and its cacheable halves for retrieval.
 
-  Only pre-training samples pixels; fine-tuning and inference use all of them (PAPER.md).
+  Only pre-training samples pixels; fine-tuning and inference use all of them (the paper).
   """
   cfg: Any
 

@@ -23,7 +23,7 @@ _CNNS = {
     "demo": ((1, 1, 1, 1), 1, 64, 16, 16, "gn"),
 }
 
-# Answers seen at least 9 times in VQA v2 train (PAPER.md); small sizes get a small head.
+# Answers seen at least 9 times in VQA v2 train (the paper); small sizes get a small head.
 _NUM_ANSWERS = {"tiny": 16, "demo": 64, "base": 3129}
 # Pixels kept per image in pre-training: the paper keeps 100 of ~260 (R50 at 800x1333); the small sizes
 # see ~192 px images (3x3 = 9 pixels) and keep a similar fraction.

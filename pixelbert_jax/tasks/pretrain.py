@@ -59,6 +59,14 @@ def eval_metrics(apply, batch: dict[str, jax.Array], config) -> dict[str, Any]:
     """Eval-mode metrics; on the synthetic world also the grounded-word probe (see `grounded_probe`)."""
     weights = dict(config.get("loss", {}))
     _, metrics = loss_and_metrics(apply(**model_inputs(batch)), batch, **weights)
+    if "text_ids" in batch:
+        # ITM on the caption as written, as ViLT scores it. On the training's masked text (kept as
+        # itm_acc_masked) a masked colour or shape word can make a negative caption indistinguishable.
+        metrics["itm_acc_masked"] = metrics["itm_acc"]
+        logits = apply(**model_inputs({**batch, "input_ids": batch["text_ids"]}))["itm_logits"]
+        correct = (jnp.argmax(logits, -1) == batch["itm_label"]).astype(jnp.float32)
+        example_mask = batch["example_mask"].astype(jnp.float32)
+        metrics["itm_acc"] = (jnp.sum(correct * example_mask), jnp.sum(example_mask))
     if config.data.get("grounded_metric", False):
         from pixelbert_jax.data import pipeline  # trace-time constant; keeps the task free of data imports
         mask_id = pipeline.tokenizer(config.data).mask_token_id
