@@ -53,7 +53,8 @@ def _demo_learns(c: ml_collections.ConfigDict) -> None:
     names what one feature pixel shows. Like the paper's ImageNet initialisation, the CNN first learns to
     name each cell's colour and shape (`cnn_warm_start`), then stays frozen with no backward pass through
     it, which doubles the examples per second. 8 of the 9 pixels are kept, so the named object is among
-    them 8 times in 9. The transformer is the demo size with an init scaled to its width and no dropout.
+    them 8 times in 9. The transformer is the demo width with a third layer, an init scaled to its width and
+    no dropout. docs/experiments/2026-11-30-demo-learns.md has the runs behind each choice.
     """
     s = c.data.synthetic
     s.min_objects, s.max_objects, s.radius_small, s.radius_large = 1, 1, 0.3, 0.45
@@ -78,7 +79,8 @@ def _demo_learns(c: ml_collections.ConfigDict) -> None:
 
 def _demo_hard(c: ml_collections.ConfigDict) -> None:
     """The first demo world: 1-3 smaller objects, a CNN trained from scratch through the transformer. It does
-    not learn to ground within CPU minutes (README); kept for GPUs and for comparison."""
+    not learn to ground within CPU minutes (docs/experiments/2026-11-27-first-demo-world.md); kept for GPUs
+    and for comparison."""
     c.batch_size = 32
     c.num_epochs = 4.0
     c.eval_every_steps = 100
