@@ -65,12 +65,27 @@ def test_hard_negatives_only_they_and_the_positive_get_gradient():
     scores = jnp.array([[0.5, 3.0, -1.0, 2.0, 0.1, 1.0]])  # negatives 3.0, 2.0 are the 2 hardest
     batch = {"example_mask": np.ones(1, np.float32)}
     grad = jax.grad(lambda s: retrieval.loss_and_metrics({"retrieval_logits": s}, batch, hard_negatives=2)[0])(scores)
-    p = np.exp(np.asarray(scores[0], np.float64))
-    p /= p.sum()  # the softmax still runs over all 6 scores
-    expected = np.array([p[0] - 1, p[1], 0, p[3], 0, 0])
+    kept = np.asarray(scores[0], np.float64)[[0, 1, 3]]
+    p = np.exp(kept) / np.exp(kept).sum()  # the softmax runs over the positive and the 2 hardest
+    expected = np.array([p[0] - 1, p[1], 0, p[2], 0, 0])
     np.testing.assert_allclose(np.asarray(grad[0]), expected, rtol=1e-5, atol=1e-7)
     loss, _ = retrieval.loss_and_metrics({"retrieval_logits": scores}, batch, hard_negatives=2)
     assert float(loss) == pytest.approx(-np.log(p[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("hard_negatives", [0, 2, 5])
+def test_retrieval_loss_ignores_a_shift_of_all_scores(hard_negatives):
+    """A score offset shared by all captions of an image (the head's bias, a common drift) must get no
+    gradient. Easy negatives kept as stop-gradient constants in the softmax broke this: the loss then
+    rewarded raising every score that carries gradient, and training stalled at ln(1+N)."""
+    scores = jnp.array([[0.5, 3.0, -1.0, 2.0, 0.1, 1.0], [0.0, 0.2, 0.4, -0.3, 0.1, 0.0]])
+    batch = {"example_mask": np.ones(2, np.float32)}
+
+    def loss_of_shift(c):
+        return retrieval.loss_and_metrics({"retrieval_logits": scores + c}, batch, hard_negatives=hard_negatives)[0]
+
+    # |d loss / d c| is a sum of probabilities minus one in float32: exact zero up to rounding of ~6 terms
+    assert abs(float(jax.grad(loss_of_shift)(0.0))) < 1e-6
 
 
 def test_recall_on_a_hand_built_score_matrix():

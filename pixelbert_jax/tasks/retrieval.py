@@ -4,8 +4,8 @@ Train batches carry `input_ids`/`text_mask` [B,1+N,L] (caption 0 is the positive
 image and its features are shared by the 1+N pairs; it is frozen (paper: only the transformer is
 fine-tuned), so its features are computed in inference mode under stop_gradient, which also saves the
 backward pass through it (`model.cnn.frozen=True` keeps the optimizer off it too). The loss is the softmax
-cross-entropy over the 1+N scores where only the positive and the `hard_negatives` highest-scoring
-negatives pass gradient; the other negatives stay in the softmax's denominator as constants.
+cross-entropy over the positive and the `hard_negatives` highest-scoring negatives (the paper's
+"back-propagation through the hardest negatives"); the easier negatives only take part in choosing them.
 Evaluation (tasks/retrieval_eval.py) ranks every caption for every image and back.
 """
 from __future__ import annotations
@@ -48,14 +48,20 @@ def model_inputs(batch: dict[str, jax.Array]) -> dict:
 
 
 def hard_negative_logits(scores: jax.Array, hard_negatives: int) -> jax.Array:
-    """[B,1+N] -> the same values; gradient flows only through column 0 and the k largest negatives."""
+    """[B,1+N] -> [B,1+k]: the positive (column 0) and the k highest-scoring negatives, with their gradient.
+
+    The softmax runs over these 1+k only. Keeping the other negatives in its denominator as constants (under
+    stop_gradient) would break the loss's invariance to a shift of all scores: every step would then push
+    the scores that carry gradient up together, against the constants, by as much as it sharpens the
+    ranking. Adam normalises that common push to full step size, and the ranking signal drowns in it
+    (the retrieval loss then stays at ln(1+N)). k <= 0 or k >= N keeps every negative.
+    """
     neg = scores[:, 1:]
-    k = min(int(hard_negatives), neg.shape[1])
-    if k <= 0:
-        return jnp.concatenate([scores[:, :1], jax.lax.stop_gradient(neg)], axis=1)
+    k = int(hard_negatives)
+    if k <= 0 or k >= neg.shape[1]:
+        return scores
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(neg), k)
-    hard = jnp.zeros(neg.shape, bool).at[jnp.arange(neg.shape[0])[:, None], idx].set(True)
-    return jnp.concatenate([scores[:, :1], jnp.where(hard, neg, jax.lax.stop_gradient(neg))], axis=1)
+    return jnp.concatenate([scores[:, :1], jnp.take_along_axis(neg, idx, axis=1)], axis=1)
 
 
 def loss_and_metrics(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], *, hard_negatives: int = 5,
