@@ -74,3 +74,16 @@ def test_demo_variants():
   for v in ("r50", "x152"):
     c = th.load_config("pretrain", v)
     assert not c.model.cnn.frozen and c.cnn_warm_start.steps == 0 and c.data.mlm_prob == 0.15
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])
+def test_demo_finetunes_differ_from_scratch_by_the_pretraining_only(task):
+  """A demo fine-tune without init_from starts from the pre-training's CNN warm start (same steps, same seed,
+  same world, so the same CNN), frozen as in pre-training; with init_from the whole encoder is loaded. The
+  paper recipes train from the pre-trained encoder and get no warm start."""
+  pre, c = th.load_config("pretrain", "demo"), th.load_config(task, "demo")
+  assert c.model.to_dict() == {**pre.model.to_dict(), **({"num_answers": c.model.num_answers} if task == "vqa" else {})}
+  assert c.cnn_warm_start.to_dict() == pre.cnn_warm_start.to_dict() and c.seed == pre.seed
+  assert c.data.synthetic.to_dict() == pre.data.synthetic.to_dict()
+  for v in ("r50", "x152"):
+    assert th.load_config(task, v).cnn_warm_start.steps == 0

@@ -112,3 +112,56 @@ def test_frozen_cnn_has_no_backward_pass(frozen):
     assert not all(np.array_equal(a, b) for a, b in zip(stats_before, stats_after))
   # the visual projection after the CNN trains either way
   assert float(jnp.abs(grads["encoder"]["visual"]["proj"]["kernel"]).max()) > 0.0
+
+
+# The fine-tunes fit a handful of examples. Thresholds: cross-entropy 0.05 is a probability of 0.95 on the
+# right class or caption; VQA's loss sums a binary cross-entropy over the answers against soft targets, whose
+# minimum is the targets' own entropy (non-zero where annotators disagree), so VQA must come within 0.05 of it.
+_FIT = {"vqa": "vqa_score", "nlvr2": "acc", "retrieval": "acc"}
+
+
+def _binary_entropy_sum(targets: np.ndarray) -> float:
+  t = np.clip(targets.astype(np.float64), 1e-12, 1 - 1e-12)
+  h = -(t * np.log(t) + (1 - t) * np.log(1 - t))
+  return float(np.mean(np.sum(np.where((targets > 0) & (targets < 1), h, 0.0), axis=-1)))
+
+
+@pytest.mark.parametrize("task", sorted(_FIT))
+def test_finetune_fits_a_tiny_set(task, data_dir):
+  """8 fixed examples, the demo fine-tune config at test size: every trainable parameter gets gradient, and
+  within 300 steps train accuracy reaches 1.0 and the loss falls to its threshold. Catches dead gradients,
+  labels fed to the wrong example and parts frozen by mistake."""
+  from flax import traverse_util
+  from pixelbert_jax import partitioning, train
+  from pixelbert_jax.data import pipeline
+  from tests import finetune_helpers as fh
+  config = fh.tiny_finetune_config(task, data_dir, total_steps=300, **{
+      "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0, "optim.warmup_steps": 10,
+      "optim.transformer.lr": 3e-3, "optim.decay_epochs": (1000.0,)})
+  mesh = partitioning.make_mesh(config.mesh_shape)
+  trainer = train.Trainer(config, mesh)
+  batch = next(pipeline.make_iterator(config.data, task, "train", batch_size=8, seed=0, train=True))
+  assert np.all(batch["example_mask"] == 1)
+  batch = partitioning.global_batch(batch, mesh)
+  state = trainer.init_state(0)
+
+  def loss_fn(params):
+    outputs = trainer.model.apply(trainer._variables(params, state["batch_stats"]), **trainer.task.model_inputs(batch),
+                                  train=False)
+    return trainer.task.loss_and_metrics(outputs, batch, **trainer._loss_weights())[0]
+
+  grads = traverse_util.flatten_dict(jax.device_get(jax.grad(loss_fn)(state["params"])), sep="/")
+  frozen = bool(config.model.cnn.frozen)
+  dead = [k for k, g in grads.items() if not np.any(g) and not (frozen and k.startswith("encoder/cnn/"))]
+  assert not dead, f"no gradient reaches {dead}"
+
+  floor = _binary_entropy_sum(np.asarray(batch["vqa_targets"])) if task == "vqa" else 0.0
+  history = []
+  with partitioning.activate(mesh):
+    for _ in range(300):
+      state, metrics = trainer.train_step(state, batch)
+      m = train._reduce(jax.device_get(metrics))
+      history.append((round(m["loss"], 4), m[_FIT[task]]))
+      if m["loss"] < floor + 0.05 and m[_FIT[task]] == 1.0:
+        break
+  assert history[-1][0] < floor + 0.05 and history[-1][1] == 1.0, (floor, history[::20])
