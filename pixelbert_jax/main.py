@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from pixelbert_jax import distributed
+from pixelbert_jax import distributed, paths
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True)
@@ -24,6 +24,18 @@ class _QuietLibraries(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, after resolving `--config=~/my.py:variant`: bash expands no `~` after `=`, and the config
+    flag opens the file itself. The workdir and the config's paths are resolved in train.train_and_evaluate."""
+    def resolve(arg: str) -> str:
+        if not arg.startswith("--config="):
+            return arg
+        file, sep, variant = arg[len("--config="):].partition(":")
+        return "--config=" + paths.resolve(file) + sep + variant
+
+    return app.parse_flags_with_usage([argv[0]] + [resolve(a) for a in argv[1:]])
 
 
 def main(argv):
@@ -45,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import xla_options
+from pixelbert_jax import paths, xla_options
 from pixelbert_jax.data import pipeline, text
 from pixelbert_jax.data.preprocess import BadImageError, decode_image, resize_and_pad
 from pixelbert_jax.models import build_model
@@ -37,6 +37,7 @@ class PredictError(ValueError):
 
 class Predictor:
     def __init__(self, checkpoint: str, step: int | None = None):
+        checkpoint = paths.resolve(checkpoint)  # '~' and relative paths (paths.py)
         try:
             directory, _ = ckpt_lib.resolve_checkpoint_dir(checkpoint)
             variables, meta, self.step = ckpt_lib.load_model_variables(checkpoint, step)
@@ -60,7 +61,7 @@ class Predictor:
 
     # -- inputs ------------------------------------------------------------------------------------------
     def _image(self, path: str) -> tuple[np.ndarray, np.ndarray]:
-        p = epath.Path(path)
+        p = epath.Path(paths.resolve(path))
         if not p.exists():
             raise PredictError(f"image {path} does not exist")
         if not p.is_file():

@@ -217,8 +217,10 @@ def _warm_start_cnn(trainer: Trainer, state: State, writer: metrics_writer.Metri
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    # Where paths enter a run (main.py and the Python API both come here): the workdir and the config's
+    # data folders, vocab and init_from / init_from_torch, so that load_init and config.json see absolute ones.
     workdir = epath.Path(paths.resolve(workdir))
-    config.data.data_dir = paths.resolve(config.data.data_dir)
+    paths.resolve_config(config)
     mesh = partitioning.make_mesh(config.mesh_shape)
     partitioning.log_mesh(mesh)
     pc, pi = jax.process_count(), jax.process_index()
@@ -245,6 +247,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if data_state:
             train_iter.set_state(data_state)
         logging.info("Resumed from %s at step %d", workdir / "checkpoints" / str(start), start)
+        if start >= trainer.total_steps:
+            # The README's command run twice: say so rather than log nothing and exit.
+            checkpointer.close()
+            logging.info("Run already finished: %s holds step %d of %d; nothing to train (raise "
+                         "--config.total_steps to train further).", workdir / "checkpoints", start, trainer.total_steps)
+            return {}
     else:
         state, start = trainer.init_state(config.seed), 0
         state = load_init(trainer, state)

@@ -305,6 +305,20 @@ def test_prepare_cli_builds_and_reports(tmp_path, capsys):
   assert "test.jsonl: record line 1: key 'question' must be str, got int" in capsys.readouterr().err
 
 
+def test_prepare_cli_relative_manual_dir_and_tilde_data_dir(tmp_path, monkeypatch, capsys):
+  """`--data_dir=~/tfds` arrives with its `~` (bash expands none after `=`): without resolving, TFDS would
+  build into a folder named '~' under the cwd."""
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.chdir(tmp_path)
+  fx.write_jsonl_vqa(str(tmp_path / "manual"))
+  rc = prepare_lib.main(["--dataset", "jsonl", "--builder_config", "vqa", "--manual_dir=manual",
+                         "--data_dir=~/tfds", "--verify_images", "header"])
+  assert rc == 0, capsys.readouterr().err
+  assert f"data_dir={str(tmp_path / 'home' / 'tfds')!r}" in capsys.readouterr().out
+  assert len(tfds.data_source("jsonl/vqa", data_dir=str(tmp_path / "home" / "tfds"))["train"]) == 3
+  assert not (tmp_path / "~").exists()
+
+
 def test_data_source_reads_without_tensorflow_or_our_code(tmp_path):
   fx.write_nlvr2(str(tmp_path / "manual"))
   build(Nlvr2, tmp_path / "manual", tmp_path / "data")

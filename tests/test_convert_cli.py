@@ -172,3 +172,41 @@ def test_no_verify_says_so_loudly(trained, capsys, tmp_path):
   assert main(["to-torch", "--checkpoint", str(workdir), "--out", str(tmp_path / "o"), "--no-verify"]) == 0
   assert "NOT compared" in capsys.readouterr().err
   assert "NOT VERIFIED" in (tmp_path / "o" / "README.md").read_text()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+  """HOME and the working directory in tmp_path: `--x=~/...` reaches the CLI unexpanded, as from bash."""
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  (tmp_path / "home").mkdir()
+  monkeypatch.chdir(tmp_path)
+  return tmp_path / "home"
+
+
+def test_to_torch_tilde_checkpoint_relative_out(trained, home, tmp_path):
+  workdir, _ = trained
+  (home / "run").symlink_to(workdir)
+  assert main(["to-torch", "--checkpoint=~/run", "--out=converted", "--no-verify"]) == 0
+  info = json.loads((tmp_path / "converted" / "pixelbert_config.json").read_text())
+  assert info["source"] == str(home / "run") and info["step"] == 3
+  assert (tmp_path / "converted" / "cnn.safetensors").is_file() and not (tmp_path / "~").exists()
+
+
+def test_from_torch_tilde_inputs_relative_out(home, tmp_path):
+  # torchvision's widths (stem and planes 64) with one bottleneck per stage: the R50 layout, cheaply.
+  shape = {"model.cnn.stage_sizes": [1, 1, 1, 1], "model.cnn.stem_width": 64, "model.cnn.base_planes": 64,
+           "model.cnn.norm": "frozen_bn", "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2,
+           "model.intermediate_size": 64}
+  torch.manual_seed(0)
+  tv = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1])
+  torch.save(tv.state_dict(), home / "cnn.pth")
+  (home / "configs").symlink_to(th.REPO / "configs")
+  _tiny_bert(tmp_path / "bert", vocab=pipeline.vocab_size(th.load_config().data))
+  argv = ["from-torch", "--cnn=~/cnn.pth", "--bert=bert", "--out=init", "--config=~/configs/pretrain.py:demo",
+          "--no-verify"] + [f"--set={k}={v}" for k, v in shape.items()]
+  assert main(argv) == 0
+  variables, meta, step = ckpt_lib.load_model_variables(tmp_path / "init")
+  assert step == 0 and meta["source"]["cnn"] == str(home / "cnn.pth")
+  assert meta["source"]["bert"] == str(tmp_path / "bert")
+  np.testing.assert_array_equal(variables["params"]["encoder"]["cnn"]["layer4"]["0"]["conv2"]["kernel"],
+                                tv.state_dict()["layer4.0.conv2.weight"].numpy().transpose(2, 3, 1, 0))

@@ -83,3 +83,23 @@ def test_predict_from_the_pretrained_and_a_vqa_checkpoint(data_dir, pretrained, 
     answers = predict.Predictor(str(vqa_dir)).answer(str(image), "what color is the star", top_k=3)
     assert len(answers) == 3 and all(0.0 <= s <= 1.0 for _, s in answers)
     assert answers[0][1] >= answers[1][1] >= answers[2][1]
+
+
+def test_tilde_init_from_data_dir_and_relative_workdir(data_dir, pretrained, tmp_path, monkeypatch):
+    """config.init_from='~/pre' (bash leaves a `~` after `=`) and a relative workdir, resolved where the
+    config enters train_and_evaluate: the pre-trained CNN arrives, and config.json records absolute paths."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "pre").symlink_to(pretrained)
+    (home / "tfds").symlink_to(data_dir)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    train.train_and_evaluate(fh.tiny_finetune_config("vqa", "~/tfds", total_steps=1, init_from="~/pre"), "runs/vqa")
+    workdir = tmp_path / "runs" / "vqa"
+    saved = json.loads((workdir / "config.json").read_text())
+    assert (saved["init_from"], saved["data"]["data_dir"]) == (str(home / "pre"), str(home / "tfds"))
+    pre, fine = th.final_params(pretrained), th.final_params(workdir)
+    cnn_keys = [k for k in fine if "encoder/cnn/" in k]
+    assert cnn_keys and fine["step"] == 1
+    for k in cnn_keys:  # the demo fine-tunes with the CNN frozen: equal only if init_from was read
+        np.testing.assert_array_equal(fine[k], pre[k], err_msg=k)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -68,3 +69,17 @@ def test_cli_ranks_captions_and_reports_errors_in_one_line(workdir, image):
     assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ") and "'pretrain' checkpoint" in err
     rc, _, err = _cli("--checkpoint", workdir, "--image", "/no/such.png", "--caption", "x")
     assert rc == 2 and err.strip().splitlines()[-1] == "error: image /no/such.png does not exist"
+
+
+def test_tilde_and_relative_checkpoint_and_image(workdir, image, tmp_path, monkeypatch):
+    """`--checkpoint=~/run` arrives with its `~` (bash expands none after `=`); relative paths are from the cwd."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "run").symlink_to(workdir)
+    (home / "x.jpg").symlink_to(image)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(workdir.parent)
+    expected = predict.Predictor(str(workdir)).score(str(image), "a red star")
+    assert predict.Predictor("~/run").score("~/x.jpg", "a red star") == expected
+    relative_image = os.path.relpath(image, workdir.parent)
+    assert predict.Predictor(workdir.name).score(relative_image, "a red star") == expected

@@ -1,6 +1,7 @@
 """The pre-training system end to end on a tiny model: workdir contents, resume, preemption, bad checkpoints."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -173,16 +174,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_relative_workdir_and_tilde_data_dir(data_dir, tmp_path, monkeypatch):
-  """The README passes `--workdir=workdirs/demo`; Orbax refuses relative paths unless they are resolved."""
-  from pixelbert_jax import paths
-  monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  assert paths.resolve("~/tfds") == str(tmp_path / "home" / "tfds")
-  assert paths.resolve("gs://bucket/run") == "gs://bucket/run" and paths.resolve("") == ""
-  overrides = {**th.tiny_overrides(data_dir, total_steps=2), "checkpoint_every_steps": 1}
+def test_relative_workdir_and_tilde_paths(data_dir, tmp_path):
+  """The README passes `--workdir=workdirs/demo`; Orbax refuses relative paths unless they are resolved. A `~`
+  after `=` reaches main unexpanded (bash leaves it), in `--config=` and in `--config.data.data_dir=` alike."""
+  home = tmp_path / "home"
+  home.mkdir()
+  (home / "configs").symlink_to(th.REPO / "configs")
+  (home / "tfds").symlink_to(data_dir)  # the session's synthetic world, reached through '~'
+  overrides = {**th.tiny_overrides("~/tfds", total_steps=2), "checkpoint_every_steps": 1}
   cmd = th.main_command("workdirs/rel", overrides)
-  cmd[3] = f"--config={th.REPO / 'configs' / 'pretrain.py'}:demo_hard"
+  cmd[3] = "--config=~/configs/pretrain.py:demo_hard"
   result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(th.REPO)})
+                          env={**os.environ, "PYTHONPATH": str(th.REPO), "HOME": str(home)})
   assert result.returncode == 0, result.stderr[-2000:]
-  assert (tmp_path / "workdirs" / "rel" / "checkpoints" / "2").is_dir()
+  workdir = tmp_path / "workdirs" / "rel"
+  assert (workdir / "checkpoints" / "2").is_dir()
+  assert not (tmp_path / "~").exists(), "a folder literally named '~' was written"
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["data"]["data_dir"] == str(home / "tfds")  # resolved once, recorded absolute

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from pixelbert_jax import checkpoint as ckpt_lib
+from pixelbert_jax import paths
 from pixelbert_jax.convert.mapping import bert_from_hf, cnn_from_torchvision, merge_into
 from pixelbert_jax.convert.safetensors_io import TensorFileError, read_safetensors, read_tensor_file
 from pixelbert_jax.models import build_model, init_variables
@@ -94,6 +95,10 @@ def check_hf_config(hf_config: dict, cfg, where: str) -> None:
 def from_torch(cnn_path: str, bert_dir: str, out: str, config_spec: str = "configs/pretrain.py:r50",
                overrides: list[str] = (), seed: int = 0, verify: bool = True, log=print) -> dict:
   """Writes OUT (a step-0 checkpoint); returns the verification differences (empty with verify=False)."""
+  # '~' and relative paths (paths.py); Orbax refuses to write a relative OUT.
+  cnn_path, bert_dir, out = paths.resolve(cnn_path), paths.resolve(bert_dir), paths.resolve(out)
+  config_file, sep, variant = config_spec.partition(":")
+  config_spec = paths.resolve(config_file) + sep + variant
   config = load_config(config_spec, overrides)
   cfg, task = config.model, config.task
   cnn_sd = read_tensor_file(cnn_path)

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from pixelbert_jax import checkpoint as ckpt_lib
+from pixelbert_jax import paths
 from pixelbert_jax.convert import model_mapping as mm
 from pixelbert_jax.convert.mapping import bert_rules, cnn_rules
 from pixelbert_jax.convert.safetensors_io import write_safetensors
@@ -163,6 +164,7 @@ def check_pieces(out: str, torch_model) -> list:
 def to_torch(checkpoint: str, out: str, step: int | None = None, verify: bool = True,
              tolerance: float = 1e-4, log=print):
   """Writes OUT and (unless verify=False) checks it; returns the verification Report or None."""
+  checkpoint, out = paths.resolve(checkpoint), paths.resolve(out)  # '~' and relative paths (paths.py)
   variables, cfg, task, step, meta = load_checkpoint(checkpoint, step)
   os.makedirs(out, exist_ok=True)
   info = {"source": os.path.abspath(checkpoint), "step": int(step), "vocab_size": int(cfg.vocab_size),

@@ -5,6 +5,8 @@ import os
 
 import ml_collections
 
+from pixelbert_jax import paths
+
 # Buckets at the paper's sizes: shorter side 800 (R50) / 600 (X152) rounded up to 64, the common 4:3 and
 # the longest allowed aspect, both orientations, and a square.
 _R50_BUCKETS = ((832, 1344), (1344, 832), (832, 1088), (1088, 832), (832, 832))
@@ -39,7 +41,7 @@ def data_config(name: str = "synthetic") -> ml_collections.ConfigDict:
   parts = check_name(name)
   c = ml_collections.ConfigDict()
   c.name = name
-  c.data_dir = os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+  c.data_dir = paths.resolve(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
   c.manual_dir = ""  # where the user put the raw files of a real dataset
   # a mixture's raw files: one folder per component (an empty one falls back to manual_dir)
   c.manual_dirs = ml_collections.ConfigDict({p: "" for p in parts}) if len(parts) > 1 else ml_collections.ConfigDict()

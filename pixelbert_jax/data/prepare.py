@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import tensorflow_datasets as tfds
 
+from pixelbert_jax import paths
 from pixelbert_jax.data.builders._common import (DEFAULT_MAX_BAD_FRACTION, VERIFY_MODES, RecordError,
                                                  TooManyBadRecordsError)
 from pixelbert_jax.data.preprocess import DEFAULT_MAX_PIXELS
@@ -42,6 +43,10 @@ def prepare(dataset: str, *, manual_dir: str, data_dir: str, max_bad_fraction: f
 
   builder_kwargs go to that builder only (e.g. visual_genome's exclude_coco_heldout).
   """
+  # '~' and relative paths (paths.py): TFDS would make a folder literally named '~', and records the data_dir.
+  manual_dir, data_dir = paths.resolve(manual_dir), paths.resolve(data_dir)
+  if builder_kwargs.get("exclude_coco_heldout"):
+    builder_kwargs["exclude_coco_heldout"] = paths.resolve(builder_kwargs["exclude_coco_heldout"])
   cls = builder_class(dataset)
   configs = [cfg.name for cfg in cls.BUILDER_CONFIGS]
   if configs and builder_config not in configs:
