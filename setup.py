@@ -9,6 +9,7 @@ setup(
     name="pixelbert_jax",
     version="0.1.0",
     description="Pixel-BERT (pixel-text alignment) in JAX/Flax: pre-training, fine-tuning, PyTorch export",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["pixelbert_jax", "pixelbert_jax.*"]),
     install_requires=[
