@@ -409,9 +409,13 @@ def object_pixels(obj, scale: float, grid: tuple[int, int]) -> np.ndarray:
   return (rows[:, None] & cols[None, :]).reshape(-1)
 
 
+KINDS = ("colour", "shape", "other")  # other: the caption's remaining words, against all objects (a control)
+
+
 def _grounding_examples(predictor: Predictor, split: str, num_images: int, captions_per_image: int):
-  """Yields (image [1,H,W,3], mask [1,H,W], [(ids, text_mask, token mask of the word, kind, object pixels)])
-  per held-out scene, regenerated exactly as the dataset stored it (JPEG included)."""
+  """Yields one (image [1,H,W,3], mask [1,H,W], ids [L], text_mask [L], words) per caption of each held-out
+  scene, regenerated exactly as the dataset stored it (JPEG included); words: (token mask [L], kind, the
+  feature pixels [P] of the object the word names, or of all objects for the other words)."""
   from pixelbert_jax.data import builders
   from pixelbert_jax.data import synthetic as world
   from pixelbert_jax.data.preprocess import decode_image
@@ -425,19 +429,19 @@ def _grounding_examples(predictor: Predictor, split: str, num_images: int, capti
     image, mask, valid_hw = _model_input(predictor, decode_image(jpeg, name=f"synthetic-{split}-{i}"))
     grid = (image.shape[1] // CELL, image.shape[2] // CELL)
     scale = valid_hw[1] / int(s.image_size)
-    items = []
-    for caption, grounded in world.captions(int(s.seed), split, i, objs, captions_per_image):
-      said = caption.split()
-      for wi in grounded:
-        word = said[wi]
-        kind = "colour" if word in world.COLOURS else "shape" if word in world.SHAPES else None
-        named = [o for o in objs if word in (o.colour, o.shape)]
-        if kind is None or len(named) != 1:  # colours and shapes are unique within a scene
+    cells = [object_pixels(o, scale, grid) for o in objs]
+    for caption, _ in world.captions(int(s.seed), split, i, objs, captions_per_image):
+      words = []
+      for wi, word in enumerate(caption.split()):
+        kind = "colour" if word in world.COLOURS else "shape" if word in world.SHAPES else "other"
+        named = [k for k, o in enumerate(objs) if word in (o.colour, o.shape)]
+        if kind != "other" and len(named) != 1:  # colours and shapes are unique within a scene
           continue
-        ids, tmask, token_mask = text_lib.encode(predictor.tokenizer, caption, max_len, grounded_words=[wi])
+        _, _, token_mask = text_lib.encode(predictor.tokenizer, caption, max_len, grounded_words=[wi])
         if token_mask.any():
-          items.append((ids, tmask, token_mask, kind, object_pixels(named[0], scale, grid)))
-    yield image, mask, items
+          words.append((token_mask, kind, cells[named[0]] if named else np.any(cells, axis=0)))
+      ids, tmask, _ = text_lib.encode(predictor.tokenizer, caption, max_len)
+      yield image, mask, ids, tmask, words
 
 
 def _modes(num_layers: int, num_heads: int) -> list[tuple[str, int, int | None, bool]]:
@@ -453,13 +457,45 @@ def _modes(num_layers: int, num_heads: int) -> list[tuple[str, int, int | None, 
 GROUNDING_VARIANTS = ("as written", "masked")  # the word itself, or [MASK] in its place (what MLM asks)
 
 
+class _Tally:
+  """Shares by variant, mode and kind; the object's pixel share and the attention on pixels at all by kind."""
+
+  def __init__(self, modes):
+    self.modes = modes
+    self.shares = {v: {m[0]: {k: [] for k in KINDS} for m in modes} for v in GROUNDING_VARIANTS}
+    self.pixel_mass = {v: {k: [] for k in KINDS} for v in GROUNDING_VARIANTS}
+    self.base = {k: [] for k in KINDS}
+
+  def add(self, variant: str, probs: np.ndarray, pixel_mask: np.ndarray, rows: list) -> None:
+    """probs [B, layers, heads, T, T]; rows: (batch index, token mask [L], kind, object pixels [P])."""
+    index = np.array([r[0] for r in rows])
+    weights = np.stack([r[1] for r in rows]).astype(np.float32)  # [R, L]
+    weights /= weights.sum(axis=1, keepdims=True)
+    on_object, valid = np.stack([r[3] for r in rows]), pixel_mask[index]
+    kinds = [r[2] for r in rows]
+    offset = weights.shape[1]
+    for name, layer, head, use_rollout in self.modes:
+      matrix = attention_matrix(probs, layer, head, use_rollout)[index]  # [R, T, T]
+      to_pixels = np.einsum("rl,rlp->rp", weights, matrix[:, :offset, offset:]) * valid
+      for kind, share in zip(kinds, object_share(to_pixels, on_object, valid)):
+        self.shares[variant][name][kind].append(float(share))
+      if name == self.modes[0][0]:
+        for kind, mass in zip(kinds, to_pixels.sum(axis=1)):
+          self.pixel_mass[variant][kind].append(float(mass))
+    if variant == GROUNDING_VARIANTS[0]:
+      for kind, obj, ok in zip(kinds, on_object, valid):
+        self.base[kind].append(float((obj & ok).sum() / ok.sum()))
+
+
 def grounding_check(predictor: Predictor, num_images: int = 200, split: str = "val", captions_per_image: int = 5,
-                    batch_size: int = 64) -> dict[str, Any]:
+                    batch_size: int = 32) -> dict[str, Any]:
   """Mean share of colour / shape words' pixel attention on the named object's feature pixels, against the
   object's share of the valid feature pixels, on `num_images` regenerated scenes of `split`.
 
   Every mode (each layer's head mean, the rollout through each layer, each head) is measured for the word as
-  written and for the word replaced by [MASK] (where the model looks to fill it in, as in MLM)."""
+  written (one pass per caption) and for the word replaced by [MASK] (one pass per word: where the model looks
+  to fill it in, as MLM asks). The caption's other words, against all of the scene's objects, are the control
+  for attention that goes to objects whatever the word."""
   c = predictor.data_cfg
   if c.name != "synthetic":
     raise PredictError(f"the grounding check needs a checkpoint trained on the synthetic world; "
@@ -472,79 +508,72 @@ def grounding_check(predictor: Predictor, num_images: int = 200, split: str = "v
   runner = _runner(predictor)
   modes = _modes(runner.num_layers, runner.num_heads)
   mask_id = int(predictor.tokenizer.convert_tokens_to_ids("[MASK]"))
-  shares = {v: {name: {"colour": [], "shape": []} for name, *_ in modes} for v in GROUNDING_VARIANTS}
-  pixel_mass = {v: {"colour": [], "shape": []} for v in GROUNDING_VARIANTS}
-  base = {"colour": [], "shape": []}
+  tally = _Tally(modes)
 
-  def flush(batch):
-    images, masks = np.concatenate([b[0] for b in batch]), np.concatenate([b[1] for b in batch])
-    ids, tmask = np.stack([b[2] for b in batch]), np.stack([b[3] for b in batch])  # [B, L]
-    token_mask = np.stack([b[4] for b in batch]).astype(np.float32)  # [B, L]: the word's tokens
-    weights = token_mask / token_mask.sum(axis=1, keepdims=True)
-    kinds = [b[5] for b in batch]
-    on_object = np.stack([b[6] for b in batch])  # [B, P]
-    offset = ids.shape[1]
-    for variant in GROUNDING_VARIANTS:
-      run_ids = np.where(token_mask > 0, mask_id, ids).astype(ids.dtype) if variant == "masked" else ids
-      probs, pixel_mask = runner(predictor.variables, images, masks, run_ids, tmask)
-      for name, layer, head, use_rollout in modes:
-        matrix = attention_matrix(probs, layer, head, use_rollout)  # [B, T, T]
-        to_pixels = np.einsum("bl,blp->bp", weights, matrix[:, :offset, offset:]) * pixel_mask
-        for kind, share in zip(kinds, object_share(to_pixels, on_object, pixel_mask)):
-          shares[variant][name][kind].append(float(share))
-        if name == modes[0][0]:
-          for kind, mass in zip(kinds, to_pixels.sum(axis=1)):
-            pixel_mass[variant][kind].append(float(mass))
-    for kind, obj, valid in zip(kinds, on_object, pixel_mask):
-      base[kind].append(float((obj & valid).sum() / valid.sum()))
+  def run(variant, batch):  # batch: (image, mask, ids, text_mask, rows)
+    probs, pixel_mask = runner(predictor.variables, np.concatenate([b[0] for b in batch]),
+                               np.concatenate([b[1] for b in batch]), np.stack([b[2] for b in batch]),
+                               np.stack([b[3] for b in batch]))
+    tally.add(variant, probs, pixel_mask, [(k, *row) for k, b in enumerate(batch) for row in b[4]])
 
-  pending = []
-  for image, mask, items in _grounding_examples(predictor, split, num_images, captions_per_image):
-    for ids, tmask, token_mask, kind, on_object in items:
-      pending.append((image, mask, ids, tmask, token_mask, kind, on_object))
-      if len(pending) == batch_size:
-        flush(pending)
-        pending = []
-  if pending:
-    flush(pending)
-  if not base["colour"] or not base["shape"]:
+  written, masked = [], []
+  for image, mask, ids, tmask, words in _grounding_examples(predictor, split, num_images, captions_per_image):
+    written.append((image, mask, ids, tmask, words))
+    for token_mask, kind, on_object in words:
+      if kind != "other":
+        masked.append((image, mask, np.where(token_mask > 0, mask_id, ids).astype(ids.dtype), tmask,
+                       [(token_mask, kind, on_object)]))
+    for variant, pending in zip(GROUNDING_VARIANTS, (written, masked)):
+      while len(pending) >= batch_size:
+        run(variant, pending[:batch_size])
+        del pending[:batch_size]
+  for variant, pending in zip(GROUNDING_VARIANTS, (written, masked)):
+    if pending:
+      run(variant, pending)
+  if not tally.base["colour"] or not tally.base["shape"]:
     raise PredictError(f"no colour or shape words found in the captions of {num_images} {split} images")
 
-  object_pixel_share = {k: float(np.mean(v)) for k, v in base.items()}
+  base = {k: float(np.mean(v)) if v else float("nan") for k, v in tally.base.items()}
   report: dict[str, Any] = dict(
       checkpoint=str(predictor.workdir), step=int(predictor.step), task=predictor.task, split=split,
-      num_images=num_images, captions_per_image=captions_per_image, words={k: len(v) for k, v in base.items()},
-      object_pixel_share=object_pixel_share, default_mode=modes[0][0],
+      num_images=num_images, captions_per_image=captions_per_image,
+      words={k: len(v) for k, v in tally.base.items()}, object_pixel_share=base, default_mode=modes[0][0],
       # Share of the word's attention that goes to pixels at all (the rest stays on the text), default mode.
-      pixel_attention={v: {k: float(np.mean(m)) for k, m in by_kind.items()} for v, by_kind in pixel_mass.items()},
+      pixel_attention={v: {k: float(np.mean(m)) for k, m in by_kind.items() if m}
+                       for v, by_kind in tally.pixel_mass.items()},
       variants={})
-  for variant, by_mode in shares.items():
+  for variant, by_mode in tally.shares.items():
     report["variants"][variant] = {
-        name: {kind: dict(share=float(np.nanmean(values)), ratio=float(np.nanmean(values)) / object_pixel_share[kind])
-               for kind, values in by_kind.items()}
+        name: {kind: dict(share=float(np.nanmean(values)), ratio=float(np.nanmean(values)) / base[kind])
+               for kind, values in by_kind.items() if values}
         for name, by_kind in by_mode.items()}
   return report
 
 
 def grounding_table(report: dict[str, Any]) -> str:
-  """The report as Markdown: a header line, then mode | colour share (x baseline) | shape share (x baseline)
-  for the word as written and masked."""
+  """The report as Markdown: a header line, then per mode the share on the object (x the object's pixel
+  share) of colour and shape words as written and masked, and of the other words (control)."""
   base = report["object_pixel_share"]
   lines = [f"checkpoint {report['checkpoint']} (step {report['step']}, task {report['task']}): "
-           f"{report['num_images']} {report['split']} images, {report['words']['colour']} colour and "
-           f"{report['words']['shape']} shape words; the named object's share of the feature pixels: colour "
-           f"{base['colour']:.3f}, shape {base['shape']:.3f}. Share of the word's attention on the object's "
-           f"pixels (x that share):", "",
-           "| attention | colour, as written | shape, as written | colour, masked | shape, masked |",
-           "|---|---|---|---|---|"]
+           f"{report['num_images']} {report['split']} images, {report['words']['colour']} colour, "
+           f"{report['words']['shape']} shape and {report['words']['other']} other words; the object's share of "
+           f"the feature pixels: colour {base['colour']:.3f}, shape {base['shape']:.3f}, all objects (other words) "
+           f"{base['other']:.3f}. Share of the word's pixel attention on the object's pixels (x that share):", "",
+           "| attention | colour | shape | colour, masked | shape, masked | other words (control) |",
+           "|---|---|---|---|---|---|"]
   variants = report["variants"]
+  columns = [("as written", "colour"), ("as written", "shape"), ("masked", "colour"), ("masked", "shape"),
+             ("as written", "other")]
   for name in variants[GROUNDING_VARIANTS[0]]:
-    cells = [f"{variants[v][name][k]['share']:.3f} ({variants[v][name][k]['ratio']:.1f}x)"
-             for v in GROUNDING_VARIANTS for k in ("colour", "shape")]
+    cells = []
+    for v, k in columns:
+      e = variants[v][name].get(k)
+      cells.append(f"{e['share']:.3f} ({e['ratio']:.1f}x)" if e else "-")
     lines.append(f"| {name}{' (default)' if name == report['default_mode'] else ''} | " + " | ".join(cells) + " |")
   mass = report["pixel_attention"]
-  lines += ["", f"Attention on pixels at all ({report['default_mode']}): " + ", ".join(
-      f"{k} {v} {mass[v][k]:.2f}" for v in GROUNDING_VARIANTS for k in ("colour", "shape"))]
+  lines += ["", f"Share of the word's attention on pixels at all ({report['default_mode']}): " + ", ".join(
+      f"{k}{', masked' if v == 'masked' else ''} {mass[v][k]:.2f}" for v in GROUNDING_VARIANTS for k in KINDS
+      if k in mass.get(v, {}))]
   return "\n".join(lines)
 
 

@@ -257,8 +257,11 @@ def test_layer_head_and_rollout_choose_other_maps(predictor, image, tmp_path):
 
 def test_grounding_check_on_the_tiny_checkpoint(predictor):
   report = visualize.grounding_check(predictor, num_images=3, captions_per_image=2)
-  assert report["object_pixel_share"] == {"colour": pytest.approx(1 / 9), "shape": pytest.approx(1 / 9)}
-  assert report["words"]["colour"] == report["words"]["shape"] > 0
+  # demo_hard scenes have 1-3 objects, one cell each: the other words' control is against all of them.
+  share = report["object_pixel_share"]
+  assert share["colour"] == pytest.approx(1 / 9) and share["shape"] == pytest.approx(1 / 9)
+  assert 1 / 9 <= share["other"] <= 3 / 9
+  assert report["words"]["colour"] == report["words"]["shape"] > 0 and report["words"]["other"] > 0
   assert set(report["variants"]) == {"as written", "masked"}
   modes = report["variants"]["as written"]
   assert list(modes)[0] == report["default_mode"] == "layer 1, mean over heads"
@@ -267,9 +270,30 @@ def test_grounding_check_on_the_tiny_checkpoint(predictor):
     for kind in ("colour", "shape"):
       assert 0.0 <= entry[kind]["share"] <= 1.0
       assert entry[kind]["ratio"] == pytest.approx(entry[kind]["share"] * 9)
+  assert "other" not in report["variants"]["masked"][report["default_mode"]]  # only grounded words are masked
   assert "| layer 1, mean over heads (default) |" in visualize.grounding_table(report)
   with pytest.raises(predict.PredictError, match=r"--num_images must be in 1\.\.16"):
     visualize.grounding_check(predictor, num_images=17)
+
+
+def test_grounding_check_agrees_with_the_pictures_maps(predictor, tmp_path):
+  """The check's share for one scene and caption equals the share computed from `attention_maps` on the
+  dataset's JPEG of that scene and the world's ground truth."""
+  from pixelbert_jax.data import builders
+  s = predictor.data_cfg.synthetic
+  objs = world.make_scene(int(s.seed), "val", 0, int(s.image_size), builders.scene_spec(predictor.data_cfg))
+  path = tmp_path / "scene.jpg"
+  path.write_bytes(world.encode_jpeg(world.render(int(s.seed), "val", 0, objs, int(s.image_size))))
+  caption = world.captions(int(s.seed), "val", 0, objs, 1)[0][0]
+  report = visualize.grounding_check(predictor, num_images=1, captions_per_image=1)
+  for kind, names in (("colour", world.COLOURS), ("shape", world.SHAPES)):
+    words = [w for w in caption.split() if w in names]
+    got = visualize.attention_maps(predictor, str(path), caption, words=words, use_rollout=True)
+    shares = [visualize.object_share(m.reshape(-1), visualize.object_pixels(o, 1.0, (3, 3)), np.ones(9, bool))
+              for w, m in zip(got["words"], got["maps"]) for o in objs if w in (o.colour, o.shape)]
+    assert len(shares) == len(words) > 0
+    np.testing.assert_allclose(report["variants"]["as written"]["rollout through layer 1"][kind]["share"],
+                               np.mean(shares), rtol=1e-4)
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
