@@ -37,7 +37,7 @@ flags [environment]
   --log-dir DIR               [PIXELBERT_LOG_DIR, default tpu_logs/NAME]
   --follow                    logs (or run): keep streaming
   --dry-run                   [DRY_RUN=1] print the commands, run nothing
-  -- MAIN_ARGS                run: extra arguments for pixelbert_jax.main, e.g. --config.train.steps=1000
+  -- MAIN_ARGS                run: extra arguments for pixelbert_jax.main, e.g. --config.total_steps=1000
 EOF
 }
 

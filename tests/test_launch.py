@@ -2,6 +2,7 @@
 SLURM script hands each task (run with bash, fake SLURM variables and stub srun/scontrol/python)."""
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -14,7 +15,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_VM = os.path.join(REPO, "launch", "tpu_vm.sh")
 SBATCH = os.path.join(REPO, "launch", "gpu_slurm.sbatch")
 SCRIPTS = [TPU_VM, SBATCH, os.path.join(REPO, "launch", "gpu_multinode.sh")]
-TRICKY = ["--config.name=it's \"quoted\" & spaced", "--config.train.steps=10"]
+# Real config keys (test_help_texts_name_real_config_keys), with values that need quoting.
+TRICKY = ["--config.data.vocab_path=it's \"quoted\" & spaced", "--config.total_steps=10"]
+
+
+def test_help_texts_name_real_config_keys():
+    """Every `--config.KEY` a launch script or launch/README.md shows, and TRICKY above, is a key of
+    configs/pretrain.py (the scripts' default config; its variants share the keys): a user may copy it."""
+    from tests import train_helpers as th
+    config = th.load_config("pretrain", "r50")
+    launch = os.path.join(REPO, "launch")
+    texts = {name: open(os.path.join(launch, name)).read() for name in os.listdir(launch)}
+    texts["TRICKY"] = " ".join(TRICKY)
+    # lower case: `--config.KEY=VALUE` is a placeholder
+    shown = {(name, key) for name, text in texts.items() for key in re.findall(r"--config\.([a-z_][\w.]*)=", text)}
+    assert shown, "no --config.KEY= found: the pattern no longer matches the help texts"
+    missing = []
+    for name, key in sorted(shown):
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if hasattr(node, "get") else None
+        if not hasattr(node, "get") or leaf not in node:
+            missing.append(f"{name}: --config.{key}")
+    assert not missing, f"keys that configs/pretrain.py does not have: {missing}"
 
 
 def _env(**extra):
