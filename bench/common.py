@@ -139,7 +139,7 @@ def cpu_usage():
 def cpu_stats(before, after, steps):
   """Per step: user and system CPU milliseconds, minor page faults. On a CPU, system time is mostly the
   kernel zeroing freshly mapped pages: glibc serves allocations above 32 MiB with a new mmap, which is
-  what XLA's single temporary buffer was before `--xla-options library` (bench/NOTES.md item 28)."""
+  what XLA's single temporary buffer was before `--xla-options library` (bench/HISTORY.md item 28)."""
   return dict(cpu_user_ms=1e3 * (after.ru_utime - before.ru_utime) / steps,
               cpu_sys_ms=1e3 * (after.ru_stime - before.ru_stime) / steps,
               minflt=(after.ru_minflt - before.ru_minflt) / steps)
@@ -362,7 +362,7 @@ def run_worker(script, framework, argv, timeout_s):
     # A fresh Inductor cache, so that "first step" is a cold compile, as JAX's (no persistent cache).
     cold_dir = tempfile.mkdtemp(prefix="bench_inductor_")
     env["TORCHINDUCTOR_CACHE_DIR"] = cold_dir
-  # OpenMP's wait policy is left to the caller (bench/NOTES.md): on a CPU shared with other jobs, the
+  # OpenMP's wait policy is left to the caller (bench/HISTORY.md): on a CPU shared with other jobs, the
   # default spin-waiting made PyTorch's demo forward take 600 ms instead of 8 ms (OMP_WAIT_POLICY=PASSIVE
   # fixes that), but on an idle machine PASSIVE costs PyTorch 30% of its train step and 3x its latency.
   cmd = [sys.executable, os.path.abspath(script), *argv, "--worker", framework, "--worker-json", path]

@@ -331,7 +331,7 @@ def initialize_from_env(timeout_s: int = 300, *, cpu_devices: int = 0,
 def set_cpu_devices(n: int) -> None:
     """How many devices the CPU backend exposes (`jax_num_cpu_devices`); 0 leaves JAX's default (one, or
     --xla_force_host_platform_device_count). XLA's CPU backend runs most ops of a step on one thread, so a
-    CPU-only run uses N cores through N-way data parallelism (bench/NOTES.md, item 21). GPU and TPU
+    CPU-only run uses N cores through N-way data parallelism (bench/HISTORY.md, item 21). GPU and TPU
     backends are unaffected: their meshes never include CPU devices."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"config.cpu_devices must be an integer >= 0 (0: JAX's default), got {n!r}")

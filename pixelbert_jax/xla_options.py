@@ -3,7 +3,7 @@
 CPU: XLA packs every temporary of a computation into one buffer, which the CPU runtime allocates anew on
 each call (212 MB per device for a demo train step). glibc serves any request above 32 MiB with a fresh
 `mmap`, so every step faulted in and zeroed all of it again: about 100k page faults and 150 ms of kernel
-time per demo step, a quarter of its CPU time (bench/NOTES.md item 28). With heaps of at most 24 MiB each
+time per demo step, a quarter of its CPU time (bench/HISTORY.md item 28). With heaps of at most 24 MiB each
 request stays under glibc's mmap threshold and the allocator hands the same pages back step after step.
 Only where the temporaries live changes, not the computation: results are bit-identical. The constraint is
 soft: a single larger tensor still gets a heap of its own.

@@ -44,7 +44,7 @@ def attention_bias(mask: jax.Array) -> jax.Array:
 
 # model.attention_impl -> jax.nn.dot_product_attention's `implementation`. None is XLA's own attention
 # (jax picks XLA for None; it does not choose cuDNN by itself): "dot_product" measured no faster than
-# einsum on an H200 (bench/NOTES.md item 9). "cudnn" is cuDNN's fused flash attention.
+# einsum on an H200 (bench/HISTORY.md item 9). "cudnn" is cuDNN's fused flash attention.
 FUSED_ATTENTION = {"dot_product": None, "cudnn": "cudnn"}
 
 
@@ -125,7 +125,7 @@ class BertSelfAttention(nn.Module):
     if impl != "einsum":
       raise ValueError(f"model.attention_impl must be one of {['einsum', *FUSED_ATTENTION]}, got {impl!r}")
     # Heads to [B,H,T,Dh] explicitly: with (batch, head) leading, XLA's CPU backend runs the batched
-    # matmuls ~4x faster than from einsum's [B,T,H,Dh] operands (bench/NOTES.md item 15).
+    # matmuls ~4x faster than from einsum's [B,T,H,Dh] operands (bench/HISTORY.md item 15).
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1)

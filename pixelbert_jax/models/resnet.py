@@ -13,7 +13,7 @@ backend, `generic` elsewhere). On XLA's CPU backend the weight gradient of a 1x1
 layout-transposing convolution about 10x slower than the equivalent `[NHW, Cin]^T @ [NHW, Cout]`
 matmul, the max-pool gradient (select-and-scatter, lowered with index iotas) costs 20x its forward, and
 autodiff of batch norm makes more passes over the activations than its closed-form gradient; see
-bench/NOTES.md, items 11-14.
+bench/HISTORY.md, items 11-14.
 """
 import functools
 from typing import Any, Sequence
