@@ -190,7 +190,7 @@ def plot(workdir: str, out: str) -> dict:
   row_h = [max(c.height for c in charts[r * cols:(r + 1) * cols]) for r in range(rows)]
   header = 26
   sheet = Image.new("RGB", (cols * PANEL_W, header + sum(row_h)), (255, 255, 255))
-  ImageDraw.Draw(sheet).text((8, 5), f"{wd}  (metrics.jsonl, step {min(steps)}..{max(steps)})", font=_font(14),
+  ImageDraw.Draw(sheet).text((8, 5), f"{workdir}  (metrics.jsonl, step {min(steps)}..{max(steps)})", font=_font(14),
                              fill=(0, 0, 0))
   for k, chart in enumerate(charts):
     r, c = divmod(k, cols)
