@@ -1,11 +1,11 @@
 """Image-text retrieval fine-tuning: each image against its caption and N captions of other images.
 
 Train batches carry `input_ids`/`text_mask` [B,1+N,L] (caption 0 is the positive). The CNN runs once per
-image and its features are shared by the 1+N pairs; it is frozen (paper: only the transformer is
-fine-tuned), so its features are computed in inference mode under stop_gradient, which also saves the
-backward pass through it (`model.cnn.frozen=True` keeps the optimizer off it too). The loss is the softmax
-cross-entropy over the positive and the `hard_negatives` highest-scoring negatives (the paper's
-"back-propagation through the hardest negatives"); the easier negatives only take part in choosing them.
+image and its features are shared by the 1+N pairs. The paper fine-tunes only the transformer: the configs
+set `model.cnn.frozen=True`, so the CNN runs in inference mode under stop_gradient, with no backward pass
+through it, and the optimizer leaves it alone. The loss is the softmax cross-entropy over the positive and
+the `hard_negatives` highest-scoring negatives (the paper's "back-propagation through the hardest
+negatives"); the easier negatives only take part in choosing them.
 Evaluation (tasks/retrieval_eval.py) ranks every caption for every image and back.
 """
 from __future__ import annotations
@@ -14,25 +14,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pixelbert_jax.models.pixel_bert import normalize_image, pixel_grid_mask
-
 IMAGE_KEYS = ("image", "image_mask")
-
-
-def frozen_pixels(module, image, image_mask):
-    """Pixel tokens with the CNN in inference mode and no gradient into it (the visual projection trains)."""
-    enc = module.encoder
-    mask = image_mask.astype(bool)
-    c5 = jax.lax.stop_gradient(enc.cnn(normalize_image(image, mask), False))
-    pixels = enc.visual(c5)
-    gh, gw = c5.shape[1] // 2, c5.shape[2] // 2
-    return pixels, pixel_grid_mask(mask, gh, gw).reshape(image.shape[0], gh * gw)
 
 
 def score_groups(module, image, image_mask, input_ids, text_mask, train: bool = False):
     """Model method: images [B,...] against caption groups [B,G,L] -> {'retrieval_logits': [B,G]}."""
     b, g, length = input_ids.shape
-    pixels, pixel_mask = frozen_pixels(module, image, image_mask)
+    pixels, pixel_mask = module.encode_image(image, image_mask, train)  # once per image, not per caption
     pixels = jnp.repeat(pixels, g, axis=0)
     pixel_mask = jnp.repeat(pixel_mask, g, axis=0)
     scores = module.score_pixels(input_ids.reshape(b * g, length), text_mask.reshape(b * g, length),
