@@ -121,6 +121,7 @@ def test_first_stage_candidates_and_unscored_pairs_rank_last():
 @pytest.fixture(scope="module")
 def tiny_retrieval():
     cfg = model_config("tiny", "tiny", 30)
+    cfg.cnn.frozen = True  # as configs/retrieval.py: the paper fine-tunes only the transformer
     model = build_model(cfg, "retrieval")
     init = jax.jit(lambda k: model.init({"params": k}, **dummy_inputs("retrieval", text_len=6), train=False))
     return model, nn.unbox(init(jax.random.PRNGKey(0)))
