@@ -221,6 +221,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # data folders, vocab and init_from / init_from_torch, so that load_init and config.json see absolute ones.
     workdir = epath.Path(paths.resolve(workdir))
     paths.resolve_config(config)
+    if config.task == "vqa" and int(config.model.num_answers) == 0:
+        # 0 = the size of the answer vocabulary built from the train split (your own data: not known in advance);
+        # set before config.json and the checkpoint's meta are written, so predict builds the same head.
+        config.model.num_answers = len(pipeline.answer_vocab(config.data))
     mesh = partitioning.make_mesh(config.mesh_shape)
     partitioning.log_mesh(mesh)
     pc, pi = jax.process_count(), jax.process_index()

@@ -7,6 +7,7 @@ process count, and per-example randomness is a function of (seed, stream positio
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import ml_collections
@@ -77,6 +78,11 @@ def answer_vocab(data_cfg: ml_collections.ConfigDict) -> list[str]:
     raise ValueError(f"{data_cfg.name}/{split}: no answer is given {min_count} times or more "
                      "(lower config.data.vqa_min_answer_count)")
   vqa_answers.save_vocab_file(path, vocab, min_count=min_count, num_records=n, split=split)
+  # Your own data: how much of it the vocabulary can answer at all, to choose vqa_min_answer_count by.
+  known = set(vocab)
+  covered = sum(any(a in known for a in answers) for answers in index.answers)
+  logging.info("%s/%s: answer vocabulary of %d answers given >= %d times; %d of %d questions have an answer in it",
+               data_cfg.name, split, len(vocab), min_count, covered, len(index.answers))
   return vocab
 
 

@@ -1,4 +1,10 @@
-"""VQA answer vocabulary and soft scores (0, 0.3, 0.6, 0.9, 1 for 0, 1, 2, 3, >=4 matching annotators)."""
+"""VQA answer vocabulary and soft scores.
+
+Training targets follow what the evaluation scores (tasks/vqa_eval.py): a question with the official 10
+human answers gets the published mapping 0, 0.3, 0.6, 0.9, 1 for 0, 1, 2, 3, >=4 matching annotators (the
+official leave-one-out accuracy, approximately); a question with another number n of answers (your own
+data) gets our evaluation rule, min(1, count / min(3, n)): 1 for the single answer of a one-answer question.
+"""
 from __future__ import annotations
 
 import collections
@@ -14,6 +20,17 @@ def soft_score(count: int) -> float:
   return round(min(1.0, 0.3 * count), 6)
 
 
+OFFICIAL_NUM_ANSWERS = 10  # VQA v1/v2 collect 10 human answers per question; the official metric needs them
+
+
+def custom_score(matches: int, num_answers: int) -> float:
+  """Our score of an answer given by `matches` of a question's `num_answers` (!= 10) humans:
+  min(1, matches / min(3, num_answers)), so one answer of one is 1 and three agreeing answers are 1."""
+  if num_answers < 1:
+    raise ValueError(f"a question needs at least one human answer, got {num_answers}")
+  return min(1.0, matches / min(3, num_answers))
+
+
 def build_answer_vocab(answer_lists: Iterable[Sequence[str]], min_count: int) -> list[str]:
   """Answers given at least `min_count` times over all annotations, most frequent first (ties by name).
 
@@ -26,11 +43,13 @@ def build_answer_vocab(answer_lists: Iterable[Sequence[str]], min_count: int) ->
 
 
 def soft_targets(answers: Sequence[str], vocab_index: dict[str, int]) -> np.ndarray:
-  """float32 [num_answers]: the soft score of each vocabulary answer; answers outside the vocab are dropped."""
+  """float32 [num_answers]: the soft score of each vocabulary answer (`soft_score` when there are the official
+  10 human answers, `custom_score` otherwise); answers outside the vocab are dropped."""
   target = np.zeros(len(vocab_index), np.float32)
+  n = len(answers)
   for answer, count in collections.Counter(answers).items():
     if answer in vocab_index:
-      target[vocab_index[answer]] = soft_score(count)
+      target[vocab_index[answer]] = soft_score(count) if n == OFFICIAL_NUM_ANSWERS else custom_score(count, n)
   return target
 
 

@@ -12,11 +12,21 @@ on them:
     and at most 32 periods are removed (it passes `re.UNICODE` as `count`);
 - number words map to digits only from "none"/"zero" to "ten", word by word;
 - each of the 10 answers is left out in turn: min(1, matches among the other 9 / 3), averaged.
+
+Questions with another number of human answers (your own data: one answer, or three) are outside the
+official metric; `custom_question_accuracy` scores them by our own rule, and `vqa_report` keeps the two
+kinds apart so that the official number is never mixed with ours:
+- the prediction and every human answer get the full normalisation (`normalize`), always; n answers, of
+    which `matches` equal the prediction: min(1, matches / min(3, n)). One answer: exact match. Two:
+    half credit for one match. Three or more: full credit at three matches, as in the official metric.
+- No leave-one-out: with 3 answers, leaving one out would forbid full credit whenever they disagree.
 """
 from __future__ import annotations
 
 import re
 from typing import Mapping, Sequence
+
+from pixelbert_jax.data.vqa_answers import custom_score
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -99,6 +109,43 @@ def question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     return sum(min(1.0, (total - m) / 3.0) for m in matches) / len(matches)
 
 
+def custom_question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+    """Our accuracy in [0, 1] for a question with n >= 1 human answers (any n; `vqa_report` uses it for
+    n != 10): min(1, matches / min(3, n)) after the full normalisation of both sides."""
+    if not human_answers:
+        raise ValueError("a question needs at least one human answer to be scored")
+    pred = normalize(prediction)
+    matches = sum(normalize(a) == pred for a in human_answers)
+    return custom_score(matches, len(human_answers))
+
+
+def vqa_report(predictions: Mapping[int, str], ground_truth: Mapping[int, dict]) -> dict[str, object]:
+    """Any number of human answers per question: questions with exactly 10 get the official metric
+    (`vqa_accuracy`, bit for bit), those with another number `custom_question_accuracy`; questions without
+    answers (an unannotated test split) are counted, not scored.
+
+    -> {"official": vqa_accuracy(...) of the 10-answer questions or None, "custom": the same keys for the
+        others or None, "all": mean over every scored question or None, "num_official", "num_custom",
+        "num_unannotated": question counts}."""
+    missing = [q for q in ground_truth if q not in predictions]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(ground_truth)} questions have no prediction, e.g. question_id "
+                         f"{missing[:5]}")
+    official = {q: gt for q, gt in ground_truth.items() if len(gt["answers"]) == NUM_HUMAN_ANSWERS}
+    custom = {q: gt for q, gt in ground_truth.items() if len(gt["answers"]) not in (0, NUM_HUMAN_ANSWERS)}
+    out: dict[str, object] = {"official": None, "custom": None, "all": None, "num_official": len(official),
+                              "num_custom": len(custom),
+                              "num_unannotated": len(ground_truth) - len(official) - len(custom)}
+    if official:
+        out["official"] = vqa_accuracy({q: predictions[q] for q in official}, official)
+    if custom:
+        out["custom"] = _accuracy_table(predictions, custom, custom_question_accuracy)
+    scores = [r["per_question"][q] for r in (out["official"], out["custom"]) if r for q in r["per_question"]]
+    if scores:
+        out["all"] = sum(scores) / len(scores)
+    return out
+
+
 def vqa_accuracy(predictions: Mapping[int, str], ground_truth: Mapping[int, dict],
                  ) -> dict[str, object]:
     """Accuracy over every question of `ground_truth` (question_id -> {answers, answer_type?,
@@ -110,14 +157,23 @@ def vqa_accuracy(predictions: Mapping[int, str], ground_truth: Mapping[int, dict
     if missing:
         raise ValueError(f"{len(missing)} of {len(ground_truth)} questions have no prediction, e.g. question_id "
                          f"{missing[:5]}")
+    if not ground_truth:
+        raise ValueError("no questions to evaluate")
+    return _accuracy_table(predictions, ground_truth, question_accuracy)
+
+
+def _accuracy_table(predictions: Mapping[int, str], ground_truth: Mapping[int, dict], score) -> dict[str, object]:
+    """vqa_accuracy's result keys, with `score(prediction, answers)` giving each question's accuracy."""
     per_question, by_answer, by_question = {}, {}, {}
     for qid, gt in ground_truth.items():
-        acc = question_accuracy(predictions[qid], gt["answers"])
+        acc = score(predictions[qid], gt["answers"])
         per_question[qid] = acc
         by_answer.setdefault(gt.get("answer_type", ""), []).append(acc)
         by_question.setdefault(gt.get("question_type", ""), []).append(acc)
-    if not per_question:
-        raise ValueError("no questions to evaluate")
+    return _table(per_question, by_answer, by_question)
+
+
+def _table(per_question: dict, by_answer: dict, by_question: dict) -> dict[str, object]:
     mean = lambda xs: sum(xs) / len(xs)
     return {"accuracy": mean(list(per_question.values())),
             "overall": round(100 * mean(list(per_question.values())), 2),
