@@ -43,12 +43,12 @@ def vqa_records(image_dir: str, answer_counts: list[int], *, offset: int = 0) ->
         other = COLOURS[(i + offset + 1) % len(COLOURS)]
         answers = [colour] if n == 1 else ([colour] * (n - 1) + [other])
         records.append({"image": f"{image_dir}/{i % 8}.jpg", "question": "what colour is the picture?",
-                        "answers": answers})
+                        "answers": answers, "image_id": i % 8})  # an integer, as users write them
     return records
 
 
 def write_vqa_folder(root: str, *, train_counts: list[int], val_counts: list[int]) -> str:
-    """root/images/*.jpg, root/train.jsonl, root/val.jsonl."""
+    """root/images/*.jpg (8 of them), root/train.jsonl, root/val.jsonl: one question per line."""
     write_images(os.path.join(root, "images"), 8)
     _lines(os.path.join(root, "train.jsonl"), vqa_records("images", train_counts))
     _lines(os.path.join(root, "val.jsonl"), vqa_records("images", val_counts, offset=3))

@@ -4,8 +4,17 @@ One builder, `jsonl`, with two configs: 'captions' (captions schema) and 'vqa' (
 `tfds.data_source("jsonl/captions", data_dir=...)`.
 
 Captions lines: {"image": path, "caption": str} or {"image": path, "captions": [str, ...]}, "image_id"?.
+Lines naming the same image (the same image_id; by default the path as written) become one record with all
+their captions: retrieval evaluates each image once, and a caption of a repeated image would otherwise count
+as wrong for its twin.
 VQA lines: {"image": path, "question": str, "answers": [str, ...], "question_id"?: int, "image_id"?,
-"question_type"?, "answer_type"?}. Image paths are relative to the .jsonl file's folder (or absolute).
+"question_type"?, "answer_type"?}. Any number of answers from 1 (tasks/vqa_eval.py scores 10 answers by the
+official metric, other numbers by our rule); a file where no line has answers (a test split) leaves them out
+or empty on every line. image_id may be a string or an integer (stored as its string).
+
+Image paths are relative to the .jsonl file's folder, or absolute, and must lie inside that folder (link a
+folder of images kept elsewhere into it): a path that leaves it is most often one written relative to
+another folder. Mistakes stop the build with one line naming the file, the line and the key.
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ from typing import Any, Iterator
 import tensorflow_datasets as tfds
 
 from pixelbert_jax.data.builders import _common as c
+from pixelbert_jax.data.preprocess import BadImageError
 
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 
@@ -39,13 +49,14 @@ def jsonl_splits(manual_dir: str, hint: str) -> dict[str, str]:
 INSTRUCTIONS = {
     "captions": """
   Put into manual_dir one <split>.jsonl per split (e.g. train.jsonl, val.jsonl), each line
-    {"image": "relative/or/absolute/path.jpg", "caption": "a sentence"}   or   {"image": ..., "captions": [...]}
-  with an optional "image_id" (default: the image path as written).
+    {"image": "path/inside/manual_dir.jpg", "caption": "a sentence"}   or   {"image": ..., "captions": [...]}
+  with an optional "image_id" (default: the image path as written); lines of the same image are merged.
   """,
     "vqa": """
   Put into manual_dir one <split>.jsonl per split, each line
     {"image": "path.jpg", "question": "what colour is the cat?", "answers": ["black", "black", "grey"]}
   with optional "question_id" (int, default: the line number), "image_id", "question_type", "answer_type".
+  Any number of answers from 1; an unannotated split (test) has none on every line.
   """,
 }
 
@@ -75,25 +86,74 @@ class Jsonl(c.ManualBuilder):
     for line_no, rec in c.iter_json_lines(path):  # validate the whole file before writing anything
       where = f"line {line_no}"
       image = c.field(rec, "image", str, file=path, where=where)
-      image_path = os.path.join(folder, image)  # join keeps an absolute path as it is
-      image_id = c.field(rec, "image_id", str, file=path, where=where, default=image)
+      image_path = image_inside(folder, image, file=path, where=where)
+      image_id = c.field(rec, "image_id", (str, int), file=path, where=where, default=image)
       fields = parse_captions(rec, path, where) if schema == "captions" else parse_vqa(rec, path, line_no)
-      lines.append((line_no, image_path, image_id, fields))
+      lines.append((line_no, image_path, str(image_id), fields))
     if schema == "vqa":
-      seen: set[int] = set()
-      for line_no, _, _, fields in lines:
-        c.check_unique(seen, fields["question_id"], file=path, where=f"line {line_no}", what="question_id")
+      check_vqa_file(lines, path)
+    else:
+      lines = merge_images(lines, path)
 
     def make(line: tuple[int, str, str, dict]) -> tuple[str, dict] | None:
       line_no, image_path, image_id, fields = line
-      name = f"{path}:{line_no}"
+      name = f"{path}: record line {line_no}"
       fields = finish_captions(fields, tally, name) if schema == "captions" else finish_vqa(fields, tally, name)
       if fields is None:
         return None
-      data, height, width = self.images.read(image_path)
+      try:
+        data, height, width = self.images.read(image_path)
+      except BadImageError as e:  # the skip warning names the key as well as the file and line
+        raise BadImageError(f"key 'image': {e}") from e
       return f"{line_no}", {"image": data, "image_id": image_id, "height": height, "width": width, **fields}
 
-    return c.generate(((f"{path}:{line[0]} ({line[1]})", line) for line in lines), make, tally)
+    return c.generate(((f"{path}: record line {line[0]}", line) for line in lines), make, tally)
+
+
+def image_inside(folder: str, image: str, *, file: str, where: str) -> str:
+  """The path of `image` (relative to `folder`, or absolute), checked to name a file inside `folder`."""
+  if not image.strip():
+    raise c.RecordError(f"{file}: record {where}: key 'image' is empty; it names the image file, relative to "
+                        f"{folder}")
+  full = os.path.normpath(os.path.join(os.path.abspath(folder), image))  # join keeps an absolute path as it is
+  if not (_within(full, os.path.abspath(folder)) or _within(os.path.realpath(full), os.path.realpath(folder))):
+    raise c.RecordError(f"{file}: record {where}: key 'image' {image!r} is outside the folder {folder} of this "
+                        "file; image paths are relative to it and stay inside it (move the images there, or link "
+                        "their folder into it)")
+  return full
+
+
+def _within(path: str, folder: str) -> bool:
+  # Lexical, after normpath: a folder of images linked into the data folder counts as inside it.
+  return os.path.commonpath([path, os.path.normpath(folder)]) == os.path.normpath(folder)
+
+
+def check_vqa_file(lines: list[tuple[int, str, str, dict]], path: str) -> None:
+  """Unique question ids; either every question has answers (train, val) or none has (a test split)."""
+  seen: set[int] = set()
+  for line_no, _, _, fields in lines:
+    c.check_unique(seen, fields["question_id"], file=path, where=f"line {line_no}", what="question_id")
+  annotated = [line_no for line_no, _, _, fields in lines if fields["answers"]]
+  if annotated and len(annotated) != len(lines):
+    line_no = next(n for n, _, _, fields in lines if not fields["answers"])
+    raise c.RecordError(f"{path}: record line {line_no}: key 'answers' is missing or empty, while other questions "
+                        f"of this file have answers (e.g. line {annotated[0]}): give each question at least one "
+                        "(only a split without any answers, like a test split, leaves them out)")
+
+
+def merge_images(lines: list[tuple[int, str, str, dict]], path: str) -> list[tuple[int, str, str, dict]]:
+  """Caption lines of one image_id -> one record (at its first line) with their captions in line order."""
+  merged: dict[str, tuple[int, str, str, dict]] = {}
+  for line_no, image_path, image_id, fields in lines:
+    first = merged.get(image_id)
+    if first is None:
+      merged[image_id] = (line_no, image_path, image_id, {"captions": list(fields["captions"])})
+      continue
+    if first[1] != image_path:
+      raise c.RecordError(f"{path}: record line {line_no}: key 'image_id' {image_id!r} names image {image_path}, "
+                          f"but line {first[0]} gave it to {first[1]}: an image_id is one image")
+    first[3]["captions"].extend(fields["captions"])
+  return list(merged.values())
 
 
 def parse_captions(rec: dict, path: str, where: str) -> dict:
@@ -115,8 +175,12 @@ def finish_captions(fields: dict, tally: c.BadRecordTally, name: str) -> dict | 
 
 def parse_vqa(rec: dict, path: str, line_no: int) -> dict:
   where = f"line {line_no}"
+  answers = list(c.str_list(rec, "answers", file=path, where=where, default=[]))
+  for i, answer in enumerate(answers):
+    if not answer.strip():
+      raise c.RecordError(f"{path}: record {where}: key 'answers'[{i}] is blank; every answer is some text")
   return {"question": c.field(rec, "question", str, file=path, where=where),
-          "answers": c.str_list(rec, "answers", file=path, where=where),
+          "answers": answers,
           "question_id": c.field(rec, "question_id", int, file=path, where=where, default=line_no),
           "question_type": c.field(rec, "question_type", str, file=path, where=where, default=""),
           "answer_type": c.field(rec, "answer_type", str, file=path, where=where, default="")}
