@@ -155,7 +155,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
 def _check_finite(step: int, metrics: dict[str, float]) -> None:
     for k, v in metrics.items():
         if not math.isfinite(v):
-            raise NonFiniteLossError(f"Step {step}: train/{k} is {v}; stopping (the last checkpoint is kept).")
+            raise NonFiniteLossError(f"Step {step}: train/{k} is {v}")
 
 
 def _reduce(metric_pairs: dict) -> dict[str, float]:
@@ -296,6 +296,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             data_state = train_iter.get_state()
             preempted = sigterm.raised or checkpointer.reached_preemption(step)
             if checkpointer.should_save(step) or preempted or step == trainer.total_steps:
+                # Only finite steps are saved: this step's own loss (not one log interval later) and its
+                # parameters, else a rerun would resume from NaN and rotation would drop the finite steps.
+                if pending is not None:
+                    _accumulate(sums, pending[1], pending[0])
+                    pending = None
+                bad = ckpt_lib.nonfinite_leaves({"params": state["params"], "batch_stats": state["batch_stats"]})
+                if bad:
+                    raise NonFiniteLossError(f"Step {step}: {len(bad)} parameter arrays hold NaN/Inf (first: "
+                                             f"{bad[0]}); not saving it")
                 checkpointer.save(step, state, data_state, meta, force=preempted or step == trainer.total_steps)
             if preempted:
                 checkpointer.wait()
@@ -307,6 +316,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 logging.info("eval @ %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
         if pending is not None:
             _accumulate(sums, pending[1], pending[0])
+    except NonFiniteLossError as e:
+        newest = checkpointer.latest_step()
+        kept = "no checkpoint was saved" if newest is None else (
+            f"the newest checkpoint, {workdir / 'checkpoints' / str(newest)}, holds finite parameters: rerun "
+            "(e.g. with a lower learning rate) to resume from it")
+        raise NonFiniteLossError(f"{e}; stopping ({kept}).") from None
     finally:
         sigterm.restore()
         checkpointer.close()

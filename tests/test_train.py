@@ -107,9 +107,11 @@ def test_config_that_does_not_fit_the_checkpoint_names_the_parameter(data_dir, r
 
 
 def test_nan_loss_stops_with_step_and_metric(data_dir, tmp_path):
-    config = th.tiny_config(data_dir, total_steps=4, **{"optim.transformer.lr": float("nan")})
-    with pytest.raises(train.NonFiniteLossError, match=r"Step 2: train/\w*loss is nan"):
+    """A NaN loss at step 1 (Orbax saves a fresh run's first step) stops the run before that step is saved."""
+    config = th.tiny_config(data_dir, total_steps=4, **{"loss.itm_weight": float("nan")})
+    with pytest.raises(train.NonFiniteLossError, match=r"Step 1: train/\w*loss is nan.*no checkpoint was saved"):
         train.train_and_evaluate(config, str(tmp_path))
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
 
 
 def test_init_from_copies_the_encoder(data_dir, reference, tmp_path):
