@@ -42,14 +42,17 @@ def encode_images(model, variables, images: Sequence[np.ndarray], masks: Sequenc
         for s in range(0, len(idx), batch_size):
             part = idx[s:s + batch_size]
             pad = part + [part[-1]] * (batch_size - len(part))  # one static batch shape per bucket
-            px, pm = fn(variables, np.stack([images[i] for i in pad]), np.stack([masks[i] for i in pad]))
+            # To the host once per batch: indexing a multi-device result eagerly would dispatch one small
+            # cross-device program per image, each a collective that an overloaded CPU host can time out.
+            px, pm = jax.device_get(fn(variables, np.stack([images[i] for i in pad]),
+                                       np.stack([masks[i] for i in pad])))
             for j, i in enumerate(part):
                 chunks[i] = (px[j], pm[j])
     p_max = max(px.shape[0] for px, _ in chunks.values())
-    pixels = jnp.stack([jnp.pad(chunks[i][0], ((0, p_max - chunks[i][0].shape[0]), (0, 0)))
-                        for i in range(len(images))])
-    pmask = jnp.stack([jnp.pad(chunks[i][1], (0, p_max - chunks[i][1].shape[0])) for i in range(len(images))])
-    return pixels, pmask
+    pixels = np.stack([np.pad(chunks[i][0], ((0, p_max - chunks[i][0].shape[0]), (0, 0)))
+                       for i in range(len(images))])
+    pmask = np.stack([np.pad(chunks[i][1], (0, p_max - chunks[i][1].shape[0])) for i in range(len(images))])
+    return jnp.asarray(pixels), jnp.asarray(pmask)
 
 
 def cheap_similarity(model, variables, pixels, pixel_mask, input_ids, text_mask) -> np.ndarray:
