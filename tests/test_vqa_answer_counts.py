@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pixelbert_jax import predict, train
+from pixelbert_jax import evaluate, predict, train
 from pixelbert_jax.data import vqa_answers
 from pixelbert_jax.tasks import vqa, vqa_eval
 from tests import own_data_helpers as od
@@ -133,7 +133,8 @@ def test_finetune_on_one_and_three_answer_questions_evaluates_and_predicts(tmp_p
     assert (final["eval/vqa_num_official"], final["eval/vqa_num_custom"]) == (2, 4)
     for key in ("eval/vqa_acc", "eval/vqa_acc_custom", "eval/vqa_acc_all", "eval/vqa_acc_custom/unknown"):
         assert 0.0 <= final[key] <= 1.0, key
-    assert final["eval/vqa_acc_all"] == pytest.approx((2 * final["eval/vqa_acc"] + 4 * final["eval/vqa_acc_custom"]) / 6)
+    mean = (2 * final["eval/vqa_acc"] + 4 * final["eval/vqa_acc_custom"]) / 6
+    assert final["eval/vqa_acc_all"] == pytest.approx(mean)
     # The evaluation's own numbers, recomputed from its result file and the val file.
     records = json.loads((workdir / "results" / "vqa_val_step2.json").read_text())
     val = [json.loads(line) for line in (tmp_path / "mine" / "val.jsonl").read_text().splitlines()]
@@ -141,6 +142,18 @@ def test_finetune_on_one_and_three_answer_questions_evaluates_and_predicts(tmp_p
     assert vqa.official_metrics(records, gt)["vqa_acc_custom"] == pytest.approx(final["eval/vqa_acc_custom"])
     logged = [r for r in th.metrics(workdir) if "eval/vqa_acc_custom" in r]
     assert logged and logged[-1]["eval/vqa_acc_custom"] == final["eval/vqa_acc_custom"]
+    again = evaluate.evaluate(str(workdir))  # after training, from the workdir alone: the same numbers
+    assert again["step"] == 2 and again == pytest.approx({"step": 2, **final}, abs=1e-6)
     top = predict.Predictor(str(workdir)).answer(str(tmp_path / "mine" / "images" / "0.jpg"),
                                                  "what colour is the picture?", top_k=3)
     assert len(top) == 3 and all(a in answers for a, _ in top)
+
+
+def test_a_second_evaluation_rewrites_the_answer_vocab_file(tmp_path):
+    """Every VQA evaluation writes WORKDIR/answer_vocab.json; the second one (periodic evaluations,
+    `pixelbert_jax.evaluate` after training) must replace it, not fail on it."""
+    from pixelbert_jax.tasks import eval_loop
+    path = tmp_path / "answer_vocab.json"
+    eval_loop.write_json(path, ["a"])
+    eval_loop.write_json(path, ["a", "b"])
+    assert json.loads(path.read_text()) == ["a", "b"] and [p.name for p in tmp_path.iterdir()] == [path.name]

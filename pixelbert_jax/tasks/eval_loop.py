@@ -88,7 +88,7 @@ def write_text(path: epath.Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_text(text)
-    tmp.rename(path)
+    tmp.replace(path)  # not rename: epath's rename refuses an existing file, and answer_vocab.json is rewritten
     logging.info("Wrote %s", path)
 
 
