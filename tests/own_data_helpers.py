@@ -47,11 +47,17 @@ def vqa_records(image_dir: str, answer_counts: list[int], *, offset: int = 0) ->
     return records
 
 
-def write_vqa_folder(root: str, *, train_counts: list[int], val_counts: list[int]) -> str:
-    """root/images/*.jpg (8 of them), root/train.jsonl, root/val.jsonl: one question per line."""
-    write_images(os.path.join(root, "images"), 8)
+def write_vqa_folder(root: str, *, train_counts: list[int], val_counts: list[int], num_test: int = 0,
+                     images: bool = True) -> str:
+    """root/images/*.jpg (8 of them; not written when `images` is False), root/train.jsonl, root/val.jsonl:
+    one question per line; with `num_test`, root/test.jsonl of questions without answers."""
+    if images:
+        write_images(os.path.join(root, "images"), 8)
     _lines(os.path.join(root, "train.jsonl"), vqa_records("images", train_counts))
     _lines(os.path.join(root, "val.jsonl"), vqa_records("images", val_counts, offset=3))
+    if num_test:
+        test = vqa_records("images", [1] * num_test, offset=5)
+        _lines(os.path.join(root, "test.jsonl"), [{k: v for k, v in r.items() if k != "answers"} for r in test])
     return root
 
 

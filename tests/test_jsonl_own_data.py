@@ -72,7 +72,8 @@ def test_a_question_whose_image_file_is_missing(tmp_path, capsys):
     """A missing file is skipped and counted like any unreadable image (large crawled sets lose a few); past
     max_bad_fraction the build stops, and the line names the file, the line and the key."""
     manual = od.write_vqa_folder(str(tmp_path / "mine"), train_counts=[1, 3] * 4, val_counts=[1])
-    _append(os.path.join(manual, "train.jsonl"), {"image": "images/absent.jpg", "question": "what?", "answers": ["red"]})
+    _append(os.path.join(manual, "train.jsonl"),
+            {"image": "images/absent.jpg", "question": "what?", "answers": ["red"]})
     assert _prepare(manual, tmp_path / "tfds") == 1
     line = _one_error_line(capsys)
     assert "1 of 9 records skipped" in line
