@@ -113,3 +113,17 @@ def test_caption_lines_of_one_image_become_one_record(tmp_path, capsys):
     _append(os.path.join(manual, "train.jsonl"), {"image": "images/1.jpg", "caption": "x", "image_id": "images/0.jpg"})
     assert _prepare(manual, tmp_path / "tfds2", "captions") == 1
     assert ("train.jsonl: record line 9: key 'image_id' 'images/0.jpg' names image" in _one_error_line(capsys))
+
+
+def test_training_reports_a_missing_image_file_on_one_line(tmp_path):
+    """Training builds a missing dataset itself; main.py prints a ValueError as one `error:` line (not a
+    traceback), so the too-many-skipped error of a user's file must be one."""
+    from pixelbert_jax.data import builders
+    from pixelbert_jax.data.config import data_config
+    manual = od.write_vqa_folder(str(tmp_path / "mine"), train_counts=[1, 3], val_counts=[1])
+    _append(os.path.join(manual, "train.jsonl"),
+            {"image": "images/absent.jpg", "question": "what?", "answers": ["red"]})
+    cfg = data_config("jsonl")
+    cfg.data_dir, cfg.manual_dir = str(tmp_path / "tfds"), manual
+    with pytest.raises(ValueError, match=r"train\.jsonl: record line 3: key 'image': .*absent\.jpg"):
+        builders.data_source(cfg, "vqa", "train")

@@ -90,7 +90,8 @@ def test_jsonl_vqa_through_the_pipeline_picks_the_vqa_config(tmp_path):
   vocab = pipeline.answer_vocab(c)
   assert sorted(vocab) == ["0", "1", "2"]  # each train question has its own answer, given 3 times
   batch = next(pipeline.make_iterator(c, "vqa", "train", batch_size=1, seed=0))
-  assert batch["vqa_targets"].shape == (1, 3) and batch["vqa_targets"].max() == pytest.approx(0.9)
+  # 3 answers, all the same: our rule for n != 10 answers, min(1, 3 / min(3, 3)) = 1 (10 answers: 0.3 each)
+  assert batch["vqa_targets"].shape == (1, 3) and batch["vqa_targets"].max() == pytest.approx(1.0)
 
 
 def test_task_of_another_schema_is_refused(tmp_path):

@@ -32,8 +32,9 @@ class RecordError(ValueError):
   """A record the builder does not understand; the message names the file, the record and the key."""
 
 
-class TooManyBadRecordsError(RuntimeError):
-  """More than the allowed fraction of a split was skipped."""
+class TooManyBadRecordsError(ValueError):
+  """More than the allowed fraction of a split was skipped. A ValueError, as bad input is: a training run that
+  builds the dataset itself (main.py) then reports it on one `error:` line, as `prepare` does."""
 
 
 # ---------------------------------------------------------------------------------------------- schemas
