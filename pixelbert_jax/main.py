@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from pixelbert_jax import distributed, paths
+from pixelbert_jax import distributed, paths, run_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True)
@@ -50,7 +50,7 @@ def main(argv):
     logging.info("Process %d/%d (%s)", info.process_index, info.process_count, info.detected_by)
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (FloatingPointError, ValueError, FileNotFoundError) as e:  # NonFiniteLossError included
+    except (FloatingPointError, ValueError, FileNotFoundError, run_lock.WorkdirBusyError) as e:  # NonFiniteLossError
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -2,6 +2,9 @@
 
 Only process 0 writes; the other processes get a writer that does nothing, so callers need no branches.
 tensorboardX rather than clu: clu's writers pull in TensorFlow.
+
+A resumed run passes `resume_step`: the rows a killed or preempted run wrote after that checkpoint are
+dropped (they are written again), so no step appears twice; TensorBoard purges those events the same way.
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ from etils import epath
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None):
+    def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = None
+        self._rows_dropped = 0
         if not self.enabled:
             return
         workdir = epath.Path(workdir)
@@ -26,13 +30,44 @@ class MetricWriter:
         self._path = workdir / "metrics.jsonl"
         # Object stores (gs://) cannot append: there the file is rewritten whole at each write.
         self._rewrite = "://" in str(workdir)
-        self._rows: list[str] = self._path.read_text().splitlines() if self._rewrite and self._path.exists() else []
+        reads = self._rewrite or resume_step is not None
+        self._rows: list[str] = self._path.read_text().splitlines() if reads and self._path.exists() else []
+        if resume_step is not None:
+            self._drop_rows_after(resume_step)
+        if not self._rewrite:
+            self._rows = []  # appended to the file from here on; only object stores keep them to rewrite
         self._jsonl = None if self._rewrite else self._path.open("a")
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            purge = {"purge_step": resume_step + 1} if resume_step is not None and self._rows_dropped else {}
+            self._tb = SummaryWriter(str(workdir / "tensorboard"), **purge)
         except ImportError:  # tensorboardX is an install requirement; a stripped environment still logs JSONL.
             logging.warning("tensorboardX is not installed: no TensorBoard events will be written")
+
+    def _drop_rows_after(self, step: int) -> None:
+        """Keeps the rows up to `step` (none for a run that starts at 0: the rows belong to a run that saved
+        nothing) and drops unreadable ones (a line cut by kill -9 while being written)."""
+        kept = []
+        for line in self._rows:
+            try:
+                row_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if 0 < step and row_step <= step:
+                kept.append(line)
+        self._rows_dropped = len(self._rows) - len(kept)
+        if self._rows_dropped:
+            where = f"after step {step}, where this run resumes" if step else "by a run that saved no checkpoint"
+            logging.warning("%s: dropped %d rows written %s (they are written again)", self._path,
+                            self._rows_dropped, where)
+            text = "".join(row + "\n" for row in kept)
+            if self._rewrite:
+                self._path.write_text(text)
+            else:  # whole or not at all: a kill now leaves the old file
+                tmp = self._path.with_name(self._path.name + ".tmp")
+                tmp.write_text(text)
+                tmp.replace(self._path)
+        self._rows = kept
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:

@@ -23,7 +23,7 @@ import optax
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import metrics_writer, optim, partitioning, paths, xla_options
+from pixelbert_jax import metrics_writer, optim, partitioning, paths, run_lock, xla_options
 from pixelbert_jax.data import pipeline
 from pixelbert_jax.models import build_model, dummy_inputs
 from pixelbert_jax.tasks import get_task
@@ -221,6 +221,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # data folders, vocab and init_from / init_from_torch, so that load_init and config.json see absolute ones.
     workdir = epath.Path(paths.resolve(workdir))
     paths.resolve_config(config)
+    lock = _lock_workdir(workdir)
+    try:
+        return _train_and_evaluate(config, workdir)
+    finally:
+        lock.release()
+
+
+def _lock_workdir(workdir: epath.Path) -> run_lock.RunLock | run_lock.NoLock:
+    """Process 0 holds WORKDIR/run.lock for the whole run (run_lock.py), taken before anything in the workdir
+    is written or deleted; on several processes all of them learn whether it got it."""
+    lock, error = run_lock.NoLock(), ""
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = run_lock.acquire(str(workdir))
+        except run_lock.WorkdirBusyError as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        if int(multihost_utils.broadcast_one_to_all(np.int32(bool(error)))) and not error:
+            error = f"workdir {workdir} is in use by another run (process 0 names it)"
+    if error:
+        raise run_lock.WorkdirBusyError(error)
+    return lock
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, float]:
     if config.task == "vqa" and int(config.model.num_answers) == 0:
         # 0 = the size of the answer vocabulary built from the train split (your own data: not known in advance);
         # set before config.json and the checkpoint's meta are written, so predict builds the same head.
@@ -261,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, start = trainer.init_state(config.seed), 0
         state = load_init(trainer, state)
 
-    writer = metrics_writer.MetricWriter(workdir)
+    writer = metrics_writer.MetricWriter(workdir, resume_step=start)
     if start == 0:
         state = _warm_start_cnn(trainer, state, writer)
     progress = metrics_writer.ProgressLine(trainer.total_steps, start)

@@ -6,15 +6,21 @@ as subprocesses where the command line is (one-line errors, exit codes, signals)
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import predict, train
+from pixelbert_jax import predict, run_lock, train
 from tests import train_helpers as th
 
 
@@ -98,7 +104,6 @@ def test_truncated_newest_step_of_a_finished_run_is_healed_by_a_rerun(data_dir, 
         rc = predict.main(["--checkpoint", str(workdir), "--image", str(image), "--caption", "a red star"])
         out = capsys.readouterr()
         assert rc == 0, out.err
-        import json
         return json.loads(out.out)
 
     with caplog.at_level(logging.WARNING):
@@ -122,3 +127,86 @@ def test_unfinished_checkpoint_folders_are_removed_at_start(data_dir, reference,
     (leftover / "params" / "blob").write_bytes(b"\0" * 1000)
     train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6), str(workdir))
     assert not leftover.exists() and _steps(workdir) == [2, 4, 6]
+
+
+# -- one run per workdir -------------------------------------------------------------------------------------------
+
+class _LongRun:
+    """One long subprocess run, shared by the tests that need a run in progress (the concurrent run, Ctrl-C);
+    started again only if a test has ended it."""
+
+    def __init__(self, data_dir, tmp_path_factory):
+        self.data_dir, self.factory, self.proc = data_dir, tmp_path_factory, None
+
+    def __call__(self) -> tuple[subprocess.Popen, object]:
+        if self.proc is None or self.proc.poll() is not None:
+            self.workdir = self.factory.mktemp("long_run")
+            overrides = {**th.tiny_overrides(self.data_dir, total_steps=500), "checkpoint_every_steps": 1000}
+            self.proc = subprocess.Popen(th.main_command(str(self.workdir), overrides), cwd=th.REPO, text=True,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and self.proc.poll() is None and not th.metrics(self.workdir):
+                time.sleep(0.05)
+            assert self.proc.poll() is None, self.proc.stderr.read()[-3000:]
+        return self.proc, self.workdir
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def long_run(data_dir, tmp_path_factory):
+    runs = _LongRun(data_dir, tmp_path_factory)
+    yield runs
+    runs.close()
+
+
+def _one_error_line(stderr: str) -> str:
+    """The stderr of a failed command: exactly one `error: ` line and no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return errors[0]
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_in_one_line(data_dir, long_run):
+    proc, workdir = long_run()
+    second = th.run_main(str(workdir), th.tiny_overrides(data_dir, total_steps=500))
+    assert second.returncode == 1
+    line = _one_error_line(second.stderr)
+    assert f"workdir {workdir} is in use by pid {proc.pid} on {socket.gethostname()}" in line, line
+    assert proc.poll() is None, "the first run must go on"
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(data_dir, reference, tmp_path, caplog):
+    workdir = _copy(reference, tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (workdir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "x"}))
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6), str(workdir))
+    assert f"Taking over the lock {workdir / 'run.lock'} of pid {dead.pid}" in caplog.text
+    assert not (workdir / "run.lock").exists(), "released at the end"
+
+
+def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
+    (tmp_path / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "x"}))
+    with pytest.raises(run_lock.WorkdirBusyError, match=r"locked by pid 1 on elsewhere.*delete the lock file"):
+        run_lock.acquire(str(tmp_path))
+    (tmp_path / "free").mkdir()
+    held = run_lock.acquire(str(tmp_path / "free"))
+    with pytest.raises(run_lock.WorkdirBusyError, match="is in use by pid"):
+        run_lock.acquire(str(tmp_path / "free"))  # the same process twice, as two in-process runs would
+    held.release()
+    run_lock.acquire(str(tmp_path / "free")).release()
+
+
+def test_metrics_jsonl_has_no_duplicate_steps_after_a_resume(data_dir, reference, tmp_path):
+    """A run killed after logging steps 5 and 6 but before saving 6 resumes from 4 and logs 5 and 6 again."""
+    workdir = _copy(reference, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6), str(workdir))
+    rows = th.metrics(workdir)
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "eval/itm_acc" in r] == [6]
