@@ -147,9 +147,25 @@ class Trainer:
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    """Writes config.json once the run is accepted (its checkpoint restored, or a fresh start): predict reads
+    it, so a rerun refused with another model must not replace it. A different earlier config is kept as
+    config.<when it was written>.json."""
+    if jax.process_index() != 0:
+        return
+    path, text = workdir / "config.json", json.dumps(config.to_dict(), indent=2, default=str)
+    if path.exists() and path.read_text() != text:
+        try:
+            written = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().mtime))
+        except (OSError, AttributeError):
+            written = time.strftime("%Y%m%d-%H%M%S")
+        kept = workdir / f"config.{written}.json"
+        n = 1
+        while kept.exists():
+            n += 1
+            kept = workdir / f"config.{written}-{n}.json"
+        path.rename(kept)
+        logging.info("The config differs from the previous run's, kept as %s", kept)
+    path.write_text(text)
 
 
 def _check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -260,7 +276,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
         if config[name] % dp or config[name] % pc:
             raise ValueError(f"config.{name}={config[name]} must be divisible by the data-parallel mesh "
                              f"size {dp} and the process count {pc}")
-    _write_config(config, workdir)
     trainer = Trainer(config, mesh)
     logging.info("XLA compile options of the steps: %s (pixelbert_jax/xla_options.py)",
                  trainer.compiler_options or "XLA's defaults")
@@ -287,6 +302,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
     else:
         state, start = trainer.init_state(config.seed), 0
         state = load_init(trainer, state)
+    _write_config(config, workdir)
 
     writer = metrics_writer.MetricWriter(workdir, resume_step=start)
     if start == 0:

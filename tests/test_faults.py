@@ -210,3 +210,28 @@ def test_metrics_jsonl_has_no_duplicate_steps_after_a_resume(data_dir, reference
     rows = th.metrics(workdir)
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if "eval/itm_acc" in r] == [6]
+
+
+# -- config.json ---------------------------------------------------------------------------------------------------
+
+def test_a_rejected_rerun_leaves_config_json_unchanged(data_dir, reference, tmp_path):
+    """predict reads config.json (max_text_len among others): a rerun refused with another model and text length
+    used to overwrite it, and predict then scored the same checkpoint differently."""
+    workdir = _copy(reference, tmp_path)
+    before = (workdir / "config.json").read_bytes()
+    config = th.tiny_config(data_dir, total_steps=8, **{"model.intermediate_size": 48, "data.max_text_len": 20})
+    with pytest.raises(ckpt_lib.CheckpointMismatchError):
+        train.train_and_evaluate(config, str(workdir))
+    assert (workdir / "config.json").read_bytes() == before
+    assert sorted(p.name for p in workdir.glob("config*.json")) == ["config.json"]
+
+
+def test_an_accepted_rerun_with_another_config_keeps_the_earlier_one(data_dir, reference, tmp_path):
+    workdir = _copy(reference, tmp_path)
+    before = (workdir / "config.json").read_text()
+    train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6), str(workdir))  # finished: nothing changes
+    assert sorted(p.name for p in workdir.glob("config*.json")) == ["config.json"]
+    train.train_and_evaluate(th.tiny_config(data_dir, total_steps=7), str(workdir))
+    kept = [p for p in workdir.glob("config.*.json")]
+    assert len(kept) == 1 and kept[0].read_text() == before, kept
+    assert json.loads((workdir / "config.json").read_text())["total_steps"] == 7
