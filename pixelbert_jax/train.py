@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -178,19 +179,28 @@ def _reduce(metric_pairs: dict) -> dict[str, float]:
     return {k: float(s / max(c, 1e-9)) for k, (s, c) in metric_pairs.items()}
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks, so the run saves a checkpoint and exits cleanly."""
+class _StopFlag:
+    """Turns SIGTERM and the first SIGINT (Ctrl-C) into a flag the loop checks, so the run saves a checkpoint
+    at the current step and exits cleanly; a SIGINT after that aborts at once, without saving."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handler)
+        # Python lets only the main thread set handlers; elsewhere (an embedding app) the signals stay its own.
+        self._active = threading.current_thread() is threading.main_thread()
+        self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS} if self._active else {}
 
     def _handler(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        if signum == signal.SIGINT and self.raised:
+            raise KeyboardInterrupt
+        logging.warning("%s received: saving a checkpoint and stopping%s.", signal.Signals(signum).name,
+                        " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else "")
         self.raised = True
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def load_init(trainer: Trainer, state: State) -> State:
@@ -308,7 +318,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
     if start == 0:
         state = _warm_start_cnn(trainer, state, writer)
     progress = metrics_writer.ProgressLine(trainer.total_steps, start)
-    sigterm = _SigtermFlag()
+    stop = _StopFlag()
     sums: dict[str, Any] = {}
     pending: tuple[int, dict] | None = None  # the previous step's metrics, fetched one step late
     t_log, n_log = time.monotonic(), 0
@@ -337,7 +347,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
                 logging.info(progress.format(step, logged))
                 sums, t_log, n_log = {}, time.monotonic(), 0
             data_state = train_iter.get_state()
-            preempted = sigterm.raised or checkpointer.reached_preemption(step)
+            preempted = stop.raised or checkpointer.reached_preemption(step)
             if checkpointer.should_save(step) or preempted or step == trainer.total_steps:
                 # Only finite steps are saved: this step's own loss (not one log interval later) and its
                 # parameters, else a rerun would resume from NaN and rotation would drop the finite steps.
@@ -366,7 +376,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
             "(e.g. with a lower learning rate) to resume from it")
         raise NonFiniteLossError(f"{e}; stopping ({kept}).") from None
     finally:
-        sigterm.restore()
+        stop.restore()
         checkpointer.close()
         writer.close()
     return final

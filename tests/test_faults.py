@@ -235,3 +235,31 @@ def test_an_accepted_rerun_with_another_config_keeps_the_earlier_one(data_dir, r
     kept = [p for p in workdir.glob("config.*.json")]
     assert len(kept) == 1 and kept[0].read_text() == before, kept
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 7
+
+
+# -- signals -------------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_zero(long_run):
+    """SIGINT used to exit 130 with a traceback and lose every step since the last checkpoint."""
+    proc, workdir = long_run()
+    time.sleep(1.0)  # a few steps past the first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGINT received: saving a checkpoint and stopping" in err and "Traceback" not in err, err[-3000:]
+    last_logged = max(r["step"] for r in th.metrics(workdir))
+    assert _steps(workdir)[-1] == last_logged < 500
+    assert not (workdir / "run.lock").exists()
+
+
+def test_a_second_ctrl_c_aborts_without_saving():
+    before = signal.getsignal(signal.SIGINT)
+    stop = train._StopFlag()
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.raised
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
