@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-from pixelbert_jax import paths
+from pixelbert_jax import cli_errors, paths
 
 PANEL_W, PANEL_H = 620, 380
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 62, 16, 30, 44
@@ -209,12 +209,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m pixelbert_jax.plot", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a training workdir (holds metrics.jsonl)")
   parser.add_argument("--out", required=True, help="the PNG to write")
+  parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
   args = parser.parse_args(argv)
   try:
     result = plot(args.workdir, args.out)
   except PlotError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    return cli_errors.interrupted()
+  except Exception as e:  # noqa: BLE001 - anything else is one line too; --verbose shows where
+    return cli_errors.report(e, verbose=args.verbose)
   print(json.dumps(result, indent=2))
   return 0
 

@@ -6,7 +6,8 @@
 
 The checkpoint's `meta` item says its task: VQA checkpoints answer questions; retrieval checkpoints (score
 from the retrieval head) and pre-training checkpoints (image-text matching probability) score and rank
-captions. Bad input gets a one-line `error: ...` naming the file, the text or the task, and exit code 2.
+captions. Bad input gets a one-line `error: ...` naming the file, the text or the task, and exit code 2; any
+other failure one `error:` line too, exit code 1 (the traceback with --verbose).
 Python: `Predictor(WORKDIR).answer(path, question)`, `.score(path, caption)`, `.rank(path, captions)`.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import paths, xla_options
+from pixelbert_jax import cli_errors, paths, xla_options
 from pixelbert_jax.data import pipeline, text
 from pixelbert_jax.data.preprocess import BadImageError, decode_image, resize_and_pad
 from pixelbert_jax.models import build_model
@@ -156,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--caption")
     group.add_argument("--captions", nargs="+")
     parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
     args = parser.parse_args(argv)
     try:
         predictor = Predictor(args.checkpoint)
@@ -173,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ckpt_lib.CheckpointMismatchError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return cli_errors.interrupted()
+    except Exception as e:  # noqa: BLE001 - anything else is one line too; --verbose shows where
+        return cli_errors.report(e, verbose=args.verbose)
     print(json.dumps(result, indent=2))
     return 0
 

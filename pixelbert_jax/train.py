@@ -24,7 +24,7 @@ import optax
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import metrics_writer, optim, partitioning, paths, run_lock, xla_options
+from pixelbert_jax import config_checks, metrics_writer, optim, partitioning, paths, run_lock, xla_options
 from pixelbert_jax.data import pipeline
 from pixelbert_jax.models import build_model, dummy_inputs
 from pixelbert_jax.tasks import get_task
@@ -247,6 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # data folders, vocab and init_from / init_from_torch, so that load_init and config.json see absolute ones.
     workdir = epath.Path(paths.resolve(workdir))
     paths.resolve_config(config)
+    config_checks.validate(config)  # before anything runs, each bad value by key
     lock = _lock_workdir(workdir)
     try:
         return _train_and_evaluate(config, workdir)
@@ -259,6 +260,8 @@ def _lock_workdir(workdir: epath.Path) -> run_lock.RunLock | run_lock.NoLock:
     is written or deleted; on several processes all of them learn whether it got it."""
     lock, error = run_lock.NoLock(), ""
     if jax.process_index() == 0:
+        if workdir.exists() and not workdir.is_dir():
+            raise NotADirectoryError(f"workdir {workdir} is a file, not a folder")
         workdir.mkdir(parents=True, exist_ok=True)
         try:
             lock = run_lock.acquire(str(workdir))

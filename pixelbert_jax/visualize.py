@@ -42,7 +42,7 @@ from flax import traverse_util
 from PIL import Image, ImageDraw, ImageFont
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import paths
+from pixelbert_jax import cli_errors, paths
 from pixelbert_jax.data import text as text_lib
 from pixelbert_jax.data.preprocess import resize_and_pad
 from pixelbert_jax.models import build_model
@@ -597,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--num_images", type=int, default=200)
   parser.add_argument("--captions_per_image", type=int, default=5)
   parser.add_argument("--split", default="val", choices=("val", "test"))
+  parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
   args = parser.parse_args(argv)
   if not args.grounding_check and (args.image is None or args.text is None or args.out is None):
     parser.error("--image, --text and --out are required (unless --grounding_check)")
@@ -622,6 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except OSError as e:  # an output folder that cannot be written
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    return cli_errors.interrupted()
+  except Exception as e:  # noqa: BLE001 - anything else is one line too; --verbose shows where
+    return cli_errors.report(e, verbose=args.verbose)
   return 0
 
 

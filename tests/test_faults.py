@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -177,6 +178,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_in_one_line(data_dir, long_ru
     line = _one_error_line(second.stderr)
     assert f"workdir {workdir} is in use by pid {proc.pid} on {socket.gethostname()}" in line, line
     assert proc.poll() is None, "the first run must go on"
+    assert not (workdir / "error.log").exists(), "the refused run writes nothing into the other run's workdir"
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(data_dir, reference, tmp_path, caplog):
@@ -263,3 +265,121 @@ def test_a_second_ctrl_c_aborts_without_saving():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+# -- clean failures: one `error:` line ------------------------------------------------------------------------------
+
+def test_disk_full_is_one_line_and_the_previous_step_restores_bit_exact(data_dir, reference, tmp_path):
+    """Writes under checkpoints/4 fail with ENOSPC (tests/fault_main.py). Before: 451 Orbax tracebacks, the
+    unfinished 4.orbax-checkpoint-tmp left to keep the disk full, and no `error:` line."""
+    workdir = tmp_path / "run"
+    overrides = {**th.tiny_overrides(data_dir, total_steps=6), "keep_checkpoints": 1}
+    command = th.main_command(str(workdir), overrides)
+    command[2] = "tests.fault_main"
+    done = subprocess.run(command, cwd=th.REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PIXELBERT_TEST_DISK_FULL": f"{workdir}:4"})
+    assert done.returncode == 1, done.stderr[-3000:]
+    line = _one_error_line(done.stderr)
+    assert line.startswith(f"error: disk full: could not write {workdir / 'checkpoints' / '4'}"), line
+    assert " free in " in line and f"{workdir / 'checkpoints' / '2'} is the newest complete checkpoint" in line
+    noise = [s for s in done.stderr.splitlines() if not s.startswith("I")]  # absl INFO: the progress lines
+    assert len(noise) < 20, "\n".join(noise)
+    assert "Traceback" in (workdir / "error.log").read_text()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]  # no tmp folder left
+    reference_step_2 = ckpt_lib.load_model_variables(reference, 2)[0]
+    th.assert_same_params(th.final_params(workdir), {"step": 2, **_flat(reference_step_2)})
+    train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6, keep_checkpoints=1), str(workdir))  # space freed
+    th.assert_same_params(th.final_params(workdir), th.final_params(reference))
+
+
+MAIN_ERRORS = {  # case: (overrides or other arguments, the error line)
+    "unknown_key": ({"log_every_step": 3}, "error: unknown config key --config.log_every_step (did you mean "
+                                           "'log_every_steps'?)"),
+    "missing_config_file": ("--config=configs/no_such_file.py", f"error: config file {th.REPO}/configs/"
+                                                                "no_such_file.py does not exist"),
+    "log_every_steps_0": ({"log_every_steps": 0}, "error: config.log_every_steps=0 must be > 0"),
+    "batch_size_0": ({"batch_size": 0}, "error: config.batch_size=0 must be > 0"),
+    "checkpoint_every_steps_0": ({"checkpoint_every_steps": 0}, "error: config.checkpoint_every_steps=0 must be > 0"),
+    "negative_lr": ({"optim.transformer.lr": -0.001}, "error: config.optim.transformer.lr=-0.001 must be >= 0"),
+    "total_steps_0": ({"total_steps": 0}, "error: config.total_steps=0 must be -1 (use num_epochs) or > 0"),
+    "keep_checkpoints_0": ({"keep_checkpoints": 0}, "error: config.keep_checkpoints=0 must be >= 1"),
+    "workdir_is_a_file": ("WORKDIR_FILE", "error: --workdir {workdir} is a file, not a folder"),
+}
+
+
+@pytest.fixture(scope="module")
+def main_errors(data_dir, tmp_path_factory):
+    """Every case of MAIN_ERRORS as its own `python -m pixelbert_jax.main`, all started together (each stops
+    before JAX starts, so the 2 cores run their imports side by side)."""
+    procs = {}
+    for case, (given, _) in MAIN_ERRORS.items():
+        workdir = tmp_path_factory.mktemp(case) / "run"
+        overrides = th.tiny_overrides(data_dir, total_steps=2)
+        command = th.main_command(str(workdir), {**overrides, **(given if isinstance(given, dict) else {})})
+        if given == "WORKDIR_FILE":
+            workdir.write_text("not a folder")
+        elif isinstance(given, str):
+            command[3] = given
+        procs[case] = (workdir, subprocess.Popen(command, cwd=th.REPO, text=True, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE))
+    results = {case: (workdir, proc.communicate(timeout=600), proc.returncode)
+               for case, (workdir, proc) in procs.items()}
+    for workdir, (out, err), rc in results.values():
+        if rc == 0 and workdir.is_dir():
+            shutil.rmtree(workdir)  # the old code trained: keep the temporary space small
+    return results
+
+
+@pytest.mark.parametrize("case", sorted(MAIN_ERRORS))
+def test_main_ends_bad_input_with_one_error_line(main_errors, case):
+    workdir, (_, err), rc = main_errors[case]
+    assert rc == 2, err[-3000:]
+    expected = MAIN_ERRORS[case][1].format(workdir=workdir)
+    assert _one_error_line(err).startswith(expected), err[-3000:]
+    if case != "workdir_is_a_file":
+        assert not workdir.exists(), "nothing may be written before the config is checked"
+
+
+def test_predict_given_a_file_as_checkpoint_is_one_line(reference, image, capsys):
+    rc = predict.main(["--checkpoint", str(reference / "config.json"), "--image", str(image), "--caption", "a star"])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error_line(err) == (f"error: Checkpoint path {reference / 'config.json'} is a file; "
+                                                "expected a workdir, its checkpoints/ folder or a step folder")
+
+
+def test_convert_to_torch_without_torch_is_one_line_before_any_output(reference, tmp_path, capsys, monkeypatch):
+    from pixelbert_jax.convert.__main__ import main as convert_main
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    out = tmp_path / "out"
+    rc = convert_main(["to-torch", "--checkpoint", str(reference), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and _one_error_line(err).startswith("error: torch is not installed"), err
+    assert "--no-verify" in err and not out.exists()
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_prepare_without_manual_dir_files_is_one_line(tmp_path, capsys, state):
+    from pixelbert_jax.data import prepare
+    manual = tmp_path / "downloads"
+    if state == "empty":
+        manual.mkdir()
+    rc = prepare.main(["--dataset", "coco_karpathy", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "tfds")])
+    err = capsys.readouterr().err
+    word = "does not exist" if state == "missing" else "is empty"
+    assert rc == 1 and _one_error_line(err) == (f"error: --manual_dir {manual} {word}: put the downloaded "
+                                                "coco_karpathy files there (which ones: docs/real_datasets.md)")
+
+
+def test_a_caption_longer_than_max_text_len_is_cut_with_one_warning(tmp_path, caplog):
+    from pixelbert_jax.data import text
+    tok = text.load_tokenizer(text.write_world_vocab(str(tmp_path), ["red", "star"]))
+    text._truncated["count"] = 0
+    with caplog.at_level(logging.WARNING):
+        ids, mask, _ = text.encode(tok, " ".join(["red star"] * 2500), 40)
+        for _ in range(5):
+            text.encode(tok, " ".join(["red star"] * 2500), 40)
+        text.encode(tok, "red star", 40)
+    assert mask.sum() == 40
+    warnings = [r.getMessage() for r in caplog.records if "max_text_len" in r.getMessage()]
+    assert warnings == ["A text of 5002 tokens was cut to max_text_len=40 (1 text cut so far; raise "
+                        "config.data.max_text_len to keep more of them)."]

@@ -5,13 +5,16 @@
              [--set model.hidden_size=32 ...] [--seed N] [--no-verify]
 
 Errors in the inputs (missing paths, truncated or foreign files, checkpoints of another config, tensors
-that do not fit) end with one line on stderr naming the culprit and exit status 1; outputs that disagree
-with the Flax model exit with status 2.
+that do not fit, no torch to verify with) end with one line on stderr naming the culprit and exit status 1,
+before any output is written where they can be known then; outputs that disagree with the Flax model exit
+with status 2. --verbose prints the traceback of a failure.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+from pixelbert_jax import cli_errors
 
 NO_VERIFY_BANNER = ("WARNING: --no-verify: the converted weights were NOT compared with the Flax model. "
                     "Use this only where torch is not installed, and verify elsewhere before trusting them.")
@@ -20,6 +23,7 @@ NO_VERIFY_BANNER = ("WARNING: --no-verify: the converted weights were NOT compar
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m pixelbert_jax.convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("to-torch", help="Orbax checkpoint -> torchvision / HF / whole-model PyTorch files")
   t.add_argument("--checkpoint", required=True, help="a workdir, its checkpoints/ folder or a step folder")
@@ -46,6 +50,16 @@ def _one_line(e: BaseException) -> str:
   return text
 
 
+def _require_torch() -> None:
+  """Verification runs the PyTorch model: without torch, say so before anything is written (it used to fail
+  only after writing every output file)."""
+  try:
+    import torch  # noqa: F401
+  except ImportError as e:
+    raise ValueError(f"torch is not installed ({e}); the conversion is verified with it: pip install "
+                     "'pixelbert_jax[torch]', or pass --no-verify to convert without checking") from None
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   from pixelbert_jax.checkpoint import CheckpointMismatchError
@@ -55,6 +69,8 @@ def main(argv=None) -> int:
   if args.no_verify:
     print(NO_VERIFY_BANNER, file=sys.stderr)
   try:
+    if not args.no_verify:
+      _require_torch()
     if args.command == "to-torch":
       from pixelbert_jax.convert.to_torch import to_torch
       to_torch(args.checkpoint, args.out, step=args.step, verify=not args.no_verify, tolerance=args.tolerance)
@@ -67,6 +83,10 @@ def main(argv=None) -> int:
   except (FileNotFoundError, TensorFileError, MappingError, CheckpointMismatchError, ValueError, KeyError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    return cli_errors.interrupted()
+  except Exception as e:  # noqa: BLE001 - anything else is one line too; --verbose shows where
+    return cli_errors.report(e, verbose=args.verbose)
   if args.no_verify:
     print(NO_VERIFY_BANNER, file=sys.stderr)
   print(f"done: {args.out}")

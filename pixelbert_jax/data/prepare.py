@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
 import tensorflow_datasets as tfds
 
-from pixelbert_jax import paths
+from pixelbert_jax import cli_errors, paths
 from pixelbert_jax.data.builders._common import (DEFAULT_MAX_BAD_FRACTION, VERIFY_MODES, RecordError,
                                                  TooManyBadRecordsError)
 from pixelbert_jax.data.preprocess import DEFAULT_MAX_PIXELS
@@ -48,6 +49,11 @@ def prepare(dataset: str, *, manual_dir: str, data_dir: str, max_bad_fraction: f
   if builder_kwargs.get("exclude_coco_heldout"):
     builder_kwargs["exclude_coco_heldout"] = paths.resolve(builder_kwargs["exclude_coco_heldout"])
   cls = builder_class(dataset)
+  if getattr(cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
+    # TFDS would stop with an AssertionError and its traceback.
+    state = "is empty" if os.path.isdir(manual_dir) else "is a file" if os.path.exists(manual_dir) else "does not exist"
+    raise FileNotFoundError(f"--manual_dir {manual_dir} {state}: put the downloaded {dataset} files there "
+                            "(which ones: docs/real_datasets.md)")
   configs = [cfg.name for cfg in cls.BUILDER_CONFIGS]
   if configs and builder_config not in configs:
     raise ValueError(f"dataset {dataset!r} needs builder_config, one of {configs}; got {builder_config!r}")
@@ -87,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="images with more pixels are refused (decompression bombs)")
   parser.add_argument("--exclude_coco_heldout", default=None, metavar="DATASET_COCO_JSON",
                       help="visual_genome only: leave out VG images that are COCO Karpathy val/test images")
+  parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
   args = parser.parse_args(argv)
   extra = {}
   if args.exclude_coco_heldout:
@@ -102,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # These messages already name the file, record and key; a traceback through TFDS adds nothing.
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    return cli_errors.interrupted()
+  except Exception as e:  # noqa: BLE001 - anything else is one line too; --verbose shows where
+    return cli_errors.report(e, verbose=args.verbose)
   print(summary(builder))
   return 0
 

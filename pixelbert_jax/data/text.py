@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -52,6 +54,10 @@ def encode(tok: BertTokenizerFast, text: str, max_len: int,
   enc = tok(text, max_length=max_len, truncation=True, padding="max_length", return_offsets_mapping=True)
   ids = np.asarray(enc["input_ids"], np.int32)
   mask = np.asarray(enc["attention_mask"], np.int32)
+  if mask[-1]:  # filled to the last position: count the whole text once to tell a cut from an exact fit
+    full = len(tok(text, truncation=False)["input_ids"])
+    if full > max_len:
+      _note_truncation(full, max_len)
   grounded = np.zeros(max_len, np.float32)
   if len(grounded_words):
     spans, pos = [], 0
@@ -64,6 +70,21 @@ def encode(tok: BertTokenizerFast, text: str, max_len: int,
       if e > s and any(cs <= s and e <= ce for cs, ce in chosen):
         grounded[t] = 1.0
   return ids, mask, grounded
+
+
+_truncated = {"count": 0}
+_truncated_lock = threading.Lock()
+
+
+def _note_truncation(length: int, max_len: int) -> None:
+  """Says that texts are cut, with both lengths, on the 1st, 10th, 100th, ... cut text of the process: a
+  dataset of long captions would otherwise log once per example."""
+  with _truncated_lock:
+    _truncated["count"] += 1
+    count = _truncated["count"]
+  if count == 10 ** (len(str(count)) - 1):
+    logging.warning("A text of %d tokens was cut to max_text_len=%d (%d text%s cut so far; raise "
+                    "config.data.max_text_len to keep more of them).", length, max_len, count, "s" * (count > 1))
 
 
 def mlm_mask(ids: np.ndarray, text_mask: np.ndarray, rng: np.random.Generator, *, prob: float, mask_id: int,
