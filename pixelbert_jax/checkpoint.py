@@ -67,6 +67,10 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
+
+
 def remove_tmp_dirs(directory: epath.Path) -> list[str]:
     """Deletes the unfinished `*.orbax-checkpoint-tmp*` step folders in `directory` (a save that was killed or
     ran out of disk): they are never read, and a full disk stays full while they are there. Returns their names."""
@@ -167,6 +171,8 @@ class Checkpointer:
                         data=ocp.args.JsonRestore(),
                     ))
                 except Exception as e:  # noqa: BLE001
+                    if _out_of_memory(e):  # says nothing about the files: keep the step where it is
+                        raise
                     moved = self._move_aside(step, f"could not be restored ({_first_line(e)})")
                     continue
                 bad = nonfinite_leaves(restored["params"])

@@ -121,6 +121,20 @@ def test_truncated_newest_step_of_a_finished_run_is_healed_by_a_rerun(data_dir, 
     train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6), str(workdir))  # and again: nothing to do
 
 
+def test_running_out_of_memory_while_restoring_moves_no_step_aside(data_dir, reference, tmp_path, monkeypatch):
+    """Only a step that cannot be read is moved aside; an allocation failure says nothing about the files."""
+    import orbax.checkpoint as ocp
+    workdir = _copy(reference, tmp_path)
+
+    def no_memory(self, step, args=None):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", no_memory)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6), str(workdir))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
+
+
 def test_unfinished_checkpoint_folders_are_removed_at_start(data_dir, reference, tmp_path):
     workdir = _copy(reference, tmp_path)
     leftover = workdir / "checkpoints" / "8.orbax-checkpoint-tmp-1764500000"
