@@ -121,6 +121,19 @@ def test_truncated_newest_step_of_a_finished_run_is_healed_by_a_rerun(data_dir, 
     train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6), str(workdir))  # and again: nothing to do
 
 
+def test_init_from_and_convert_use_the_newest_good_step_and_say_which(data_dir, reference, tmp_path, caplog, capsys):
+    from pixelbert_jax.convert.__main__ import main as convert_main
+    source = _copy(reference, tmp_path)
+    _truncate(source / "checkpoints" / "6")
+    with caplog.at_level(logging.INFO):
+        config = th.tiny_config(data_dir, total_steps=1, init_from=str(source))
+        train.train_and_evaluate(config, str(tmp_path / "finetune"))
+    assert "step 6 is unreadable" in caplog.text and "using step 4" in caplog.text
+    assert f"from {source} (step 4" in caplog.text
+    assert convert_main(["to-torch", "--checkpoint", str(source), "--out", str(tmp_path / "pt"), "--no-verify"]) == 0
+    assert "(step 4)" in (tmp_path / "pt" / "README.md").read_text().splitlines()[0]
+
+
 def test_running_out_of_memory_while_restoring_moves_no_step_aside(data_dir, reference, tmp_path, monkeypatch):
     """Only a step that cannot be read is moved aside; an allocation failure says nothing about the files."""
     import orbax.checkpoint as ocp
