@@ -61,16 +61,20 @@ class Predictor:
         self._answers: list[str] | None = None
 
     # -- inputs ------------------------------------------------------------------------------------------
-    def _image(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+    def decode(self, path: str) -> np.ndarray:
+        """The image file as uint8 [h, w, 3], with one-line errors for a missing or unreadable file."""
         p = epath.Path(paths.resolve(path))
         if not p.exists():
             raise PredictError(f"image {path} does not exist")
         if not p.is_file():
             raise PredictError(f"image {path} is not a file")
         try:
-            image = decode_image(p.read_bytes(), name=str(path), max_pixels=int(self.data_cfg.max_image_pixels))
+            return decode_image(p.read_bytes(), name=str(path), max_pixels=int(self.data_cfg.max_image_pixels))
         except BadImageError as e:
             raise PredictError(f"image {path} is unreadable: {e}") from e
+
+    def _image(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        image = self.decode(path)
         c = self.data_cfg
         image, mask = resize_and_pad(image, short_side=int(c.image_short_side), long_side=int(c.image_long_side),
                                      buckets=[tuple(b) for b in c.buckets])

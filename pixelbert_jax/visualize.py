@@ -277,20 +277,6 @@ def _file_word(word: str) -> str:
 # The heat-map command
 
 
-def _load_image(predictor: Predictor, image_path: str) -> np.ndarray:
-  """The image as uint8 [h, w, 3], with the predictor's one-line errors for a missing or unreadable file."""
-  from pixelbert_jax.data.preprocess import BadImageError, decode_image
-  p = epath.Path(paths.resolve(image_path))
-  if not p.exists():
-    raise PredictError(f"image {image_path} does not exist")
-  if not p.is_file():
-    raise PredictError(f"image {image_path} is not a file")
-  try:
-    return decode_image(p.read_bytes(), name=str(image_path), max_pixels=int(predictor.data_cfg.max_image_pixels))
-  except BadImageError as e:
-    raise PredictError(f"image {image_path} is unreadable: {e}") from e
-
-
 def _model_input(predictor: Predictor, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
   """uint8 [h,w,3] -> (image [1,H,W,3], mask [1,H,W], the resized image's (h', w') inside the bucket)."""
   c = predictor.data_cfg
@@ -308,7 +294,7 @@ def attention_maps(predictor: Predictor, image_path: str, text: str, words: Sequ
   positions, scores [N] (share of each word's attention on pixels), summary (JSON-ready))."""
   runner = _runner(predictor)
   layer_index = check_mode(runner.num_layers, runner.num_heads, layer, head, use_rollout)
-  image = _load_image(predictor, image_path)
+  image = predictor.decode(image_path)
   ids, tmask = predictor._text([text], "text")
   n = int(tmask[0].sum())  # padding tokens change nothing (masked keys): leave them out of the matrices
   ids, tmask = ids[:, :n], tmask[:, :n]
