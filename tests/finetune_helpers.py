@@ -15,7 +15,7 @@ def set_key(config, key: str, value) -> None:
 
 def tiny_finetune_config(task: str, data_dir: str, *, total_steps: int = 2, init_from: str = "", **extra):
     config = th.load_config(task, "demo")
-    # the demo's CNN warm start (run when there is no init_from) is test_learning.py's business
+    # no CNN warm start (the demo runs it when there is no init_from): the same code is tested with pre-training
     overrides = {**th.tiny_overrides(data_dir, total_steps), "init_from": init_from, "cnn_warm_start.steps": 0,
                  **extra}
     for key, value in overrides.items():
