@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import errno
 import io
+import json
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from typing import Any, Callable
 
 INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C
 
@@ -113,6 +115,24 @@ def report(e: BaseException, *, verbose: bool = False, workdir: str | None = Non
     sys.stderr.flush()
     print("\n".join(lines), file=sys.stderr, flush=True)
     return code
+
+
+def run_command(body: Callable[[], Any], *, usage_errors: tuple[type[BaseException], ...], verbose: bool) -> int:
+    """A tool's `main`: runs `body` and prints its result as JSON (unless None). A `usage_errors` exception
+    (bad input the user can fix) is its first line as `error: ...` and exit status 2; Ctrl-C and anything
+    else are reported as `interrupted` and `report` do."""
+    try:
+        result = body()
+    except usage_errors as e:
+        print(f"error: {str(e).splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return interrupted()
+    except Exception as e:  # noqa: BLE001 - anything else is one line too; --verbose shows where
+        return report(e, verbose=verbose)
+    if result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
 
 
 def interrupted() -> int:

@@ -211,18 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="the PNG to write")
   parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
   args = parser.parse_args(argv)
-  try:
-    result = plot(args.workdir, args.out)
-  except PlotError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    return cli_errors.interrupted()
-  except Exception as e:  # noqa: BLE001 - anything else is one line too; --verbose shows where
-    return cli_errors.report(e, verbose=args.verbose)
-  print(json.dumps(result, indent=2))
-  return 0
-
+  return cli_errors.run_command(lambda: plot(args.workdir, args.out), usage_errors=(PlotError,),
+                                verbose=args.verbose)
 
 if __name__ == "__main__":
   sys.exit(main())

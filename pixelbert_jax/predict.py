@@ -163,29 +163,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> dict:
         predictor = Predictor(args.checkpoint)
         if args.question is not None:
-            result = {"answers": [{"answer": a, "score": s} for a, s in predictor.answer(args.image, args.question,
-                                                                                           args.top_k)]}
-        elif args.caption is not None:
-            result = predictor.score(args.image, args.caption)
-        else:
-            result = {"ranking": [{"caption": c, "score": s, "probability": p}
-                                  for c, s, p in predictor.rank(args.image, args.captions)]}
-    except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ckpt_lib.CheckpointMismatchError as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return cli_errors.interrupted()
-    except Exception as e:  # noqa: BLE001 - anything else is one line too; --verbose shows where
-        return cli_errors.report(e, verbose=args.verbose)
-    print(json.dumps(result, indent=2))
-    return 0
+            return {"answers": [{"answer": a, "score": s}
+                                for a, s in predictor.answer(args.image, args.question, args.top_k)]}
+        if args.caption is not None:
+            return predictor.score(args.image, args.caption)
+        return {"ranking": [{"caption": c, "score": s, "probability": p}
+                            for c, s, p in predictor.rank(args.image, args.captions)]}
 
+    return cli_errors.run_command(body, usage_errors=(PredictError, ckpt_lib.CheckpointMismatchError),
+                                  verbose=args.verbose)
 
 if __name__ == "__main__":
     sys.exit(main())

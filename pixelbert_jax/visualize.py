@@ -587,33 +587,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if not args.grounding_check and (args.image is None or args.text is None or args.out is None):
     parser.error("--image, --text and --out are required (unless --grounding_check)")
-  try:
+
+  def body() -> dict | None:
     predictor = Predictor(args.checkpoint)
-    if args.grounding_check:
-      report = grounding_check(predictor, args.num_images, args.split, args.captions_per_image)
-      if args.out:
-        out = epath.Path(paths.resolve(args.out))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "grounding.json").write_text(json.dumps(report, indent=2) + "\n")
-      print(grounding_table(report))
-    else:
-      summary = predictor.visualize(args.image, args.text, args.out, words=args.words, layer=args.layer,
-                                    head=args.head, rollout=args.rollout, nearest=args.nearest)
-      print(json.dumps(summary, indent=2))
-  except PredictError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except ckpt_lib.CheckpointMismatchError as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    return 2
-  except OSError as e:  # an output folder that cannot be written
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    return cli_errors.interrupted()
-  except Exception as e:  # noqa: BLE001 - anything else is one line too; --verbose shows where
-    return cli_errors.report(e, verbose=args.verbose)
-  return 0
+    if not args.grounding_check:
+      return predictor.visualize(args.image, args.text, args.out, words=args.words, layer=args.layer,
+                                 head=args.head, rollout=args.rollout, nearest=args.nearest)
+    report = grounding_check(predictor, args.num_images, args.split, args.captions_per_image)
+    if args.out:
+      out = epath.Path(paths.resolve(args.out))
+      out.mkdir(parents=True, exist_ok=True)
+      (out / "grounding.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(grounding_table(report))
+    return None
+
+  # OSError: an output folder that cannot be written
+  return cli_errors.run_command(body, usage_errors=(PredictError, ckpt_lib.CheckpointMismatchError, OSError),
+                                verbose=args.verbose)
 
 
 if __name__ == "__main__":
