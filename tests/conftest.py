@@ -21,3 +21,13 @@ import pytest  # noqa: E402  (after the environment above, which must precede an
 def data_dir(tmp_path_factory):
     """One TFDS data dir per test session: the tiny synthetic world is generated once and shared."""
     return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(data_dir, tmp_path_factory):
+    """A 1-step tiny pre-training workdir, read-only for the tests that load it (predict, visualize)."""
+    from pixelbert_jax import train
+    from tests import train_helpers as th
+    workdir = tmp_path_factory.mktemp("tiny_pretrained")
+    train.train_and_evaluate(th.tiny_config(data_dir, total_steps=1), str(workdir))
+    return workdir

@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelbert_jax import predict, train
+from pixelbert_jax import predict
 from tests import train_helpers as th
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    wd = tmp_path_factory.mktemp("pretrain")
-    train.train_and_evaluate(th.tiny_config(data_dir, total_steps=1), str(wd))
-    return wd
+def workdir(tiny_pretrained):
+    return tiny_pretrained
 
 
 @pytest.fixture(scope="module")

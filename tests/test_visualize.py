@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelbert_jax import predict, train, visualize
+from pixelbert_jax import predict, visualize
 from pixelbert_jax.data import synthetic as world
 from pixelbert_jax.data import text as text_lib
 from pixelbert_jax.models import build_model, init_variables, model_config
@@ -198,11 +198,8 @@ def test_maps_are_placed_on_the_image_not_the_padded_bucket():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  wd = tmp_path_factory.mktemp("pretrain")
-  train.train_and_evaluate(th.tiny_config(data_dir, total_steps=1), str(wd))
-  return wd
+def workdir(tiny_pretrained):
+  return tiny_pretrained
 
 
 @pytest.fixture(scope="module")
