@@ -34,6 +34,6 @@ setup(
         "tpu": ["jax[tpu]>=0.10.0"],
         "cuda": ["jax[cuda12]>=0.10.0"],
         "torch": ["torch>=2.9", "torchvision>=0.24"],
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "pyink>=24.10"],
     },
 )
