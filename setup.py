@@ -3,6 +3,7 @@
 Version ranges are deliberately wide so that an accelerator host's newer jax works; CI pins exact versions
 with `constraints.txt`.
 """
+
 from setuptools import find_packages, setup
 
 setup(

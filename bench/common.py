@@ -5,6 +5,7 @@ Nothing here imports the data package: on a bare GPU box `pixelbert_jax.data` pu
 tensorflow_datasets, which the benchmarks do not need (models, optim, tasks.pretrain and
 convert.torch_model import only jax/flax/optax/ml_collections and torch/torchvision/transformers).
 """
+
 import importlib.metadata
 import json
 import os
@@ -28,13 +29,18 @@ DEMO_VOCAB = 69  # the synthetic world's tokenizer (pipeline.vocab_size); hard-c
 OPTIM = dict(
     cnn=dict(lr=1e-2, momentum=0.9, weight_decay=5e-4),
     transformer=dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-6, weight_decay=1e-2),
-    warmup_steps=1000, decay_epochs=(25.0, 35.0), decay_factor=0.1, grad_clip_norm=0.0,
-    grad_accum_steps=1)
+    warmup_steps=1000,
+    decay_epochs=(25.0, 35.0),
+    decay_factor=0.1,
+    grad_clip_norm=0.0,
+    grad_accum_steps=1,
+)
 
 
 def model_cfg(size, cnn, vocab, *, dtype="float32", remat=False, num_pixels=None, norm=None):
   """The `config.model` of the benchmarked model. num_pixels None: pixel sampling off (all pixels)."""
   from pixelbert_jax.models import model_config
+
   cfg = model_config(size, cnn, vocab)
   cfg.dtype, cfg.remat = dtype, bool(remat)
   if norm:
@@ -60,15 +66,18 @@ def on_gpu() -> bool:
 def text_batch(rng, batch, text_len, vocab):
   """Token ids away from the special ids [0, 4) and an all-ones text mask."""
   import numpy as np
-  return dict(input_ids=rng.integers(4, vocab, (batch, text_len), dtype=np.int32),
-              text_mask=np.ones((batch, text_len), np.int32))
+
+  return dict(
+      input_ids=rng.integers(4, vocab, (batch, text_len), dtype=np.int32),
+      text_mask=np.ones((batch, text_len), np.int32),
+  )
 
 
 def image_batch(rng, batch, image_hw):
   import numpy as np
+
   h, w = image_hw
-  return dict(image=rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8),
-              image_mask=np.ones((batch, h, w), bool))
+  return dict(image=rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8), image_mask=np.ones((batch, h, w), bool))
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -79,6 +88,7 @@ def init_flax(model, task, seed=0):
   import flax.linen as nn
   import jax
   from pixelbert_jax.models import init_variables
+
   init = jax.jit(lambda k: nn.unbox(init_variables(model, k, task)))
   with jax.default_device(jax.devices("cpu")[0]):
     variables = init(jax.random.key(seed))
@@ -90,6 +100,7 @@ def torch_state_from_flax(cfg, task, variables):
   import jax
   import numpy as np
   from pixelbert_jax.convert import model_mapping as mm
+
   variables = jax.device_get(variables)
   rules = mm.model_rules(cfg, task)
   mm.check_export(variables, rules, "bench: Flax -> PyTorch")
@@ -103,6 +114,7 @@ def save_weights(path, cfg, task, variables):
   """The JAX worker leaves the converted initial weights for the PyTorch workers of the same run, which
   then need not initialise the model in JAX on the CPU (10-20 s for BERT-base + R50)."""
   import numpy as np
+
   if path and not os.path.exists(path):
     np.savez(path + ".tmp.npz", **torch_state_from_flax(cfg, task, variables))
     os.replace(path + ".tmp.npz", path)
@@ -114,6 +126,7 @@ def torch_model(cfg, task, weights_path=None, seed=0):
   import numpy as np
   from pixelbert_jax.convert.torch_model import pixelbert_from_state_dict
   from pixelbert_jax.models import build_model
+
   if weights_path and os.path.exists(weights_path):
     with np.load(weights_path) as f:
       state = {k: f[k] for k in f.files}
@@ -127,8 +140,14 @@ def time_stats(times_s):
   """Seconds per step -> milliseconds: median, p10, p90, min, max (p10/p90 by nearest rank)."""
   ts = sorted(times_s)
   rank = lambda q: ts[min(len(ts) - 1, max(0, round(q * (len(ts) - 1))))]
-  return dict(median_ms=1e3 * statistics.median(ts), p10_ms=1e3 * rank(0.1), p90_ms=1e3 * rank(0.9),
-              min_ms=1e3 * ts[0], max_ms=1e3 * ts[-1], n=len(ts))
+  return dict(
+      median_ms=1e3 * statistics.median(ts),
+      p10_ms=1e3 * rank(0.1),
+      p90_ms=1e3 * rank(0.9),
+      min_ms=1e3 * ts[0],
+      max_ms=1e3 * ts[-1],
+      n=len(ts),
+  )
 
 
 def cpu_usage():
@@ -140,14 +159,19 @@ def cpu_stats(before, after, steps):
   """Per step: user and system CPU milliseconds, minor page faults. On a CPU, system time is mostly the
   kernel zeroing freshly mapped pages: glibc serves allocations above 32 MiB with a new mmap, which is
   what XLA's single temporary buffer was before `--xla-options library` (bench/HISTORY.md item 28)."""
-  return dict(cpu_user_ms=1e3 * (after.ru_utime - before.ru_utime) / steps,
-              cpu_sys_ms=1e3 * (after.ru_stime - before.ru_stime) / steps,
-              minflt=(after.ru_minflt - before.ru_minflt) / steps)
+  return dict(
+      cpu_user_ms=1e3 * (after.ru_utime - before.ru_utime) / steps,
+      cpu_sys_ms=1e3 * (after.ru_stime - before.ru_stime) / steps,
+      minflt=(after.ru_minflt - before.ru_minflt) / steps,
+  )
 
 
 def cpu_line(results):
-  parts = [f"{r['framework']} {r['cpu_user_ms']:.0f} + {r['cpu_sys_ms']:.0f} ms, {r['minflt']:.0f} faults"
-           for r in results if "cpu_user_ms" in r]
+  parts = [
+      f"{r['framework']} {r['cpu_user_ms']:.0f} + {r['cpu_sys_ms']:.0f} ms, {r['minflt']:.0f} faults"
+      for r in results
+      if "cpu_user_ms" in r
+  ]
   head = "process CPU per timed step (user + system, minor page faults): "
   return head + ", ".join(parts) if parts else ""
 
@@ -160,6 +184,7 @@ def peak_rss_bytes():
 
 def jax_peak_memory():
   import jax
+
   stats = jax.devices()[0].memory_stats()
   if stats and "peak_bytes_in_use" in stats:
     return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
@@ -168,16 +193,21 @@ def jax_peak_memory():
 
 def torch_peak_memory(device):
   import torch
+
   if device.type == "cuda":
     return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
   return peak_rss_bytes(), "process peak RSS"
 
 
 def add_jax_cpu_devices_arg(parser, what):
-  parser.add_argument("--jax-cpu-devices", type=int, default=None,
-                      help=f"CPU only: split the CPU into N data-parallel JAX devices for {what}, as "
-                           "config.cpu_devices (default: 2, the demo configs' value, or 1 on a 1-core "
-                           "machine; 0 with --in-process)")
+  parser.add_argument(
+      "--jax-cpu-devices",
+      type=int,
+      default=None,
+      help=f"CPU only: split the CPU into N data-parallel JAX devices for {what}, as "
+      "config.cpu_devices (default: 2, the demo configs' value, or 1 on a 1-core "
+      "machine; 0 with --in-process)",
+  )
 
 
 def resolve_jax_cpu_devices(args):
@@ -191,14 +221,19 @@ def jax_data_parallel(args):
 
 
 def add_xla_options_arg(parser):
-  parser.add_argument("--xla-options", default="library", choices=["library", "none"],
-                      help="JAX compile options: the library's (pixelbert_jax/xla_options.py: 24 MiB heaps "
-                           "for CPU temporaries) or none (XLA's default, one temporary buffer per call)")
+  parser.add_argument(
+      "--xla-options",
+      default="library",
+      choices=["library", "none"],
+      help="JAX compile options: the library's (pixelbert_jax/xla_options.py: 24 MiB heaps "
+      "for CPU temporaries) or none (XLA's default, one temporary buffer per call)",
+  )
 
 
 def jax_compiler_options(args):
   """What `jax.jit(compiler_options=)` gets: the library's, as main.py's steps, unless --xla-options none."""
   from pixelbert_jax import xla_options
+
   return xla_options.compiler_options() if args.xla_options == "library" else {}
 
 
@@ -207,8 +242,10 @@ def xla_options_line(args, results):
   r = next((r for r in results if r.get("framework") == "jax" and "xla_options" in r), None)
   if r is None:
     return []
-  return [f"JAX compile options (--xla-options {args.xla_options}): "
-          + (", ".join(f"{k}={v}" for k, v in r["xla_options"].items()) or "none")]
+  return [
+      f"JAX compile options (--xla-options {args.xla_options}): "
+      + (", ".join(f"{k}={v}" for k, v in r["xla_options"].items()) or "none")
+  ]
 
 
 def xla_flops(compiled):
@@ -235,6 +272,7 @@ def profile_jax(fn, args, trace_dir, *, steps=3, top=25):
   import re
 
   import jax
+
   hlo = fn.as_text()
   os.makedirs(trace_dir, exist_ok=True)
   jax.block_until_ready(args)  # calls still in flight (async dispatch) would land in the trace
@@ -244,8 +282,7 @@ def profile_jax(fn, args, trace_dir, *, steps=3, top=25):
       out = fn(*args)
       args = (out[0],) + tuple(args[1:]) if isinstance(out, tuple) else args  # donated state
       jax.block_until_ready(out)
-  traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
-                  key=os.path.getmtime)
+  traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
   if not traces:
     raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {trace_dir}")
   with gzip.open(traces[-1]) as f:
@@ -281,8 +318,9 @@ def print_profile(prof):
   if not prof["top"]:
     print(f"\nprofile: {prof['trace']}: no event named after an XLA op of the program")
     return
-  print(f"\nprofile: {prof['trace']}\nXLA ops, ms per call summed over threads "
-        f"(all ops: {prof['total_ms']:.1f} ms):")
+  print(
+      f"\nprofile: {prof['trace']}\nXLA ops, ms per call summed over threads " f"(all ops: {prof['total_ms']:.1f} ms):"
+  )
   for name, ms, shape, op in prof["top"]:
     print(f"{ms:8.2f}  {name[:34]:34s} {shape[:44]:44s} {op[-90:]}")
 
@@ -300,22 +338,26 @@ def cpu_name():
 
 def jax_device_name():
   import jax
+
   d = jax.devices()[0]
   return cpu_name() if d.platform == "cpu" else f"{d.device_kind} ({d.platform})"
 
 
 def torch_device():
   import torch
+
   return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def torch_device_name(device):
   import torch
+
   return torch.cuda.get_device_name(device) + " (cuda)" if device.type == "cuda" else cpu_name()
 
 
 def torch_sync(device):
   import torch
+
   if device.type == "cuda":
     torch.cuda.synchronize(device)
 
@@ -414,8 +456,7 @@ def _run_frameworks(script, args, argv, run_one, frameworks_known, save, report,
       results.append(run_one(args, fw) if args.in_process else run_worker(script, fw, argv, args.worker_timeout))
       save(results)
   except SystemExit:
-    results += [dict(framework=f, error="stopped: terminated (time limit)")
-                for f in frameworks[len(results):]]
+    results += [dict(framework=f, error="stopped: terminated (time limit)") for f in frameworks[len(results) :]]
     save(results)
     print("\n" + report(args, results), flush=True)
     raise

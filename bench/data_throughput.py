@@ -3,6 +3,7 @@ paper-sized preprocessing (decode + resize + pad of a 640x480 JPEG to 800/1333 a
 
   python bench/data_throughput.py [--batches 30] [--data_dir /tmp/pixelbert_bench_tfds]
 """
+
 import argparse
 import io
 import os
@@ -51,8 +52,10 @@ def main():
   args = p.parse_args()
   print(f"cpu cores: {os.cpu_count()}")
   for workers in (0, 2):
-    print(f"demo pretrain pipeline (192x192, batch 32), num_workers={workers}: "
-          f"{bench_pipeline(args.data_dir, workers, args.batches):.0f} examples/s")
+    print(
+        f"demo pretrain pipeline (192x192, batch 32), num_workers={workers}: "
+        f"{bench_pipeline(args.data_dir, workers, args.batches):.0f} examples/s"
+    )
   for cnn in ("r50", "x152"):
     print(f"paper preprocessing {cnn} (640x480 JPEG -> decode, resize, pad): {bench_preprocess(cnn):.1f} images/s")
 

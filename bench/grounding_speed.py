@@ -16,6 +16,7 @@ pre-training either.
 Images are rendered in memory from the synthetic world (no dataset build); chance is 1/8 (the text tells
 colour from shape). Accuracy is printed overall and split by masked colour / masked shape words.
 """
+
 import argparse
 import importlib.util
 import pathlib
@@ -55,7 +56,7 @@ def scenes(n: int, objects: int, size: int, split: str = "train"):
     if not objects or len(objs) == objects:
       images.append(synthetic.render(0, split, i, objs, size))
       captions.append(synthetic.captions(0, split, i, objs, 5))
-      y = np.full((synthetic.GRID ** 2, 2), 8, np.int32)
+      y = np.full((synthetic.GRID**2, 2), 8, np.int32)
       for o in objs:
         y[o.cell[0] * synthetic.GRID + o.cell[1]] = colours.index(o.colour), shapes.index(o.shape)
       cells.append(y)
@@ -65,6 +66,7 @@ def scenes(n: int, objects: int, size: int, split: str = "train"):
 
 class CellClassifier(nn.Module):
   """The demo CNN with a linear colour/shape classifier on each 64x64 cell (C5, 2x2 max-pooled)."""
+
   cnn: nn.Module
 
   @nn.compact
@@ -91,6 +93,7 @@ def pretrain_backbone(cfg, images, cells, steps: int, batch: int, log_every: int
       object_cell = (y[..., 0] < 8)[..., None]
       acc = jnp.sum((logits.argmax(-1) == y) * object_cell, (0, 1)) / jnp.sum(object_cell)
       return loss, (new["batch_stats"], acc)
+
     (loss, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss, acc
@@ -98,11 +101,15 @@ def pretrain_backbone(cfg, images, cells, steps: int, batch: int, log_every: int
   rng, t0 = np.random.default_rng(1), time.time()
   for s in range(steps):
     idx = rng.integers(0, len(images), batch)
-    params, batch_stats, opt_state, loss, acc = step(params, batch_stats, opt_state, jnp.asarray(images[idx]),
-                                                     jnp.asarray(cells[idx]))
+    params, batch_stats, opt_state, loss, acc = step(
+        params, batch_stats, opt_state, jnp.asarray(images[idx]), jnp.asarray(cells[idx])
+    )
     if (s + 1) % log_every == 0:
-      print(f"backbone {s + 1:5d}  loss {float(loss):.3f}  object cells: colour {float(acc[0]):.2f} "
-            f"shape {float(acc[1]):.2f}  {time.time() - t0:.0f} s", flush=True)
+      print(
+          f"backbone {s + 1:5d}  loss {float(loss):.3f}  object cells: colour {float(acc[0]):.2f} "
+          f"shape {float(acc[1]):.2f}  {time.time() - t0:.0f} s",
+          flush=True,
+      )
   return params["cnn"], batch_stats["cnn"]
 
 
@@ -129,19 +136,35 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=50, help="linear warm-up steps of both learning rates")
   ap.add_argument("--cnn_lr", type=float, default=1e-3)
   ap.add_argument("--dropout", type=float, default=0.0)
-  ap.add_argument("--backbone_steps", type=int, default=0,
-                  help="first train the CNN alone to name each cell's colour and shape (a control)")
+  ap.add_argument(
+      "--backbone_steps",
+      type=int,
+      default=0,
+      help="first train the CNN alone to name each cell's colour and shape (a control)",
+  )
   ap.add_argument("--backbone_batch", type=int, default=32)
-  ap.add_argument("--cache_features", action="store_true",
-                  help="with --cnn_lr 0: run the frozen CNN once per image (eval mode) and train only the "
-                       "rest, about 10x faster per step")
+  ap.add_argument(
+      "--cache_features",
+      action="store_true",
+      help="with --cnn_lr 0: run the frozen CNN once per image (eval mode) and train only the "
+      "rest, about 10x faster per step",
+  )
   ap.add_argument("--objects", type=int, default=0, help="only scenes of this many objects (0: all)")
   ap.add_argument("--images", type=int, default=2048)
-  ap.add_argument("--eval_images", type=int, default=0,
-                  help="also report the probe on this many held-out (val) images at every log line")
+  ap.add_argument(
+      "--eval_images",
+      type=int,
+      default=0,
+      help="also report the probe on this many held-out (val) images at every log line",
+  )
   ap.add_argument("--log_every", type=int, default=25)
-  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                  help="override a demo config field, e.g. --set model.num_layers=4 (repeatable)")
+  ap.add_argument(
+      "--set",
+      action="append",
+      default=[],
+      metavar="KEY=VALUE",
+      help="override a demo config field, e.g. --set model.num_layers=4 (repeatable)",
+  )
   args = ap.parse_args(argv)
   if args.cache_features and args.cnn_lr:
     ap.error("--cache_features needs a frozen CNN: add --cnn_lr 0")
@@ -155,38 +178,52 @@ def main(argv=None):
   tok = pipeline.tokenizer(cfg.data)
   images, captions, cells = scenes(args.images, args.objects, size)
   model = build_model(cfg.model, "pretrain")
-  variables = nn.meta.unbox(model.init(jax.random.key(0), **dummy_inputs("pretrain", 2, (size, size), max_len),
-                                       train=False))
+  variables = nn.meta.unbox(
+      model.init(jax.random.key(0), **dummy_inputs("pretrain", 2, (size, size), max_len), train=False)
+  )
   params, batch_stats = variables["params"], variables["batch_stats"]
   if args.backbone_steps:
     params["encoder"]["cnn"], batch_stats["encoder"]["cnn"] = pretrain_backbone(
-        cfg, images, cells, args.backbone_steps, args.backbone_batch, args.log_every)
-  tx = optax.multi_transform({"cnn": optax.adam(optax.linear_schedule(0.0, args.cnn_lr, args.warmup)),
-                              "transformer": optax.adam(optax.linear_schedule(0.0, args.lr, args.warmup))},
-                             optim.param_labels(params, freeze_cnn=False))
+        cfg, images, cells, args.backbone_steps, args.backbone_batch, args.log_every
+    )
+  tx = optax.multi_transform(
+      {
+          "cnn": optax.adam(optax.linear_schedule(0.0, args.cnn_lr, args.warmup)),
+          "transformer": optax.adam(optax.linear_schedule(0.0, args.lr, args.warmup)),
+      },
+      optim.param_labels(params, freeze_cnn=False),
+  )
   opt_state = tx.init(params)
 
-  frozen_cnn = jax.jit(lambda x: model.apply({"params": params, "batch_stats": batch_stats}, x, method=lambda m, x:
-                                             m.encoder.cnn(normalize_image(x, jnp.ones(x.shape[:3], bool)), False)))
+  frozen_cnn = jax.jit(
+      lambda x: model.apply(
+          {"params": params, "batch_stats": batch_stats},
+          x,
+          method=lambda m, x: m.encoder.cnn(normalize_image(x, jnp.ones(x.shape[:3], bool)), False),
+      )
+  )
 
   def c5_of(images):  # the frozen CNN in eval mode, in chunks: float32 [N,h,w,C]
-    return np.concatenate([np.asarray(frozen_cnn(jnp.asarray(images[i:i + 64]))) for i in range(0, len(images), 64)])
+    return np.concatenate([np.asarray(frozen_cnn(jnp.asarray(images[i : i + 64]))) for i in range(0, len(images), 64)])
 
   def mlm_logits(p, bs, x, ids, mask, key, train):
     """x: images, or C5 features with --cache_features. -> (logits [B,L,V], new batch_stats)."""
     if args.cache_features:
+
       def fused(m):
         pixels = m.encoder.visual(x)
         pixel_mask = jnp.ones(pixels.shape[:2], bool)
         if train and cfg.model.pixel_sampling.enabled:
           pixels, pixel_mask = sample_pixels(key, pixels, pixel_mask, cfg.model.pixel_sampling.num_pixels)
-        return m.mlm_logits(m.encoder.fuse(ids, mask, pixels, pixel_mask, train)[0][:, :ids.shape[1]])
+        return m.mlm_logits(m.encoder.fuse(ids, mask, pixels, pixel_mask, train)[0][:, : ids.shape[1]])
+
       return model.apply({"params": p}, method=fused, rngs={"dropout": key}), bs
     variables, image_mask = {"params": p, "batch_stats": bs}, jnp.ones(x.shape[:3], bool)
     if not train:
       return model.apply(variables, x, image_mask, ids, mask)["mlm_logits"], bs
-    out, new = model.apply(variables, x, image_mask, ids, mask, train=True, rngs={"dropout": key, "sample": key},
-                           mutable=["batch_stats"])
+    out, new = model.apply(
+        variables, x, image_mask, ids, mask, train=True, rngs={"dropout": key, "sample": key}, mutable=["batch_stats"]
+    )
     return out["mlm_logits"], new["batch_stats"]
 
   @jax.jit
@@ -196,6 +233,7 @@ def main(argv=None):
       loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights) / jnp.sum(weights)
       hits = jnp.sum((logits.argmax(-1) == labels) * weights, -1)  # [B]: one masked word per caption
       return loss, (new_stats, hits)
+
     (loss, (batch_stats, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss, hits
@@ -219,17 +257,24 @@ def main(argv=None):
   for s in range(args.steps):
     idx = rng.integers(0, len(images), args.batch)
     ids, mask, labels, weights = probe_batch(rng, captions, idx, tok, max_len)
-    params, batch_stats, opt_state, loss, hit = step(params, batch_stats, opt_state, jnp.asarray(inputs[idx]),
-                                                     ids, mask, labels, weights, jax.random.key(s))
+    params, batch_stats, opt_state, loss, hit = step(
+        params, batch_stats, opt_state, jnp.asarray(inputs[idx]), ids, mask, labels, weights, jax.random.key(s)
+    )
     hits.append(np.asarray(hit))
     is_colour.append(np.isin(np.asarray(labels).max(-1), colour_ids))
     if (s + 1) % args.log_every == 0:
-      h, c = np.concatenate(hits[-args.log_every:]), np.concatenate(is_colour[-args.log_every:])
-      held = (f"  held-out {sum(float(eval_hits(params, batch_stats, *b)) for b in held_out) / args.eval_images:.3f}"
-              if held_out else "")
-      print(f"step {s + 1:5d}  loss {float(loss):.3f}  probe acc (last {args.log_every} steps) {h.mean():.3f}  "
-            f"colour {h[c].mean() if c.any() else float('nan'):.3f} "
-            f"shape {h[~c].mean() if (~c).any() else float('nan'):.3f}{held}  {time.time() - t0:.0f} s", flush=True)
+      h, c = np.concatenate(hits[-args.log_every :]), np.concatenate(is_colour[-args.log_every :])
+      held = (
+          f"  held-out {sum(float(eval_hits(params, batch_stats, *b)) for b in held_out) / args.eval_images:.3f}"
+          if held_out
+          else ""
+      )
+      print(
+          f"step {s + 1:5d}  loss {float(loss):.3f}  probe acc (last {args.log_every} steps) {h.mean():.3f}  "
+          f"colour {h[c].mean() if c.any() else float('nan'):.3f} "
+          f"shape {h[~c].mean() if (~c).any() else float('nan'):.3f}{held}  {time.time() - t0:.0f} s",
+          flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ runs under inference_mode; each framework in its own subprocess. JAX compiles wi
 pairs on 2 data-parallel CPU devices (--jax-cpu-devices), as training's retrieval evaluation does with
 the demo configs' cpu_devices; batch-1 latency runs on one.
 """
+
 import argparse
 import functools
 import os
@@ -34,15 +35,36 @@ import common  # noqa: E402  (bench/common.py; puts the repo root on sys.path)
 
 WORKLOADS = {
     # size, cnn, image, text_len, vocab, norm override; GPU and CPU sizes of the retrieval part
-    "r50": dict(size="base", cnn="r50", image=(800, 1344), text_len=40, vocab=common.BERT_VOCAB, norm=None,
-                gpu=dict(pairs_batch=512, cache_images=64, encode_batch=16),
-                cpu=dict(pairs_batch=8, cache_images=4, encode_batch=2)),
-    "x152": dict(size="base", cnn="x152", image=(600, 1024), text_len=40, vocab=common.BERT_VOCAB, norm=None,
-                 gpu=dict(pairs_batch=512, cache_images=64, encode_batch=16),
-                 cpu=dict(pairs_batch=8, cache_images=4, encode_batch=2)),
-    "demo": dict(size="demo", cnn="demo", image=(192, 192), text_len=40, vocab=common.DEMO_VOCAB, norm="bn",
-                 gpu=dict(pairs_batch=4096, cache_images=512, encode_batch=256),
-                 cpu=dict(pairs_batch=256, cache_images=64, encode_batch=32)),
+    "r50": dict(
+        size="base",
+        cnn="r50",
+        image=(800, 1344),
+        text_len=40,
+        vocab=common.BERT_VOCAB,
+        norm=None,
+        gpu=dict(pairs_batch=512, cache_images=64, encode_batch=16),
+        cpu=dict(pairs_batch=8, cache_images=4, encode_batch=2),
+    ),
+    "x152": dict(
+        size="base",
+        cnn="x152",
+        image=(600, 1024),
+        text_len=40,
+        vocab=common.BERT_VOCAB,
+        norm=None,
+        gpu=dict(pairs_batch=512, cache_images=64, encode_batch=16),
+        cpu=dict(pairs_batch=8, cache_images=4, encode_batch=2),
+    ),
+    "demo": dict(
+        size="demo",
+        cnn="demo",
+        image=(192, 192),
+        text_len=40,
+        vocab=common.DEMO_VOCAB,
+        norm="bn",
+        gpu=dict(pairs_batch=4096, cache_images=512, encode_batch=256),
+        cpu=dict(pairs_batch=256, cache_images=64, encode_batch=32),
+    ),
 }
 FRAMEWORKS = ("jax", "torch", "torch-compile")
 NUM_COMPARED = 64  # scores compared across frameworks
@@ -62,6 +84,7 @@ def workload_cfg(args):
 def inputs(args, w):
   """NumPy inputs, the same in every worker: one latency pair, the images to cache, the pair batch."""
   import numpy as np
+
   rng = np.random.default_rng(0)
   one = dict(**common.image_batch(rng, 1, w["image"]), **common.text_batch(rng, 1, w["text_len"], w["vocab"]))
   images = common.image_batch(rng, args.cache_images, w["image"])
@@ -86,10 +109,19 @@ def timed(fn, sync, iters, warmup):
 
 
 def summary(framework, device, first_latency, latency, encode_s, first_pairs, pairs, args, scores, mem):
-  return dict(framework=framework, device=device, latency_first_s=first_latency,
-              latency=common.time_stats(latency), encode_images_per_s=args.cache_images / encode_s,
-              pairs_first_s=first_pairs, pairs=common.time_stats(pairs), pairs_batch=args.pairs_batch,
-              scores=[float(s) for s in scores[:NUM_COMPARED]], peak_mem_bytes=mem[0], peak_mem_kind=mem[1])
+  return dict(
+      framework=framework,
+      device=device,
+      latency_first_s=first_latency,
+      latency=common.time_stats(latency),
+      encode_images_per_s=args.cache_images / encode_s,
+      pairs_first_s=first_pairs,
+      pairs=common.time_stats(pairs),
+      pairs_batch=args.pairs_batch,
+      scores=[float(s) for s in scores[:NUM_COMPARED]],
+      peak_mem_bytes=mem[0],
+      peak_mem_kind=mem[1],
+  )
 
 
 # --------------------------------------------------------------------------------------------- JAX
@@ -112,7 +144,8 @@ def jax_worker(args):
     # As training's retrieval evaluation with config.cpu_devices: images and pairs split over a data
     # axis, the weights replicated. Batch-1 latency stays on one device.
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    mesh = Mesh(jax.devices()[:common.jax_data_parallel(args)], ("data",))
+
+    mesh = Mesh(jax.devices()[: common.jax_data_parallel(args)], ("data",))
     batched = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
     batched_variables = jax.device_put(variables, NamedSharding(mesh, P()))
   pairs = batched(pairs)
@@ -132,15 +165,18 @@ def jax_worker(args):
   @functools.partial(jax.jit, compiler_options=options)
   def score_pairs(v, cache, cache_mask, p):
     pixels, pixel_mask = cache[p["image_index"]], cache_mask[p["image_index"]]
-    return model.apply(v, p["input_ids"], p["text_mask"], pixels, pixel_mask,
-                       method=lambda m, *a: p_match(m, m.fuse(*a)[1]))
+    return model.apply(
+        v, p["input_ids"], p["text_mask"], pixels, pixel_mask, method=lambda m, *a: p_match(m, m.fuse(*a)[1])
+    )
 
   sync = jax.block_until_ready
   first_latency, latency, _ = timed(lambda: score_full(variables, one), sync, args.latency_iters, args.warmup)
 
   # The cache: encode once in chunks (first chunk compiles; timed from the second call on).
-  chunks = [batched({k: v[s:s + args.encode_batch] for k, v in images.items()})
-            for s in range(0, args.cache_images, args.encode_batch)]
+  chunks = [
+      batched({k: v[s : s + args.encode_batch] for k, v in images.items()})
+      for s in range(0, args.cache_images, args.encode_batch)
+  ]
   enc = lambda c: encode(batched_variables, c["image"], c["image_mask"])
   sync(enc(chunks[0]))
   t0 = time.perf_counter()
@@ -151,14 +187,25 @@ def jax_worker(args):
   cache_mask = jnp.concatenate([p[1] for p in parts])
   del parts
 
-  first_pairs, pair_times, scores = timed(lambda: score_pairs(batched_variables, cache, cache_mask, pairs),
-                                          sync, args.pairs_steps, args.warmup)
+  first_pairs, pair_times, scores = timed(
+      lambda: score_pairs(batched_variables, cache, cache_mask, pairs), sync, args.pairs_steps, args.warmup
+  )
   if args.profile:
     compiled = score_pairs.lower(batched_variables, cache, cache_mask, pairs).compile()
     _, prof = common.profile_jax(compiled, (batched_variables, cache, cache_mask, pairs), args.profile)
     common.print_profile(prof)
-  result = summary("jax", common.jax_device_name(), first_latency, latency, encode_s, first_pairs,
-                   pair_times, args, np.asarray(scores, np.float32), common.jax_peak_memory())
+  result = summary(
+      "jax",
+      common.jax_device_name(),
+      first_latency,
+      latency,
+      encode_s,
+      first_pairs,
+      pair_times,
+      args,
+      np.asarray(scores, np.float32),
+      common.jax_peak_memory(),
+  )
   return dict(result, xla_options=options)
 
 
@@ -209,8 +256,9 @@ def torch_worker(args, compile_model):
   with torch.inference_mode():
     first_latency, latency, _ = timed(lambda: score_full(one), sync, args.latency_iters, args.warmup)
     chunks = range(0, args.cache_images, args.encode_batch)
-    enc_chunk = lambda s: encode(images["image"][s:s + args.encode_batch],
-                                 images["image_mask"][s:s + args.encode_batch])
+    enc_chunk = lambda s: encode(
+        images["image"][s : s + args.encode_batch], images["image_mask"][s : s + args.encode_batch]
+    )
     sync(enc_chunk(0))
     t0 = time.perf_counter()
     parts = [enc_chunk(s) for s in chunks]
@@ -219,37 +267,72 @@ def torch_worker(args, compile_model):
     cache = torch.cat([p[0] for p in parts])
     cache_mask = torch.cat([p[1] for p in parts])
     del parts
-    first_pairs, pair_times, scores = timed(lambda: score_pairs(cache, cache_mask, pairs), sync,
-                                            args.pairs_steps, args.warmup)
-  return summary("torch-compile" if compile_model else "torch", common.torch_device_name(device),
-                 first_latency, latency, encode_s, first_pairs, pair_times, args, scores.float().cpu().numpy(),
-                 common.torch_peak_memory(device))
+    first_pairs, pair_times, scores = timed(
+        lambda: score_pairs(cache, cache_mask, pairs), sync, args.pairs_steps, args.warmup
+    )
+  return summary(
+      "torch-compile" if compile_model else "torch",
+      common.torch_device_name(device),
+      first_latency,
+      latency,
+      encode_s,
+      first_pairs,
+      pair_times,
+      args,
+      scores.float().cpu().numpy(),
+      common.torch_peak_memory(device),
+  )
 
 
 # ------------------------------------------------------------------------------------------ report
 def report(args, results):
-  header = ("framework", "device", "latency ms median", "p10-p90 ms", "first call s", "encode images/s",
-            "pairs/s", "pair batch ms median", "p10-p90 ms", "first pair batch s", "peak mem GiB")
+  header = (
+      "framework",
+      "device",
+      "latency ms median",
+      "p10-p90 ms",
+      "first call s",
+      "encode images/s",
+      "pairs/s",
+      "pair batch ms median",
+      "p10-p90 ms",
+      "first pair batch s",
+      "peak mem GiB",
+  )
   rows = []
   for r in results:
     if "error" in r:
       rows.append((r["framework"], "-", f"**{r['error']}**", *["-"] * 8))
       continue
     lat, pr = r["latency"], r["pairs"]
-    rows.append((r["framework"], r["device"], f"{lat['median_ms']:.2f}", f"{lat['p10_ms']:.2f}-{lat['p90_ms']:.2f}",
-                 f"{r['latency_first_s']:.1f}", f"{r['encode_images_per_s']:.1f}",
-                 f"{r['pairs_batch'] / (pr['median_ms'] / 1e3):.0f}", f"{pr['median_ms']:.1f}",
-                 f"{pr['p10_ms']:.1f}-{pr['p90_ms']:.1f}", f"{r['pairs_first_s']:.1f}",
-                 common.fmt(common.gib(r["peak_mem_bytes"]), ".2f")))
+    rows.append(
+        (
+            r["framework"],
+            r["device"],
+            f"{lat['median_ms']:.2f}",
+            f"{lat['p10_ms']:.2f}-{lat['p90_ms']:.2f}",
+            f"{r['latency_first_s']:.1f}",
+            f"{r['encode_images_per_s']:.1f}",
+            f"{r['pairs_batch'] / (pr['median_ms'] / 1e3):.0f}",
+            f"{pr['median_ms']:.1f}",
+            f"{pr['p10_ms']:.1f}-{pr['p90_ms']:.1f}",
+            f"{r['pairs_first_s']:.1f}",
+            common.fmt(common.gib(r["peak_mem_bytes"]), ".2f"),
+        )
+    )
   v = common.versions()
   w, _ = workload_cfg(args)
-  lines = [f"### inference: {args.workload} ({w['image'][0]}x{w['image'][1]}, "
-           f"{common.num_pixel_tokens(w['image'])} pixels, {w['text_len']} tokens), {args.dtype}; latency: "
-           f"batch 1, {args.latency_iters} calls; retrieval: {args.cache_images} cached images, "
-           f"{args.pairs_batch} pairs per batch, {args.pairs_steps} batches; JAX attention: {args.attention}",
-           "", common.markdown_table(header, rows), "",
-           f"versions: jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, torch {v['torch']}, "
-           f"transformers {v['transformers']}, python {v['python']}"]
+  lines = [
+      f"### inference: {args.workload} ({w['image'][0]}x{w['image'][1]}, "
+      f"{common.num_pixel_tokens(w['image'])} pixels, {w['text_len']} tokens), {args.dtype}; latency: "
+      f"batch 1, {args.latency_iters} calls; retrieval: {args.cache_images} cached images, "
+      f"{args.pairs_batch} pairs per batch, {args.pairs_steps} batches; JAX attention: {args.attention}",
+      "",
+      common.markdown_table(header, rows),
+      "",
+      f"versions: jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, torch {v['torch']}, "
+      f"transformers {v['transformers']}, python {v['python']}",
+  ]
   ok = [r for r in results if "error" not in r]
   for r in ok[1:]:
     n = min(len(r["scores"]), len(ok[0]["scores"]))
@@ -261,8 +344,10 @@ def report(args, results):
   lines += common.xla_options_line(args, ok)
   if not common.on_gpu():
     if any(r["framework"] == "jax" for r in ok):
-      lines.append("JAX CPU devices (data-parallel encoding and pair scoring, --jax-cpu-devices): "
-                   f"{common.jax_data_parallel(args)}")
+      lines.append(
+          "JAX CPU devices (data-parallel encoding and pair scoring, --jax-cpu-devices): "
+          f"{common.jax_data_parallel(args)}"
+      )
     lines.append(common.load_line(results))
   return "\n".join(lines)
 
@@ -279,17 +364,29 @@ def parse_args(argv=None):
   p.add_argument("--cache-images", type=int, default=None)
   p.add_argument("--encode-batch", type=int, default=None)
   p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--attention", default="einsum", choices=["einsum", "dot_product", "cudnn"],
-                 help="JAX model.attention_impl (dot_product: jax.nn.dot_product_attention through XLA; "
-                      "cudnn: its cuDNN fused kernel, CUDA GPU and bfloat16 only)")
+  p.add_argument(
+      "--attention",
+      default="einsum",
+      choices=["einsum", "dot_product", "cudnn"],
+      help="JAX model.attention_impl (dot_product: jax.nn.dot_product_attention through XLA; "
+      "cudnn: its cuDNN fused kernel, CUDA GPU and bfloat16 only)",
+  )
   common.add_jax_cpu_devices_arg(p, "encoding and pair scoring")
   common.add_xla_options_arg(p)
   p.add_argument("--channels-last", default="on", choices=["on", "off"], help="torch CNN memory format")
-  p.add_argument("--cnn-impl", default=None, choices=["auto", "generic", "cpu"],
-                 help="JAX model.cnn.impl (default: the config's, auto = cpu on a CPU, generic elsewhere)")
+  p.add_argument(
+      "--cnn-impl",
+      default=None,
+      choices=["auto", "generic", "cpu"],
+      help="JAX model.cnn.impl (default: the config's, auto = cpu on a CPU, generic elsewhere)",
+  )
   p.add_argument("--json", default=None)
-  p.add_argument("--profile", default=None, metavar="DIR",
-                 help="after timing, trace 3 JAX pair-scoring batches into DIR and print the top XLA ops")
+  p.add_argument(
+      "--profile",
+      default=None,
+      metavar="DIR",
+      help="after timing, trace 3 JAX pair-scoring batches into DIR and print the top XLA ops",
+  )
   p.add_argument("--worker-timeout", type=float, default=1800, help="seconds per framework subprocess")
   p.add_argument("--in-process", action="store_true", help="run the frameworks in this process (tests)")
   p.add_argument("--weights", default=None, help=argparse.SUPPRESS)  # the initial weights, shared by workers
@@ -301,8 +398,10 @@ def parse_args(argv=None):
   args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
   args.latency_iters = args.latency_iters or (20 if gpu else 10)
   if args.attention == "cudnn" and (not gpu or args.dtype != "bfloat16"):
-    p.error(f"--attention cudnn needs a CUDA GPU and --dtype bfloat16 (here: "
-            f"{'a GPU' if gpu else 'no GPU'}, {args.dtype})")
+    p.error(
+        f"--attention cudnn needs a CUDA GPU and --dtype bfloat16 (here: "
+        f"{'a GPU' if gpu else 'no GPU'}, {args.dtype})"
+    )
   common.resolve_jax_cpu_devices(args)
   sizes = WORKLOADS[args.workload]["gpu" if gpu else "cpu"]
   for k, v in sizes.items():
@@ -313,8 +412,10 @@ def parse_args(argv=None):
   n = common.jax_data_parallel(args)
   for name in ("pairs_batch", "encode_batch"):
     if getattr(args, name) % n:
-      p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must divide by the {n} JAX CPU devices "
-              "(--jax-cpu-devices)")
+      p.error(
+          f"--{name.replace('_', '-')} {getattr(args, name)} must divide by the {n} JAX CPU devices "
+          "(--jax-cpu-devices)"
+      )
   return args
 
 
@@ -330,9 +431,17 @@ def main(argv=None):
   if args.worker:
     common.worker_main(args, run_one)
     return
-  save = lambda results: common.write_json(args.json, dict(
-      mode="inference", workload=args.workload, dtype=args.dtype, args=vars(args), versions=common.versions(),
-      results=results))
+  save = lambda results: common.write_json(
+      args.json,
+      dict(
+          mode="inference",
+          workload=args.workload,
+          dtype=args.dtype,
+          args=vars(args),
+          versions=common.versions(),
+          results=results,
+      ),
+  )
   results = common.run_frameworks(__file__, args, argv, run_one, FRAMEWORKS, save, report)
   if any("error" in r for r in results):
     sys.exit(1)

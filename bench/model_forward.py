@@ -5,6 +5,7 @@
 
 Parameters are random (the timing does not depend on their values); compile time is reported apart.
 """
+
 import argparse
 import statistics
 import time
@@ -22,10 +23,12 @@ SETTINGS = {"demo": ("demo", "demo"), "base": ("base", "r50"), "base-x152": ("ba
 def random_variables(model, inputs, seed=0):
   shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), **inputs, train=False)))
   rng = np.random.default_rng(seed)
+
   def fill(path, s):
     if jax.tree_util.keystr(path).endswith("['var']"):
       return jnp.ones(s.shape, s.dtype)  # batch-norm variances must be positive
     return jnp.asarray(0.02 * rng.standard_normal(s.shape, dtype=np.float32))
+
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
@@ -61,15 +64,26 @@ def bench(name, image_hw, batch, text_len, dtype, iters):
   def forward_backward(v, x):
     def loss(params):
       out = model.apply({**v, "params": params}, **x, train=True, rngs=rngs)
-      return (jax.nn.logsumexp(out["mlm_logits"], -1).mean()
-              + jax.nn.logsumexp(out["itm_logits"], -1).mean())
+      return jax.nn.logsumexp(out["mlm_logits"], -1).mean() + jax.nn.logsumexp(out["itm_logits"], -1).mean()
+
     return jax.grad(loss)(v["params"])
 
   rows = []
   for label, fn in (("forward", forward), ("fwd+bwd", forward_backward)):
     compile_s, step_s = time_fn(fn, (variables, inputs), iters)
-    rows.append((name, f"{n_params / 1e6:.1f}M", f"{image_hw[0]}x{image_hw[1]}", batch, dtype, label,
-                 f"{compile_s:.1f}", f"{step_s * 1e3:.1f}", f"{batch / step_s:.2f}"))
+    rows.append(
+        (
+            name,
+            f"{n_params / 1e6:.1f}M",
+            f"{image_hw[0]}x{image_hw[1]}",
+            batch,
+            dtype,
+            label,
+            f"{compile_s:.1f}",
+            f"{step_s * 1e3:.1f}",
+            f"{batch / step_s:.2f}",
+        )
+    )
   return rows
 
 
@@ -89,8 +103,7 @@ def main():
   rows = []
   for name in args.models.split(","):
     hw = args.demo_image if name == "demo" else args.base_image
-    rows += bench(name, tuple(int(v) for v in hw.split("x")), args.batch, args.text_len, args.dtype,
-                  args.iters)
+    rows += bench(name, tuple(int(v) for v in hw.split("x")), args.batch, args.text_len, args.dtype, args.iters)
   widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
   for r in [header] + rows:
     print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))

@@ -13,6 +13,7 @@ the shapes and dtypes are exactly what the model code asks for. The parameters, 
 reads, are not counted; measured peaks are train_step.py's. The CNN is traced as GPUs and TPUs run it
 (`--cnn-impl generic`) unless told otherwise.
 """
+
 import argparse
 import collections
 import os
@@ -23,8 +24,12 @@ import common  # noqa: E402  (bench/common.py; puts the repo root on sys.path)
 import train_step  # noqa: E402
 
 # Name-stack markers -> part of the model, first match wins (pixel_bert.py's method and module names).
-PARTS = (("encode_image/cnn", "CNN"), ("encode_image", "pixel projection"), ("bert.encode", "transformer"),
-         ("bert.embed_text", "text embeddings"))
+PARTS = (
+    ("encode_image/cnn", "CNN"),
+    ("encode_image", "pixel projection"),
+    ("bert.encode", "transformer"),
+    ("bert.embed_text", "text embeddings"),
+)
 OTHER_PART = "heads and losses"
 DTYPE_COLUMNS = ("bfloat16", "float32", "bool")
 # Residuals made by broadcast_in_dim (the zeros of relu's and dropout's select, say): XLA fuses broadcasts
@@ -41,17 +46,19 @@ def saved_residuals(loss_fn, params, *args):
   loss_fn(params, *args) keeps for the backward pass, each once; parameters and literals left out."""
   import jax
   import numpy as np
-  closed, (_, vjp_shapes) = jax.make_jaxpr(lambda p: jax.vjp(lambda q: loss_fn(q, *args), p),
-                                           return_shape=True)(params)
+
+  closed, (_, vjp_shapes) = jax.make_jaxpr(lambda p: jax.vjp(lambda q: loss_fn(q, *args), p), return_shape=True)(params)
   jaxpr = closed.jaxpr
   n_res = len(jax.tree.leaves(vjp_shapes))
   if not 0 < n_res <= len(jaxpr.outvars):
-    raise RuntimeError(f"jax.vjp's trace has {len(jaxpr.outvars)} outputs and {n_res} residual leaves: "
-                       f"this jax ({jax.__version__}) lays out the trace differently than expected")
+    raise RuntimeError(
+        f"jax.vjp's trace has {len(jaxpr.outvars)} outputs and {n_res} residual leaves: "
+        f"this jax ({jax.__version__}) lays out the trace differently than expected"
+    )
   producer = {id(v): e for e in jaxpr.eqns for v in e.outvars}
   inputs = {id(v) for v in (*jaxpr.invars, *jaxpr.constvars)}
   seen, out = set(), []
-  for v in jaxpr.outvars[len(jaxpr.outvars) - n_res:]:
+  for v in jaxpr.outvars[len(jaxpr.outvars) - n_res :]:
     if type(v).__name__ == "Literal" or id(v) in inputs or id(v) in seen:
       continue
     seen.add(id(v))
@@ -60,8 +67,7 @@ def saved_residuals(loss_fn, params, *args):
       raise RuntimeError(f"residual {v} has no producing equation in the trace")
     aval = v.aval
     nbytes = int(np.prod(aval.shape, dtype=np.int64)) * aval.dtype.itemsize
-    out.append((tuple(aval.shape), aval.dtype.name, nbytes, str(eqn.primitive),
-                str(eqn.source_info.name_stack)))
+    out.append((tuple(aval.shape), aval.dtype.name, nbytes, str(eqn.primitive), str(eqn.source_info.name_stack)))
   return out
 
 
@@ -70,8 +76,7 @@ def summarize(residuals):
   outside it; a 'total' part."""
   table = collections.defaultdict(collections.Counter)
   for _, dtype, nbytes, op, ns in residuals:
-    columns = ([BROADCAST] if op == "broadcast_in_dim"
-               else [dtype if dtype in DTYPE_COLUMNS else "other", "total"])
+    columns = [BROADCAST] if op == "broadcast_in_dim" else [dtype if dtype in DTYPE_COLUMNS else "other", "total"]
     for part in (part_of(ns), "total"):
       for column in columns:
         table[part][column] += nbytes
@@ -87,18 +92,27 @@ def report(args, cfg, residuals) -> str:
   w = train_step.WORKLOADS[args.workload]
   image = args.image or "x".join(map(str, w["image"]))
   stored = [r for r in residuals if r[3] != "broadcast_in_dim"]
-  largest = sorted(stored, key=lambda r: -r[2])[:args.top]
+  largest = sorted(stored, key=lambda r: -r[2])[: args.top]
   lines = [
       f"### residuals of one training step: {args.workload} ({image}, {w['text_len']} tokens, {w['task']} "
       f"loss), batch {args.batch}, {args.dtype}, cnn.impl {cfg.cnn.impl}, norm {cfg.cnn.norm}, "
-      f"remat {args.remat}", "",
-      common.markdown_table(["part", *(f"{c} GiB" for c in columns), "tensors"],
-                            [[p, *(common.fmt(common.gib(table[p][c]), ".3f") for c in columns), counts[p]]
-                             for p in parts])]
+      f"remat {args.remat}",
+      "",
+      common.markdown_table(
+          ["part", *(f"{c} GiB" for c in columns), "tensors"],
+          [[p, *(common.fmt(common.gib(table[p][c]), ".3f") for c in columns), counts[p]] for p in parts],
+      ),
+  ]
   if largest:
-    lines += ["", f"largest {len(largest)} (broadcasts left out):", "",
-              common.markdown_table(["MiB", "dtype", "shape", "op", "module (name stack)"],
-                                    [[f"{b / 2**20:.1f}", d, list(s), o, n] for s, d, b, o, n in largest])]
+    lines += [
+        "",
+        f"largest {len(largest)} (broadcasts left out):",
+        "",
+        common.markdown_table(
+            ["MiB", "dtype", "shape", "op", "module (name stack)"],
+            [[f"{b / 2**20:.1f}", d, list(s), o, n] for s, d, b, o, n in largest],
+        ),
+    ]
   return "\n".join(lines)
 
 
@@ -110,8 +124,12 @@ def parse_args(argv=None):
   p.add_argument("--image", default=None, help="HxW instead of the workload's image size")
   p.add_argument("--remat", default="off", choices=["off", "on"], help="model.remat (per BERT layer)")
   p.add_argument("--norm", default=None, choices=["frozen_bn", "bn", "gn"], help="CNN norm override")
-  p.add_argument("--cnn-impl", default="generic", choices=["auto", "generic", "cpu"],
-                 help="model.cnn.impl (default generic: the GPU and TPU lowering)")
+  p.add_argument(
+      "--cnn-impl",
+      default="generic",
+      choices=["auto", "generic", "cpu"],
+      help="model.cnn.impl (default generic: the GPU and TPU lowering)",
+  )
   p.add_argument("--top", type=int, default=15, help="how many of the largest residuals to list")
   p.add_argument("--json", default=None, help="write the table and the residual list here")
   args = p.parse_args(argv)
@@ -133,12 +151,18 @@ def main(argv=None):
   stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract.get("batch_stats", {}))
   batch = train_step.synthetic_batch(w, cfg, args.batch)
   loss_fn = train_step.jax_loss_fn(model, w["task"], update_bn=cfg.cnn.norm == "bn")
-  residuals = saved_residuals(lambda p, *a: loss_fn(p, *a)[0], abstract["params"], stats, batch,
-                              jax.random.key(0), jax.random.key(1))
+  residuals = saved_residuals(
+      lambda p, *a: loss_fn(p, *a)[0], abstract["params"], stats, batch, jax.random.key(0), jax.random.key(1)
+  )
   print(report(args, cfg, residuals))
-  common.write_json(args.json, dict(
-      args=vars(args), table={k: dict(v) for k, v in summarize(residuals).items()},
-      residuals=[dict(shape=list(s), dtype=d, bytes=b, op=o, name_stack=n) for s, d, b, o, n in residuals]))
+  common.write_json(
+      args.json,
+      dict(
+          args=vars(args),
+          table={k: dict(v) for k, v in summarize(residuals).items()},
+          residuals=[dict(shape=list(s), dtype=d, bytes=b, op=o, name_stack=n) for s, d, b, o, n in residuals],
+      ),
+  )
 
 
 if __name__ == "__main__":

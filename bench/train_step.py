@@ -38,6 +38,7 @@ TFLOP/s divides the FLOPs of one step by the median step time: torch's FlopCount
 step (matmuls, convolutions, attention; the model's FLOPs) when a torch worker ran, else XLA's
 cost_analysis of the compiled JAX step (which includes what remat recomputes).
 """
+
 import argparse
 import gc
 import os
@@ -49,18 +50,64 @@ import common  # noqa: E402  (bench/common.py; puts the repo root on sys.path)
 
 WORKLOADS = {
     # size, cnn, task, image (h, w), text_len, sampled pixels (None: all), vocab, norm override, cpu batch
-    "pretrain-r50": dict(size="base", cnn="r50", task="pretrain", image=(800, 1344), text_len=40,
-                         num_pixels=100, vocab=common.BERT_VOCAB, norm=None, cpu_batch=1),
-    "finetune-r50": dict(size="base", cnn="r50", task="vqa", image=(800, 1344), text_len=40,
-                         num_pixels=None, vocab=common.BERT_VOCAB, norm=None, cpu_batch=1),
-    "pretrain-x152": dict(size="base", cnn="x152", task="pretrain", image=(600, 1024), text_len=40,
-                          num_pixels=100, vocab=common.BERT_VOCAB, norm=None, cpu_batch=1),
+    "pretrain-r50": dict(
+        size="base",
+        cnn="r50",
+        task="pretrain",
+        image=(800, 1344),
+        text_len=40,
+        num_pixels=100,
+        vocab=common.BERT_VOCAB,
+        norm=None,
+        cpu_batch=1,
+    ),
+    "finetune-r50": dict(
+        size="base",
+        cnn="r50",
+        task="vqa",
+        image=(800, 1344),
+        text_len=40,
+        num_pixels=None,
+        vocab=common.BERT_VOCAB,
+        norm=None,
+        cpu_batch=1,
+    ),
+    "pretrain-x152": dict(
+        size="base",
+        cnn="x152",
+        task="pretrain",
+        image=(600, 1024),
+        text_len=40,
+        num_pixels=100,
+        vocab=common.BERT_VOCAB,
+        norm=None,
+        cpu_batch=1,
+    ),
     # configs/pretrain.py:demo: batch norm with batch statistics, gradient clipping at 1.0.
-    "demo": dict(size="demo", cnn="demo", task="pretrain", image=(192, 192), text_len=40, num_pixels=6,
-                 vocab=common.DEMO_VOCAB, norm="bn", cpu_batch=32, grad_clip_norm=1.0),
+    "demo": dict(
+        size="demo",
+        cnn="demo",
+        task="pretrain",
+        image=(192, 192),
+        text_len=40,
+        num_pixels=6,
+        vocab=common.DEMO_VOCAB,
+        norm="bn",
+        cpu_batch=32,
+        grad_clip_norm=1.0,
+    ),
     # The finetune-r50 code path (VQA head, all pixels) at demo size: for CPU rehearsals of gpu_run.sh.
-    "demo-finetune": dict(size="demo", cnn="demo", task="vqa", image=(192, 192), text_len=40, num_pixels=None,
-                          vocab=common.DEMO_VOCAB, norm="bn", cpu_batch=32),
+    "demo-finetune": dict(
+        size="demo",
+        cnn="demo",
+        task="vqa",
+        image=(192, 192),
+        text_len=40,
+        num_pixels=None,
+        vocab=common.DEMO_VOCAB,
+        norm="bn",
+        cpu_batch=32,
+    ),
 }
 FRAMEWORKS = ("jax", "torch", "torch-compile")
 
@@ -69,8 +116,15 @@ def workload_cfg(args):
   w = dict(WORKLOADS[args.workload])
   if args.image:  # e.g. the r50 model at a CPU-sized image, to check the code path
     w["image"] = tuple(int(v) for v in args.image.split("x"))
-  cfg = common.model_cfg(w["size"], w["cnn"], w["vocab"], dtype=args.dtype, remat=args.remat == "on",
-                         num_pixels=w["num_pixels"], norm=args.norm or w["norm"])
+  cfg = common.model_cfg(
+      w["size"],
+      w["cnn"],
+      w["vocab"],
+      dtype=args.dtype,
+      remat=args.remat == "on",
+      num_pixels=w["num_pixels"],
+      norm=args.norm or w["norm"],
+  )
   if args.cnn_impl:
     cfg.cnn.impl = args.cnn_impl
   return w, cfg
@@ -78,6 +132,7 @@ def workload_cfg(args):
 
 def optim_config(w):
   import ml_collections
+
   optim = dict(common.OPTIM, grad_clip_norm=w.get("grad_clip_norm", 0.0))
   return ml_collections.ConfigDict(dict(optim=optim, model=dict(cnn=dict(frozen=False))))
 
@@ -85,10 +140,13 @@ def optim_config(w):
 def synthetic_batch(w, cfg, batch, seed=0):
   """The same batch (NumPy, seed 0) in every worker: images, captions, 15% MLM targets, ITM labels."""
   import numpy as np
+
   rng = np.random.default_rng(seed)
-  b = dict(**common.image_batch(rng, batch, w["image"]),
-           **common.text_batch(rng, batch, w["text_len"], w["vocab"]),
-           example_mask=np.ones((batch,), np.int32))
+  b = dict(
+      **common.image_batch(rng, batch, w["image"]),
+      **common.text_batch(rng, batch, w["text_len"], w["vocab"]),
+      example_mask=np.ones((batch,), np.int32),
+  )
   if w["task"] == "pretrain":
     b["mlm_labels"] = rng.integers(4, w["vocab"], (batch, w["text_len"]), dtype=np.int32)
     b["mlm_weights"] = (rng.random((batch, w["text_len"])) < 0.15).astype(np.float32)
@@ -106,8 +164,10 @@ def vqa_loss_jax(outputs, batch):
   """tasks/vqa.py's loss (that module imports the data pipeline, so it is restated here)."""
   import jax.numpy as jnp
   import optax
-  bce = optax.sigmoid_binary_cross_entropy(outputs["vqa_logits"].astype(jnp.float32),
-                                           batch["vqa_targets"].astype(jnp.float32)).sum(-1)
+
+  bce = optax.sigmoid_binary_cross_entropy(
+      outputs["vqa_logits"].astype(jnp.float32), batch["vqa_targets"].astype(jnp.float32)
+  ).sum(-1)
   mask = batch["example_mask"].astype(jnp.float32)
   loss = jnp.sum(bce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
   return loss, {"loss": (loss, jnp.ones(()))}
@@ -118,16 +178,15 @@ def jax_loss_fn(model, task, update_bn):
   step's forward and loss, as train.Trainer._train_step (which this cannot import: train.py imports the
   data pipeline)."""
   from pixelbert_jax.tasks import pretrain
+
   mutable = ["batch_stats"] if update_bn else False
 
   def loss_fn(params, batch_stats, batch, k_drop, k_sample):
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     inputs = {k: batch[k] for k in pretrain.INPUT_KEYS}
-    out = model.apply(variables, **inputs, train=True, rngs={"dropout": k_drop, "sample": k_sample},
-                      mutable=mutable)
+    out = model.apply(variables, **inputs, train=True, rngs={"dropout": k_drop, "sample": k_sample}, mutable=mutable)
     outputs, new_vars = out if mutable else (out, {})
-    loss, metrics = (pretrain.loss_and_metrics(outputs, batch) if task == "pretrain"
-                     else vqa_loss_jax(outputs, batch))
+    loss, metrics = pretrain.loss_and_metrics(outputs, batch) if task == "pretrain" else vqa_loss_jax(outputs, batch)
     return loss, (metrics, new_vars.get("batch_stats", batch_stats))
 
   return loss_fn
@@ -152,46 +211,66 @@ def jax_setup(args, batch_size):
   def init_state(seed=0):
     variables = common.init_flax(model, w["task"], seed)
     params = variables["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "batch_stats": variables.get("batch_stats", {}),
-            "opt_state": jax.jit(tx.init)(params), "rng": jax.random.key(seed + 1)}
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "batch_stats": variables.get("batch_stats", {}),
+        "opt_state": jax.jit(tx.init)(params),
+        "rng": jax.random.key(seed + 1),
+    }
 
   loss_fn = jax_loss_fn(model, w["task"], update_bn)
 
   def train_step(state, batch):
     k_drop, k_sample = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
     (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["batch_stats"], batch, k_drop, k_sample)
+        state["params"], state["batch_stats"], batch, k_drop, k_sample
+    )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     metrics["grad_norm"] = (optim.global_norm(grads), jnp.ones(()))
-    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-            "batch_stats": batch_stats, "opt_state": opt_state, "rng": state["rng"]}, metrics
+    return {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "batch_stats": batch_stats,
+        "opt_state": opt_state,
+        "rng": state["rng"],
+    }, metrics
 
   batch, n = synthetic_batch(w, cfg, batch_size), common.jax_data_parallel(args)
   if n > 1:
     # As main.py with config.cpu_devices: the batch split over a data axis, the state replicated.
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
     mesh = Mesh(jax.devices()[:n], ("data",))
     replicated = NamedSharding(mesh, P())
     batch_sharding = {k: NamedSharding(mesh, P("data")) for k in batch}
-    step = jax.jit(train_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated,
-                   donate_argnums=0, compiler_options=common.jax_compiler_options(args))
-    return step, lambda seed=0: jax.device_put(init_state(seed), replicated), \
-        jax.device_put(batch, batch_sharding), cfg
+    step = jax.jit(
+        train_step,
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=replicated,
+        donate_argnums=0,
+        compiler_options=common.jax_compiler_options(args),
+    )
+    return step, lambda seed=0: jax.device_put(init_state(seed), replicated), jax.device_put(batch, batch_sharding), cfg
   step = jax.jit(train_step, donate_argnums=0, compiler_options=common.jax_compiler_options(args))
   return step, init_state, jax.device_put(batch), cfg
 
 
 def jax_worker(args):
   import jax
+
   t_setup = time.perf_counter()
   step, init_state, batch, cfg = jax_setup(args, args.batch)
   state = init_state()
   jax.block_until_ready(state)
   setup_s = time.perf_counter() - t_setup
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  common.save_weights(args.weights, cfg, WORKLOADS[args.workload]["task"],
-                      {"params": state["params"], "batch_stats": state["batch_stats"]})
+  common.save_weights(
+      args.weights,
+      cfg,
+      WORKLOADS[args.workload]["task"],
+      {"params": state["params"], "batch_stats": state["batch_stats"]},
+  )
 
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -216,16 +295,29 @@ def jax_worker(args):
   if args.profile:
     state, prof = common.profile_jax(compiled, (state, batch), args.profile)
     common.print_profile(prof)
-  return dict(framework="jax", device=common.jax_device_name(), params=n_params, batch=args.batch,
-              setup_s=setup_s, compile_s=compile_s, first_step_s=first_s, first_loss=loss0,
-              peak_mem_bytes=mem, peak_mem_kind=mem_kind, flops_xla=xla_flops,
-              xla_options=common.jax_compiler_options(args), **cpu, **common.time_stats(times))
+  return dict(
+      framework="jax",
+      device=common.jax_device_name(),
+      params=n_params,
+      batch=args.batch,
+      setup_s=setup_s,
+      compile_s=compile_s,
+      first_step_s=first_s,
+      first_loss=loss0,
+      peak_mem_bytes=mem,
+      peak_mem_kind=mem_kind,
+      flops_xla=xla_flops,
+      xla_options=common.jax_compiler_options(args),
+      **cpu,
+      **common.time_stats(times),
+  )
 
 
 def jax_max_batch(args):
   """Largest batch whose train step compiles and runs: doubling from --batch, then bisecting to
   --max-batch-granularity. A fresh state per try (an OOM may have consumed the donated one)."""
   import jax
+
   tried, results = {}, []
 
   def fits(b):
@@ -254,13 +346,25 @@ def jax_max_batch(args):
       del state, batch
       gc.collect()
     r["seconds"] = time.perf_counter() - t0
-    print(f"max-batch: batch {b}: {'fits' if r['ok'] else 'out of memory'} ({r['seconds']:.0f} s)"
-          + (f", {r['examples_per_s']:.1f} examples/s" if r["ok"] else ""), flush=True)
+    print(
+        f"max-batch: batch {b}: {'fits' if r['ok'] else 'out of memory'} ({r['seconds']:.0f} s)"
+        + (f", {r['examples_per_s']:.1f} examples/s" if r["ok"] else ""),
+        flush=True,
+    )
     tried[b] = r["ok"]
     results.append(r)
-    common.write_json(args.json, dict(mode="max-batch", workload=args.workload, dtype=args.dtype,
-                                      remat=args.remat, device=common.jax_device_name(),
-                                      versions=common.versions(), tries=results))
+    common.write_json(
+        args.json,
+        dict(
+            mode="max-batch",
+            workload=args.workload,
+            dtype=args.dtype,
+            remat=args.remat,
+            device=common.jax_device_name(),
+            versions=common.versions(),
+            tries=results,
+        ),
+    )
     return r["ok"]
 
   lo, hi = 0, None  # largest known to fit, smallest known not to
@@ -282,20 +386,19 @@ def jax_max_batch(args):
     else:
       hi = mid
   best = max((r for r in results if r["ok"]), key=lambda r: r["batch"], default=None)
-  return dict(max_batch=lo, first_oom=hi if hi <= args.max_batch_limit else None, best=best,
-              tries=results)
+  return dict(max_batch=lo, first_oom=hi if hi <= args.max_batch_limit else None, best=best, tries=results)
 
 
 # ------------------------------------------------------------------------------------------- torch
 def torch_sample_pixels(pixels, pixel_mask, k):
   """models/pixel_bert.py sample_pixels: k distinct valid pixels per image, uniformly, in grid order."""
   import torch
+
   if k >= pixel_mask.shape[1]:
     return pixels, pixel_mask
   scores = torch.rand(pixel_mask.shape, device=pixels.device).masked_fill(~pixel_mask, float("-inf"))
   idx = torch.topk(scores, k, dim=1).indices.sort(dim=1).values
-  return (torch.gather(pixels, 1, idx[..., None].expand(-1, -1, pixels.shape[-1])),
-          torch.gather(pixel_mask, 1, idx))
+  return (torch.gather(pixels, 1, idx[..., None].expand(-1, -1, pixels.shape[-1])), torch.gather(pixel_mask, 1, idx))
 
 
 def torch_loss_fn(model, w, cfg, use_autocast, device):
@@ -312,14 +415,15 @@ def torch_loss_fn(model, w, cfg, use_autocast, device):
         if cfg.pixel_sampling.enabled:
           pixels, pixel_mask = torch_sample_pixels(pixels, pixel_mask, cfg.pixel_sampling.num_pixels)
         seq, pooled = enc.fuse(batch["input_ids"], batch["text_mask"], pixels, pixel_mask)
-        mlm = model.mlm_head(seq[:, :batch["input_ids"].shape[1]], enc.bert.embeddings.word_embeddings.weight)
+        mlm = model.mlm_head(seq[:, : batch["input_ids"].shape[1]], enc.bert.embeddings.word_embeddings.weight)
         itm = model.itm_head(pooled)
       else:
         logits = model(batch["image"], batch["image_mask"], batch["input_ids"], batch["text_mask"])["vqa_logits"]
     if w["task"] == "pretrain":
       mlm_w = batch["mlm_weights"] * ex[:, None]
-      xent = F.cross_entropy(mlm.float().flatten(0, 1), batch["mlm_labels"].long().flatten(),
-                             reduction="none").view_as(mlm_w)
+      xent = F.cross_entropy(mlm.float().flatten(0, 1), batch["mlm_labels"].long().flatten(), reduction="none").view_as(
+          mlm_w
+      )
       mlm_loss = (xent * mlm_w).sum() / mlm_w.sum().clamp_min(1e-9)
       itm_xent = F.cross_entropy(itm.float(), batch["itm_label"].long(), reduction="none")
       itm_loss = (itm_xent * ex).sum() / ex.sum().clamp_min(1e-9)
@@ -337,19 +441,33 @@ def torch_optimizers(model, device):
   """optim.py's recipe: SGD + momentum (coupled decay) on the CNN, AdamW elsewhere; decay on matrices and
   conv kernels only."""
   import torch
+
   o = common.OPTIM
   groups = {("cnn", True): [], ("cnn", False): [], ("tf", True): [], ("tf", False): []}
   for name, p in model.named_parameters():
     if p.requires_grad:
       groups[("cnn" if name.startswith("encoder.cnn.") else "tf", p.ndim >= 2)].append(p)
   fused = {"fused": True} if device.type == "cuda" else {}
-  sgd = torch.optim.SGD([{"params": groups[("cnn", True)], "weight_decay": o["cnn"]["weight_decay"]},
-                         {"params": groups[("cnn", False)], "weight_decay": 0.0}],
-                        lr=o["cnn"]["lr"], momentum=o["cnn"]["momentum"], **fused)
+  sgd = torch.optim.SGD(
+      [
+          {"params": groups[("cnn", True)], "weight_decay": o["cnn"]["weight_decay"]},
+          {"params": groups[("cnn", False)], "weight_decay": 0.0},
+      ],
+      lr=o["cnn"]["lr"],
+      momentum=o["cnn"]["momentum"],
+      **fused,
+  )
   t = o["transformer"]
-  adamw = torch.optim.AdamW([{"params": groups[("tf", True)], "weight_decay": t["weight_decay"]},
-                             {"params": groups[("tf", False)], "weight_decay": 0.0}],
-                            lr=t["lr"], betas=(t["b1"], t["b2"]), eps=t["eps"], **fused)
+  adamw = torch.optim.AdamW(
+      [
+          {"params": groups[("tf", True)], "weight_decay": t["weight_decay"]},
+          {"params": groups[("tf", False)], "weight_decay": 0.0},
+      ],
+      lr=t["lr"],
+      betas=(t["b1"], t["b2"]),
+      eps=t["eps"],
+      **fused,
+  )
   params = [p for g in groups.values() for p in g]
   return [sgd, adamw], params
 
@@ -357,6 +475,7 @@ def torch_optimizers(model, device):
 def torch_setup(args, w, cfg, device):
   import torch
   from pixelbert_jax.convert.torch_model import PixelBert
+
   torch.manual_seed(0)
   if args.torch_init == "flax":
     model = common.torch_model(cfg, w["task"], args.weights)
@@ -380,6 +499,7 @@ def torch_setup(args, w, cfg, device):
 
 def torch_worker(args, compile_model):
   import torch
+
   device = common.torch_device()
   if device.type == "cuda":
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels (XLA autotunes too)
@@ -431,16 +551,28 @@ def torch_worker(args, compile_model):
 
   # FLOPs of one eager step (forward + backward; the optimizer's elementwise work is not counted).
   from torch.utils.flop_counter import FlopCounterMode
+
   counter = FlopCounterMode(display=False)
   with counter:
     loss_fn(batch)[0].backward()
   for o in opts:
     o.zero_grad(set_to_none=True)
   name = "torch-compile" if compile_model else "torch"
-  return dict(framework=name, device=common.torch_device_name(device), params=n_params, batch=args.batch,
-              setup_s=setup_s, compile_s=None, first_step_s=first_s, first_loss=loss0,
-              peak_mem_bytes=mem, peak_mem_kind=mem_kind, flops_torch=float(counter.get_total_flops()),
-              **cpu, **common.time_stats(times))
+  return dict(
+      framework=name,
+      device=common.torch_device_name(device),
+      params=n_params,
+      batch=args.batch,
+      setup_s=setup_s,
+      compile_s=None,
+      first_step_s=first_s,
+      first_loss=loss0,
+      peak_mem_bytes=mem,
+      peak_mem_kind=mem_kind,
+      flops_torch=float(counter.get_total_flops()),
+      **cpu,
+      **common.time_stats(times),
+  )
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -452,31 +584,55 @@ def report(args, results):
   if flops is None:
     flops = next((r["flops_xla"] for r in ok if r.get("flops_xla")), None)
     source = "XLA cost_analysis of the JAX step"
-  header = ("framework", "device", "batch", "examples/s", "step ms median", "p10-p90 ms", "min-max ms",
-            "first step s", "peak mem GiB", "TFLOP/s", "loss step 1")
+  header = (
+      "framework",
+      "device",
+      "batch",
+      "examples/s",
+      "step ms median",
+      "p10-p90 ms",
+      "min-max ms",
+      "first step s",
+      "peak mem GiB",
+      "TFLOP/s",
+      "loss step 1",
+  )
   rows = []
   for r in results:
     if "error" in r:
       rows.append((r["framework"], "-", "-", f"**{r['error']}**", *["-"] * 7))
       continue
-    rows.append((r["framework"], r["device"], r["batch"], f"{r['batch'] / (r['median_ms'] / 1e3):.2f}",
-                 f"{r['median_ms']:.1f}", f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}",
-                 f"{r['min_ms']:.1f}-{r['max_ms']:.1f}", f"{r['first_step_s']:.1f}",
-                 common.fmt(common.gib(r["peak_mem_bytes"]), ".2f"),
-                 common.fmt(flops / (r["median_ms"] / 1e3) / 1e12 if flops else None, ".2f"),
-                 f"{r['first_loss']:.3f}"))
+    rows.append(
+        (
+            r["framework"],
+            r["device"],
+            r["batch"],
+            f"{r['batch'] / (r['median_ms'] / 1e3):.2f}",
+            f"{r['median_ms']:.1f}",
+            f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}",
+            f"{r['min_ms']:.1f}-{r['max_ms']:.1f}",
+            f"{r['first_step_s']:.1f}",
+            common.fmt(common.gib(r["peak_mem_bytes"]), ".2f"),
+            common.fmt(flops / (r["median_ms"] / 1e3) / 1e12 if flops else None, ".2f"),
+            f"{r['first_loss']:.3f}",
+        )
+    )
   v = common.versions()
   w, cfg = workload_cfg(args)
   pixels = common.num_pixel_tokens(w["image"])
   sampled = cfg.pixel_sampling.enabled and cfg.pixel_sampling.num_pixels < pixels
   kept = f"{cfg.pixel_sampling.num_pixels} of {pixels}" if sampled else f"all {pixels}"
-  lines = [f"### train step: {args.workload} ({w['image'][0]}x{w['image'][1]}, {kept} pixels, "
-           f"{w['text_len']} tokens, {w['task']} loss, cnn norm {cfg.cnn.norm}), {args.dtype}, remat {args.remat}, "
-           f"{args.steps} timed steps after {args.warmup} warm-up",
-           "", common.markdown_table(header, rows), "",
-           f"versions: jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, optax {v['optax']}, "
-           f"torch {v['torch']}, transformers {v['transformers']}, python {v['python']}",
-           f"FLOPs per step: {common.fmt(flops and flops / 1e12, '.3f')} TFLOP ({source})"]
+  lines = [
+      f"### train step: {args.workload} ({w['image'][0]}x{w['image'][1]}, {kept} pixels, "
+      f"{w['text_len']} tokens, {w['task']} loss, cnn norm {cfg.cnn.norm}), {args.dtype}, remat {args.remat}, "
+      f"{args.steps} timed steps after {args.warmup} warm-up",
+      "",
+      common.markdown_table(header, rows),
+      "",
+      f"versions: jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, optax {v['optax']}, "
+      f"torch {v['torch']}, transformers {v['transformers']}, python {v['python']}",
+      f"FLOPs per step: {common.fmt(flops and flops / 1e12, '.3f')} TFLOP ({source})",
+  ]
   xla = next((r["flops_xla"] for r in ok if r.get("flops_xla")), None)
   if xla and flops != xla:
     lines.append(f"XLA cost_analysis of the JAX step: {xla / 1e12:.3f} TFLOP")
@@ -502,16 +658,28 @@ def parse_args(argv=None):
   p.add_argument("--remat", default="off", choices=["on", "off"], help="rematerialise each BERT layer")
   p.add_argument("--image", default=None, help="HxW instead of the workload's image size")
   p.add_argument("--norm", default=None, choices=["frozen_bn", "bn", "gn"], help="override the CNN norm")
-  p.add_argument("--cnn-impl", default=None, choices=["auto", "generic", "cpu"],
-                 help="JAX model.cnn.impl (default: the config's, auto = cpu on a CPU, generic elsewhere)")
+  p.add_argument(
+      "--cnn-impl",
+      default=None,
+      choices=["auto", "generic", "cpu"],
+      help="JAX model.cnn.impl (default: the config's, auto = cpu on a CPU, generic elsewhere)",
+  )
   common.add_jax_cpu_devices_arg(p, "the step")
   common.add_xla_options_arg(p)
   p.add_argument("--channels-last", default="on", choices=["on", "off"], help="torch CNN memory format")
-  p.add_argument("--torch-init", default="flax", choices=["flax", "random"],
-                 help="flax: the Flax init converted (same weights); random: torch's own init (faster)")
+  p.add_argument(
+      "--torch-init",
+      default="flax",
+      choices=["flax", "random"],
+      help="flax: the Flax init converted (same weights); random: torch's own init (faster)",
+  )
   p.add_argument("--json", default=None, help="write the results here (rewritten after each framework)")
-  p.add_argument("--profile", default=None, metavar="DIR",
-                 help="after timing, trace 3 JAX steps into DIR and print the top XLA ops")
+  p.add_argument(
+      "--profile",
+      default=None,
+      metavar="DIR",
+      help="after timing, trace 3 JAX steps into DIR and print the top XLA ops",
+  )
   p.add_argument("--worker-timeout", type=float, default=1800, help="seconds per framework subprocess")
   p.add_argument("--in-process", action="store_true", help="run the frameworks in this process (tests)")
   p.add_argument("--max-batch", action="store_true", help="find the largest JAX batch that fits")
@@ -546,17 +714,41 @@ def main(argv=None):
     return
   if args.max_batch:
     out = jax_max_batch(args)
-    print(f"\nmax batch (JAX, {args.workload}, {args.dtype}, remat {args.remat}): {out['max_batch']}"
-          f" (first out-of-memory: {out['first_oom']})")
+    print(
+        f"\nmax batch (JAX, {args.workload}, {args.dtype}, remat {args.remat}): {out['max_batch']}"
+        f" (first out-of-memory: {out['first_oom']})"
+    )
     if out["best"]:
-      print(f"at batch {out['best']['batch']}: {out['best']['examples_per_s']:.1f} examples/s, "
-            f"peak {common.fmt(common.gib(out['best']['peak_mem_bytes']), '.1f')} GiB")
-    common.write_json(args.json, dict(mode="max-batch", workload=args.workload, dtype=args.dtype,
-                                      remat=args.remat, versions=common.versions(), **out))
+      print(
+          f"at batch {out['best']['batch']}: {out['best']['examples_per_s']:.1f} examples/s, "
+          f"peak {common.fmt(common.gib(out['best']['peak_mem_bytes']), '.1f')} GiB"
+      )
+    common.write_json(
+        args.json,
+        dict(
+            mode="max-batch",
+            workload=args.workload,
+            dtype=args.dtype,
+            remat=args.remat,
+            versions=common.versions(),
+            **out,
+        ),
+    )
     return
-  save = lambda results: common.write_json(args.json, dict(
-      mode="train-step", workload=args.workload, dtype=args.dtype, remat=args.remat, batch=args.batch,
-      steps=args.steps, warmup=args.warmup, versions=common.versions(), results=results))
+  save = lambda results: common.write_json(
+      args.json,
+      dict(
+          mode="train-step",
+          workload=args.workload,
+          dtype=args.dtype,
+          remat=args.remat,
+          batch=args.batch,
+          steps=args.steps,
+          warmup=args.warmup,
+          versions=common.versions(),
+          results=results,
+      ),
+  )
   results = common.run_frameworks(__file__, args, argv, run_one, FRAMEWORKS, save, report)
   devices = {r["device"] for r in results if "device" in r}
   if len(devices) > 1:

@@ -11,6 +11,7 @@ parameters are not finite (written before that check existed), is skipped: train
 `STEP.corrupt-<time>` so that a rerun retrains that step; the read-only readers (predict, convert,
 init_from) use the newest good step and log which.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,17 +30,21 @@ ITEMS = ("params", "train", "data", "meta")
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
-    # Registered up front so that a fresh process can read item metadata before any save or restore.
-    return {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
-            "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  # Registered up front so that a fresh process can read item metadata before any save or restore.
+  return {
+      "params": ocp.StandardCheckpointHandler(),
+      "train": ocp.StandardCheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler(),
+  }
 
 
 class CheckpointMismatchError(ValueError):
-    """The checkpoint's parameters do not fit the model the config builds."""
+  """The checkpoint's parameters do not fit the model the config builds."""
 
 
 class UnreadableCheckpointError(FileNotFoundError):
-    """No step of the checkpoint can be read (or the one asked for cannot); the message names it."""
+  """No step of the checkpoint can be read (or the one asked for cannot); the message names it."""
 
 
 TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix of a step (or item) folder that was never finalised
@@ -47,286 +52,321 @@ TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix of a step (or item) folde
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:
-    """Paths of the floating-point arrays of `tree` that hold NaN or Inf, [] if none do. One reduction on
-    the devices where the arrays live (cheap enough before every save); only a failure fetches per-array
-    flags, which are replicated and so readable on every host."""
-    if bool(_all_finite(tree)):
-        return []
-    flags = jax.device_get(jax.jit(lambda t: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), t))(tree))
-    return [jax.tree_util.keystr(path, simple=True, separator="/")
-            for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0] if not bool(ok)]
+  """Paths of the floating-point arrays of `tree` that hold NaN or Inf, [] if none do. One reduction on
+  the devices where the arrays live (cheap enough before every save); only a failure fetches per-array
+  flags, which are replicated and so readable on every host."""
+  if bool(_all_finite(tree)):
+    return []
+  flags = jax.device_get(jax.jit(lambda t: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), t))(tree))
+  return [
+      jax.tree_util.keystr(path, simple=True, separator="/")
+      for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]
+      if not bool(ok)
+  ]
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
+  return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
 
 
 def remove_tmp_dirs(directory: epath.Path) -> list[str]:
-    """Deletes the unfinished `*.orbax-checkpoint-tmp*` step folders in `directory` (a save that was killed or
-    ran out of disk): they are never read, and a full disk stays full while they are there. Returns their names."""
-    removed = []
-    if not directory.is_dir():
-        return removed
-    for p in sorted(directory.iterdir()):
-        if TMP_MARKER in p.name:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-            removed.append(p.name)
-    if removed:
-        logging.warning("Removed unfinished checkpoint folders in %s: %s", directory, ", ".join(removed))
+  """Deletes the unfinished `*.orbax-checkpoint-tmp*` step folders in `directory` (a save that was killed or
+  ran out of disk): they are never read, and a full disk stays full while they are there. Returns their names."""
+  removed = []
+  if not directory.is_dir():
     return removed
+  for p in sorted(directory.iterdir()):
+    if TMP_MARKER in p.name:
+      shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+      removed.append(p.name)
+  if removed:
+    logging.warning("Removed unfinished checkpoint folders in %s: %s", directory, ", ".join(removed))
+  return removed
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    flat = traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {}
-    return {k: tuple(getattr(v, "shape", np.shape(v))) for k, v in flat.items()}
+  flat = traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {}
+  return {k: tuple(getattr(v, "shape", np.shape(v))) for k, v in flat.items()}
 
 
-def compare_shapes(expected: Any, found: Any, *, what: str, allow_missing: bool = False,
-                   allow_extra: bool = False) -> None:
-    """Raises CheckpointMismatchError naming every parameter whose presence or shape differs."""
-    exp, got = _flat_shapes(expected), _flat_shapes(found)
-    problems = [f"{k}: config expects {exp[k]}, checkpoint has {got[k]}"
-                for k in sorted(exp.keys() & got.keys()) if exp[k] != got[k]]
-    if not allow_missing:
-        problems += [f"{k}: missing from the checkpoint" for k in sorted(exp.keys() - got.keys())]
-    if not allow_extra:
-        problems += [f"{k}: in the checkpoint but not in the model" for k in sorted(got.keys() - exp.keys())]
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise CheckpointMismatchError(f"{what} does not match the model built from the config:\n  {shown}{more}")
+def compare_shapes(
+    expected: Any, found: Any, *, what: str, allow_missing: bool = False, allow_extra: bool = False
+) -> None:
+  """Raises CheckpointMismatchError naming every parameter whose presence or shape differs."""
+  exp, got = _flat_shapes(expected), _flat_shapes(found)
+  problems = [
+      f"{k}: config expects {exp[k]}, checkpoint has {got[k]}"
+      for k in sorted(exp.keys() & got.keys())
+      if exp[k] != got[k]
+  ]
+  if not allow_missing:
+    problems += [f"{k}: missing from the checkpoint" for k in sorted(exp.keys() - got.keys())]
+  if not allow_extra:
+    problems += [f"{k}: in the checkpoint but not in the model" for k in sorted(got.keys() - exp.keys())]
+  if problems:
+    shown = "\n  ".join(problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise CheckpointMismatchError(f"{what} does not match the model built from the config:\n  {shown}{more}")
 
 
 class Checkpointer:
-    """A CheckpointManager that saves every `every_steps`, keeps `keep`, and resumes from the newest
-    readable step (a corrupted newest step is reported by name and skipped)."""
+  """A CheckpointManager that saves every `every_steps`, keeps `keep`, and resumes from the newest
+  readable step (a corrupted newest step is reported by name and skipped)."""
 
-    def __init__(self, directory: str | epath.Path, *, every_steps: int, keep: int, use_async: bool = True):
-        if int(keep) < 1:  # Orbax would delete every checkpoint, the final one included
-            raise ValueError(f"config.keep_checkpoints={keep} must be >= 1")
-        self.directory = epath.Path(directory)
-        if jax.process_index() == 0:
-            remove_tmp_dirs(self.directory)
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, int(every_steps)), max_to_keep=keep, create=True,
-            enable_async_checkpointing=use_async)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+  def __init__(self, directory: str | epath.Path, *, every_steps: int, keep: int, use_async: bool = True):
+    if int(keep) < 1:  # Orbax would delete every checkpoint, the final one included
+      raise ValueError(f"config.keep_checkpoints={keep} must be >= 1")
+    self.directory = epath.Path(directory)
+    if jax.process_index() == 0:
+      remove_tmp_dirs(self.directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, int(every_steps)),
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=use_async,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
 
-    def save(self, step: int, state: dict[str, Any], data_state: dict | None, meta: dict,
-             *, force: bool = False) -> bool:
-        args = ocp.args.Composite(
-            params=ocp.args.StandardSave({"params": state["params"], "batch_stats": state["batch_stats"]}),
-            train=ocp.args.StandardSave({k: state[k] for k in ("step", "opt_state", "rng")}),
-            data=ocp.args.JsonSave(data_state or {}),
-            meta=ocp.args.JsonSave(meta),
-        )
-        return self.manager.save(step, args=args, force=force)
+  def save(self, step: int, state: dict[str, Any], data_state: dict | None, meta: dict, *, force: bool = False) -> bool:
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave({"params": state["params"], "batch_stats": state["batch_stats"]}),
+        train=ocp.args.StandardSave({k: state[k] for k in ("step", "opt_state", "rng")}),
+        data=ocp.args.JsonSave(data_state or {}),
+        meta=ocp.args.JsonSave(meta),
+    )
+    return self.manager.save(step, args=args, force=force)
 
-    def should_save(self, step: int) -> bool:
-        return self.manager.should_save(step)
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
 
-    def reached_preemption(self, step: int) -> bool:
+  def reached_preemption(self, step: int) -> bool:
+    try:
+      return bool(self.manager.reached_preemption(step))
+    except Exception:  # No preemption service outside jax.distributed: SIGTERM is handled by train.py.
+      return False
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore_latest(self, abstract_state: dict[str, Any]) -> tuple[dict, dict, int] | None:
+    """Restores the newest good step into `abstract_state`'s shapes and shardings, or None if there
+    is none. Shape mismatches are config errors and raise; a step that cannot be read or holds non-finite
+    parameters is moved aside (named in the log), so that the rerun retrains it instead of finding it in
+    the way when it saves that step again."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    moved = False
+    try:
+      for step in steps:
+        step_dir = self.directory / str(step)
         try:
-            return bool(self.manager.reached_preemption(step))
-        except Exception:  # No preemption service outside jax.distributed: SIGTERM is handled by train.py.
-            return False
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def restore_latest(self, abstract_state: dict[str, Any]) -> tuple[dict, dict, int] | None:
-        """Restores the newest good step into `abstract_state`'s shapes and shardings, or None if there
-        is none. Shape mismatches are config errors and raise; a step that cannot be read or holds non-finite
-        parameters is moved aside (named in the log), so that the rerun retrains it instead of finding it in
-        the way when it saves that step again."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        moved = False
+          found = self.manager.item_metadata(step)["params"]
+        except Exception as e:  # noqa: BLE001 - any unreadable metadata means a bad step
+          moved = self._move_aside(step, f"is unreadable ({_first_line(e)})")
+          continue
+        if found is None:
+          moved = self._move_aside(step, "has no 'params' item")
+          continue
+        expected = {"params": abstract_state["params"], "batch_stats": abstract_state["batch_stats"]}
+        compare_shapes(expected, dict(found), what=f"Checkpoint {step_dir}")
         try:
-            for step in steps:
-                step_dir = self.directory / str(step)
-                try:
-                    found = self.manager.item_metadata(step)["params"]
-                except Exception as e:  # noqa: BLE001 - any unreadable metadata means a bad step
-                    moved = self._move_aside(step, f"is unreadable ({_first_line(e)})")
-                    continue
-                if found is None:
-                    moved = self._move_aside(step, "has no 'params' item")
-                    continue
-                expected = {"params": abstract_state["params"], "batch_stats": abstract_state["batch_stats"]}
-                compare_shapes(expected, dict(found), what=f"Checkpoint {step_dir}")
-                try:
-                    restored = self.manager.restore(step, args=ocp.args.Composite(
-                        params=ocp.args.StandardRestore(expected),
-                        train=ocp.args.StandardRestore({k: abstract_state[k] for k in ("step", "opt_state", "rng")}),
-                        data=ocp.args.JsonRestore(),
-                    ))
-                except Exception as e:  # noqa: BLE001
-                    if _out_of_memory(e):  # says nothing about the files: keep the step where it is
-                        raise
-                    moved = self._move_aside(step, f"could not be restored ({_first_line(e)})")
-                    continue
-                bad = nonfinite_leaves(restored["params"])
-                if bad:  # written before train.py checked parameters before saving them
-                    moved = self._move_aside(step, f"holds NaN/Inf in {len(bad)} parameter arrays (first: {bad[0]})")
-                    continue
-                state = {**restored["params"], **restored["train"]}
-                return state, dict(restored["data"] or {}), step
-        finally:
-            if moved:
-                self.manager.reload()  # forget the moved steps: their numbers are saved afresh
-        if steps:  # starting from scratch silently could throw away a long run's progress
-            raise UnreadableCheckpointError(
-                f"No readable checkpoint in {self.directory}: steps {steps} were moved aside (STEP.corrupt-*); "
-                "rerun to start from scratch, or move a step folder back if it is good")
-        return None
+          restored = self.manager.restore(
+              step,
+              args=ocp.args.Composite(
+                  params=ocp.args.StandardRestore(expected),
+                  train=ocp.args.StandardRestore({k: abstract_state[k] for k in ("step", "opt_state", "rng")}),
+                  data=ocp.args.JsonRestore(),
+              ),
+          )
+        except Exception as e:  # noqa: BLE001
+          if _out_of_memory(e):  # says nothing about the files: keep the step where it is
+            raise
+          moved = self._move_aside(step, f"could not be restored ({_first_line(e)})")
+          continue
+        bad = nonfinite_leaves(restored["params"])
+        if bad:  # written before train.py checked parameters before saving them
+          moved = self._move_aside(step, f"holds NaN/Inf in {len(bad)} parameter arrays (first: {bad[0]})")
+          continue
+        state = {**restored["params"], **restored["train"]}
+        return state, dict(restored["data"] or {}), step
+    finally:
+      if moved:
+        self.manager.reload()  # forget the moved steps: their numbers are saved afresh
+    if steps:  # starting from scratch silently could throw away a long run's progress
+      raise UnreadableCheckpointError(
+          f"No readable checkpoint in {self.directory}: steps {steps} were moved aside (STEP.corrupt-*); "
+          "rerun to start from scratch, or move a step folder back if it is good"
+      )
+    return None
 
-    def _move_aside(self, step: int, why: str) -> bool:
-        """Renames step folder N to `N.corrupt-<time>` (which Orbax does not list) and says so."""
-        source = self.directory / str(step)
-        target = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
-        if jax.process_index() == 0 and source.exists():
-            source.rename(target)
-        logging.error("Checkpoint %s %s; moved it to %s and trying the previous step.", source, why, target)
-        return True
+  def _move_aside(self, step: int, why: str) -> bool:
+    """Renames step folder N to `N.corrupt-<time>` (which Orbax does not list) and says so."""
+    source = self.directory / str(step)
+    target = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0 and source.exists():
+      source.rename(target)
+    logging.error("Checkpoint %s %s; moved it to %s and trying the previous step.", source, why, target)
+    return True
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        try:
-            self.manager.wait_until_finished()
-            self.manager.close()
-        finally:  # a save that failed (disk full) leaves its tmp folder; free that space now
-            if jax.process_index() == 0:
-                remove_tmp_dirs(self.directory)
+  def close(self) -> None:
+    try:
+      self.manager.wait_until_finished()
+      self.manager.close()
+    finally:  # a save that failed (disk full) leaves its tmp folder; free that space now
+      if jax.process_index() == 0:
+        remove_tmp_dirs(self.directory)
 
 
 def resolve_checkpoint_dir(path: str | epath.Path) -> tuple[epath.Path, int]:
-    """Accepts a workdir, its `checkpoints/` folder, or one step folder; returns (manager dir, step)."""
-    path = epath.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Checkpoint path {path} does not exist")
-    if not path.is_dir():
-        raise FileNotFoundError(f"Checkpoint path {path} is a file; expected a workdir, its checkpoints/ folder "
-                                "or a step folder")
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if _is_step_dir(path):
-        return path.parent, int(path.name)
-    steps = _steps(path)
-    if not steps:
-        raise FileNotFoundError(f"{path} holds no checkpoint (expected a workdir, its checkpoints/ folder, "
-                                "or a step folder with a params/ item)")
-    return path, steps[-1]
+  """Accepts a workdir, its `checkpoints/` folder, or one step folder; returns (manager dir, step)."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"Checkpoint path {path} does not exist")
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f"Checkpoint path {path} is a file; expected a workdir, its checkpoints/ folder " "or a step folder"
+    )
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if _is_step_dir(path):
+    return path.parent, int(path.name)
+  steps = _steps(path)
+  if not steps:
+    raise FileNotFoundError(
+        f"{path} holds no checkpoint (expected a workdir, its checkpoints/ folder, "
+        "or a step folder with a params/ item)"
+    )
+  return path, steps[-1]
 
 
 def _is_step_dir(path: epath.Path) -> bool:
-    return path.name.isdigit() and (path / "params").is_dir()
+  return path.name.isdigit() and (path / "params").is_dir()
 
 
 def _steps(directory: epath.Path) -> list[int]:
-    return sorted(int(p.name) for p in directory.iterdir() if _is_step_dir(p))
+  return sorted(int(p.name) for p in directory.iterdir() if _is_step_dir(p))
 
 
 def load_model_variables(path: str | epath.Path, step: int | None = None) -> tuple[dict, dict, int]:
-    """Reads only the `params` and `meta` items of a checkpoint, as host numpy arrays.
+  """Reads only the `params` and `meta` items of a checkpoint, as host numpy arrays.
 
-    Given a workdir or its checkpoints/ folder and no `step`: the newest step that can be read and holds
-    finite parameters; a newer one that cannot is named in a warning with the step used instead (a run
-    killed while saving, a truncated copy). A step folder or `step` means that step, or an error."""
-    directory, newest = resolve_checkpoint_dir(path)
-    explicit = step is not None or _is_step_dir(epath.Path(path))
-    if step is None:
-        step = newest
-    candidates = [step] if explicit else [s for s in reversed(_steps(directory)) if s <= newest]
-    if explicit and not (directory / str(step) / "params").is_dir():
-        raise FileNotFoundError(f"{directory} has no step {step} (steps: {_steps(directory)})")
-    manager = ocp.CheckpointManager(directory, item_handlers=_handlers(),
-                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    skipped: list[str] = []  # "step N <why>", newest first
-    try:
-        for step in candidates:
-            try:
-                variables, meta = _read_model_variables(manager, directory, step)
-                bad = [k for k, v in traverse_util.flatten_dict(variables, sep="/").items()
-                       if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()]
-                why = f"holds NaN/Inf in {len(bad)} parameter arrays (first: {bad[0]})" if bad else ""
-            except Exception as e:  # noqa: BLE001 - any failure to read makes the step unusable
-                why = f"is unreadable ({_first_line(e)})"
-            if not why:
-                break
-            if explicit:
-                raise UnreadableCheckpointError(f"Checkpoint {directory / str(step)} {why}")
-            skipped.append(f"step {step} {why}")
-        else:
-            raise UnreadableCheckpointError(f"No usable checkpoint in {directory}: {'; '.join(skipped)}")
-    finally:
-        manager.close()
-    if skipped:
-        logging.warning("Checkpoint %s: %s; using step %d.", directory, "; ".join(skipped), step)
-    return variables, meta, step
+  Given a workdir or its checkpoints/ folder and no `step`: the newest step that can be read and holds
+  finite parameters; a newer one that cannot is named in a warning with the step used instead (a run
+  killed while saving, a truncated copy). A step folder or `step` means that step, or an error."""
+  directory, newest = resolve_checkpoint_dir(path)
+  explicit = step is not None or _is_step_dir(epath.Path(path))
+  if step is None:
+    step = newest
+  candidates = [step] if explicit else [s for s in reversed(_steps(directory)) if s <= newest]
+  if explicit and not (directory / str(step) / "params").is_dir():
+    raise FileNotFoundError(f"{directory} has no step {step} (steps: {_steps(directory)})")
+  manager = ocp.CheckpointManager(
+      directory, item_handlers=_handlers(), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+  )
+  skipped: list[str] = []  # "step N <why>", newest first
+  try:
+    for step in candidates:
+      try:
+        variables, meta = _read_model_variables(manager, directory, step)
+        bad = [
+            k
+            for k, v in traverse_util.flatten_dict(variables, sep="/").items()
+            if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()
+        ]
+        why = f"holds NaN/Inf in {len(bad)} parameter arrays (first: {bad[0]})" if bad else ""
+      except Exception as e:  # noqa: BLE001 - any failure to read makes the step unusable
+        why = f"is unreadable ({_first_line(e)})"
+      if not why:
+        break
+      if explicit:
+        raise UnreadableCheckpointError(f"Checkpoint {directory / str(step)} {why}")
+      skipped.append(f"step {step} {why}")
+    else:
+      raise UnreadableCheckpointError(f"No usable checkpoint in {directory}: {'; '.join(skipped)}")
+  finally:
+    manager.close()
+  if skipped:
+    logging.warning("Checkpoint %s: %s; using step %d.", directory, "; ".join(skipped), step)
+  return variables, meta, step
 
 
 def _read_model_variables(manager: ocp.CheckpointManager, directory: epath.Path, step: int) -> tuple[dict, dict]:
-    metadata = manager.item_metadata(step)["params"]
-    if metadata is None:
-        raise FileNotFoundError(f"{directory / str(step)} has no readable 'params' item")
-    # Onto this process's first device, whatever topology saved it (a pod's checkpoint on a laptop).
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(metadata))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    variables = jax.tree.map(np.asarray, dict(restored["params"]))
-    variables.setdefault("batch_stats", {})
-    return variables, dict(restored["meta"] or {})
+  metadata = manager.item_metadata(step)["params"]
+  if metadata is None:
+    raise FileNotFoundError(f"{directory / str(step)} has no readable 'params' item")
+  # Onto this process's first device, whatever topology saved it (a pod's checkpoint on a laptop).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(metadata))
+  restored = manager.restore(
+      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+  )
+  variables = jax.tree.map(np.asarray, dict(restored["params"]))
+  variables.setdefault("batch_stats", {})
+  return variables, dict(restored["meta"] or {})
 
 
-def merge_pretrained(fresh: dict, pretrained: dict, *, source: str, required_prefix: str = "encoder",
-                     ) -> tuple[dict, list[str], list[str]]:
-    """Copies every pretrained leaf whose path and shape match into `fresh` (new heads stay fresh).
+def merge_pretrained(
+    fresh: dict,
+    pretrained: dict,
+    *,
+    source: str,
+    required_prefix: str = "encoder",
+) -> tuple[dict, list[str], list[str]]:
+  """Copies every pretrained leaf whose path and shape match into `fresh` (new heads stay fresh).
 
-    Leaves under `required_prefix` must all be present and of the right shape: a backbone that does not
-    fit is a config error, not something to initialise at random silently."""
-    flat_fresh = traverse_util.flatten_dict(fresh, sep="/")
-    flat_pre = traverse_util.flatten_dict(pretrained, sep="/")
-    backbone = {k: v for k, v in flat_fresh.items() if k.split("/")[0] == required_prefix}
-    compare_shapes(traverse_util.unflatten_dict(backbone, sep="/"),
-                   traverse_util.unflatten_dict({k: v for k, v in flat_pre.items() if k in backbone}, sep="/"),
-                   what=f"The backbone ({required_prefix}) in {source}")
-    loaded, kept_fresh = [], []
-    for k, v in flat_fresh.items():
-        if k in flat_pre and np.shape(flat_pre[k]) == np.shape(v):
-            flat_fresh[k] = flat_pre[k]
-            loaded.append(k)
-        else:
-            kept_fresh.append(k)
-    return traverse_util.unflatten_dict(flat_fresh, sep="/"), loaded, kept_fresh
+  Leaves under `required_prefix` must all be present and of the right shape: a backbone that does not
+  fit is a config error, not something to initialise at random silently."""
+  flat_fresh = traverse_util.flatten_dict(fresh, sep="/")
+  flat_pre = traverse_util.flatten_dict(pretrained, sep="/")
+  backbone = {k: v for k, v in flat_fresh.items() if k.split("/")[0] == required_prefix}
+  compare_shapes(
+      traverse_util.unflatten_dict(backbone, sep="/"),
+      traverse_util.unflatten_dict({k: v for k, v in flat_pre.items() if k in backbone}, sep="/"),
+      what=f"The backbone ({required_prefix}) in {source}",
+  )
+  loaded, kept_fresh = [], []
+  for k, v in flat_fresh.items():
+    if k in flat_pre and np.shape(flat_pre[k]) == np.shape(v):
+      flat_fresh[k] = flat_pre[k]
+      loaded.append(k)
+    else:
+      kept_fresh.append(k)
+  return traverse_util.unflatten_dict(flat_fresh, sep="/"), loaded, kept_fresh
 
 
 def save_model_variables(directory: str | epath.Path, variables: dict, meta: dict) -> epath.Path:
-    """Writes a model-only checkpoint (step 0, items `params` and `meta`) that `load_model_variables`
-    and `config.init_from` / `config.init_from_torch` read like a training checkpoint."""
-    directory = epath.Path(directory)
-    manager = ocp.CheckpointManager(directory, item_handlers={"params": ocp.StandardCheckpointHandler(),
-                                                             "meta": ocp.JsonCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(create=True,
-                                                                         enable_async_checkpointing=False))
-    try:
-        manager.save(0, args=ocp.args.Composite(
-            params=ocp.args.StandardSave({"params": variables["params"],
-                                          "batch_stats": variables.get("batch_stats", {})}),
-            meta=ocp.args.JsonSave(meta)), force=True)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
-    return directory / "0"
+  """Writes a model-only checkpoint (step 0, items `params` and `meta`) that `load_model_variables`
+  and `config.init_from` / `config.init_from_torch` read like a training checkpoint."""
+  directory = epath.Path(directory)
+  manager = ocp.CheckpointManager(
+      directory,
+      item_handlers={"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+  )
+  try:
+    manager.save(
+        0,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(
+                {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+            ),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+    )
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  return directory / "0"

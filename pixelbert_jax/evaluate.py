@@ -8,6 +8,7 @@ stdout as one JSON object (the `eval/...` keys training logs; VQA: tasks/vqa.py 
 task's result file to WORKDIR/results/ as in training (e.g. `vqa_test_step2.json`). One process, the devices
 it sees. Bad input gets a one-line `error: ...` and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,65 +25,69 @@ from pixelbert_jax import partitioning, paths
 
 
 class EvaluateError(ValueError):
-    """Bad input to the evaluation; the message is one line naming what was wrong."""
+  """Bad input to the evaluation; the message is one line naming what was wrong."""
 
 
 def load_run_config(checkpoint: str) -> tuple[ml_collections.ConfigDict, str]:
-    """(the run's config from config.json, its workdir) for a workdir, its checkpoints/ or a step folder."""
-    try:
-        directory, _ = ckpt_lib.resolve_checkpoint_dir(paths.resolve(checkpoint))
-    except FileNotFoundError as e:
-        raise EvaluateError(str(e)) from e
-    config_path = directory.parent / "config.json"
-    if not config_path.exists():
-        raise EvaluateError(f"checkpoint {checkpoint}: no config.json beside it at {config_path}")
-    raw = json.loads(config_path.read_text())
-    # JSON has no tuples: give back the tuples the configs hold (buckets are hashed, the mesh shape compared),
-    # before ConfigDict fixes each field's type.
-    raw["data"]["buckets"] = tuple(tuple(b) for b in raw["data"]["buckets"])
-    raw["mesh_shape"] = tuple(raw["mesh_shape"])
-    return ml_collections.ConfigDict(raw), str(directory.parent)
+  """(the run's config from config.json, its workdir) for a workdir, its checkpoints/ or a step folder."""
+  try:
+    directory, _ = ckpt_lib.resolve_checkpoint_dir(paths.resolve(checkpoint))
+  except FileNotFoundError as e:
+    raise EvaluateError(str(e)) from e
+  config_path = directory.parent / "config.json"
+  if not config_path.exists():
+    raise EvaluateError(f"checkpoint {checkpoint}: no config.json beside it at {config_path}")
+  raw = json.loads(config_path.read_text())
+  # JSON has no tuples: give back the tuples the configs hold (buckets are hashed, the mesh shape compared),
+  # before ConfigDict fixes each field's type.
+  raw["data"]["buckets"] = tuple(tuple(b) for b in raw["data"]["buckets"])
+  raw["mesh_shape"] = tuple(raw["mesh_shape"])
+  return ml_collections.ConfigDict(raw), str(directory.parent)
 
 
 def evaluate(checkpoint: str, split: str | None = None, step: int | None = None) -> dict[str, float]:
-    """The task's evaluation of `checkpoint` (newest step, or `step`) on `split`; writes its result file."""
-    from pixelbert_jax import train  # after argument parsing: imports the model and the data pipeline
+  """The task's evaluation of `checkpoint` (newest step, or `step`) on `split`; writes its result file."""
+  from pixelbert_jax import train  # after argument parsing: imports the model and the data pipeline
 
-    config, workdir = load_run_config(checkpoint)
-    config.data.eval_split = split or config.data.eval_split
-    config.eval_steps = -1  # a training run may cap its periodic evaluations; this one is the whole split
-    mesh = partitioning.make_mesh(config.mesh_shape)
-    trainer = train.Trainer(config, mesh)
-    try:
-        variables, _, found = ckpt_lib.load_model_variables(paths.resolve(checkpoint), step)
-    except FileNotFoundError as e:
-        raise EvaluateError(str(e)) from e
-    state = {"step": found}
-    for collection in ("params", "batch_stats"):
-        ckpt_lib.compare_shapes(trainer.abstract_state[collection], variables.get(collection, {}),
-                                what=f"checkpoint {checkpoint} ({collection})")
-        state[collection] = jax.device_put(variables.get(collection, {}), trainer.state_shardings[collection])
-    logging.info("Evaluating %s step %d (task %s) on %s/%s", workdir, found, config.task, config.data.name,
-                 config.data.eval_split)
-    return {"step": found, **trainer.evaluate(state, workdir)}
+  config, workdir = load_run_config(checkpoint)
+  config.data.eval_split = split or config.data.eval_split
+  config.eval_steps = -1  # a training run may cap its periodic evaluations; this one is the whole split
+  mesh = partitioning.make_mesh(config.mesh_shape)
+  trainer = train.Trainer(config, mesh)
+  try:
+    variables, _, found = ckpt_lib.load_model_variables(paths.resolve(checkpoint), step)
+  except FileNotFoundError as e:
+    raise EvaluateError(str(e)) from e
+  state = {"step": found}
+  for collection in ("params", "batch_stats"):
+    ckpt_lib.compare_shapes(
+        trainer.abstract_state[collection],
+        variables.get(collection, {}),
+        what=f"checkpoint {checkpoint} ({collection})",
+    )
+    state[collection] = jax.device_put(variables.get(collection, {}), trainer.state_shardings[collection])
+  logging.info(
+      "Evaluating %s step %d (task %s) on %s/%s", workdir, found, config.task, config.data.name, config.data.eval_split
+  )
+  return {"step": found, **trainer.evaluate(state, workdir)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pixelbert_jax.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="training workdir, its checkpoints/ or a step folder")
-    parser.add_argument("--split", default=None, help="split of the run's dataset (default: its data.eval_split)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        metrics = evaluate(args.checkpoint, args.split, args.step)
-    except (EvaluateError, ckpt_lib.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
-        # The messages name the file, split or key already; a traceback through JAX adds nothing.
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 0
+  parser = argparse.ArgumentParser(prog="python -m pixelbert_jax.evaluate", description=__doc__.split("\n")[0])
+  parser.add_argument("--checkpoint", required=True, help="training workdir, its checkpoints/ or a step folder")
+  parser.add_argument("--split", default=None, help="split of the run's dataset (default: its data.eval_split)")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  try:
+    metrics = evaluate(args.checkpoint, args.split, args.step)
+  except (EvaluateError, ckpt_lib.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
+    # The messages name the file, split or key already; a traceback through JAX adds nothing.
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  print(json.dumps(metrics, indent=2, sort_keys=True))
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -6,6 +6,7 @@ tensorboardX rather than clu: clu's writers pull in TensorFlow.
 A resumed run passes `resume_step`: the rows a killed or preempted run wrote after that checkpoint are
 dropped (they are written again), so no step appears twice; TensorBoard purges those events the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,103 +20,108 @@ from etils import epath
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None, resume_step: int | None = None):
-        self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._tb = None
-        self._rows_dropped = 0
-        if not self.enabled:
-            return
-        workdir = epath.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._path = workdir / "metrics.jsonl"
-        # Object stores (gs://) cannot append: there the file is rewritten whole at each write.
-        self._rewrite = "://" in str(workdir)
-        reads = self._rewrite or resume_step is not None
-        self._rows: list[str] = self._path.read_text().splitlines() if reads and self._path.exists() else []
-        if resume_step is not None:
-            self._drop_rows_after(resume_step)
-        if not self._rewrite:
-            self._rows = []  # appended to the file from here on; only object stores keep them to rewrite
-        self._jsonl = None if self._rewrite else self._path.open("a")
-        try:
-            from tensorboardX import SummaryWriter
-            purge = {"purge_step": resume_step + 1} if resume_step is not None and self._rows_dropped else {}
-            self._tb = SummaryWriter(str(workdir / "tensorboard"), **purge)
-        except ImportError:  # tensorboardX is an install requirement; a stripped environment still logs JSONL.
-            logging.warning("tensorboardX is not installed: no TensorBoard events will be written")
 
-    def _drop_rows_after(self, step: int) -> None:
-        """Keeps the rows up to `step` (none for a run that starts at 0: the rows belong to a run that saved
-        nothing) and drops unreadable ones (a line cut by kill -9 while being written)."""
-        kept = []
-        for line in self._rows:
-            try:
-                row_step = int(json.loads(line)["step"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            if 0 < step and row_step <= step:
-                kept.append(line)
-        self._rows_dropped = len(self._rows) - len(kept)
-        if self._rows_dropped:
-            where = f"after step {step}, where this run resumes" if step else "by a run that saved no checkpoint"
-            logging.warning("%s: dropped %d rows written %s (they are written again)", self._path,
-                            self._rows_dropped, where)
-            text = "".join(row + "\n" for row in kept)
-            if self._rewrite:
-                self._path.write_text(text)
-            else:  # whole or not at all: a kill now leaves the old file
-                tmp = self._path.with_name(self._path.name + ".tmp")
-                tmp.write_text(text)
-                tmp.replace(self._path)
-        self._rows = kept
+  def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None, resume_step: int | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._tb = None
+    self._rows_dropped = 0
+    if not self.enabled:
+      return
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._path = workdir / "metrics.jsonl"
+    # Object stores (gs://) cannot append: there the file is rewritten whole at each write.
+    self._rewrite = "://" in str(workdir)
+    reads = self._rewrite or resume_step is not None
+    self._rows: list[str] = self._path.read_text().splitlines() if reads and self._path.exists() else []
+    if resume_step is not None:
+      self._drop_rows_after(resume_step)
+    if not self._rewrite:
+      self._rows = []  # appended to the file from here on; only object stores keep them to rewrite
+    self._jsonl = None if self._rewrite else self._path.open("a")
+    try:
+      from tensorboardX import SummaryWriter
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        if not self.enabled:
-            return
-        clean = {k: float(v) for k, v in metrics.items()}
-        row = json.dumps({"step": int(step), **clean})
-        if self._rewrite:
-            self._rows.append(row)
-            self._path.write_text("\n".join(self._rows) + "\n")
-        else:
-            self._jsonl.write(row + "\n")
-            self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in clean.items():
-                if math.isfinite(v):
-                    self._tb.add_scalar(k, v, int(step))
-            self._tb.flush()
+      purge = {"purge_step": resume_step + 1} if resume_step is not None and self._rows_dropped else {}
+      self._tb = SummaryWriter(str(workdir / "tensorboard"), **purge)
+    except ImportError:  # tensorboardX is an install requirement; a stripped environment still logs JSONL.
+      logging.warning("tensorboardX is not installed: no TensorBoard events will be written")
 
-    def close(self) -> None:
-        if self.enabled:
-            if self._jsonl is not None:
-                self._jsonl.close()
-            if self._tb is not None:
-                self._tb.close()
+  def _drop_rows_after(self, step: int) -> None:
+    """Keeps the rows up to `step` (none for a run that starts at 0: the rows belong to a run that saved
+    nothing) and drops unreadable ones (a line cut by kill -9 while being written)."""
+    kept = []
+    for line in self._rows:
+      try:
+        row_step = int(json.loads(line)["step"])
+      except (ValueError, KeyError, TypeError):
+        continue
+      if 0 < step and row_step <= step:
+        kept.append(line)
+    self._rows_dropped = len(self._rows) - len(kept)
+    if self._rows_dropped:
+      where = f"after step {step}, where this run resumes" if step else "by a run that saved no checkpoint"
+      logging.warning("%s: dropped %d rows written %s (they are written again)", self._path, self._rows_dropped, where)
+      text = "".join(row + "\n" for row in kept)
+      if self._rewrite:
+        self._path.write_text(text)
+      else:  # whole or not at all: a kill now leaves the old file
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(self._path)
+    self._rows = kept
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in metrics.items()}
+    row = json.dumps({"step": int(step), **clean})
+    if self._rewrite:
+      self._rows.append(row)
+      self._path.write_text("\n".join(self._rows) + "\n")
+    else:
+      self._jsonl.write(row + "\n")
+      self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in clean.items():
+        if math.isfinite(v):
+          self._tb.add_scalar(k, v, int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      if self._jsonl is not None:
+        self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
 
 
 class ProgressLine:
-    """The console line a person follows: step, losses, accuracies, learning rate, throughput, ETA."""
+  """The console line a person follows: step, losses, accuracies, learning rate, throughput, ETA."""
 
-    def __init__(self, total_steps: int, start_step: int):
-        self.total_steps = total_steps
-        self._t0 = time.monotonic()
-        self._s0 = start_step
+  def __init__(self, total_steps: int, start_step: int):
+    self.total_steps = total_steps
+    self._t0 = time.monotonic()
+    self._s0 = start_step
 
-    def format(self, step: int, m: Mapping[str, float]) -> str:
-        elapsed = time.monotonic() - self._t0
-        done = max(step - self._s0, 1)
-        eta = elapsed / done * max(self.total_steps - step, 0)
-        parts = [f"step {step}/{self.total_steps}"]
-        for key, fmt in (("train/loss", "loss {:.4f}"), ("train/mlm_acc", "mlm_acc {:.3f}"),
-                         ("train/itm_acc", "itm_acc {:.3f}"), ("train/lr", "lr {:.2e}"),
-                         ("perf/examples_per_s", "{:.1f} ex/s")):
-            if key in m:
-                parts.append(fmt.format(m[key]))
-        parts.append(f"ETA {_hms(eta)}")
-        return " | ".join(parts)
+  def format(self, step: int, m: Mapping[str, float]) -> str:
+    elapsed = time.monotonic() - self._t0
+    done = max(step - self._s0, 1)
+    eta = elapsed / done * max(self.total_steps - step, 0)
+    parts = [f"step {step}/{self.total_steps}"]
+    for key, fmt in (
+        ("train/loss", "loss {:.4f}"),
+        ("train/mlm_acc", "mlm_acc {:.3f}"),
+        ("train/itm_acc", "itm_acc {:.3f}"),
+        ("train/lr", "lr {:.2e}"),
+        ("perf/examples_per_s", "{:.1f} ex/s"),
+    ):
+      if key in m:
+        parts.append(fmt.format(m[key]))
+    parts.append(f"ETA {_hms(eta)}")
+    return " | ".join(parts)
 
 
 def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -5,6 +5,7 @@ Orbax refuses relative checkpoint paths, and a `~` after `=` on a command line r
 `train_and_evaluate` (workdir and the config's paths, `resolve_config`), predict.Predictor, convert's
 `to_torch` / `from_torch`, data.prepare's `prepare`, and TFDS_DATA_DIR in data/config.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,14 @@ import os
 import ml_collections
 
 # Every key of a training config that names a user file or folder ('' = unset, kept).
-CONFIG_PATH_KEYS = ("init_from", "init_from_torch", "data.data_dir", "data.manual_dir", "data.exclude_coco_heldout",
-                    "data.vocab_path")
+CONFIG_PATH_KEYS = (
+    "init_from",
+    "init_from_torch",
+    "data.data_dir",
+    "data.manual_dir",
+    "data.exclude_coco_heldout",
+    "data.vocab_path",
+)
 
 
 def resolve(path: str) -> str:

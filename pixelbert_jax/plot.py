@@ -8,6 +8,7 @@ metrics; the grounded-word probe (eval/mlm_acc_grounded against its shuffled-ima
 rate); the CNN warm start; learning rates (log axis); the rest but perf/* (throughput is not a learning curve).
 Drawn with PIL alone (no matplotlib). A missing workdir or metrics file is a one-line `error: ...`, exit 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,18 @@ MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 62, 16, 30, 44
 LEGEND_LINE = 15
 COLUMNS = 2
 # matplotlib's tab10, so the colours look familiar
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+PALETTE = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
 
 
 class PlotError(ValueError):
@@ -67,8 +78,10 @@ LOG_PANELS = ("learning rates",)  # drawn on a log10 axis when every value is po
 # (title, does the metric belong here): each metric goes to the first panel that takes it.
 PANELS: tuple[tuple[str, Callable[[str, list], bool]], ...] = (
     ("losses", lambda k, p: "loss" in k and not k.startswith("warm_start/")),
-    ("grounded-word probe (eval: shuffled images and majority rate are the controls)",
-     lambda k, p: "grounded" in k and _unit_interval(p)),
+    (
+        "grounded-word probe (eval: shuffled images and majority rate are the controls)",
+        lambda k, p: "grounded" in k and _unit_interval(p),
+    ),
     ("training accuracies", lambda k, p: k.startswith("train/") and "acc" in k and _unit_interval(p)),
     ("eval metrics", lambda k, p: k.startswith("eval/") and _unit_interval(p)),
     ("CNN warm start", lambda k, p: k.startswith("warm_start/")),
@@ -144,7 +157,7 @@ def draw_panel(title: str, metrics: dict[str, list[tuple[int, float]]], x_range:
   for t in (log_ticks(lo, hi) if log else nice_ticks(lo, hi)):
     y = to_y(t)
     draw.line((x0, y, x1, y), fill=(232, 232, 232))
-    label = _fmt(10 ** t if log else t)
+    label = _fmt(10**t if log else t)
     draw.text((x0 - 6 - draw.textlength(label, font=small), y - 6), label, font=small, fill=(60, 60, 60))
   for t in nice_ticks(s_lo, s_hi, 6):
     x = to_x(t)
@@ -187,11 +200,12 @@ def plot(workdir: str, out: str) -> dict:
   charts = [draw_panel(title, metrics, (min(steps), max(steps))) for title, metrics in panels]
   cols = min(COLUMNS, len(charts))
   rows = math.ceil(len(charts) / cols)
-  row_h = [max(c.height for c in charts[r * cols:(r + 1) * cols]) for r in range(rows)]
+  row_h = [max(c.height for c in charts[r * cols : (r + 1) * cols]) for r in range(rows)]
   header = 26
   sheet = Image.new("RGB", (cols * PANEL_W, header + sum(row_h)), (255, 255, 255))
-  ImageDraw.Draw(sheet).text((8, 5), f"{workdir}  (metrics.jsonl, step {min(steps)}..{max(steps)})", font=_font(14),
-                             fill=(0, 0, 0))
+  ImageDraw.Draw(sheet).text(
+      (8, 5), f"{workdir}  (metrics.jsonl, step {min(steps)}..{max(steps)})", font=_font(14), fill=(0, 0, 0)
+  )
   for k, chart in enumerate(charts):
     r, c = divmod(k, cols)
     sheet.paste(chart, (c * PANEL_W, header + sum(row_h[:r])))
@@ -201,8 +215,9 @@ def plot(workdir: str, out: str) -> dict:
     sheet.save(str(target), format="PNG", optimize=True)
   except (OSError, ValueError) as e:
     raise PlotError(f"cannot write {out}: {e}") from e
-  return dict(out=str(target), panels=[t for t, _ in panels], metrics=sorted(n for _, m in panels for n in m),
-              skipped_lines=bad)
+  return dict(
+      out=str(target), panels=[t for t, _ in panels], metrics=sorted(n for _, m in panels for n in m), skipped_lines=bad
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="the PNG to write")
   parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
   args = parser.parse_args(argv)
-  return cli_errors.run_command(lambda: plot(args.workdir, args.out), usage_errors=(PlotError,),
-                                verbose=args.verbose)
+  return cli_errors.run_command(lambda: plot(args.workdir, args.out), usage_errors=(PlotError,), verbose=args.verbose)
+
 
 if __name__ == "__main__":
   sys.exit(main())

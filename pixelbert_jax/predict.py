@@ -10,6 +10,7 @@ captions. Bad input gets a one-line `error: ...` naming the file, the text or th
 other failure one `error:` line too, exit code 1 (the traceback with --verbose).
 Python: `Predictor(WORKDIR).answer(path, question)`, `.score(path, caption)`, `.rank(path, captions)`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,149 +34,174 @@ CAPTION_TASKS = ("retrieval", "pretrain")
 
 
 class PredictError(ValueError):
-    """Bad input to the predictor; the message is one line naming what was wrong."""
+  """Bad input to the predictor; the message is one line naming what was wrong."""
 
 
 class Predictor:
-    def __init__(self, checkpoint: str, step: int | None = None):
-        checkpoint = paths.resolve(checkpoint)  # '~' and relative paths (paths.py)
-        try:
-            directory, _ = ckpt_lib.resolve_checkpoint_dir(checkpoint)
-            variables, meta, self.step = ckpt_lib.load_model_variables(checkpoint, step)
-        except FileNotFoundError as e:
-            raise PredictError(str(e)) from e
-        self.task = meta.get("task")
-        if self.task not in ("pretrain", "vqa", "nlvr2", "retrieval") or "model" not in meta:
-            raise PredictError(f"checkpoint {checkpoint}: its meta item names no known task/model ({sorted(meta)})")
-        config_path = directory.parent / "config.json"
-        if not config_path.exists():
-            raise PredictError(f"checkpoint {checkpoint}: no config.json beside it at {config_path}")
-        config = json.loads(config_path.read_text())
-        self.workdir = directory.parent
-        self.data_cfg = ml_collections.ConfigDict(config["data"])
-        self.model = build_model(ml_collections.ConfigDict(meta["model"]), self.task)
-        self.variables = {k: v for k, v in variables.items() if v or k == "params"}
-        self.tokenizer = pipeline.tokenizer(self.data_cfg)
-        self._apply = jax.jit(self.model.apply, static_argnames=("train", "method"),
-                              compiler_options=xla_options.compiler_options())
-        self._answers: list[str] | None = None
 
-    # -- inputs ------------------------------------------------------------------------------------------
-    def decode(self, path: str) -> np.ndarray:
-        """The image file as uint8 [h, w, 3], with one-line errors for a missing or unreadable file."""
-        p = epath.Path(paths.resolve(path))
-        if not p.exists():
-            raise PredictError(f"image {path} does not exist")
-        if not p.is_file():
-            raise PredictError(f"image {path} is not a file")
-        try:
-            return decode_image(p.read_bytes(), name=str(path), max_pixels=int(self.data_cfg.max_image_pixels))
-        except BadImageError as e:
-            raise PredictError(f"image {path} is unreadable: {e}") from e
+  def __init__(self, checkpoint: str, step: int | None = None):
+    checkpoint = paths.resolve(checkpoint)  # '~' and relative paths (paths.py)
+    try:
+      directory, _ = ckpt_lib.resolve_checkpoint_dir(checkpoint)
+      variables, meta, self.step = ckpt_lib.load_model_variables(checkpoint, step)
+    except FileNotFoundError as e:
+      raise PredictError(str(e)) from e
+    self.task = meta.get("task")
+    if self.task not in ("pretrain", "vqa", "nlvr2", "retrieval") or "model" not in meta:
+      raise PredictError(f"checkpoint {checkpoint}: its meta item names no known task/model ({sorted(meta)})")
+    config_path = directory.parent / "config.json"
+    if not config_path.exists():
+      raise PredictError(f"checkpoint {checkpoint}: no config.json beside it at {config_path}")
+    config = json.loads(config_path.read_text())
+    self.workdir = directory.parent
+    self.data_cfg = ml_collections.ConfigDict(config["data"])
+    self.model = build_model(ml_collections.ConfigDict(meta["model"]), self.task)
+    self.variables = {k: v for k, v in variables.items() if v or k == "params"}
+    self.tokenizer = pipeline.tokenizer(self.data_cfg)
+    self._apply = jax.jit(
+        self.model.apply, static_argnames=("train", "method"), compiler_options=xla_options.compiler_options()
+    )
+    self._answers: list[str] | None = None
 
-    def _image(self, path: str) -> tuple[np.ndarray, np.ndarray]:
-        image = self.decode(path)
-        c = self.data_cfg
-        image, mask = resize_and_pad(image, short_side=int(c.image_short_side), long_side=int(c.image_long_side),
-                                     buckets=[tuple(b) for b in c.buckets])
-        return image[None], mask[None]
+  # -- inputs ------------------------------------------------------------------------------------------
+  def decode(self, path: str) -> np.ndarray:
+    """The image file as uint8 [h, w, 3], with one-line errors for a missing or unreadable file."""
+    p = epath.Path(paths.resolve(path))
+    if not p.exists():
+      raise PredictError(f"image {path} does not exist")
+    if not p.is_file():
+      raise PredictError(f"image {path} is not a file")
+    try:
+      return decode_image(p.read_bytes(), name=str(path), max_pixels=int(self.data_cfg.max_image_pixels))
+    except BadImageError as e:
+      raise PredictError(f"image {path} is unreadable: {e}") from e
 
-    def _text(self, sentences: Sequence[str], what: str) -> tuple[np.ndarray, np.ndarray]:
-        if not sentences:
-            raise PredictError(f"no {what} given")
-        ids, masks = [], []
-        for s in sentences:
-            if not isinstance(s, str) or not s.strip():
-                raise PredictError(f"empty {what}: {s!r}")
-            i, m, _ = text.encode(self.tokenizer, s.strip(), int(self.data_cfg.max_text_len))
-            ids.append(i)
-            masks.append(m)
-        return np.stack(ids), np.stack(masks)
+  def _image(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+    image = self.decode(path)
+    c = self.data_cfg
+    image, mask = resize_and_pad(
+        image,
+        short_side=int(c.image_short_side),
+        long_side=int(c.image_long_side),
+        buckets=[tuple(b) for b in c.buckets],
+    )
+    return image[None], mask[None]
 
-    def _need(self, tasks: Sequence[str], what: str) -> None:
-        if self.task not in tasks:
-            raise PredictError(f"checkpoint {self.workdir} is a {self.task!r} checkpoint; {what} needs one of "
-                               f"{', '.join(repr(t) for t in tasks)}")
+  def _text(self, sentences: Sequence[str], what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not sentences:
+      raise PredictError(f"no {what} given")
+    ids, masks = [], []
+    for s in sentences:
+      if not isinstance(s, str) or not s.strip():
+        raise PredictError(f"empty {what}: {s!r}")
+      i, m, _ = text.encode(self.tokenizer, s.strip(), int(self.data_cfg.max_text_len))
+      ids.append(i)
+      masks.append(m)
+    return np.stack(ids), np.stack(masks)
 
-    def answer_vocab(self) -> list[str]:
-        if self._answers is None:
-            saved = self.workdir / "answer_vocab.json"
-            self._answers = json.loads(saved.read_text()) if saved.exists() else pipeline.answer_vocab(self.data_cfg)
-        return self._answers
+  def _need(self, tasks: Sequence[str], what: str) -> None:
+    if self.task not in tasks:
+      raise PredictError(
+          f"checkpoint {self.workdir} is a {self.task!r} checkpoint; {what} needs one of "
+          f"{', '.join(repr(t) for t in tasks)}"
+      )
 
-    # -- predictions -------------------------------------------------------------------------------------
-    def answer(self, image_path: str, question: str, top_k: int = 5) -> list[tuple[str, float]]:
-        """Top answers with their sigmoid scores, best first."""
-        self._need(("vqa",), "a question")
-        image, mask = self._image(image_path)
-        ids, tmask = self._text([question], "question")
-        logits = np.asarray(self._apply(self.variables, image, mask, ids, tmask)["vqa_logits"][0])
-        vocab = self.answer_vocab()
-        if len(vocab) != logits.shape[0]:
-            raise PredictError(f"answer vocabulary has {len(vocab)} answers, the checkpoint's head {logits.shape[0]}")
-        order = np.argsort(-logits, kind="stable")[:top_k]
-        return [(vocab[i], float(jax.nn.sigmoid(logits[i]))) for i in order]
+  def answer_vocab(self) -> list[str]:
+    if self._answers is None:
+      saved = self.workdir / "answer_vocab.json"
+      self._answers = json.loads(saved.read_text()) if saved.exists() else pipeline.answer_vocab(self.data_cfg)
+    return self._answers
 
-    def _scores(self, image_path: str, captions: Sequence[str]) -> np.ndarray:
-        self._need(CAPTION_TASKS, "scoring captions")
-        image, mask = self._image(image_path)
-        ids, tmask = self._text(captions, "caption")
-        n = len(captions)
-        images, masks = np.repeat(image, n, 0), np.repeat(mask, n, 0)
-        out = self._apply(self.variables, images, masks, ids, tmask)
-        if self.task == "retrieval":
-            return np.asarray(out["retrieval_logits"])
-        return np.asarray(jax.nn.log_softmax(out["itm_logits"])[:, 1])  # log p(match)
+  # -- predictions -------------------------------------------------------------------------------------
+  def answer(self, image_path: str, question: str, top_k: int = 5) -> list[tuple[str, float]]:
+    """Top answers with their sigmoid scores, best first."""
+    self._need(("vqa",), "a question")
+    image, mask = self._image(image_path)
+    ids, tmask = self._text([question], "question")
+    logits = np.asarray(self._apply(self.variables, image, mask, ids, tmask)["vqa_logits"][0])
+    vocab = self.answer_vocab()
+    if len(vocab) != logits.shape[0]:
+      raise PredictError(f"answer vocabulary has {len(vocab)} answers, the checkpoint's head {logits.shape[0]}")
+    order = np.argsort(-logits, kind="stable")[:top_k]
+    return [(vocab[i], float(jax.nn.sigmoid(logits[i]))) for i in order]
 
-    def score(self, image_path: str, caption: str) -> dict[str, float]:
-        """retrieval: the retrieval head's score (a logit; sigmoid only as a rough probability);
-        pretrain: the image-text matching probability."""
-        s = float(self._scores(image_path, [caption])[0])
-        if self.task == "pretrain":
-            return {"match_probability": float(np.exp(s))}
-        return {"score": s, "match_probability": float(jax.nn.sigmoid(s))}
+  def _scores(self, image_path: str, captions: Sequence[str]) -> np.ndarray:
+    self._need(CAPTION_TASKS, "scoring captions")
+    image, mask = self._image(image_path)
+    ids, tmask = self._text(captions, "caption")
+    n = len(captions)
+    images, masks = np.repeat(image, n, 0), np.repeat(mask, n, 0)
+    out = self._apply(self.variables, images, masks, ids, tmask)
+    if self.task == "retrieval":
+      return np.asarray(out["retrieval_logits"])
+    return np.asarray(jax.nn.log_softmax(out["itm_logits"])[:, 1])  # log p(match)
 
-    def rank(self, image_path: str, captions: Sequence[str]) -> list[tuple[str, float, float]]:
-        """(caption, score, softmax over the given captions), best first."""
-        s = self._scores(image_path, list(captions))
-        p = np.asarray(jax.nn.softmax(jnp.asarray(s)))
-        order = np.argsort(-s, kind="stable")
-        return [(captions[i], float(s[i]), float(p[i])) for i in order]
+  def score(self, image_path: str, caption: str) -> dict[str, float]:
+    """retrieval: the retrieval head's score (a logit; sigmoid only as a rough probability);
+    pretrain: the image-text matching probability."""
+    s = float(self._scores(image_path, [caption])[0])
+    if self.task == "pretrain":
+      return {"match_probability": float(np.exp(s))}
+    return {"score": s, "match_probability": float(jax.nn.sigmoid(s))}
 
-    def visualize(self, image_path: str, text: str, out_dir: str, words: Sequence[str] | None = None,
-                  layer: int = -1, head: int | None = None, rollout: bool = False, nearest: bool = False) -> dict:
-        """Heat maps of the text->pixel attention of each word of `text` (or of `words`) written into out_dir:
-        a PNG per word, grid.png, attention.npy, maps.npy, summary.json (returned). Default: the last layer's
-        mean over heads; `layer`/`head` pick one, `rollout` the attention rollout. See pixelbert_jax/visualize.py."""
-        from pixelbert_jax import visualize  # visualize imports this module
-        return visualize.visualize(self, image_path, text, out_dir, words=words, layer=layer, head=head,
-                                   use_rollout=rollout, nearest=nearest)
+  def rank(self, image_path: str, captions: Sequence[str]) -> list[tuple[str, float, float]]:
+    """(caption, score, softmax over the given captions), best first."""
+    s = self._scores(image_path, list(captions))
+    p = np.asarray(jax.nn.softmax(jnp.asarray(s)))
+    order = np.argsort(-s, kind="stable")
+    return [(captions[i], float(s[i]), float(p[i])) for i in order]
+
+  def visualize(
+      self,
+      image_path: str,
+      text: str,
+      out_dir: str,
+      words: Sequence[str] | None = None,
+      layer: int = -1,
+      head: int | None = None,
+      rollout: bool = False,
+      nearest: bool = False,
+  ) -> dict:
+    """Heat maps of the text->pixel attention of each word of `text` (or of `words`) written into out_dir:
+    a PNG per word, grid.png, attention.npy, maps.npy, summary.json (returned). Default: the last layer's
+    mean over heads; `layer`/`head` pick one, `rollout` the attention rollout. See pixelbert_jax/visualize.py."""
+    from pixelbert_jax import visualize  # visualize imports this module
+
+    return visualize.visualize(
+        self, image_path, text, out_dir, words=words, layer=layer, head=head, use_rollout=rollout, nearest=nearest
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pixelbert_jax.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="training workdir, its checkpoints/ or a step folder")
-    parser.add_argument("--image", required=True)
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--question")
-    group.add_argument("--caption")
-    group.add_argument("--captions", nargs="+")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
-    args = parser.parse_args(argv)
+  parser = argparse.ArgumentParser(prog="python -m pixelbert_jax.predict", description=__doc__.split("\n")[0])
+  parser.add_argument("--checkpoint", required=True, help="training workdir, its checkpoints/ or a step folder")
+  parser.add_argument("--image", required=True)
+  group = parser.add_mutually_exclusive_group(required=True)
+  group.add_argument("--question")
+  group.add_argument("--caption")
+  group.add_argument("--captions", nargs="+")
+  parser.add_argument("--top_k", type=int, default=5)
+  parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
+  args = parser.parse_args(argv)
 
-    def body() -> dict:
-        predictor = Predictor(args.checkpoint)
-        if args.question is not None:
-            return {"answers": [{"answer": a, "score": s}
-                                for a, s in predictor.answer(args.image, args.question, args.top_k)]}
-        if args.caption is not None:
-            return predictor.score(args.image, args.caption)
-        return {"ranking": [{"caption": c, "score": s, "probability": p}
-                            for c, s, p in predictor.rank(args.image, args.captions)]}
+  def body() -> dict:
+    predictor = Predictor(args.checkpoint)
+    if args.question is not None:
+      return {
+          "answers": [{"answer": a, "score": s} for a, s in predictor.answer(args.image, args.question, args.top_k)]
+      }
+    if args.caption is not None:
+      return predictor.score(args.image, args.caption)
+    return {
+        "ranking": [
+            {"caption": c, "score": s, "probability": p} for c, s, p in predictor.rank(args.image, args.captions)
+        ]
+    }
 
-    return cli_errors.run_command(body, usage_errors=(PredictError, ckpt_lib.CheckpointMismatchError),
-                                  verbose=args.verbose)
+  return cli_errors.run_command(
+      body, usage_errors=(PredictError, ckpt_lib.CheckpointMismatchError), verbose=args.verbose
+  )
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

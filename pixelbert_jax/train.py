@@ -4,6 +4,7 @@ The same code runs on one CPU core, on the 8 devices of one host and on many hos
 over ('data', 'fsdp'), parameters by the logical rules in partitioning.py, and every process feeds only its
 own slice of each global batch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,361 +34,429 @@ State = dict[str, Any]  # step, params, batch_stats, opt_state, rng
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+  pass
 
 
 class Trainer:
-    """Builds everything that depends on the config once; `train_and_evaluate` drives it."""
+  """Builds everything that depends on the config once; `train_and_evaluate` drives it."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-        self.config, self.mesh = config, mesh
-        self.task = get_task(config.task)
-        self.model = build_model(config.model, config.task)
-        self.update_batch_stats = config.model.cnn.norm == "bn"
-        n_train = pipeline.num_examples(config.data, config.data.train_split, config.task)
-        self.steps_per_epoch = max(1, n_train // config.batch_size)
-        self.total_steps = (int(config.total_steps) if config.get("total_steps", 0) > 0
-                            else int(math.ceil(config.num_epochs * self.steps_per_epoch)))
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    self.config, self.mesh = config, mesh
+    self.task = get_task(config.task)
+    self.model = build_model(config.model, config.task)
+    self.update_batch_stats = config.model.cnn.norm == "bn"
+    n_train = pipeline.num_examples(config.data, config.data.train_split, config.task)
+    self.steps_per_epoch = max(1, n_train // config.batch_size)
+    self.total_steps = (
+        int(config.total_steps)
+        if config.get("total_steps", 0) > 0
+        else int(math.ceil(config.num_epochs * self.steps_per_epoch))
+    )
 
-        def init_variables(rng):
-            k_params, k_drop, k_sample = jax.random.split(rng, 3)
-            return self.model.init({"params": k_params, "dropout": k_drop, "sample": k_sample},
-                                   **dummy_inputs(config.task, text_len=config.data.max_text_len),
-                                   train=False)
+    def init_variables(rng):
+      k_params, k_drop, k_sample = jax.random.split(rng, 3)
+      return self.model.init(
+          {"params": k_params, "dropout": k_drop, "sample": k_sample},
+          **dummy_inputs(config.task, text_len=config.data.max_text_len),
+          train=False,
+      )
 
-        boxed_vars = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
-        abstract_params = nn.unbox(boxed_vars["params"])
-        accum = max(1, int(config.optim.grad_accum_steps))
-        self.tx, self.schedules = optim.make_optimizer(
-            config, abstract_params, steps_per_epoch=max(1, self.steps_per_epoch // accum))
+    boxed_vars = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
+    abstract_params = nn.unbox(boxed_vars["params"])
+    accum = max(1, int(config.optim.grad_accum_steps))
+    self.tx, self.schedules = optim.make_optimizer(
+        config, abstract_params, steps_per_epoch=max(1, self.steps_per_epoch // accum)
+    )
 
-        def init_state(rng) -> State:
-            variables = init_variables(rng)
-            params = variables["params"]
-            return {"step": jnp.zeros((), jnp.int32), "params": params,
-                    "batch_stats": variables.get("batch_stats", {}),
-                    "opt_state": self.tx.init(params), "rng": rng}
+    def init_state(rng) -> State:
+      variables = init_variables(rng)
+      params = variables["params"]
+      return {
+          "step": jnp.zeros((), jnp.int32),
+          "params": params,
+          "batch_stats": variables.get("batch_stats", {}),
+          "opt_state": self.tx.init(params),
+          "rng": rng,
+      }
 
-        abstract_boxed = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-        specs = nn.get_partition_spec(abstract_boxed)
-        self.abstract_state = nn.unbox(abstract_boxed)
-        self.state_shardings = partitioning.logical_to_shardings(self.abstract_state, specs, mesh)
-        self._init_state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=self.state_shardings)
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            self.abstract_state, self.state_shardings)
-        replicated = partitioning.replicated(mesh)
-        self.compiler_options = xla_options.compiler_options(mesh.devices.flat[0].platform)
-        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
-                                  out_shardings=(self.state_shardings, replicated), donate_argnums=0,
-                                  compiler_options=self.compiler_options)
-        self.eval_step = jax.jit(self._eval_step, out_shardings=replicated, compiler_options=self.compiler_options)
+    abstract_boxed = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+    specs = nn.get_partition_spec(abstract_boxed)
+    self.abstract_state = nn.unbox(abstract_boxed)
+    self.state_shardings = partitioning.logical_to_shardings(self.abstract_state, specs, mesh)
+    self._init_state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=self.state_shardings)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, self.state_shardings
+    )
+    replicated = partitioning.replicated(mesh)
+    self.compiler_options = xla_options.compiler_options(mesh.devices.flat[0].platform)
+    self.train_step = jax.jit(
+        self._train_step,
+        in_shardings=(self.state_shardings, None),
+        out_shardings=(self.state_shardings, replicated),
+        donate_argnums=0,
+        compiler_options=self.compiler_options,
+    )
+    self.eval_step = jax.jit(self._eval_step, out_shardings=replicated, compiler_options=self.compiler_options)
 
-    def init_state(self, seed: int) -> State:
-        with partitioning.activate(self.mesh):
-            return self._init_state(jax.random.PRNGKey(seed))
+  def init_state(self, seed: int) -> State:
+    with partitioning.activate(self.mesh):
+      return self._init_state(jax.random.PRNGKey(seed))
 
-    def _variables(self, params, batch_stats) -> dict:
-        return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+  def _variables(self, params, batch_stats) -> dict:
+    return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
 
-    def _loss_weights(self) -> dict:
-        return dict(self.config.get("loss", {}))
+  def _loss_weights(self) -> dict:
+    return dict(self.config.get("loss", {}))
 
-    def _train_step(self, state: State, batch: dict) -> tuple[State, dict]:
-        key = jax.random.fold_in(state["rng"], state["step"])
-        k_drop, k_sample = jax.random.split(key)
-        mutable = ["batch_stats"] if self.update_batch_stats else False
+  def _train_step(self, state: State, batch: dict) -> tuple[State, dict]:
+    key = jax.random.fold_in(state["rng"], state["step"])
+    k_drop, k_sample = jax.random.split(key)
+    mutable = ["batch_stats"] if self.update_batch_stats else False
 
-        def loss_fn(params):
-            out = self.model.apply(self._variables(params, state["batch_stats"]),
-                                   **self.task.model_inputs(batch), train=True,
-                                   rngs={"dropout": k_drop, "sample": k_sample}, mutable=mutable)
-            outputs, new_vars = out if mutable else (out, {})
-            loss, metrics = self.task.loss_and_metrics(outputs, batch, **self._loss_weights())
-            return loss, (metrics, new_vars.get("batch_stats", state["batch_stats"]))
+    def loss_fn(params):
+      out = self.model.apply(
+          self._variables(params, state["batch_stats"]),
+          **self.task.model_inputs(batch),
+          train=True,
+          rngs={"dropout": k_drop, "sample": k_sample},
+          mutable=mutable,
+      )
+      outputs, new_vars = out if mutable else (out, {})
+      loss, metrics = self.task.loss_and_metrics(outputs, batch, **self._loss_weights())
+      return loss, (metrics, new_vars.get("batch_stats", state["batch_stats"]))
 
-        (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics["grad_norm"] = (optim.global_norm(grads), jnp.ones(()))
-        new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats,
-                     "opt_state": opt_state, "rng": state["rng"]}
-        return new_state, metrics
+    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics["grad_norm"] = (optim.global_norm(grads), jnp.ones(()))
+    new_state = {
+        "step": state["step"] + 1,
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": opt_state,
+        "rng": state["rng"],
+    }
+    return new_state, metrics
 
-    def _eval_step(self, params, batch_stats, batch: dict) -> dict:
-        variables = self._variables(params, batch_stats)
-        apply = functools.partial(self.model.apply, variables, train=False)
-        if hasattr(self.task, "eval_metrics"):
-            return self.task.eval_metrics(apply, batch, self.config)
-        outputs = apply(**self.task.model_inputs(batch))
-        return self.task.loss_and_metrics(outputs, batch, **self._loss_weights())[1]
+  def _eval_step(self, params, batch_stats, batch: dict) -> dict:
+    variables = self._variables(params, batch_stats)
+    apply = functools.partial(self.model.apply, variables, train=False)
+    if hasattr(self.task, "eval_metrics"):
+      return self.task.eval_metrics(apply, batch, self.config)
+    outputs = apply(**self.task.model_inputs(batch))
+    return self.task.loss_and_metrics(outputs, batch, **self._loss_weights())[1]
 
-    def evaluate(self, state: State, workdir: epath.Path) -> dict[str, float]:
-        """Task evaluators (official metrics, result files) where the task has one; else mean metrics."""
-        if hasattr(self.task, "evaluate"):
-            return self.task.evaluate(self, state, workdir)
-        return {f"eval/{k}": v for k, v in self.eval_sums(state, self.config.data.eval_split).items()}
+  def evaluate(self, state: State, workdir: epath.Path) -> dict[str, float]:
+    """Task evaluators (official metrics, result files) where the task has one; else mean metrics."""
+    if hasattr(self.task, "evaluate"):
+      return self.task.evaluate(self, state, workdir)
+    return {f"eval/{k}": v for k, v in self.eval_sums(state, self.config.data.eval_split).items()}
 
-    def eval_sums(self, state: State, split: str) -> dict[str, float]:
-        """Runs the eval step over `split` and reduces the summed (sum, count) metrics."""
-        cfg = self.config
-        it = pipeline.make_iterator(cfg.data, cfg.task, split, batch_size=cfg.eval_batch_size // jax.process_count(),
-                                    seed=cfg.seed, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), train=False)
-        sums: dict[str, Any] = {}
-        for i, batch in enumerate(it):
-            if 0 < cfg.eval_steps <= i:
-                break
-            with partitioning.activate(self.mesh):
-                m = self.eval_step(state["params"], state["batch_stats"], partitioning.global_batch(batch, self.mesh))
-            for k, v in jax.device_get(m).items():
-                sums[k] = v if k not in sums else jax.tree.map(np.add, sums[k], v)
-        if hasattr(self.task, "summarize_eval"):
-            return self.task.summarize_eval(sums)
-        return _reduce(sums)
+  def eval_sums(self, state: State, split: str) -> dict[str, float]:
+    """Runs the eval step over `split` and reduces the summed (sum, count) metrics."""
+    cfg = self.config
+    it = pipeline.make_iterator(
+        cfg.data,
+        cfg.task,
+        split,
+        batch_size=cfg.eval_batch_size // jax.process_count(),
+        seed=cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        train=False,
+    )
+    sums: dict[str, Any] = {}
+    for i, batch in enumerate(it):
+      if 0 < cfg.eval_steps <= i:
+        break
+      with partitioning.activate(self.mesh):
+        m = self.eval_step(state["params"], state["batch_stats"], partitioning.global_batch(batch, self.mesh))
+      for k, v in jax.device_get(m).items():
+        sums[k] = v if k not in sums else jax.tree.map(np.add, sums[k], v)
+    if hasattr(self.task, "summarize_eval"):
+      return self.task.summarize_eval(sums)
+    return _reduce(sums)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    """Writes config.json once the run is accepted (its checkpoint restored, or a fresh start): predict reads
-    it, so a rerun refused with another model must not replace it. A different earlier config is kept as
-    config.<when it was written>.json."""
-    if jax.process_index() != 0:
-        return
-    path, text = workdir / "config.json", json.dumps(config.to_dict(), indent=2, default=str)
-    if path.exists() and path.read_text() != text:
-        try:
-            written = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().mtime))
-        except (OSError, AttributeError):
-            written = time.strftime("%Y%m%d-%H%M%S")
-        kept = workdir / f"config.{written}.json"
-        n = 1
-        while kept.exists():
-            n += 1
-            kept = workdir / f"config.{written}-{n}.json"
-        path.rename(kept)
-        logging.info("The config differs from the previous run's, kept as %s", kept)
-    path.write_text(text)
+  """Writes config.json once the run is accepted (its checkpoint restored, or a fresh start): predict reads
+  it, so a rerun refused with another model must not replace it. A different earlier config is kept as
+  config.<when it was written>.json."""
+  if jax.process_index() != 0:
+    return
+  path, text = workdir / "config.json", json.dumps(config.to_dict(), indent=2, default=str)
+  if path.exists() and path.read_text() != text:
+    try:
+      written = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().mtime))
+    except (OSError, AttributeError):
+      written = time.strftime("%Y%m%d-%H%M%S")
+    kept = workdir / f"config.{written}.json"
+    n = 1
+    while kept.exists():
+      n += 1
+      kept = workdir / f"config.{written}-{n}.json"
+    path.rename(kept)
+    logging.info("The config differs from the previous run's, kept as %s", kept)
+  path.write_text(text)
 
 
 def _check_finite(step: int, metrics: dict[str, float]) -> None:
-    for k, v in metrics.items():
-        if not math.isfinite(v):
-            raise NonFiniteLossError(f"Step {step}: train/{k} is {v}")
+  for k, v in metrics.items():
+    if not math.isfinite(v):
+      raise NonFiniteLossError(f"Step {step}: train/{k} is {v}")
 
 
 def _reduce(metric_pairs: dict) -> dict[str, float]:
-    return {k: float(s / max(c, 1e-9)) for k, (s, c) in metric_pairs.items()}
+  return {k: float(s / max(c, 1e-9)) for k, (s, c) in metric_pairs.items()}
 
 
 class _StopFlag:
-    """Turns SIGTERM and the first SIGINT (Ctrl-C) into a flag the loop checks, so the run saves a checkpoint
-    at the current step and exits cleanly; a SIGINT after that aborts at once, without saving."""
+  """Turns SIGTERM and the first SIGINT (Ctrl-C) into a flag the loop checks, so the run saves a checkpoint
+  at the current step and exits cleanly; a SIGINT after that aborts at once, without saving."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.raised = False
-        # Python lets only the main thread set handlers; elsewhere (an embedding app) the signals stay its own.
-        self._active = threading.current_thread() is threading.main_thread()
-        self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS} if self._active else {}
+  def __init__(self):
+    self.raised = False
+    # Python lets only the main thread set handlers; elsewhere (an embedding app) the signals stay its own.
+    self._active = threading.current_thread() is threading.main_thread()
+    self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS} if self._active else {}
 
-    def _handler(self, signum, frame):
-        if signum == signal.SIGINT and self.raised:
-            raise KeyboardInterrupt
-        logging.warning("%s received: saving a checkpoint and stopping%s.", signal.Signals(signum).name,
-                        " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else "")
-        self.raised = True
+  def _handler(self, signum, frame):
+    if signum == signal.SIGINT and self.raised:
+      raise KeyboardInterrupt
+    logging.warning(
+        "%s received: saving a checkpoint and stopping%s.",
+        signal.Signals(signum).name,
+        " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else "",
+    )
+    self.raised = True
 
-    def restore(self):
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
+  def restore(self):
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
 def load_init(trainer: Trainer, state: State) -> State:
-    """`config.init_from` / `config.init_from_torch`: copy a pretrained encoder (and matching heads)."""
-    cfg = trainer.config
-    source = cfg.get("init_from", "") or cfg.get("init_from_torch", "")
-    if not source:
-        if cfg.task != "pretrain":
-            logging.warning("No config.init_from: fine-tuning %s from the backbone initialisation only.", cfg.task)
-        return state
-    variables, meta, step = ckpt_lib.load_model_variables(source)
-    for collection in ("params", "batch_stats"):
-        merged, loaded, fresh = ckpt_lib.merge_pretrained(
-            jax.device_get(state[collection]), variables.get(collection, {}),
-            source=f"{source} (step {step}, {collection})")
-        if collection == "params":
-            logging.info("Initialised %d tensors from %s (step %d, task %s); %d fresh: %s", len(loaded),
-                         source, step, meta.get("task", "?"), len(fresh), sorted({k.split("/")[0] for k in fresh}))
-        state[collection] = jax.device_put(merged, trainer.state_shardings[collection])
+  """`config.init_from` / `config.init_from_torch`: copy a pretrained encoder (and matching heads)."""
+  cfg = trainer.config
+  source = cfg.get("init_from", "") or cfg.get("init_from_torch", "")
+  if not source:
+    if cfg.task != "pretrain":
+      logging.warning("No config.init_from: fine-tuning %s from the backbone initialisation only.", cfg.task)
     return state
+  variables, meta, step = ckpt_lib.load_model_variables(source)
+  for collection in ("params", "batch_stats"):
+    merged, loaded, fresh = ckpt_lib.merge_pretrained(
+        jax.device_get(state[collection]), variables.get(collection, {}), source=f"{source} (step {step}, {collection})"
+    )
+    if collection == "params":
+      logging.info(
+          "Initialised %d tensors from %s (step %d, task %s); %d fresh: %s",
+          len(loaded),
+          source,
+          step,
+          meta.get("task", "?"),
+          len(fresh),
+          sorted({k.split("/")[0] for k in fresh}),
+      )
+    state[collection] = jax.device_put(merged, trainer.state_shardings[collection])
+  return state
 
 
 def _warm_start_cnn(trainer: Trainer, state: State, writer: metrics_writer.MetricWriter) -> State:
-    """`config.cnn_warm_start`: train the CNN as a per-cell classifier first (warm_start.py)."""
-    cfg = trainer.config
-    if cfg.get("cnn_warm_start", {}).get("steps", 0) <= 0:
-        return state
-    if cfg.get("init_from", "") or cfg.get("init_from_torch", ""):
-        logging.info("config.cnn_warm_start skipped: the CNN comes from init_from")
-        return state
-    from pixelbert_jax import warm_start
-
-    params, batch_stats, held_out = warm_start.train_cnn(cfg, trainer.mesh, cfg.seed)
-    writer.write(0, held_out)
-    for collection, tree in (("params", params), ("batch_stats", batch_stats)):
-        if tree:
-            sharding = trainer.state_shardings[collection]["encoder"]["cnn"]
-            state[collection]["encoder"]["cnn"] = jax.device_put(tree, sharding)
+  """`config.cnn_warm_start`: train the CNN as a per-cell classifier first (warm_start.py)."""
+  cfg = trainer.config
+  if cfg.get("cnn_warm_start", {}).get("steps", 0) <= 0:
     return state
+  if cfg.get("init_from", "") or cfg.get("init_from_torch", ""):
+    logging.info("config.cnn_warm_start skipped: the CNN comes from init_from")
+    return state
+  from pixelbert_jax import warm_start
+
+  params, batch_stats, held_out = warm_start.train_cnn(cfg, trainer.mesh, cfg.seed)
+  writer.write(0, held_out)
+  for collection, tree in (("params", params), ("batch_stats", batch_stats)):
+    if tree:
+      sharding = trainer.state_shardings[collection]["encoder"]["cnn"]
+      state[collection]["encoder"]["cnn"] = jax.device_put(tree, sharding)
+  return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    # Where paths enter a run (main.py and the Python API both come here): the workdir and the config's
-    # data folders, vocab and init_from / init_from_torch, so that load_init and config.json see absolute ones.
-    workdir = epath.Path(paths.resolve(workdir))
-    paths.resolve_config(config)
-    config_checks.validate(config)  # before anything runs, each bad value by key
-    lock = _lock_workdir(workdir)
-    try:
-        return _train_and_evaluate(config, workdir)
-    finally:
-        lock.release()
+  # Where paths enter a run (main.py and the Python API both come here): the workdir and the config's
+  # data folders, vocab and init_from / init_from_torch, so that load_init and config.json see absolute ones.
+  workdir = epath.Path(paths.resolve(workdir))
+  paths.resolve_config(config)
+  config_checks.validate(config)  # before anything runs, each bad value by key
+  lock = _lock_workdir(workdir)
+  try:
+    return _train_and_evaluate(config, workdir)
+  finally:
+    lock.release()
 
 
 def _lock_workdir(workdir: epath.Path) -> run_lock.RunLock | run_lock.NoLock:
-    """Process 0 holds WORKDIR/run.lock for the whole run (run_lock.py), taken before anything in the workdir
-    is written or deleted; on several processes all of them learn whether it got it."""
-    lock, error = run_lock.NoLock(), ""
-    if jax.process_index() == 0:
-        if workdir.exists() and not workdir.is_dir():
-            raise NotADirectoryError(f"workdir {workdir} is a file, not a folder")
-        workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            lock = run_lock.acquire(str(workdir))
-        except run_lock.WorkdirBusyError as e:
-            error = str(e)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        if int(multihost_utils.broadcast_one_to_all(np.int32(bool(error)))) and not error:
-            error = f"workdir {workdir} is in use by another run (process 0 names it)"
-    if error:
-        raise run_lock.WorkdirBusyError(error)
-    return lock
+  """Process 0 holds WORKDIR/run.lock for the whole run (run_lock.py), taken before anything in the workdir
+  is written or deleted; on several processes all of them learn whether it got it."""
+  lock, error = run_lock.NoLock(), ""
+  if jax.process_index() == 0:
+    if workdir.exists() and not workdir.is_dir():
+      raise NotADirectoryError(f"workdir {workdir} is a file, not a folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+      lock = run_lock.acquire(str(workdir))
+    except run_lock.WorkdirBusyError as e:
+      error = str(e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    if int(multihost_utils.broadcast_one_to_all(np.int32(bool(error)))) and not error:
+      error = f"workdir {workdir} is in use by another run (process 0 names it)"
+  if error:
+    raise run_lock.WorkdirBusyError(error)
+  return lock
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, float]:
-    if config.task == "vqa" and int(config.model.num_answers) == 0:
-        # 0 = the size of the answer vocabulary built from the train split (your own data: not known in advance);
-        # set before config.json and the checkpoint's meta are written, so predict builds the same head.
-        config.model.num_answers = len(pipeline.answer_vocab(config.data))
-    mesh = partitioning.make_mesh(config.mesh_shape)
-    partitioning.log_mesh(mesh)
-    pc, pi = jax.process_count(), jax.process_index()
-    dp = partitioning.data_parallel_size(mesh)
-    for name in ("batch_size", "eval_batch_size"):
-        if config[name] % dp or config[name] % pc:
-            raise ValueError(f"config.{name}={config[name]} must be divisible by the data-parallel mesh "
-                             f"size {dp} and the process count {pc}")
-    trainer = Trainer(config, mesh)
-    logging.info("XLA compile options of the steps: %s (pixelbert_jax/xla_options.py)",
-                 trainer.compiler_options or "XLA's defaults")
-    meta = {"task": config.task, "model": config.model.to_dict(), "data": config.data.name,
-            "vocab_size": int(config.model.vocab_size)}
+  if config.task == "vqa" and int(config.model.num_answers) == 0:
+    # 0 = the size of the answer vocabulary built from the train split (your own data: not known in advance);
+    # set before config.json and the checkpoint's meta are written, so predict builds the same head.
+    config.model.num_answers = len(pipeline.answer_vocab(config.data))
+  mesh = partitioning.make_mesh(config.mesh_shape)
+  partitioning.log_mesh(mesh)
+  pc, pi = jax.process_count(), jax.process_index()
+  dp = partitioning.data_parallel_size(mesh)
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] % dp or config[name] % pc:
+      raise ValueError(
+          f"config.{name}={config[name]} must be divisible by the data-parallel mesh "
+          f"size {dp} and the process count {pc}"
+      )
+  trainer = Trainer(config, mesh)
+  logging.info(
+      "XLA compile options of the steps: %s (pixelbert_jax/xla_options.py)",
+      trainer.compiler_options or "XLA's defaults",
+  )
+  meta = {
+      "task": config.task,
+      "model": config.model.to_dict(),
+      "data": config.data.name,
+      "vocab_size": int(config.model.vocab_size),
+  }
 
-    train_iter = pipeline.make_iterator(config.data, config.task, config.data.train_split,
-                                        batch_size=config.batch_size // pc, seed=config.seed,
-                                        process_index=pi, process_count=pc, train=True)
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
-                                         keep=config.keep_checkpoints)
-    restored = checkpointer.restore_latest(trainer.abstract_state)
-    if restored is not None:
-        state, data_state, start = restored
-        if data_state:
-            train_iter.set_state(data_state)
-        logging.info("Resumed from %s at step %d", workdir / "checkpoints" / str(start), start)
-        if start >= trainer.total_steps:
-            # The README's command run twice: say so rather than log nothing and exit.
-            checkpointer.close()
-            logging.info("Run already finished: %s holds step %d of %d; nothing to train (raise "
-                         "--config.total_steps to train further).", workdir / "checkpoints", start, trainer.total_steps)
-            return {}
-    else:
-        state, start = trainer.init_state(config.seed), 0
-        state = load_init(trainer, state)
-    _write_config(config, workdir)
+  train_iter = pipeline.make_iterator(
+      config.data,
+      config.task,
+      config.data.train_split,
+      batch_size=config.batch_size // pc,
+      seed=config.seed,
+      process_index=pi,
+      process_count=pc,
+      train=True,
+  )
+  checkpointer = ckpt_lib.Checkpointer(
+      workdir / "checkpoints", every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
+  )
+  restored = checkpointer.restore_latest(trainer.abstract_state)
+  if restored is not None:
+    state, data_state, start = restored
+    if data_state:
+      train_iter.set_state(data_state)
+    logging.info("Resumed from %s at step %d", workdir / "checkpoints" / str(start), start)
+    if start >= trainer.total_steps:
+      # The README's command run twice: say so rather than log nothing and exit.
+      checkpointer.close()
+      logging.info(
+          "Run already finished: %s holds step %d of %d; nothing to train (raise "
+          "--config.total_steps to train further).",
+          workdir / "checkpoints",
+          start,
+          trainer.total_steps,
+      )
+      return {}
+  else:
+    state, start = trainer.init_state(config.seed), 0
+    state = load_init(trainer, state)
+  _write_config(config, workdir)
 
-    writer = metrics_writer.MetricWriter(workdir, resume_step=start)
-    if start == 0:
-        state = _warm_start_cnn(trainer, state, writer)
-    progress = metrics_writer.ProgressLine(trainer.total_steps, start)
-    stop = _StopFlag()
-    sums: dict[str, Any] = {}
-    pending: tuple[int, dict] | None = None  # the previous step's metrics, fetched one step late
-    t_log, n_log = time.monotonic(), 0
-    final: dict[str, float] = {}
-    step = start
-    try:
-        while step < trainer.total_steps:
-            batch = partitioning.global_batch(next(train_iter), mesh)
-            with partitioning.activate(mesh):
-                state, metrics = trainer.train_step(state, batch)
-            step += 1
-            if pending is not None:  # the device has finished it by now: checking costs no stall
-                _accumulate(sums, pending[1], pending[0])
-            pending = (step, metrics)
-            n_log += 1
-            if step % config.log_every_steps == 0 or step == trainer.total_steps:
-                _accumulate(sums, pending[1], step)
-                pending = None
-                logged = {f"train/{k}": v for k, v in _reduce(sums).items()}
-                logged["train/lr"] = float(trainer.schedules["transformer"](step // max(1, config.optim.grad_accum_steps)))
-                logged["train/lr_cnn"] = float(trainer.schedules["cnn"](step // max(1, config.optim.grad_accum_steps)))
-                elapsed = time.monotonic() - t_log
-                logged["perf/examples_per_s"] = n_log * config.batch_size / max(elapsed, 1e-9)
-                logged["perf/step_time_s"] = elapsed / max(n_log, 1)
-                writer.write(step, logged)
-                logging.info(progress.format(step, logged))
-                sums, t_log, n_log = {}, time.monotonic(), 0
-            data_state = train_iter.get_state()
-            preempted = stop.raised or checkpointer.reached_preemption(step)
-            if checkpointer.should_save(step) or preempted or step == trainer.total_steps:
-                # Only finite steps are saved: this step's own loss (not one log interval later) and its
-                # parameters, else a rerun would resume from NaN and rotation would drop the finite steps.
-                if pending is not None:
-                    _accumulate(sums, pending[1], pending[0])
-                    pending = None
-                bad = ckpt_lib.nonfinite_leaves({"params": state["params"], "batch_stats": state["batch_stats"]})
-                if bad:
-                    raise NonFiniteLossError(f"Step {step}: {len(bad)} parameter arrays hold NaN/Inf (first: "
-                                             f"{bad[0]}); not saving it")
-                checkpointer.save(step, state, data_state, meta, force=preempted or step == trainer.total_steps)
-            if preempted:
-                checkpointer.wait()
-                logging.warning("Stopped at step %d after saving a checkpoint; rerun to resume.", step)
-                return {"preempted_at_step": float(step)}
-            if step == trainer.total_steps or (config.eval_every_steps > 0 and step % config.eval_every_steps == 0):
-                final = trainer.evaluate(state, workdir)
-                writer.write(step, final)
-                logging.info("eval @ %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
+  writer = metrics_writer.MetricWriter(workdir, resume_step=start)
+  if start == 0:
+    state = _warm_start_cnn(trainer, state, writer)
+  progress = metrics_writer.ProgressLine(trainer.total_steps, start)
+  stop = _StopFlag()
+  sums: dict[str, Any] = {}
+  pending: tuple[int, dict] | None = None  # the previous step's metrics, fetched one step late
+  t_log, n_log = time.monotonic(), 0
+  final: dict[str, float] = {}
+  step = start
+  try:
+    while step < trainer.total_steps:
+      batch = partitioning.global_batch(next(train_iter), mesh)
+      with partitioning.activate(mesh):
+        state, metrics = trainer.train_step(state, batch)
+      step += 1
+      if pending is not None:  # the device has finished it by now: checking costs no stall
+        _accumulate(sums, pending[1], pending[0])
+      pending = (step, metrics)
+      n_log += 1
+      if step % config.log_every_steps == 0 or step == trainer.total_steps:
+        _accumulate(sums, pending[1], step)
+        pending = None
+        logged = {f"train/{k}": v for k, v in _reduce(sums).items()}
+        logged["train/lr"] = float(trainer.schedules["transformer"](step // max(1, config.optim.grad_accum_steps)))
+        logged["train/lr_cnn"] = float(trainer.schedules["cnn"](step // max(1, config.optim.grad_accum_steps)))
+        elapsed = time.monotonic() - t_log
+        logged["perf/examples_per_s"] = n_log * config.batch_size / max(elapsed, 1e-9)
+        logged["perf/step_time_s"] = elapsed / max(n_log, 1)
+        writer.write(step, logged)
+        logging.info(progress.format(step, logged))
+        sums, t_log, n_log = {}, time.monotonic(), 0
+      data_state = train_iter.get_state()
+      preempted = stop.raised or checkpointer.reached_preemption(step)
+      if checkpointer.should_save(step) or preempted or step == trainer.total_steps:
+        # Only finite steps are saved: this step's own loss (not one log interval later) and its
+        # parameters, else a rerun would resume from NaN and rotation would drop the finite steps.
         if pending is not None:
-            _accumulate(sums, pending[1], pending[0])
-    except NonFiniteLossError as e:
-        newest = checkpointer.latest_step()
-        kept = "no checkpoint was saved" if newest is None else (
+          _accumulate(sums, pending[1], pending[0])
+          pending = None
+        bad = ckpt_lib.nonfinite_leaves({"params": state["params"], "batch_stats": state["batch_stats"]})
+        if bad:
+          raise NonFiniteLossError(
+              f"Step {step}: {len(bad)} parameter arrays hold NaN/Inf (first: " f"{bad[0]}); not saving it"
+          )
+        checkpointer.save(step, state, data_state, meta, force=preempted or step == trainer.total_steps)
+      if preempted:
+        checkpointer.wait()
+        logging.warning("Stopped at step %d after saving a checkpoint; rerun to resume.", step)
+        return {"preempted_at_step": float(step)}
+      if step == trainer.total_steps or (config.eval_every_steps > 0 and step % config.eval_every_steps == 0):
+        final = trainer.evaluate(state, workdir)
+        writer.write(step, final)
+        logging.info("eval @ %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
+    if pending is not None:
+      _accumulate(sums, pending[1], pending[0])
+  except NonFiniteLossError as e:
+    newest = checkpointer.latest_step()
+    kept = (
+        "no checkpoint was saved"
+        if newest is None
+        else (
             f"the newest checkpoint, {workdir / 'checkpoints' / str(newest)}, holds finite parameters: rerun "
-            "(e.g. with a lower learning rate) to resume from it")
-        raise NonFiniteLossError(f"{e}; stopping ({kept}).") from None
-    finally:
-        stop.restore()
-        checkpointer.close()
-        writer.close()
-    return final
+            "(e.g. with a lower learning rate) to resume from it"
+        )
+    )
+    raise NonFiniteLossError(f"{e}; stopping ({kept}).") from None
+  finally:
+    stop.restore()
+    checkpointer.close()
+    writer.close()
+  return final
 
 
 def _accumulate(sums: dict, metrics: dict, step: int) -> None:
-    host = jax.device_get(metrics)
-    _check_finite(step, {k: float(s) for k, (s, _) in host.items() if k.endswith("loss")})
-    for k, (s, c) in host.items():
-        ps, pcount = sums.get(k, (0.0, 0.0))
-        sums[k] = (ps + float(s), pcount + float(c))
+  host = jax.device_get(metrics)
+  _check_finite(step, {k: float(s) for k, (s, _) in host.items() if k.endswith("loss")})
+  for k, (s, c) in host.items():
+    ps, pcount = sums.get(k, (0.0, 0.0))
+    sums[k] = (ps + float(s), pcount + float(c))

@@ -23,6 +23,7 @@ the checkpoint's data config and reports, for the colour and shape words of thei
 of the word's pixel attention that falls on the feature pixels of the object the word names, against that
 object's share of the image's feature pixels, for every layer, head and rollout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,9 @@ class AttentionRunner:
     def encoder(module, *args):
       return module.encoder(*args, train=False)["pixel_mask"]
 
-    pixel_mask, state = self.model.apply(variables, image, image_mask, input_ids, text_mask, method=encoder,
-                                         mutable=["intermediates"])
+    pixel_mask, state = self.model.apply(
+        variables, image, image_mask, input_ids, text_mask, method=encoder, mutable=["intermediates"]
+    )
     return stack_attention(state["intermediates"]), pixel_mask
 
   def __call__(self, variables, image, image_mask, input_ids, text_mask) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +120,7 @@ def rollout(probs: np.ndarray, upto: int) -> np.ndarray:
 
   Each layer's head mean is mixed half-half with the identity (the residual) and renormalised, then the
   layers are multiplied, last on the left: row i says how much token i's final state draws on each input."""
-  a = probs[..., :upto + 1, :, :, :].mean(axis=-3, dtype=np.float32)  # [..., l, T, T]
+  a = probs[..., : upto + 1, :, :, :].mean(axis=-3, dtype=np.float32)  # [..., l, T, T]
   t = a.shape[-1]
   a = 0.5 * a + 0.5 * np.eye(t, dtype=np.float32)
   a = a / a.sum(axis=-1, keepdims=True)
@@ -131,8 +133,9 @@ def rollout(probs: np.ndarray, upto: int) -> np.ndarray:
 def check_mode(num_layers: int, num_heads: int, layer: int, head: int | None, use_rollout: bool) -> int:
   """Validates layer/head against the model; returns the layer as a non-negative index."""
   if not -num_layers <= layer < num_layers:
-    raise PredictError(f"layer {layer} out of range: the model has {num_layers} layers (0..{num_layers - 1}, "
-                       f"or -1 for the last)")
+    raise PredictError(
+        f"layer {layer} out of range: the model has {num_layers} layers (0..{num_layers - 1}, " f"or -1 for the last)"
+    )
   if head is not None:
     if use_rollout:
       raise PredictError("rollout averages the heads: give --head or --rollout, not both")
@@ -141,8 +144,12 @@ def check_mode(num_layers: int, num_heads: int, layer: int, head: int | None, us
   return layer % num_layers
 
 
-def attention_matrix(probs: np.ndarray, layer: int, head: int | None = None, use_rollout: bool = False,
-                     ) -> np.ndarray:
+def attention_matrix(
+    probs: np.ndarray,
+    layer: int,
+    head: int | None = None,
+    use_rollout: bool = False,
+) -> np.ndarray:
   """float32 [..., layers, heads, T, T] -> [..., T, T]: one head, the head mean of one layer, or the rollout
   up to that layer."""
   if use_rollout:
@@ -162,7 +169,7 @@ def word_spans(tokenizer, text: str, max_len: int) -> list[tuple[str, list[int]]
     if w is not None:
       positions.setdefault(w, []).append(t)
   offsets = enc["offset_mapping"]
-  return [(text[offsets[ts[0]][0]:offsets[ts[-1]][1]], ts) for _, ts in sorted(positions.items())]
+  return [(text[offsets[ts[0]][0] : offsets[ts[-1]][1]], ts) for _, ts in sorted(positions.items())]
 
 
 def word_to_pixels(matrix: np.ndarray, positions: Sequence[int], pixel_offset: int) -> np.ndarray:
@@ -212,8 +219,13 @@ def output_size(height: int, width: int) -> tuple[int, int]:
   return height * k, width * k
 
 
-def upsample(grid_map: np.ndarray, bucket: tuple[int, int], valid_hw: tuple[int, int], out_hw: tuple[int, int],
-             nearest: bool = False) -> np.ndarray:
+def upsample(
+    grid_map: np.ndarray,
+    bucket: tuple[int, int],
+    valid_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    nearest: bool = False,
+) -> np.ndarray:
   """float32 [gh, gw] over the padded bucket's 64x64 cells -> [H, W] over the image alone.
 
   Feature pixel (i, j) covers bucket rows 64i..64i+63 and columns 64j..64j+63; the image is the bucket's
@@ -225,7 +237,7 @@ def upsample(grid_map: np.ndarray, bucket: tuple[int, int], valid_hw: tuple[int,
   arr = np.zeros(bucket, np.float32)
   h, w = min(bucket[0], gh * CELL), min(bucket[1], gw * CELL)
   arr[:h, :w] = np.asarray(full)[:h, :w]
-  crop = Image.fromarray(arr[:valid_hw[0], :valid_hw[1]], mode="F")
+  crop = Image.fromarray(arr[: valid_hw[0], : valid_hw[1]], mode="F")
   return np.asarray(crop.resize((out_hw[1], out_hw[0]), resample), np.float32)
 
 
@@ -280,14 +292,22 @@ def _file_word(word: str) -> str:
 def _model_input(predictor: Predictor, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
   """uint8 [h,w,3] -> (image [1,H,W,3], mask [1,H,W], the resized image's (h', w') inside the bucket)."""
   c = predictor.data_cfg
-  padded, mask = resize_and_pad(image, short_side=int(c.image_short_side), long_side=int(c.image_long_side),
-                                buckets=[tuple(b) for b in c.buckets])
+  padded, mask = resize_and_pad(
+      image, short_side=int(c.image_short_side), long_side=int(c.image_long_side), buckets=[tuple(b) for b in c.buckets]
+  )
   valid_hw = (int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum()))
   return padded[None], mask[None], valid_hw
 
 
-def attention_maps(predictor: Predictor, image_path: str, text: str, words: Sequence[str] | None = None,
-                   layer: int = -1, head: int | None = None, use_rollout: bool = False) -> dict[str, Any]:
+def attention_maps(
+    predictor: Predictor,
+    image_path: str,
+    text: str,
+    words: Sequence[str] | None = None,
+    layer: int = -1,
+    head: int | None = None,
+    use_rollout: bool = False,
+) -> dict[str, Any]:
   """Everything `visualize` draws: the image, the attention, each chosen word's map over the pixel grid.
 
   -> dict(image uint8 [h,w,3], probs float32 [layers, heads, T, T], maps float32 [N, gh, gw], words [N],
@@ -304,8 +324,7 @@ def attention_maps(predictor: Predictor, image_path: str, text: str, words: Sequ
     known = {w.lower() for w, _ in spans}
     missing = [w for w in wanted if w not in known]
     if missing:
-      raise PredictError(f"word(s) {missing} not in the text {text.strip()!r} (its words: "
-                         f"{[w for w, _ in spans]})")
+      raise PredictError(f"word(s) {missing} not in the text {text.strip()!r} (its words: " f"{[w for w, _ in spans]})")
     spans = [s for s in spans if s[0].lower() in wanted]
   if not spans:
     raise PredictError(f"the text {text!r} has no words to draw")
@@ -322,15 +341,39 @@ def attention_maps(predictor: Predictor, image_path: str, text: str, words: Sequ
   mode = ("rollout through layers 0.." if use_rollout else "layer ") + str(layer_index)
   mode += "" if use_rollout else (f", head {head}" if head is not None else ", mean over heads")
   summary = dict(
-      task=predictor.task, step=int(predictor.step), text=text.strip(), tokens=tokens, pixel_offset=n,
-      pixel_grid=[gh, gw], valid_pixels=int(pixel_mask.sum()), image_size=list(image.shape[:2]),
-      layer=layer_index, head=head, rollout=bool(use_rollout), mode=mode,
-      words=[dict(word=w, tokens=[tokens[p] for p in pos], positions=list(pos), pixel_attention=float(s),
-                  peak_pixel=[int(i) for i in np.unravel_index(int(np.argmax(a)), (gh, gw))])
-             for (w, pos), s, a in zip(spans, scores, to_pixels)])
-  return dict(image=image, probs=probs, maps=to_pixels.reshape(-1, gh, gw).astype(np.float32),
-              words=[w for w, _ in spans], scores=scores, bucket=batch.shape[1:3], valid_hw=valid_hw,
-              summary=summary)
+      task=predictor.task,
+      step=int(predictor.step),
+      text=text.strip(),
+      tokens=tokens,
+      pixel_offset=n,
+      pixel_grid=[gh, gw],
+      valid_pixels=int(pixel_mask.sum()),
+      image_size=list(image.shape[:2]),
+      layer=layer_index,
+      head=head,
+      rollout=bool(use_rollout),
+      mode=mode,
+      words=[
+          dict(
+              word=w,
+              tokens=[tokens[p] for p in pos],
+              positions=list(pos),
+              pixel_attention=float(s),
+              peak_pixel=[int(i) for i in np.unravel_index(int(np.argmax(a)), (gh, gw))],
+          )
+          for (w, pos), s, a in zip(spans, scores, to_pixels)
+      ],
+  )
+  return dict(
+      image=image,
+      probs=probs,
+      maps=to_pixels.reshape(-1, gh, gw).astype(np.float32),
+      words=[w for w, _ in spans],
+      scores=scores,
+      bucket=batch.shape[1:3],
+      valid_hw=valid_hw,
+      summary=summary,
+  )
 
 
 def _remove_previous_pictures(out: epath.Path) -> None:
@@ -346,9 +389,17 @@ def _remove_previous_pictures(out: epath.Path) -> None:
       (out / name).unlink()
 
 
-def visualize(predictor: Predictor, image_path: str, text: str, out_dir: str, words: Sequence[str] | None = None,
-              layer: int = -1, head: int | None = None, use_rollout: bool = False, nearest: bool = False,
-              ) -> dict[str, Any]:
+def visualize(
+    predictor: Predictor,
+    image_path: str,
+    text: str,
+    out_dir: str,
+    words: Sequence[str] | None = None,
+    layer: int = -1,
+    head: int | None = None,
+    use_rollout: bool = False,
+    nearest: bool = False,
+) -> dict[str, Any]:
   """Writes the per-word pictures, grid.png, attention.npy, maps.npy and summary.json into out_dir; returns
   the summary (with the files' paths)."""
   got = attention_maps(predictor, image_path, text, words, layer, head, use_rollout)
@@ -359,8 +410,11 @@ def visualize(predictor: Predictor, image_path: str, text: str, out_dir: str, wo
     raise PredictError(f"cannot create the output folder {out_dir}: {e}") from e
   _remove_previous_pictures(out)
   h, w = output_size(*got["image"].shape[:2])
-  picture = np.asarray(Image.fromarray(got["image"]).resize((w, h), Image.BICUBIC)) if (h, w) != got[
-      "image"].shape[:2] else got["image"]
+  picture = (
+      np.asarray(Image.fromarray(got["image"]).resize((w, h), Image.BICUBIC))
+      if (h, w) != got["image"].shape[:2]
+      else got["image"]
+  )
   tiles = [_label(Image.fromarray(picture), "image")]
   summary = got["summary"]
   for k, (word, grid_map, entry) in enumerate(zip(got["words"], got["maps"], summary["words"])):
@@ -405,6 +459,7 @@ def _grounding_examples(predictor: Predictor, split: str, num_images: int, capti
   from pixelbert_jax.data import builders
   from pixelbert_jax.data import synthetic as world
   from pixelbert_jax.data.preprocess import decode_image
+
   c = predictor.data_cfg
   s = c.synthetic
   spec = builders.scene_spec(c)
@@ -473,8 +528,9 @@ class _Tally:
         self.base[kind].append(float((obj & ok).sum() / ok.sum()))
 
 
-def grounding_check(predictor: Predictor, num_images: int = 200, split: str = "val", captions_per_image: int = 5,
-                    batch_size: int = 32) -> dict[str, Any]:
+def grounding_check(
+    predictor: Predictor, num_images: int = 200, split: str = "val", captions_per_image: int = 5, batch_size: int = 32
+) -> dict[str, Any]:
   """Mean share of colour / shape words' pixel attention on the named object's feature pixels, against the
   object's share of the valid feature pixels, on `num_images` regenerated scenes of `split`.
 
@@ -484,8 +540,10 @@ def grounding_check(predictor: Predictor, num_images: int = 200, split: str = "v
   for attention that goes to objects whatever the word."""
   c = predictor.data_cfg
   if c.name != "synthetic":
-    raise PredictError(f"the grounding check needs a checkpoint trained on the synthetic world; "
-                       f"{predictor.workdir} was trained on {c.name!r}")
+    raise PredictError(
+        f"the grounding check needs a checkpoint trained on the synthetic world; "
+        f"{predictor.workdir} was trained on {c.name!r}"
+    )
   available = int(c.synthetic[f"num_{split}"]) if f"num_{split}" in c.synthetic else 0
   if not 0 < num_images <= available:
     raise PredictError(f"--num_images must be in 1..{available} (the {split} split's images), got {num_images}")
@@ -497,9 +555,13 @@ def grounding_check(predictor: Predictor, num_images: int = 200, split: str = "v
   tally = _Tally(modes)
 
   def run(variant, batch):  # batch: (image, mask, ids, text_mask, rows)
-    probs, pixel_mask = runner(predictor.variables, np.concatenate([b[0] for b in batch]),
-                               np.concatenate([b[1] for b in batch]), np.stack([b[2] for b in batch]),
-                               np.stack([b[3] for b in batch]))
+    probs, pixel_mask = runner(
+        predictor.variables,
+        np.concatenate([b[0] for b in batch]),
+        np.concatenate([b[1] for b in batch]),
+        np.stack([b[2] for b in batch]),
+        np.stack([b[3] for b in batch]),
+    )
     tally.add(variant, probs, pixel_mask, [(k, *row) for k, b in enumerate(batch) for row in b[4]])
 
   written, masked = [], []
@@ -507,8 +569,15 @@ def grounding_check(predictor: Predictor, num_images: int = 200, split: str = "v
     written.append((image, mask, ids, tmask, words))
     for token_mask, kind, on_object in words:
       if kind != "other":
-        masked.append((image, mask, np.where(token_mask > 0, mask_id, ids).astype(ids.dtype), tmask,
-                       [(token_mask, kind, on_object)]))
+        masked.append(
+            (
+                image,
+                mask,
+                np.where(token_mask > 0, mask_id, ids).astype(ids.dtype),
+                tmask,
+                [(token_mask, kind, on_object)],
+            )
+        )
     for variant, pending in zip(GROUNDING_VARIANTS, (written, masked)):
       while len(pending) >= batch_size:
         run(variant, pending[:batch_size])
@@ -521,18 +590,30 @@ def grounding_check(predictor: Predictor, num_images: int = 200, split: str = "v
 
   base = {k: float(np.mean(v)) if v else float("nan") for k, v in tally.base.items()}
   report: dict[str, Any] = dict(
-      checkpoint=str(predictor.workdir), step=int(predictor.step), task=predictor.task, split=split,
-      num_images=num_images, captions_per_image=captions_per_image,
-      words={k: len(v) for k, v in tally.base.items()}, object_pixel_share=base, default_mode=modes[0][0],
+      checkpoint=str(predictor.workdir),
+      step=int(predictor.step),
+      task=predictor.task,
+      split=split,
+      num_images=num_images,
+      captions_per_image=captions_per_image,
+      words={k: len(v) for k, v in tally.base.items()},
+      object_pixel_share=base,
+      default_mode=modes[0][0],
       # Share of the word's attention that goes to pixels at all (the rest stays on the text), default mode.
-      pixel_attention={v: {k: float(np.mean(m)) for k, m in by_kind.items() if m}
-                       for v, by_kind in tally.pixel_mass.items()},
-      variants={})
+      pixel_attention={
+          v: {k: float(np.mean(m)) for k, m in by_kind.items() if m} for v, by_kind in tally.pixel_mass.items()
+      },
+      variants={},
+  )
   for variant, by_mode in tally.shares.items():
     report["variants"][variant] = {
-        name: {kind: dict(share=float(np.nanmean(values)), ratio=float(np.nanmean(values)) / base[kind])
-               for kind, values in by_kind.items() if values}
-        for name, by_kind in by_mode.items()}
+        name: {
+            kind: dict(share=float(np.nanmean(values)), ratio=float(np.nanmean(values)) / base[kind])
+            for kind, values in by_kind.items()
+            if values
+        }
+        for name, by_kind in by_mode.items()
+    }
   return report
 
 
@@ -540,16 +621,24 @@ def grounding_table(report: dict[str, Any]) -> str:
   """The report as Markdown: a header line, then per mode the share on the object (x the object's pixel
   share) of colour and shape words as written and masked, and of the other words (control)."""
   base = report["object_pixel_share"]
-  lines = [f"checkpoint {report['checkpoint']} (step {report['step']}, task {report['task']}): "
-           f"{report['num_images']} {report['split']} images, {report['words']['colour']} colour, "
-           f"{report['words']['shape']} shape and {report['words']['other']} other words; the object's share of "
-           f"the feature pixels: colour {base['colour']:.3f}, shape {base['shape']:.3f}, all objects (other words) "
-           f"{base['other']:.3f}. Share of the word's pixel attention on the object's pixels (x that share):", "",
-           "| attention | colour | shape | colour, masked | shape, masked | other words (control) |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+      f"checkpoint {report['checkpoint']} (step {report['step']}, task {report['task']}): "
+      f"{report['num_images']} {report['split']} images, {report['words']['colour']} colour, "
+      f"{report['words']['shape']} shape and {report['words']['other']} other words; the object's share of "
+      f"the feature pixels: colour {base['colour']:.3f}, shape {base['shape']:.3f}, all objects (other words) "
+      f"{base['other']:.3f}. Share of the word's pixel attention on the object's pixels (x that share):",
+      "",
+      "| attention | colour | shape | colour, masked | shape, masked | other words (control) |",
+      "|---|---|---|---|---|---|",
+  ]
   variants = report["variants"]
-  columns = [("as written", "colour"), ("as written", "shape"), ("masked", "colour"), ("masked", "shape"),
-             ("as written", "other")]
+  columns = [
+      ("as written", "colour"),
+      ("as written", "shape"),
+      ("masked", "colour"),
+      ("masked", "shape"),
+      ("as written", "other"),
+  ]
   for name in variants[GROUNDING_VARIANTS[0]]:
     cells = []
     for v, k in columns:
@@ -557,9 +646,16 @@ def grounding_table(report: dict[str, Any]) -> str:
       cells.append(f"{e['share']:.3f} ({e['ratio']:.1f}x)" if e else "-")
     lines.append(f"| {name}{' (default)' if name == report['default_mode'] else ''} | " + " | ".join(cells) + " |")
   mass = report["pixel_attention"]
-  lines += ["", f"Share of the word's attention on pixels at all ({report['default_mode']}): " + ", ".join(
-      f"{k}{', masked' if v == 'masked' else ''} {mass[v][k]:.2f}" for v in GROUNDING_VARIANTS for k in KINDS
-      if k in mass.get(v, {}))]
+  lines += [
+      "",
+      f"Share of the word's attention on pixels at all ({report['default_mode']}): "
+      + ", ".join(
+          f"{k}{', masked' if v == 'masked' else ''} {mass[v][k]:.2f}"
+          for v in GROUNDING_VARIANTS
+          for k in KINDS
+          if k in mass.get(v, {})
+      ),
+  ]
   return "\n".join(lines)
 
 
@@ -578,8 +674,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--head", type=int, default=None, help="one head (default: the mean over heads)")
   parser.add_argument("--rollout", action="store_true", help="attention rollout through layers 0..--layer")
   parser.add_argument("--nearest", action="store_true", help="draw each feature pixel as a flat 64x64 block")
-  parser.add_argument("--grounding_check", action="store_true",
-                      help="synthetic-world checkpoints: attention share on the named object, held-out scenes")
+  parser.add_argument(
+      "--grounding_check",
+      action="store_true",
+      help="synthetic-world checkpoints: attention share on the named object, held-out scenes",
+  )
   parser.add_argument("--num_images", type=int, default=200)
   parser.add_argument("--captions_per_image", type=int, default=5)
   parser.add_argument("--split", default="val", choices=("val", "test"))
@@ -591,8 +690,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   def body() -> dict | None:
     predictor = Predictor(args.checkpoint)
     if not args.grounding_check:
-      return predictor.visualize(args.image, args.text, args.out, words=args.words, layer=args.layer,
-                                 head=args.head, rollout=args.rollout, nearest=args.nearest)
+      return predictor.visualize(
+          args.image,
+          args.text,
+          args.out,
+          words=args.words,
+          layer=args.layer,
+          head=args.head,
+          rollout=args.rollout,
+          nearest=args.nearest,
+      )
     report = grounding_check(predictor, args.num_images, args.split, args.captions_per_image)
     if args.out:
       out = epath.Path(paths.resolve(args.out))
@@ -602,8 +709,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return None
 
   # OSError: an output folder that cannot be written
-  return cli_errors.run_command(body, usage_errors=(PredictError, ckpt_lib.CheckpointMismatchError, OSError),
-                                verbose=args.verbose)
+  return cli_errors.run_command(
+      body, usage_errors=(PredictError, ckpt_lib.CheckpointMismatchError, OSError), verbose=args.verbose
+  )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ makes feature pixels; its head is thrown away. Pre-training then starts from thi
 demo: `model.cnn.frozen`). The stage runs only when a run starts from scratch: a resumed run restores the
 CNN from its checkpoint, and `init_from` brings its own.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,6 +37,7 @@ NUM_CLASSES = (len(world.COLOURS) + 1, len(world.SHAPES) + 1)  # + 'none' (an em
 
 class CellClassifier(nn.Module):
   """The Pixel-BERT CNN (`cnn`, same parameter tree) + a linear colour / shape head per feature pixel."""
+
   model_cfg: Any
 
   def setup(self):
@@ -48,14 +50,16 @@ class CellClassifier(nn.Module):
     cells = nn.max_pool(c5, (2, 2), strides=(2, 2), padding="VALID")  # the feature-pixel grid
     b, gh, gw, c = cells.shape
     logits = self.head(cells.reshape(b, gh * gw, c).astype(jnp.float32))
-    return logits[..., :NUM_CLASSES[0]], logits[..., NUM_CLASSES[0]:]
+    return logits[..., : NUM_CLASSES[0]], logits[..., NUM_CLASSES[0] :]
 
 
 def _targets(cell_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """cell_labels int [B,P,2] (-1 = empty) -> class ids with 'none' as the last class."""
   colour, shape = cell_labels[..., 0], cell_labels[..., 1]
-  return (np.where(colour < 0, NUM_CLASSES[0] - 1, colour).astype(np.int32),
-          np.where(shape < 0, NUM_CLASSES[1] - 1, shape).astype(np.int32))
+  return (
+      np.where(colour < 0, NUM_CLASSES[0] - 1, colour).astype(np.int32),
+      np.where(shape < 0, NUM_CLASSES[1] - 1, shape).astype(np.int32),
+  )
 
 
 class _CellImages:
@@ -63,8 +67,10 @@ class _CellImages:
 
   def __init__(self, data_cfg: ml_collections.ConfigDict, split: str):
     if data_cfg.name != "synthetic":
-      raise ValueError(f"config.cnn_warm_start needs the synthetic world's cell labels; config.data.name is "
-                       f"{data_cfg.name!r} (set config.cnn_warm_start.steps=0)")
+      raise ValueError(
+          f"config.cnn_warm_start needs the synthetic world's cell labels; config.data.name is "
+          f"{data_cfg.name!r} (set config.cnn_warm_start.steps=0)"
+      )
     opened = open_split(data_cfg, "pretrain", split)
     self.source, self.name = opened.source, opened.name
     self.size = int(data_cfg.synthetic.image_size)
@@ -77,8 +83,10 @@ class _CellImages:
     for i in indices:
       record = self.source[int(i)]
       if "cell_labels" not in record:
-        raise ValueError(f"{self.name}[{i}] has no 'cell_labels': rebuild the synthetic world (delete its "
-                         "folder under config.data.data_dir)")
+        raise ValueError(
+            f"{self.name}[{i}] has no 'cell_labels': rebuild the synthetic world (delete its "
+            "folder under config.data.data_dir)"
+        )
       image = decode_image(record["image"], name=f"{self.name}[{i}]")
       if image.shape != (self.size, self.size, 3):
         raise ValueError(f"{self.name}[{i}]: image {image.shape}, expected ({self.size}, {self.size}, 3)")
@@ -90,18 +98,26 @@ class _CellImages:
 
 
 def _loss_and_accuracy(colour_logits, shape_logits, batch):
-  loss = (optax.softmax_cross_entropy_with_integer_labels(colour_logits, batch["colour"]).mean()
-          + optax.softmax_cross_entropy_with_integer_labels(shape_logits, batch["shape"]).mean())
+  loss = (
+      optax.softmax_cross_entropy_with_integer_labels(colour_logits, batch["colour"]).mean()
+      + optax.softmax_cross_entropy_with_integer_labels(shape_logits, batch["shape"]).mean()
+  )
   # accuracy over the cells that hold an object (the empty ones are easy and would flatter it)
   occupied = (batch["colour"] < NUM_CLASSES[0] - 1).astype(jnp.float32)
   n = jnp.maximum(occupied.sum(), 1.0)
   acc = lambda logits, y: jnp.sum((jnp.argmax(logits, -1) == y) * occupied) / n
-  return loss, {"loss": loss, "colour_acc": acc(colour_logits, batch["colour"]),
-                "shape_acc": acc(shape_logits, batch["shape"])}
+  return loss, {
+      "loss": loss,
+      "colour_acc": acc(colour_logits, batch["colour"]),
+      "shape_acc": acc(shape_logits, batch["shape"]),
+  }
 
 
-def train_cnn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed: int,
-              ) -> tuple[dict, dict, dict[str, float]]:
+def train_cnn(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    seed: int,
+) -> tuple[dict, dict, dict[str, float]]:
   """Trains the CNN as a per-cell classifier -> (cnn params, cnn batch_stats, held-out metrics).
 
   Deterministic in (config, seed). Each process reads its own rows of every global batch.
@@ -110,8 +126,10 @@ def train_cnn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed: 
   steps, batch_size = int(ws.steps), int(ws.batch_size)
   pc, pi = jax.process_count(), jax.process_index()
   if batch_size % (partitioning.data_parallel_size(mesh) * pc):
-    raise ValueError(f"config.cnn_warm_start.batch_size={batch_size} must be divisible by the data-parallel "
-                     f"mesh size {partitioning.data_parallel_size(mesh)} and the process count {pc}")
+    raise ValueError(
+        f"config.cnn_warm_start.batch_size={batch_size} must be divisible by the data-parallel "
+        f"mesh size {partitioning.data_parallel_size(mesh)} and the process count {pc}"
+    )
   train_data = _CellImages(config.data, config.data.train_split)
   model = CellClassifier(ml_collections.FrozenConfigDict(config.model))
   size = train_data.size
@@ -119,22 +137,32 @@ def train_cnn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed: 
   variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), *dummy))  # eager init takes seconds
   grid = jax.eval_shape(model.apply, variables, *dummy)[0]
   if grid.shape[1] != world.GRID * world.GRID:
-    raise ValueError(f"config.cnn_warm_start: the CNN makes {grid.shape[1]} feature pixels of a "
-                     f"{size}x{size} image, the world has {world.GRID}x{world.GRID} cells "
-                     f"(config.data.synthetic.image_size must be {64 * world.GRID})")
+    raise ValueError(
+        f"config.cnn_warm_start: the CNN makes {grid.shape[1]} feature pixels of a "
+        f"{size}x{size} image, the world has {world.GRID}x{world.GRID} cells "
+        f"(config.data.synthetic.image_size must be {64 * world.GRID})"
+    )
   tx = optax.adam(optax.cosine_decay_schedule(float(ws.lr), steps))
   replicated = partitioning.replicated(mesh)
-  state = jax.device_put({"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
-                          "opt": tx.init(variables["params"])}, replicated)
+  state = jax.device_put(
+      {
+          "params": variables["params"],
+          "batch_stats": variables.get("batch_stats", {}),
+          "opt": tx.init(variables["params"]),
+      },
+      replicated,
+  )
   has_stats = bool(variables.get("batch_stats"))
 
-  @functools.partial(jax.jit, donate_argnums=0, compiler_options=xla_options.compiler_options(
-      mesh.devices.flat[0].platform))
+  @functools.partial(
+      jax.jit, donate_argnums=0, compiler_options=xla_options.compiler_options(mesh.devices.flat[0].platform)
+  )
   def step(state, batch):
     def loss_fn(params):
       vs = {"params": params, **({"batch_stats": state["batch_stats"]} if has_stats else {})}
-      out = model.apply(vs, batch["image"], batch["image_mask"], train=True,
-                        mutable=["batch_stats"] if has_stats else False)
+      out = model.apply(
+          vs, batch["image"], batch["image_mask"], train=True, mutable=["batch_stats"] if has_stats else False
+      )
       (colour, shape), new_vars = out if has_stats else (out, {})
       loss, metrics = _loss_and_accuracy(colour, shape, batch)
       return loss, (metrics, new_vars.get("batch_stats", state["batch_stats"]))
@@ -149,24 +177,35 @@ def train_cnn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, seed: 
   for i in range(1, steps + 1):
     if pos + batch_size > len(order):
       order, pos = rng.permutation(len(train_data)), 0
-    rows = order[pos:pos + batch_size][pi * local:(pi + 1) * local]
+    rows = order[pos : pos + batch_size][pi * local : (pi + 1) * local]
     pos += batch_size
     state, metrics = step(state, partitioning.global_batch(train_data.batch(rows), mesh))
     if i % 50 == 0 or i == steps:
       m = jax.device_get(metrics)
       if not np.isfinite(m["loss"]):
         raise FloatingPointError(f"cnn warm start step {i}: loss is {m['loss']}; lower config.cnn_warm_start.lr")
-      logging.info("cnn warm start %d/%d: loss %.3f, colour %.3f, shape %.3f (this batch), %.1f s", i, steps,
-                   m["loss"], m["colour_acc"], m["shape_acc"], time.monotonic() - t0)
+      logging.info(
+          "cnn warm start %d/%d: loss %.3f, colour %.3f, shape %.3f (this batch), %.1f s",
+          i,
+          steps,
+          m["loss"],
+          m["colour_acc"],
+          m["shape_acc"],
+          time.monotonic() - t0,
+      )
   held_out = evaluate(model, state, config)
-  logging.info("cnn warm start, held-out %s cells: %s", config.data.eval_split,
-               " ".join(f"{k}={v:.3f}" for k, v in held_out.items()))
+  logging.info(
+      "cnn warm start, held-out %s cells: %s",
+      config.data.eval_split,
+      " ".join(f"{k}={v:.3f}" for k, v in held_out.items()),
+  )
   params, stats = jax.device_get((state["params"], state["batch_stats"]))
   return params["cnn"], stats.get("cnn", {}), held_out
 
 
-def evaluate(model: CellClassifier, state: dict, config: ml_collections.ConfigDict,
-             max_images: int = 256) -> dict[str, float]:
+def evaluate(
+    model: CellClassifier, state: dict, config: ml_collections.ConfigDict, max_images: int = 256
+) -> dict[str, float]:
   """Per-cell colour and shape accuracy (cells with an object) on the eval split, inference-mode CNN."""
   data = _CellImages(config.data, config.data.eval_split)
   n = min(len(data), max_images)

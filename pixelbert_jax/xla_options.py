@@ -14,6 +14,7 @@ e.g. through JAX_COMPILATION_CACHE_DIR) asked for compiled programs to be reused
 XLA's single buffer and a log line saying so; unset the cache to get the heaps. A heap size of your own
 in XLA_FLAGS (`--xla_multiheap_size_constraint_per_heap=N`, -1 for one buffer) is left to apply.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,31 +30,39 @@ _HEAP_OPTION = "xla_multiheap_size_constraint_per_heap"
 
 @functools.cache
 def _cpu_accepts_heap_option() -> bool:
-    """Whether this jaxlib knows the option: a newer XLA may rename it, and a jit with an unknown compile
-    option fails outright, so it is probed once rather than breaking every step."""
-    probe = jax.jit(lambda x: x + 1, compiler_options={_HEAP_OPTION: CPU_HEAP_BYTES})
-    try:
-        probe.lower(jax.device_put(np.float32(0), jax.devices("cpu")[0])).compile()
-    except Exception as e:  # noqa: BLE001 - jaxlib raises its own runtime error type
-        logging.warning("this jaxlib rejects the XLA option %s (%s); CPU steps will allocate their temporaries "
-                        "with mmap on every call, which costs time, not correctness", _HEAP_OPTION, e)
-        return False
-    return True
+  """Whether this jaxlib knows the option: a newer XLA may rename it, and a jit with an unknown compile
+  option fails outright, so it is probed once rather than breaking every step."""
+  probe = jax.jit(lambda x: x + 1, compiler_options={_HEAP_OPTION: CPU_HEAP_BYTES})
+  try:
+    probe.lower(jax.device_put(np.float32(0), jax.devices("cpu")[0])).compile()
+  except Exception as e:  # noqa: BLE001 - jaxlib raises its own runtime error type
+    logging.warning(
+        "this jaxlib rejects the XLA option %s (%s); CPU steps will allocate their temporaries "
+        "with mmap on every call, which costs time, not correctness",
+        _HEAP_OPTION,
+        e,
+    )
+    return False
+  return True
 
 
 def compiler_options(platform: str | None = None) -> dict[str, int]:
-    """Options for a computation that runs on `platform` (default: JAX's default backend)."""
-    platform = platform or jax.default_backend()
-    if platform != "cpu" or _HEAP_OPTION in os.environ.get("XLA_FLAGS", ""):
-        return {}
-    if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
-        _note_cache_wins(jax.config.jax_compilation_cache_dir)
-        return {}
-    return {_HEAP_OPTION: CPU_HEAP_BYTES} if _cpu_accepts_heap_option() else {}
+  """Options for a computation that runs on `platform` (default: JAX's default backend)."""
+  platform = platform or jax.default_backend()
+  if platform != "cpu" or _HEAP_OPTION in os.environ.get("XLA_FLAGS", ""):
+    return {}
+  if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
+    _note_cache_wins(jax.config.jax_compilation_cache_dir)
+    return {}
+  return {_HEAP_OPTION: CPU_HEAP_BYTES} if _cpu_accepts_heap_option() else {}
 
 
 @functools.cache
 def _note_cache_wins(cache_dir: str) -> None:
-    logging.info("CPU programs compile without %s=%d (XLA's one temporary buffer, mapped afresh on every "
-                 "call): the persistent compilation cache at %s cannot store them otherwise", _HEAP_OPTION,
-                 CPU_HEAP_BYTES, cache_dir)
+  logging.info(
+      "CPU programs compile without %s=%d (XLA's one temporary buffer, mapped afresh on every "
+      "call): the persistent compilation cache at %s cannot store them otherwise",
+      _HEAP_OPTION,
+      CPU_HEAP_BYTES,
+      cache_dir,
+  )

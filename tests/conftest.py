@@ -4,6 +4,7 @@ The persistent compilation cache lets the many subprocess runs of the same tiny 
 two processes, conversion CLIs) reuse compiled programs instead of compiling again: on these 2-core
 machines that is most of their time. It changes nothing about what is computed.
 """
+
 import os
 import pathlib
 
@@ -19,15 +20,16 @@ import pytest  # noqa: E402  (after the environment above, which must precede an
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """One TFDS data dir per test session: the tiny synthetic world is generated once and shared."""
-    return str(tmp_path_factory.mktemp("tfds"))
+  """One TFDS data dir per test session: the tiny synthetic world is generated once and shared."""
+  return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="session")
 def tiny_pretrained(data_dir, tmp_path_factory):
-    """A 1-step tiny pre-training workdir, read-only for the tests that load it (predict, visualize)."""
-    from pixelbert_jax import train
-    from tests import train_helpers as th
-    workdir = tmp_path_factory.mktemp("tiny_pretrained")
-    train.train_and_evaluate(th.tiny_config(data_dir, total_steps=1), str(workdir))
-    return workdir
+  """A 1-step tiny pre-training workdir, read-only for the tests that load it (predict, visualize)."""
+  from pixelbert_jax import train
+  from tests import train_helpers as th
+
+  workdir = tmp_path_factory.mktemp("tiny_pretrained")
+  train.train_and_evaluate(th.tiny_config(data_dir, total_steps=1), str(workdir))
+  return workdir

@@ -6,6 +6,7 @@ JSON items, the metadata and the commit markers, written from its background thr
 writes (C++) still land in the step's temporary folder, which the run must clean up. Used by
 tests/test_faults.py only.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -18,23 +19,23 @@ import sys
 
 
 def _install(spec: str) -> None:
-    root, first = spec.rsplit(":", 1)
-    checkpoints = os.path.join(os.path.abspath(root), "checkpoints") + os.sep
-    real_open = io.open
+  root, first = spec.rsplit(":", 1)
+  checkpoints = os.path.join(os.path.abspath(root), "checkpoints") + os.sep
+  real_open = io.open
 
-    def full_disk_open(file, mode="r", *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
-            path = os.path.abspath(os.fspath(file))
-            step = re.match(r"(\d+)", path[len(checkpoints):]) if path.startswith(checkpoints) else None
-            if step and int(step.group(1)) >= int(first):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        return real_open(file, mode, *args, **kwargs)
+  def full_disk_open(file, mode="r", *args, **kwargs):
+    if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
+      path = os.path.abspath(os.fspath(file))
+      step = re.match(r"(\d+)", path[len(checkpoints) :]) if path.startswith(checkpoints) else None
+      if step and int(step.group(1)) >= int(first):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return real_open(file, mode, *args, **kwargs)
 
-    builtins.open = io.open = full_disk_open  # pathlib opens through io.open, epath through builtins.open
+  builtins.open = io.open = full_disk_open  # pathlib opens through io.open, epath through builtins.open
 
 
 if __name__ == "__main__":
-    if os.environ.get("PIXELBERT_TEST_DISK_FULL"):
-        _install(os.environ["PIXELBERT_TEST_DISK_FULL"])
-    sys.argv[0] = "pixelbert_jax.main"
-    runpy.run_module("pixelbert_jax.main", run_name="__main__", alter_sys=True)
+  if os.environ.get("PIXELBERT_TEST_DISK_FULL"):
+    _install(os.environ["PIXELBERT_TEST_DISK_FULL"])
+  sys.argv[0] = "pixelbert_jax.main"
+  runpy.run_module("pixelbert_jax.main", run_name="__main__", alter_sys=True)

@@ -3,6 +3,7 @@
 Each writer returns what a correct builder must produce (per-split ids, captions, image sizes), derived
 from the same description that wrote the files, so the tests compare against the files, not constants.
 """
+
 from __future__ import annotations
 
 import io
@@ -73,13 +74,26 @@ def write_coco_karpathy(root: str, *, broken: bool = True) -> dict:
       raws[2] = "   "  # an empty caption is dropped, the image kept
     if broken and i == 5:
       write_truncated_jpeg(os.path.join(root, folder, filename))
-    sentences = [{"tokens": r.lower().split(), "raw": r, "imgid": i, "sentid": 5 * i + k}
-                 for k, r in enumerate(raws)]
-    images.append({"filepath": folder, "sentids": [5 * i + k for k in range(5)], "filename": filename,
-                   "imgid": i, "split": part, "sentences": sentences, "cocoid": cocoid})
+    sentences = [{"tokens": r.lower().split(), "raw": r, "imgid": i, "sentid": 5 * i + k} for k, r in enumerate(raws)]
+    images.append(
+        {
+            "filepath": folder,
+            "sentids": [5 * i + k for k in range(5)],
+            "filename": filename,
+            "imgid": i,
+            "split": part,
+            "sentences": sentences,
+            "cocoid": cocoid,
+        }
+    )
     if not (broken and i == 5):
-      expected[str(cocoid)] = {"part": part, "height": h, "width": w,
-                               "captions": [r.strip() for r in raws if r.strip()], "bytes": data}
+      expected[str(cocoid)] = {
+          "part": part,
+          "height": h,
+          "width": w,
+          "captions": [r.strip() for r in raws if r.strip()],
+          "bytes": data,
+      }
   write_json(os.path.join(root, "dataset_coco.json"), {"images": images, "dataset": "coco"})
   return expected
 
@@ -92,9 +106,15 @@ def write_flickr30k(root: str) -> dict:
     h, w = _size(i)
     data = write_image(os.path.join(root, "flickr30k-images", filename), h, w, seed=i)
     raws = [f"Flickr photo {i} sentence {k}" for k in range(5)]
-    images.append({"sentids": list(range(5 * i, 5 * i + 5)), "imgid": i, "split": part, "filename": filename,
-                   "sentences": [{"tokens": r.split(), "raw": r, "imgid": i, "sentid": 5 * i + k}
-                                 for k, r in enumerate(raws)]})
+    images.append(
+        {
+            "sentids": list(range(5 * i, 5 * i + 5)),
+            "imgid": i,
+            "split": part,
+            "filename": filename,
+            "sentences": [{"tokens": r.split(), "raw": r, "imgid": i, "sentid": 5 * i + k} for k, r in enumerate(raws)],
+        }
+    )
     expected[str(100000 + i)] = {"part": part, "height": h, "width": w, "captions": raws, "bytes": data}
   write_json(os.path.join(root, "dataset_flickr30k.json"), {"images": images, "dataset": "flickr30k"})
   return expected
@@ -115,12 +135,33 @@ def write_visual_genome(root: str, *, with_image_data: bool = True) -> dict:
     if image_id != 4:
       data = write_image(os.path.join(root, folder, f"{image_id}.jpg"), h, w, seed=i)
       expected[str(image_id)] = {"height": h, "width": w, "captions": phrases[:3], "bytes": data}
-    records.append({"id": image_id, "regions": [
-        {"region_id": 100 * image_id + k, "width": 5, "height": 6, "image_id": image_id, "phrase": p,
-         "y": 1, "x": 2} for k, p in enumerate(phrases)]})
-    image_data.append({"width": w, "height": h, "image_id": image_id, "coco_id": VG_COCO_IDS.get(image_id),
-                       "flickr_id": None,
-                       "url": f"https://cs.stanford.edu/people/rak248/{folder}/{image_id}.jpg"})
+    records.append(
+        {
+            "id": image_id,
+            "regions": [
+                {
+                    "region_id": 100 * image_id + k,
+                    "width": 5,
+                    "height": 6,
+                    "image_id": image_id,
+                    "phrase": p,
+                    "y": 1,
+                    "x": 2,
+                }
+                for k, p in enumerate(phrases)
+            ],
+        }
+    )
+    image_data.append(
+        {
+            "width": w,
+            "height": h,
+            "image_id": image_id,
+            "coco_id": VG_COCO_IDS.get(image_id),
+            "flickr_id": None,
+            "url": f"https://cs.stanford.edu/people/rak248/{folder}/{image_id}.jpg",
+        }
+    )
   write_json(os.path.join(root, "region_descriptions.json"), records)
   if with_image_data:
     write_json(os.path.join(root, "image_data.json"), image_data)
@@ -146,21 +187,45 @@ def write_vqa2(root: str) -> dict:
         question = f"What is thing {q} in image {image_id}?"
         questions.append({"image_id": image_id, "question": question, "question_id": qid})
         answers = [f"answer {qid % 7} {k % 3}" for k in range(10)]
-        annotations.append({"question_type": "what is", "multiple_choice_answer": answers[0],
-                            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
-                                        for k, a in enumerate(answers)],
-                            "image_id": image_id, "answer_type": "other", "question_id": qid})
+        annotations.append(
+            {
+                "question_type": "what is",
+                "multiple_choice_answer": answers[0],
+                "answers": [
+                    {"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)
+                ],
+                "image_id": image_id,
+                "answer_type": "other",
+                "question_id": qid,
+            }
+        )
         expected.setdefault(split, {})[qid] = {
-            "image_id": str(image_id), "question": question, "answers": answers if annotated else [],
-            "question_type": "what is" if annotated else "", "answer_type": "other" if annotated else "",
-            "height": h, "width": w, "bytes": data}
+            "image_id": str(image_id),
+            "question": question,
+            "answers": answers if annotated else [],
+            "question_type": "what is" if annotated else "",
+            "answer_type": "other" if annotated else "",
+            "height": h,
+            "width": w,
+            "bytes": data,
+        }
     tag = "test2015" if split == "test" else folder
-    write_json(os.path.join(root, f"v2_OpenEnded_mscoco_{tag}_questions.json"),
-               {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": tag,
-                "questions": questions, "license": {}})
+    write_json(
+        os.path.join(root, f"v2_OpenEnded_mscoco_{tag}_questions.json"),
+        {
+            "info": {},
+            "task_type": "Open-Ended",
+            "data_type": "mscoco",
+            "data_subtype": tag,
+            "questions": questions,
+            "license": {},
+        },
+    )
     if annotated:
-      write_json(os.path.join(root, f"v2_mscoco_{folder}_annotations.json"),
-                 {"info": {}, "data_type": "mscoco", "data_subtype": folder, "annotations": annotations})
+      write_json(
+          os.path.join(root, f"v2_mscoco_{folder}_annotations.json"),
+          {"info": {}, "data_type": "mscoco", "data_subtype": folder, "annotations": annotations},
+      )
   return expected
 
 
@@ -177,18 +242,31 @@ def write_nlvr2(root: str) -> dict:
         sub = os.path.join(str(pair), "") if split == "train" else ""
         fmt = "JPEG" if (pair + k) % 2 else "PNG"  # a JPEG under a .png name must be sniffed
         h, w = _size(pair + 2 * k)
-        data = write_image(os.path.join(root, "images", split, sub, f"{stem}-img{k}.png"), h, w, fmt=fmt,
-                           seed=pair + k)
+        data = write_image(os.path.join(root, "images", split, sub, f"{stem}-img{k}.png"), h, w, fmt=fmt, seed=pair + k)
         sizes.append((h, w, data))
       for sent in range(2):
         identifier = f"{stem}-{sent}"
         label = "True" if (pair + sent) % 2 == 0 else "False"
         sentence = f"The {split} statement {sent} about pair {pair}."
-        lines.append({"validation": {}, "sentence": sentence, "left_url": "http://x/l.jpg",
-                      "writer": "w1", "label": label, "right_url": "http://x/r.jpg", "synset": "n1",
-                      "query": "dogs", "identifier": identifier, "extra_validations": {}})
+        lines.append(
+            {
+                "validation": {},
+                "sentence": sentence,
+                "left_url": "http://x/l.jpg",
+                "writer": "w1",
+                "label": label,
+                "right_url": "http://x/r.jpg",
+                "synset": "n1",
+                "query": "dogs",
+                "identifier": identifier,
+                "extra_validations": {},
+            }
+        )
         expected.setdefault(split, {})[identifier] = {
-            "sentence": sentence, "label": int(label == "True"), "sizes": sizes}
+            "sentence": sentence,
+            "label": int(label == "True"),
+            "sizes": sizes,
+        }
     write_jsonl(os.path.join(root, f"{split}.json"), lines)
   return expected
 
@@ -204,13 +282,21 @@ def write_jsonl_captions(root: str) -> dict:
     h, w = _size(i)
     if i != 3:
       data = write_image(os.path.join(root, rel), h, w, fmt="PNG" if i % 2 else "JPEG", seed=i)
-    rec = {"image": rel, "caption": f"custom caption {i}"} if i % 2 == 0 else \
-          {"image": rel, "captions": [f"custom caption {i}a", f"custom caption {i}b"], "image_id": f"img{i}"}
+    rec = (
+        {"image": rel, "caption": f"custom caption {i}"}
+        if i % 2 == 0
+        else {"image": rel, "captions": [f"custom caption {i}a", f"custom caption {i}b"], "image_id": f"img{i}"}
+    )
     lines[split].append(rec)
     if i != 3:
       captions = [rec["caption"]] if "caption" in rec else rec["captions"]
-      expected[split][str(len(lines[split]))] = {"image_id": rec.get("image_id", rel), "captions": captions,
-                                                 "height": h, "width": w, "bytes": data}
+      expected[split][str(len(lines[split]))] = {
+          "image_id": rec.get("image_id", rel),
+          "captions": captions,
+          "height": h,
+          "width": w,
+          "bytes": data,
+      }
   for split, recs in lines.items():
     write_jsonl(os.path.join(root, f"{split}.jsonl"), recs)
   return expected
@@ -225,14 +311,19 @@ def write_jsonl_vqa(root: str) -> dict:
       rel = os.path.join(root, "imgs", f"{split}{i}.jpg") if i == 0 else f"imgs/{split}{i}.jpg"
       h, w = _size(i)
       data = write_image(rel if os.path.isabs(rel) else os.path.join(root, rel), h, w, seed=i)
-      rec = {"image": rel, "question": f"how many things {i}?",
-             "answers": [] if split == "test" else [str(i)] * 3}
+      rec = {"image": rel, "question": f"how many things {i}?", "answers": [] if split == "test" else [str(i)] * 3}
       if i == 1:
         rec.update(question_id=555, question_type="how many", answer_type="number")
       lines.append(rec)
       expected[split][rec.get("question_id", i + 1)] = {
-          "image_id": rel, "question": rec["question"], "answers": rec["answers"],
-          "question_type": rec.get("question_type", ""), "answer_type": rec.get("answer_type", ""),
-          "height": h, "width": w, "bytes": data}
+          "image_id": rel,
+          "question": rec["question"],
+          "answers": rec["answers"],
+          "question_type": rec.get("question_type", ""),
+          "answer_type": rec.get("answer_type", ""),
+          "height": h,
+          "width": w,
+          "bytes": data,
+      }
     write_jsonl(os.path.join(root, f"{split}.jsonl"), lines)
   return expected

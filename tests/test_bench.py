@@ -2,6 +2,7 @@
 in this process. Besides "it runs", the two frameworks must start from the same weights: the first
 training losses agree up to dropout and pixel-sampling noise, and eval-mode ITM scores agree to float32
 precision."""
+
 import json
 import os
 import subprocess
@@ -22,8 +23,25 @@ import train_step  # noqa: E402
 
 def test_train_step_bench_demo(tmp_path):
   out = tmp_path / "train.json"
-  train_step.main(["--workload", "demo", "--frameworks", "jax,torch", "--in-process", "--batch", "2",
-                   "--steps", "1", "--warmup", "0", "--dtype", "float32", "--json", str(out)])
+  train_step.main(
+      [
+          "--workload",
+          "demo",
+          "--frameworks",
+          "jax,torch",
+          "--in-process",
+          "--batch",
+          "2",
+          "--steps",
+          "1",
+          "--warmup",
+          "0",
+          "--dtype",
+          "float32",
+          "--json",
+          str(out),
+      ]
+  )
   results = {r["framework"]: r for r in json.loads(out.read_text())["results"]}
   assert set(results) == {"jax", "torch"} and not any("error" in r for r in results.values())
   jax_loss, torch_loss = results["jax"]["first_loss"], results["torch"]["first_loss"]
@@ -34,10 +52,33 @@ def test_train_step_bench_demo(tmp_path):
 
 def test_inference_bench_demo(tmp_path, capsys):
   out = tmp_path / "inference.json"
-  inference.main(["--workload", "demo", "--frameworks", "jax,torch", "--in-process", "--dtype", "float32",
-                  "--latency-iters", "1", "--pairs-steps", "1", "--warmup", "0", "--pairs-batch", "16",
-                  "--cache-images", "4", "--encode-batch", "4", "--json", str(out),
-                  "--profile", str(tmp_path / "prof")])
+  inference.main(
+      [
+          "--workload",
+          "demo",
+          "--frameworks",
+          "jax,torch",
+          "--in-process",
+          "--dtype",
+          "float32",
+          "--latency-iters",
+          "1",
+          "--pairs-steps",
+          "1",
+          "--warmup",
+          "0",
+          "--pairs-batch",
+          "16",
+          "--cache-images",
+          "4",
+          "--encode-batch",
+          "4",
+          "--json",
+          str(out),
+          "--profile",
+          str(tmp_path / "prof"),
+      ]
+  )
   jax_r, torch_r = json.loads(out.read_text())["results"]
   assert len(jax_r["scores"]) == 16
   assert max(abs(a - b) for a, b in zip(jax_r["scores"], torch_r["scores"])) < 1e-4
@@ -59,8 +100,7 @@ def test_residuals_bench_attributes_what_the_backward_keeps(tmp_path, capsys):
   tables = {}
   for remat in ("off", "on"):
     out = tmp_path / f"{remat}.json"
-    residuals.main(["--workload", "demo", "--batch", "2", "--norm", "frozen_bn", "--remat", remat,
-                    "--json", str(out)])
+    residuals.main(["--workload", "demo", "--batch", "2", "--norm", "frozen_bn", "--remat", remat, "--json", str(out)])
     tables[remat] = json.loads(out.read_text())["table"]
   off, on = tables["off"], tables["on"]
   for column in ("total", "bfloat16", "float32", "bool", residuals.BROADCAST):
@@ -78,8 +118,12 @@ def _in_process_then_two_cpu_devices(tmp_path, module, flags):
   device count is fixed when it starts) -> (the two JAX results, the second run's stdout)."""
   one, two = tmp_path / "one.json", tmp_path / "two.json"
   module.main(flags + ["--in-process", "--json", str(one)])
-  done = subprocess.run([sys.executable, module.__file__, *flags, "--jax-cpu-devices", "2", "--json", str(two)],
-                        capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+      [sys.executable, module.__file__, *flags, "--jax-cpu-devices", "2", "--json", str(two)],
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return [json.loads(f.read_text())["results"][0] for f in (one, two)], done.stdout
 
@@ -87,9 +131,24 @@ def _in_process_then_two_cpu_devices(tmp_path, module, flags):
 def test_train_step_bench_on_two_cpu_devices_computes_the_same_step(tmp_path):
   """--jax-cpu-devices 2 (the CPU default, as the demo configs' cpu_devices) splits the batch over a
   data-parallel mesh; its first loss is the one-device loss of the same batch."""
-  results, out = _in_process_then_two_cpu_devices(tmp_path, train_step, [
-      "--workload", "demo", "--frameworks", "jax", "--batch", "4", "--steps", "1", "--warmup", "0",
-      "--dtype", "float32"])
+  results, out = _in_process_then_two_cpu_devices(
+      tmp_path,
+      train_step,
+      [
+          "--workload",
+          "demo",
+          "--frameworks",
+          "jax",
+          "--batch",
+          "4",
+          "--steps",
+          "1",
+          "--warmup",
+          "0",
+          "--dtype",
+          "float32",
+      ],
+  )
   assert "JAX CPU devices (data-parallel, --jax-cpu-devices): 2" in out
   assert abs(results[0]["first_loss"] - results[1]["first_loss"]) < 1e-5, results
 
@@ -97,9 +156,30 @@ def test_train_step_bench_on_two_cpu_devices_computes_the_same_step(tmp_path):
 def test_inference_bench_on_two_cpu_devices_scores_as_one(tmp_path):
   """--jax-cpu-devices 2 splits encoding and pair scoring over a data axis; the scores are those of one
   device."""
-  results, out = _in_process_then_two_cpu_devices(tmp_path, inference, [
-      "--workload", "demo", "--frameworks", "jax", "--dtype", "float32", "--latency-iters", "1",
-      "--pairs-steps", "1", "--warmup", "0", "--pairs-batch", "16", "--cache-images", "4", "--encode-batch", "2"])
+  results, out = _in_process_then_two_cpu_devices(
+      tmp_path,
+      inference,
+      [
+          "--workload",
+          "demo",
+          "--frameworks",
+          "jax",
+          "--dtype",
+          "float32",
+          "--latency-iters",
+          "1",
+          "--pairs-steps",
+          "1",
+          "--warmup",
+          "0",
+          "--pairs-batch",
+          "16",
+          "--cache-images",
+          "4",
+          "--encode-batch",
+          "2",
+      ],
+  )
   assert "JAX CPU devices (data-parallel encoding and pair scoring, --jax-cpu-devices): 2" in out
   scores = [r["scores"] for r in results]
   assert len(scores[1]) == 16

@@ -1,4 +1,5 @@
 """BERT encoder and MLM head vs HF transformers (PyTorch) with the same weights, via the mapping."""
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -17,10 +18,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def _hf_config(cfg):
   return transformers.BertConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-      max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
-      layer_norm_eps=cfg.layer_norm_eps, hidden_act="gelu")
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.hidden_size,
+      num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads,
+      intermediate_size=cfg.intermediate_size,
+      max_position_embeddings=cfg.max_position_embeddings,
+      type_vocab_size=cfg.type_vocab_size,
+      layer_norm_eps=cfg.layer_norm_eps,
+      hidden_act="gelu",
+  )
 
 
 def _randomized(hf_model, seed):
@@ -55,7 +62,8 @@ def test_encoder_matches_hf_bert_model(size, length):
   with torch.no_grad():
     ref = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
   seq, pooled = BertModel(build_model(cfg, "pretrain").cfg).apply(
-      {"params": params}, jnp.asarray(ids), jnp.asarray(mask), deterministic=True)
+      {"params": params}, jnp.asarray(ids), jnp.asarray(mask), deterministic=True
+  )
   real = mask.astype(bool)
   diff = np.abs(np.asarray(seq) - ref.last_hidden_state.numpy())[real].max()
   pooled_diff = np.abs(np.asarray(pooled) - ref.pooler_output.numpy()).max()
@@ -75,10 +83,17 @@ def test_mlm_logits_match_hf_bert_for_masked_lm():
   model = build_model(cfg, "pretrain")
   # The pre-training model's own text path: fuse with zero pixels, then the tied MLM head.
   d = cfg.hidden_size
-  params["encoder"]["bert"]["pooler"] = {"dense": {"kernel": np.zeros((d, d), np.float32),
-                                                   "bias": np.zeros((d,), np.float32)}}
-  seq, _ = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
-                       jnp.zeros((ids.shape[0], 0, d)), jnp.zeros((ids.shape[0], 0), bool), method="fuse")
+  params["encoder"]["bert"]["pooler"] = {
+      "dense": {"kernel": np.zeros((d, d), np.float32), "bias": np.zeros((d,), np.float32)}
+  }
+  seq, _ = model.apply(
+      {"params": params},
+      jnp.asarray(ids),
+      jnp.asarray(mask),
+      jnp.zeros((ids.shape[0], 0, d)),
+      jnp.zeros((ids.shape[0], 0), bool),
+      method="fuse",
+  )
   logits = model.apply({"params": params}, seq, method="mlm_logits")
   real = mask.astype(bool)
   diff = np.abs(np.asarray(logits) - ref.logits.numpy())[real].max()
@@ -105,8 +120,7 @@ def _loss_and_grads(cfg, params, ids, mask):
   bert = BertModel(build_model(cfg, "pretrain").cfg)
 
   def loss(p):
-    seq, pooled = bert.apply({"params": p}, ids, mask, deterministic=False,
-                             rngs={"dropout": jax.random.key(9)})
+    seq, pooled = bert.apply({"params": p}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(9)})
     # Fixed random projections: every output element matters, no sign-cancelling sums of squares.
     r_seq = jax.random.normal(jax.random.key(11), seq.shape)
     r_pooled = jax.random.normal(jax.random.key(12), pooled.shape)
@@ -118,8 +132,7 @@ def _loss_and_grads(cfg, params, ids, mask):
 def test_remat_gives_same_outputs_and_grads():
   cfg = model_config("tiny", "tiny", vocab_size=97)
   ids, mask = (jnp.asarray(a) for a in _inputs(cfg, 2, 10, seed=8))
-  params = nn.meta.unbox(BertModel(build_model(cfg, "pretrain").cfg).init(
-      jax.random.key(0), ids, mask))["params"]
+  params = nn.meta.unbox(BertModel(build_model(cfg, "pretrain").cfg).init(jax.random.key(0), ids, mask))["params"]
   plain = _loss_and_grads(cfg, params, ids, mask)
   cfg.remat = True
   remat = _loss_and_grads(cfg, params, ids, mask)
@@ -127,8 +140,7 @@ def test_remat_gives_same_outputs_and_grads():
   np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
   # Recomputation reorders float32 sums: compare each gradient against its own scale, plus a floor
   # for leaves whose true gradient is 0 (key biases cancel in the softmax).
-  leaves = [(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(remat[1]),
-                                                            jax.tree.leaves(plain[1]))]
+  leaves = [(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(plain[1]))]
   overall = max(np.abs(b).max() for _, b in leaves)
   for a, b in leaves:
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-7 * overall
@@ -160,8 +172,9 @@ def test_dot_product_attention_matches_einsum():
   with pytest.raises(ValueError, match="attention_dropout"):
     fused.apply(variables, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
   cfg.attention_dropout = 0.0
-  BertModel(build_model(cfg, "pretrain").cfg).apply(variables, ids, mask, deterministic=False,
-                                                   rngs={"dropout": jax.random.key(1)})
+  BertModel(build_model(cfg, "pretrain").cfg).apply(
+      variables, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)}
+  )
   cfg.attention_impl = "flash"
   with pytest.raises(ValueError, match="attention_impl"):
     BertModel(build_model(cfg, "pretrain").cfg).apply(variables, ids, mask)
@@ -171,6 +184,7 @@ def test_cudnn_attention_refused_off_gpu_and_called_as_cudnn_requires(monkeypatc
   """No GPU here: check the refusals, and that the call made for cuDNN meets its documented contract
   (16-bit q/k/v [B,T,N,H] with H % 8 == 0; a mask whose last two dims are (T, S)), run through XLA."""
   from pixelbert_jax.models import bert as bert_lib
+
   cfg = model_config("tiny", "tiny", vocab_size=97)
   ids, mask = (jnp.asarray(a) for a in _inputs(cfg, 3, 12, seed=14))
   variables = nn.meta.unbox(BertModel(build_model(cfg, "pretrain").cfg).init(jax.random.key(0), ids, mask))

@@ -1,4 +1,5 @@
 """Real-format builders on tiny fixtures written by tests/fixtures_real.py, read back with tfds.data_source."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,17 @@ from pixelbert_jax.data.builders.vqa2 import Vqa2
 from tests import fixtures_real as fx
 
 CAPTION_KEYS = {"image", "image_id", "captions", "height", "width"}
-VQA_KEYS = {"image", "image_id", "question_id", "question", "answers", "question_type", "answer_type",
-            "height", "width"}
+VQA_KEYS = {
+    "image",
+    "image_id",
+    "question_id",
+    "question",
+    "answers",
+    "question_type",
+    "answer_type",
+    "height",
+    "width",
+}
 NLVR2_KEYS = {"identifier", "sentence", "label", "image0", "image1", "height0", "width0", "height1", "width1"}
 
 
@@ -84,12 +94,17 @@ def _edit_json(path, edit):
     json.dump(obj, f)
 
 
-@pytest.mark.parametrize("edit, pattern", [
-    (lambda o: o["images"][1].pop("split"), r"dataset_coco\.json: record images\[1\].*missing key 'split'"),
-    (lambda o: o["images"][2]["sentences"][0].update(raw=7),
-     r"dataset_coco\.json: record images\[2\].*sentences\[0\]: key 'raw' must be str, got int"),
-    (lambda o: o["images"][0].update(split="holdout"), r"images\[0\].*key 'split' must be one of"),
-])
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda o: o["images"][1].pop("split"), r"dataset_coco\.json: record images\[1\].*missing key 'split'"),
+        (
+            lambda o: o["images"][2]["sentences"][0].update(raw=7),
+            r"dataset_coco\.json: record images\[2\].*sentences\[0\]: key 'raw' must be str, got int",
+        ),
+        (lambda o: o["images"][0].update(split="holdout"), r"images\[0\].*key 'split' must be one of"),
+    ],
+)
 def test_coco_karpathy_malformed_record(tmp_path, edit, pattern):
   fx.write_coco_karpathy(str(tmp_path / "manual"), broken=False)
   _edit_json(tmp_path / "manual" / "dataset_coco.json", edit)
@@ -128,8 +143,13 @@ def test_visual_genome_excludes_coco_karpathy_heldout_images(tmp_path):
   expected = fx.write_visual_genome(str(tmp_path / "manual"))
   coco = fx.write_coco_karpathy(str(tmp_path / "coco"), broken=False)
   heldout = {int(k) for k, v in coco.items() if v["part"] in ("val", "test")}
-  builder = build(VisualGenomeRegions, tmp_path / "manual", tmp_path / "data", max_bad_fraction=0.5,
-                  exclude_coco_heldout=str(tmp_path / "coco" / "dataset_coco.json"))
+  builder = build(
+      VisualGenomeRegions,
+      tmp_path / "manual",
+      tmp_path / "data",
+      max_bad_fraction=0.5,
+      exclude_coco_heldout=str(tmp_path / "coco" / "dataset_coco.json"),
+  )
   kept = {k: v for k, v in expected.items() if fx.VG_COCO_IDS.get(int(k)) not in heldout}
   assert 0 < len(kept) < len(expected)
   check_captions(read_all("visual_genome_regions", tmp_path / "data")["train"], kept)
@@ -139,8 +159,10 @@ def test_visual_genome_excludes_coco_karpathy_heldout_images(tmp_path):
 def test_visual_genome_malformed_record(tmp_path):
   fx.write_visual_genome(str(tmp_path / "manual"))
   _edit_json(tmp_path / "manual" / "region_descriptions.json", lambda o: o[2]["regions"][1].pop("phrase"))
-  with pytest.raises(_common.RecordError,
-                     match=r"region_descriptions\.json: record \[2\] \(image 3\) regions\[1\]: missing key 'phrase'"):
+  with pytest.raises(
+      _common.RecordError,
+      match=r"region_descriptions\.json: record \[2\] \(image 3\) regions\[1\]: missing key 'phrase'",
+  ):
     build(VisualGenomeRegions, tmp_path / "manual", tmp_path / "data")
 
 
@@ -163,14 +185,26 @@ def test_vqa2_splits_answers_and_unannotated_test(tmp_path):
       assert (r["height"], r["width"], r["image"]) == (e["height"], e["width"], e["bytes"])
 
 
-@pytest.mark.parametrize("file, edit, pattern", [
-    ("v2_mscoco_val2014_annotations.json", lambda o: o["annotations"][1].pop("answers"),
-     r"annotations\.json: record annotations\[1\] \(question_id 21000\): missing key 'answers'"),
-    ("v2_OpenEnded_mscoco_train2014_questions.json", lambda o: o["questions"][0].update(question_id="10000"),
-     r"questions\.json: record questions\[0\]: key 'question_id' must be int, got str"),
-    ("v2_mscoco_train2014_annotations.json", lambda o: o["annotations"][0]["answers"].pop(),
-     r"key 'answers' must hold 10 answers, got 9"),
-])
+@pytest.mark.parametrize(
+    "file, edit, pattern",
+    [
+        (
+            "v2_mscoco_val2014_annotations.json",
+            lambda o: o["annotations"][1].pop("answers"),
+            r"annotations\.json: record annotations\[1\] \(question_id 21000\): missing key 'answers'",
+        ),
+        (
+            "v2_OpenEnded_mscoco_train2014_questions.json",
+            lambda o: o["questions"][0].update(question_id="10000"),
+            r"questions\.json: record questions\[0\]: key 'question_id' must be int, got str",
+        ),
+        (
+            "v2_mscoco_train2014_annotations.json",
+            lambda o: o["annotations"][0]["answers"].pop(),
+            r"key 'answers' must hold 10 answers, got 9",
+        ),
+    ],
+)
 def test_vqa2_malformed_record(tmp_path, file, edit, pattern):
   fx.write_vqa2(str(tmp_path / "manual"))
   _edit_json(tmp_path / "manual" / file, edit)
@@ -199,11 +233,14 @@ def test_nlvr2_pairs_labels_and_sniffed_formats(tmp_path):
   assert {r["label"] for r in data["train"]} == {0, 1}
 
 
-@pytest.mark.parametrize("edit, pattern", [
-    (lambda r: r.pop("sentence"), r"dev\.json: record line 2 \(dev-7-0-1\): missing key 'sentence'"),
-    (lambda r: r.update(label="Maybe"), r"dev\.json: record line 2 \(dev-7-0-1\): key 'label' must be 'True' or"),
-    (lambda r: r.update(label=1), r"key 'label' must be str or bool, got int"),
-])
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda r: r.pop("sentence"), r"dev\.json: record line 2 \(dev-7-0-1\): missing key 'sentence'"),
+        (lambda r: r.update(label="Maybe"), r"dev\.json: record line 2 \(dev-7-0-1\): key 'label' must be 'True' or"),
+        (lambda r: r.update(label=1), r"key 'label' must be str or bool, got int"),
+    ],
+)
 def test_nlvr2_malformed_record(tmp_path, edit, pattern):
   fx.write_nlvr2(str(tmp_path / "manual"))
   path = tmp_path / "manual" / "dev.json"
@@ -242,17 +279,41 @@ def test_jsonl_vqa_with_and_without_optional_keys(tmp_path):
       assert (r["height"], r["width"], r["image"]) == (e["height"], e["width"], e["bytes"])
 
 
-@pytest.mark.parametrize("config, writer, line, pattern", [
-    ("captions", fx.write_jsonl_captions, {"caption": "no image"}, r"train\.jsonl: record line 5: missing key 'image'"),
-    ("captions", fx.write_jsonl_captions, {"image": "pics/0.jpg", "caption": "a", "captions": ["b"]},
-     r"line 5: needs exactly one of the keys 'caption' and 'captions'"),
-    ("captions", fx.write_jsonl_captions, {"image": "pics/0.jpg", "captions": ["a", 3]},
-     r"line 5: key 'captions'\[1\] must be str, got int"),
-    ("vqa", fx.write_jsonl_vqa, {"image": "imgs/train1.jpg", "question": "q?", "answers": "yes"},
-     r"train\.jsonl: record line 4: key 'answers' must be list, got str"),
-    ("vqa", fx.write_jsonl_vqa, {"image": "imgs/train1.jpg", "question": "q?", "answers": [], "question_id": 555},
-     r"line 4: duplicate question_id 555"),
-])
+@pytest.mark.parametrize(
+    "config, writer, line, pattern",
+    [
+        (
+            "captions",
+            fx.write_jsonl_captions,
+            {"caption": "no image"},
+            r"train\.jsonl: record line 5: missing key 'image'",
+        ),
+        (
+            "captions",
+            fx.write_jsonl_captions,
+            {"image": "pics/0.jpg", "caption": "a", "captions": ["b"]},
+            r"line 5: needs exactly one of the keys 'caption' and 'captions'",
+        ),
+        (
+            "captions",
+            fx.write_jsonl_captions,
+            {"image": "pics/0.jpg", "captions": ["a", 3]},
+            r"line 5: key 'captions'\[1\] must be str, got int",
+        ),
+        (
+            "vqa",
+            fx.write_jsonl_vqa,
+            {"image": "imgs/train1.jpg", "question": "q?", "answers": "yes"},
+            r"train\.jsonl: record line 4: key 'answers' must be list, got str",
+        ),
+        (
+            "vqa",
+            fx.write_jsonl_vqa,
+            {"image": "imgs/train1.jpg", "question": "q?", "answers": [], "question_id": 555},
+            r"line 4: duplicate question_id 555",
+        ),
+    ],
+)
 def test_jsonl_malformed_record(tmp_path, config, writer, line, pattern):
   writer(str(tmp_path / "manual"))
   with open(tmp_path / "manual" / "train.jsonl", "a") as f:
@@ -264,6 +325,7 @@ def test_jsonl_malformed_record(tmp_path, config, writer, line, pattern):
 # ------------------------------------------------------------------------------- images, CLI, no TF
 def test_header_and_decode_checks_agree_on_exif_rotated_size(tmp_path):
   from PIL import Image
+
   img, exif = Image.new("RGB", (40, 10), (200, 10, 10)), Image.Exif()
   exif[0x0112] = 6  # rotate 90 degrees: displayed as 10 wide, 40 high
   img.save(tmp_path / "rot.jpg", "JPEG", exif=exif.tobytes())
@@ -288,8 +350,20 @@ def test_truncated_jpeg_is_caught_by_decode_not_by_header(tmp_path):
 
 def test_prepare_cli_builds_and_reports(tmp_path, capsys):
   fx.write_jsonl_vqa(str(tmp_path / "manual"))
-  rc = prepare_lib.main(["--dataset", "jsonl", "--builder_config", "vqa", "--manual_dir", str(tmp_path / "manual"),
-                         "--data_dir", str(tmp_path / "data"), "--verify_images", "header"])
+  rc = prepare_lib.main(
+      [
+          "--dataset",
+          "jsonl",
+          "--builder_config",
+          "vqa",
+          "--manual_dir",
+          str(tmp_path / "manual"),
+          "--data_dir",
+          str(tmp_path / "data"),
+          "--verify_images",
+          "header",
+      ]
+  )
   out = capsys.readouterr().out
   assert rc == 0
   assert "train: 3 examples, skipped 0" in out and "test: 1 examples" in out
@@ -299,8 +373,18 @@ def test_prepare_cli_builds_and_reports(tmp_path, capsys):
   with pytest.raises(SystemExit):
     prepare_lib.main(["--dataset", "imagenet", "--manual_dir", "x", "--data_dir", "y"])
   (tmp_path / "manual" / "test.jsonl").write_text('{"image": "imgs/test0.jpg", "question": 5, "answers": []}\n')
-  rc = prepare_lib.main(["--dataset", "jsonl", "--builder_config", "vqa", "--manual_dir",
-                         str(tmp_path / "manual"), "--data_dir", str(tmp_path / "data3")])
+  rc = prepare_lib.main(
+      [
+          "--dataset",
+          "jsonl",
+          "--builder_config",
+          "vqa",
+          "--manual_dir",
+          str(tmp_path / "manual"),
+          "--data_dir",
+          str(tmp_path / "data3"),
+      ]
+  )
   assert rc == 1
   assert "test.jsonl: record line 1: key 'question' must be str, got int" in capsys.readouterr().err
 
@@ -311,8 +395,18 @@ def test_prepare_cli_relative_manual_dir_and_tilde_data_dir(tmp_path, monkeypatc
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   monkeypatch.chdir(tmp_path)
   fx.write_jsonl_vqa(str(tmp_path / "manual"))
-  rc = prepare_lib.main(["--dataset", "jsonl", "--builder_config", "vqa", "--manual_dir=manual",
-                         "--data_dir=~/tfds", "--verify_images", "header"])
+  rc = prepare_lib.main(
+      [
+          "--dataset",
+          "jsonl",
+          "--builder_config",
+          "vqa",
+          "--manual_dir=manual",
+          "--data_dir=~/tfds",
+          "--verify_images",
+          "header",
+      ]
+  )
   assert rc == 0, capsys.readouterr().err
   assert f"data_dir={str(tmp_path / 'home' / 'tfds')!r}" in capsys.readouterr().out
   assert len(tfds.data_source("jsonl/vqa", data_dir=str(tmp_path / "home" / "tfds"))["train"]) == 3
@@ -323,28 +417,40 @@ def test_data_source_reads_without_tensorflow_or_our_code(tmp_path):
   fx.write_nlvr2(str(tmp_path / "manual"))
   build(Nlvr2, tmp_path / "manual", tmp_path / "data")
   # A fresh interpreter that never imports pixelbert_jax: the files alone describe the dataset.
-  script = ("import sys, tensorflow_datasets as tfds\n"
-            f"src = tfds.data_source('nlvr2', data_dir={str(tmp_path / 'data')!r}, split='dev')\n"
-            "r = src[0]\n"
-            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
-            "assert not any(m.startswith('pixelbert_jax') for m in sys.modules)\n"
-            "print(len(src), sorted(r), type(r['image0']).__name__)\n")
-  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                       cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ""})
+  script = (
+      "import sys, tensorflow_datasets as tfds\n"
+      f"src = tfds.data_source('nlvr2', data_dir={str(tmp_path / 'data')!r}, split='dev')\n"
+      "r = src[0]\n"
+      "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+      "assert not any(m.startswith('pixelbert_jax') for m in sys.modules)\n"
+      "print(len(src), sorted(r), type(r['image0']).__name__)\n"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", script],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      cwd=str(tmp_path),
+      env={**os.environ, "PYTHONPATH": ""},
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split("\n")[0] == f"4 {sorted(NLVR2_KEYS)} bytes"
 
 
-@pytest.mark.parametrize("name, builder_config, writer, task, split, count", [
-    ("coco_karpathy", "", lambda d: fx.write_coco_karpathy(d, broken=False), "pretrain", "train", 4),
-    ("flickr30k", "", fx.write_flickr30k, "retrieval", "test", 1),
-    ("vqa2", "", fx.write_vqa2, "vqa", "val", 3),
-    ("nlvr2", "", fx.write_nlvr2, "nlvr2", "dev", 4),
-    ("jsonl", "vqa", fx.write_jsonl_vqa, "vqa", "train", 3),
-])
+@pytest.mark.parametrize(
+    "name, builder_config, writer, task, split, count",
+    [
+        ("coco_karpathy", "", lambda d: fx.write_coco_karpathy(d, broken=False), "pretrain", "train", 4),
+        ("flickr30k", "", fx.write_flickr30k, "retrieval", "test", 1),
+        ("vqa2", "", fx.write_vqa2, "vqa", "val", 3),
+        ("nlvr2", "", fx.write_nlvr2, "nlvr2", "dev", 4),
+        ("jsonl", "vqa", fx.write_jsonl_vqa, "vqa", "train", 3),
+    ],
+)
 def test_pipeline_data_source_finds_each_builder(tmp_path, name, builder_config, writer, task, split, count):
   from pixelbert_jax.data import builders
   from pixelbert_jax.data.config import data_config
+
   writer(str(tmp_path / "manual"))
   cfg = data_config(name)
   cfg.data_dir, cfg.manual_dir, cfg.builder_config = str(tmp_path / "data"), str(tmp_path / "manual"), builder_config

@@ -1,4 +1,5 @@
 """The paper configs build, and their parameter counts are what we say they are."""
+
 import jax
 import numpy as np
 import pytest
@@ -9,57 +10,65 @@ from tests import train_helpers as th
 
 
 def _count(config):
-    model = build_model(config.model, config.task)
-    shapes = jax.eval_shape(lambda k: model.init({"params": k}, **dummy_inputs(config.task), train=False),
-                            jax.random.PRNGKey(0))
-    flat = traverse_util.flatten_dict(shapes["params"], sep="/")
-    size = lambda pred: sum(int(np.prod(v.value.shape if hasattr(v, "value") else v.shape))
-                            for k, v in flat.items() if pred(k))
-    return {"total": size(lambda k: True), "cnn": size(lambda k: k.startswith("encoder/cnn/")),
-            "word_embeddings": size(lambda k: "word_embeddings" in k),
-            "heads": size(lambda k: not k.startswith("encoder/"))}
+  model = build_model(config.model, config.task)
+  shapes = jax.eval_shape(
+      lambda k: model.init({"params": k}, **dummy_inputs(config.task), train=False), jax.random.PRNGKey(0)
+  )
+  flat = traverse_util.flatten_dict(shapes["params"], sep="/")
+  size = lambda pred: sum(
+      int(np.prod(v.value.shape if hasattr(v, "value") else v.shape)) for k, v in flat.items() if pred(k)
+  )
+  return {
+      "total": size(lambda k: True),
+      "cnn": size(lambda k: k.startswith("encoder/cnn/")),
+      "word_embeddings": size(lambda k: "word_embeddings" in k),
+      "heads": size(lambda k: not k.startswith("encoder/")),
+  }
 
 
 def test_paper_configs_parameter_counts():
-    """What we count, against the real peers: the CNN equals torchvision's ResNet-50 trunk (no fc), the
-    transformer equals HF's BERT-base `BertModel` (incl. pooler), plus the visual embedder and heads.
+  """What we count, against the real peers: the CNN equals torchvision's ResNet-50 trunk (no fc), the
+  transformer equals HF's BERT-base `BertModel` (incl. pooler), plus the visual embedder and heads.
 
-    Published (ViLT's table): ~95M (R50) and ~144M (X152). Without BERT's 23.4M word embeddings we get
-    111.7M and 146.1M: X152 within 2%, R50 17% above. The published pair cannot come from one counting
-    rule on this architecture: 144M - 95M = 49M, but the X152 and R50 trunks differ by 34.4M.
-    """
-    torch = pytest.importorskip("torch")
-    torchvision = pytest.importorskip("torchvision")
-    import transformers
-    r50, x152 = (_count(th.load_config("pretrain", v)) for v in ("r50", "x152"))
-    tv = torchvision.models.resnet50()
-    tv_trunk = sum(p.numel() for n, p in tv.named_parameters() if not n.startswith("fc."))
-    bert = sum(p.numel() for p in transformers.BertModel(transformers.BertConfig()).parameters())
-    assert r50["cnn"] == tv_trunk
-    visual_and_heads = r50["total"] - r50["cnn"] - bert
-    assert 0 < visual_and_heads < 3e6  # 1x1 conv 2048->768, semantic vector, MLM transform, ITM
-    assert x152["total"] - x152["cnn"] == r50["total"] - r50["cnn"]
-    for name, c, published in (("r50", r50, 95), ("x152", x152, 144)):
-        print(f"{name}: total {c['total'] / 1e6:.1f}M (cnn {c['cnn'] / 1e6:.1f}M, BERT-base {bert / 1e6:.1f}M), "
-              f"without word embeddings {(c['total'] - c['word_embeddings']) / 1e6:.1f}M; published ~{published}M")
-    assert abs((x152["total"] - x152["word_embeddings"]) / 1e6 - 144) / 144 < 0.05
+  Published (ViLT's table): ~95M (R50) and ~144M (X152). Without BERT's 23.4M word embeddings we get
+  111.7M and 146.1M: X152 within 2%, R50 17% above. The published pair cannot come from one counting
+  rule on this architecture: 144M - 95M = 49M, but the X152 and R50 trunks differ by 34.4M.
+  """
+  torch = pytest.importorskip("torch")
+  torchvision = pytest.importorskip("torchvision")
+  import transformers
+
+  r50, x152 = (_count(th.load_config("pretrain", v)) for v in ("r50", "x152"))
+  tv = torchvision.models.resnet50()
+  tv_trunk = sum(p.numel() for n, p in tv.named_parameters() if not n.startswith("fc."))
+  bert = sum(p.numel() for p in transformers.BertModel(transformers.BertConfig()).parameters())
+  assert r50["cnn"] == tv_trunk
+  visual_and_heads = r50["total"] - r50["cnn"] - bert
+  assert 0 < visual_and_heads < 3e6  # 1x1 conv 2048->768, semantic vector, MLM transform, ITM
+  assert x152["total"] - x152["cnn"] == r50["total"] - r50["cnn"]
+  for name, c, published in (("r50", r50, 95), ("x152", x152, 144)):
+    print(
+        f"{name}: total {c['total'] / 1e6:.1f}M (cnn {c['cnn'] / 1e6:.1f}M, BERT-base {bert / 1e6:.1f}M), "
+        f"without word embeddings {(c['total'] - c['word_embeddings']) / 1e6:.1f}M; published ~{published}M"
+    )
+  assert abs((x152["total"] - x152["word_embeddings"]) / 1e6 - 144) / 144 < 0.05
 
 
 def test_paper_recipe_values():
-    c = th.load_config("pretrain", "r50")
-    assert (c.optim.cnn.lr, c.optim.cnn.weight_decay, c.optim.cnn.momentum) == (1e-2, 5e-4, 0.9)
-    assert (c.optim.transformer.lr, c.optim.transformer.weight_decay) == (1e-4, 1e-2)
-    assert c.batch_size == 4096 and c.num_epochs == 40 and tuple(c.optim.decay_epochs) == (25, 35)
-    assert (c.data.image_short_side, c.data.image_long_side) == (800, 1333)
-    assert (c.data.mlm_prob, c.data.itm_neg_prob) == (0.15, 0.5)
-    x = th.load_config("pretrain", "x152")
-    assert (x.data.image_short_side, x.data.image_long_side) == (600, 1000)
-    assert (x.model.cnn.groups, x.model.cnn.width_per_group, tuple(x.model.cnn.stage_sizes)) == (32, 4, (3, 8, 36, 3))
+  c = th.load_config("pretrain", "r50")
+  assert (c.optim.cnn.lr, c.optim.cnn.weight_decay, c.optim.cnn.momentum) == (1e-2, 5e-4, 0.9)
+  assert (c.optim.transformer.lr, c.optim.transformer.weight_decay) == (1e-4, 1e-2)
+  assert c.batch_size == 4096 and c.num_epochs == 40 and tuple(c.optim.decay_epochs) == (25, 35)
+  assert (c.data.image_short_side, c.data.image_long_side) == (800, 1333)
+  assert (c.data.mlm_prob, c.data.itm_neg_prob) == (0.15, 0.5)
+  x = th.load_config("pretrain", "x152")
+  assert (x.data.image_short_side, x.data.image_long_side) == (600, 1000)
+  assert (x.model.cnn.groups, x.model.cnn.width_per_group, tuple(x.model.cnn.stage_sizes)) == (32, 4, (3, 8, 36, 3))
 
 
 def test_unknown_variant_is_named():
-    with pytest.raises(ValueError, match="'r51'"):
-        th.load_config("pretrain", "r51")
+  with pytest.raises(ValueError, match="'r51'"):
+    th.load_config("pretrain", "r51")
 
 
 def test_demo_variants():

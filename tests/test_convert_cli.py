@@ -1,5 +1,6 @@
 """The conversion CLI end to end: train -> to-torch -> PyTorch ITM scores; from-torch -> a training step;
 and the one-line errors for bad inputs."""
+
 import json
 import os
 import subprocess
@@ -22,9 +23,16 @@ from pixelbert_jax.models import build_model
 from tests import train_helpers as th
 
 # A resnet50-shaped CNN under a tiny BERT: what `from-torch` is for, at test size.
-R50_TINY = {"model.cnn.stage_sizes": [3, 4, 6, 3], "model.cnn.stem_width": 64, "model.cnn.base_planes": 64,
-            "model.cnn.norm": "frozen_bn", "model.hidden_size": 32, "model.num_layers": 2,
-            "model.num_heads": 2, "model.intermediate_size": 64}
+R50_TINY = {
+    "model.cnn.stage_sizes": [3, 4, 6, 3],
+    "model.cnn.stem_width": 64,
+    "model.cnn.base_planes": 64,
+    "model.cnn.norm": "frozen_bn",
+    "model.hidden_size": 32,
+    "model.num_layers": 2,
+    "model.num_heads": 2,
+    "model.intermediate_size": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +44,13 @@ def trained(data_dir, tmp_path_factory):
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "pixelbert_jax.convert", *map(str, args)], cwd=th.REPO,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, "-m", "pixelbert_jax.convert", *map(str, args)],
+      cwd=th.REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 def test_trained_checkpoint_to_torch_gives_the_same_itm_scores(trained, tmp_path):
@@ -46,18 +59,27 @@ def test_trained_checkpoint_to_torch_gives_the_same_itm_scores(trained, tmp_path
   proc = _cli("to-torch", "--checkpoint", workdir, "--out", out)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "agree" in proc.stdout and "itm_logits" in proc.stdout
-  assert {p.name for p in out.iterdir()} >= {"cnn.safetensors", "text_encoder", "pixelbert.safetensors",
-                                             "pixelbert_config.json", "README.md"}
+  assert {p.name for p in out.iterdir()} >= {
+      "cnn.safetensors",
+      "text_encoder",
+      "pixelbert.safetensors",
+      "pixelbert_config.json",
+      "README.md",
+  }
   # Real images and captions from the eval split, through both models.
-  it = pipeline.make_iterator(config.data, "pretrain", "val", batch_size=8, seed=0, process_index=0,
-                              process_count=1, train=False)
+  it = pipeline.make_iterator(
+      config.data, "pretrain", "val", batch_size=8, seed=0, process_index=0, process_count=1, train=False
+  )
   batch = next(iter(it))
   inputs = {k: batch[k] for k in ("image", "image_mask", "input_ids", "text_mask")}
   variables, _, step = ckpt_lib.load_model_variables(workdir)
   assert step == 3
   with jax.default_matmul_precision("highest"):
-    flax_itm = np.asarray(build_model(config.model, "pretrain").apply(
-        {k: v for k, v in variables.items() if v}, **inputs, train=False)["itm_logits"])
+    flax_itm = np.asarray(
+        build_model(config.model, "pretrain").apply({k: v for k, v in variables.items() if v}, **inputs, train=False)[
+            "itm_logits"
+        ]
+    )
   model = load_pixelbert(out)
   with torch.no_grad():
     torch_itm = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})["itm_logits"].numpy()
@@ -72,20 +94,37 @@ def test_from_torch_then_one_training_step(data_dir, tmp_path):
   torch.manual_seed(0)
   torch.save(torchvision.models.resnet50().state_dict(), cnn_path)
   vocab = pipeline.vocab_size(th.load_config().data)
-  hf_cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=64)
+  hf_cfg = transformers.BertConfig(
+      vocab_size=vocab,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      intermediate_size=64,
+      max_position_embeddings=64,
+  )
   transformers.BertForPreTraining(hf_cfg).save_pretrained(tmp_path / "bert")
   init_dir = tmp_path / "init"
   sets = [f"--set={k}={v}" for k, v in R50_TINY.items()]
-  proc = _cli("from-torch", "--cnn", cnn_path, "--bert", tmp_path / "bert", "--out", init_dir,
-              "--config", "configs/pretrain.py:demo", *sets)
+  proc = _cli(
+      "from-torch",
+      "--cnn",
+      cnn_path,
+      "--bert",
+      tmp_path / "bert",
+      "--out",
+      init_dir,
+      "--config",
+      "configs/pretrain.py:demo",
+      *sets,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "cnn C5" in proc.stdout and "bert hidden states" in proc.stdout
   variables, meta, step = ckpt_lib.load_model_variables(init_dir)
   assert step == 0 and meta["task"] == "pretrain" and meta["model"]["cnn"]["stage_sizes"] == [3, 4, 6, 3]
   w = torch.load(cnn_path, weights_only=True)["layer3.2.conv2.weight"].numpy()
-  np.testing.assert_array_equal(variables["params"]["encoder"]["cnn"]["layer3"]["2"]["conv2"]["kernel"],
-                                w.transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      variables["params"]["encoder"]["cnn"]["layer3"]["2"]["conv2"]["kernel"], w.transpose(2, 3, 1, 0)
+  )
 
   config = th.tiny_config(data_dir, total_steps=1, **R50_TINY)
   config.init_from_torch = str(init_dir)
@@ -93,8 +132,9 @@ def test_from_torch_then_one_training_step(data_dir, tmp_path):
   workdir = tmp_path / "run"
   train.train_and_evaluate(config, str(workdir))
   after, _, _ = ckpt_lib.load_model_variables(workdir)
-  np.testing.assert_array_equal(after["batch_stats"]["encoder"]["cnn"]["bn1"]["mean"],
-                                variables["batch_stats"]["encoder"]["cnn"]["bn1"]["mean"])
+  np.testing.assert_array_equal(
+      after["batch_stats"]["encoder"]["cnn"]["bn1"]["mean"], variables["batch_stats"]["encoder"]["cnn"]["bn1"]["mean"]
+  )
   assert any(r.get("train/loss") is not None and np.isfinite(r["train/loss"]) for r in th.metrics(workdir))
 
 
@@ -122,45 +162,99 @@ def test_checkpoint_of_another_config(trained, capsys, tmp_path):
 
 
 def _tiny_bert(path, vocab=30):
-  cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=64)
+  cfg = transformers.BertConfig(
+      vocab_size=vocab,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      intermediate_size=64,
+      max_position_embeddings=64,
+  )
   transformers.BertModel(cfg).save_pretrained(path)
 
 
 def test_truncated_safetensors(capsys, tmp_path):
   from safetensors.torch import save_file
+
   path = tmp_path / "cnn.safetensors"
   save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, str(path))
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) - 100])
+  path.write_bytes(data[: len(data) - 100])
   _tiny_bert(tmp_path / "bert")
-  err = _error_line(capsys, ["from-torch", "--cnn", str(path), "--bert", str(tmp_path / "bert"),
-                             "--out", str(tmp_path / "o"), "--config", "configs/pretrain.py:demo"])
+  err = _error_line(
+      capsys,
+      [
+          "from-torch",
+          "--cnn",
+          str(path),
+          "--bert",
+          str(tmp_path / "bert"),
+          "--out",
+          str(tmp_path / "o"),
+          "--config",
+          "configs/pretrain.py:demo",
+      ],
+  )
   assert str(path) in err and "truncated" in err
 
 
 def test_pickle_that_is_not_a_plain_state_dict(capsys, tmp_path):
   nested = tmp_path / "ckpt.pth"
   torch.save({"model": {"conv1.weight": torch.zeros(1)}, "epoch": 3}, nested)
-  err = _error_line(capsys, ["from-torch", "--cnn", str(nested), "--bert", str(tmp_path), "--out",
-                             str(tmp_path / "o"), "--config", "configs/pretrain.py:demo"])
+  err = _error_line(
+      capsys,
+      [
+          "from-torch",
+          "--cnn",
+          str(nested),
+          "--bert",
+          str(tmp_path),
+          "--out",
+          str(tmp_path / "o"),
+          "--config",
+          "configs/pretrain.py:demo",
+      ],
+  )
   assert str(nested) in err and "'model'" in err and "not a plain state dict" in err
   module = tmp_path / "module.pth"
   torch.save(torch.nn.Linear(2, 2), module)  # a pickled module: weights_only refuses it
-  err = _error_line(capsys, ["from-torch", "--cnn", str(module), "--bert", str(tmp_path), "--out",
-                             str(tmp_path / "o"), "--config", "configs/pretrain.py:demo"])
+  err = _error_line(
+      capsys,
+      [
+          "from-torch",
+          "--cnn",
+          str(module),
+          "--bert",
+          str(tmp_path),
+          "--out",
+          str(tmp_path / "o"),
+          "--config",
+          "configs/pretrain.py:demo",
+      ],
+  )
   assert str(module) in err and "weights_only=True" in err
 
 
 def test_missing_bert_dir_and_wrong_sizes(capsys, tmp_path):
   cnn = tmp_path / "cnn.pth"
   torch.save({}, cnn)
-  argv = ["from-torch", "--cnn", str(cnn), "--out", str(tmp_path / "o"), "--config", "configs/pretrain.py:demo",
-          "--set", "model.cnn.norm=frozen_bn"]
+  argv = [
+      "from-torch",
+      "--cnn",
+      str(cnn),
+      "--out",
+      str(tmp_path / "o"),
+      "--config",
+      "configs/pretrain.py:demo",
+      "--set",
+      "model.cnn.norm=frozen_bn",
+  ]
   err = _error_line(capsys, argv + ["--bert", str(tmp_path / "nobert")])
   assert "missing conv1.weight" in err  # the CNN is read and refused first, naming the tensor
   torch.save(torchvision.models.resnet50().state_dict(), cnn)
-  err = _error_line(capsys, argv + ["--bert", str(tmp_path / "nobert")] + [f"--set={k}={v}" for k, v in R50_TINY.items()])
+  err = _error_line(
+      capsys, argv + ["--bert", str(tmp_path / "nobert")] + [f"--set={k}={v}" for k, v in R50_TINY.items()]
+  )
   assert str(tmp_path / "nobert") in err and "does not exist" in err
   _tiny_bert(tmp_path / "bert", vocab=30)
   err = _error_line(capsys, argv + ["--bert", str(tmp_path / "bert")] + [f"--set={k}={v}" for k, v in R50_TINY.items()])
@@ -194,19 +288,34 @@ def test_to_torch_tilde_checkpoint_relative_out(trained, home, tmp_path):
 
 def test_from_torch_tilde_inputs_relative_out(home, tmp_path):
   # torchvision's widths (stem and planes 64) with one bottleneck per stage: the R50 layout, cheaply.
-  shape = {"model.cnn.stage_sizes": [1, 1, 1, 1], "model.cnn.stem_width": 64, "model.cnn.base_planes": 64,
-           "model.cnn.norm": "frozen_bn", "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2,
-           "model.intermediate_size": 64}
+  shape = {
+      "model.cnn.stage_sizes": [1, 1, 1, 1],
+      "model.cnn.stem_width": 64,
+      "model.cnn.base_planes": 64,
+      "model.cnn.norm": "frozen_bn",
+      "model.hidden_size": 32,
+      "model.num_layers": 2,
+      "model.num_heads": 2,
+      "model.intermediate_size": 64,
+  }
   torch.manual_seed(0)
   tv = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1])
   torch.save(tv.state_dict(), home / "cnn.pth")
   (home / "configs").symlink_to(th.REPO / "configs")
   _tiny_bert(tmp_path / "bert", vocab=pipeline.vocab_size(th.load_config().data))
-  argv = ["from-torch", "--cnn=~/cnn.pth", "--bert=bert", "--out=init", "--config=~/configs/pretrain.py:demo",
-          "--no-verify"] + [f"--set={k}={v}" for k, v in shape.items()]
+  argv = [
+      "from-torch",
+      "--cnn=~/cnn.pth",
+      "--bert=bert",
+      "--out=init",
+      "--config=~/configs/pretrain.py:demo",
+      "--no-verify",
+  ] + [f"--set={k}={v}" for k, v in shape.items()]
   assert main(argv) == 0
   variables, meta, step = ckpt_lib.load_model_variables(tmp_path / "init")
   assert step == 0 and meta["source"]["cnn"] == str(home / "cnn.pth")
   assert meta["source"]["bert"] == str(tmp_path / "bert")
-  np.testing.assert_array_equal(variables["params"]["encoder"]["cnn"]["layer4"]["0"]["conv2"]["kernel"],
-                                tv.state_dict()["layer4.0.conv2.weight"].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      variables["params"]["encoder"]["cnn"]["layer4"]["0"]["conv2"]["kernel"],
+      tv.state_dict()["layer4.0.conv2.weight"].numpy().transpose(2, 3, 1, 0),
+  )

@@ -1,5 +1,6 @@
 """Flax <-> PyTorch Pixel-BERT: bit-identical round trips, output parity, and the separate pieces in real
 torchvision / transformers models."""
+
 import os
 
 import flax.linen as nn
@@ -23,13 +24,13 @@ def _random_variables(cfg, task, seed=0):
   """Init, then every tensor perturbed (LayerNorms/biases are 1/0 at init and would hide a slip);
   batch-norm statistics random (means around 0, variances in [0.5, 1.5])."""
   model = build_model(cfg, task)
-  v = jax.tree.map(np.asarray, nn.meta.unbox(init_variables(model, jax.random.key(seed), task,
-                                                            image_size=(64, 64))))
+  v = jax.tree.map(np.asarray, nn.meta.unbox(init_variables(model, jax.random.key(seed), task, image_size=(64, 64))))
   rng = np.random.default_rng(seed)
   v = jax.tree.map(lambda a: (a + rng.normal(0, 0.02, a.shape)).astype(np.float32), v)
   if v.get("batch_stats"):
-    stat = lambda path, a: (rng.normal(0, 0.1, a.shape) if path[-1].key == "mean"
-                            else rng.uniform(0.5, 1.5, a.shape)).astype(np.float32)
+    stat = lambda path, a: (
+        rng.normal(0, 0.1, a.shape) if path[-1].key == "mean" else rng.uniform(0.5, 1.5, a.shape)
+    ).astype(np.float32)
     v["batch_stats"] = jax.tree_util.tree_map_with_path(stat, v["batch_stats"])
   return v
 
@@ -88,8 +89,12 @@ def test_group_norm_parity_unpadded():
   v = _random_variables(cfg, "pretrain", seed=3)
   tmodel = torch_model.pixelbert_from_state_dict(cfg, "pretrain", _state_dict(v, cfg, "pretrain"))
   batch = verify.random_batch(cfg, "pretrain", seed=3, pad=False)
-  report = verify.compare(verify.flax_outputs(cfg, "pretrain", v, batch), verify.torch_outputs(tmodel, batch),
-                          image_size=(192, 256), text_len=16)
+  report = verify.compare(
+      verify.flax_outputs(cfg, "pretrain", v, batch),
+      verify.torch_outputs(tmodel, batch),
+      image_size=(192, 256),
+      text_len=16,
+  )
   print(report.summary())
   assert report.ok, report.lines()
 
@@ -110,6 +115,7 @@ def test_pieces_load_into_real_resnet50_and_bert_model(tmp_path):
   to_torch.write_cnn(str(tmp_path), v, cfg)
   to_torch.write_text_encoder(str(tmp_path), v, cfg, "pretrain")
   from safetensors.torch import load_file
+
   net = torchvision.models.resnet50()
   net.fc = torch.nn.Identity()
   net.load_state_dict(load_file(tmp_path / "cnn.safetensors"), strict=True)
@@ -131,6 +137,7 @@ def test_pieces_load_into_real_resnet50_and_bert_model(tmp_path):
   with torch.no_grad():
     ref, ref_logits = hf(**batch), mlm(**batch).logits.numpy()
   from pixelbert_jax.models.bert import BertModel
+
   fcfg = build_model(cfg, "pretrain").cfg
   with jax.default_matmul_precision("highest"):
     seq, pooled = BertModel(fcfg).apply({"params": v["params"]["encoder"]["bert"]}, ids, mask, True)

@@ -1,5 +1,6 @@
 """The documentation's links: every relative Markdown link reaches a file of the repository, and no file
 refers to notes outside it (a fresh clone has only what is committed)."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Fine-tuning pipelines on the embedded world: VQA, NLVR2, retrieval (train batches, eval data, look-ups)."""
+
 import collections
 import json
 
@@ -28,6 +29,7 @@ def _same(a, b):
 
 def _raw_records(cfg, task, split):
   from pixelbert_jax.data import builders
+
   src = builders.data_source(cfg, task, split)
   return [src[i] for i in range(len(src))]
 
@@ -73,8 +75,11 @@ def test_vqa_ground_truth_and_eval_pass(cfg):
   assert len(gt) == len(records) == pipeline.num_examples(cfg, "val", "vqa") == 36
   for r in records:
     qid = int(r["question_id"])
-    assert gt[qid] == {"answers": [_s(a) for a in r["answers"]], "question_type": _s(r["question_type"]),
-                       "answer_type": _s(r["answer_type"])}
+    assert gt[qid] == {
+        "answers": [_s(a) for a in r["answers"]],
+        "question_type": _s(r["question_type"]),
+        "answer_type": _s(r["answer_type"]),
+    }
   it = pipeline.make_iterator(cfg, "vqa", "val", batch_size=5, seed=0, train=False)
   qids = [int(q) for b in it for q, m in zip(b["question_id"], b["example_mask"]) if m]
   assert sorted(qids) == sorted(gt) and it.num_batches == 8  # 36 questions in batches of 5
@@ -85,14 +90,21 @@ def test_nlvr2_batches_index_identifiers_and_labels(cfg):
   records = _raw_records(cfg, "nlvr2", "val")
   ids = pipeline.nlvr2_identifiers(cfg, "val")
   assert ids == [_s(r["identifier"]) for r in records]
-  runs = [list(pipeline.make_iterator(cfg, "nlvr2", "val", batch_size=4, seed=0, process_index=p, process_count=2,
-                                      train=False)) for p in range(2)]
+  runs = [
+      list(
+          pipeline.make_iterator(
+              cfg, "nlvr2", "val", batch_size=4, seed=0, process_index=p, process_count=2, train=False
+          )
+      )
+      for p in range(2)
+  ]
   assert len(runs[0]) == len(runs[1])
   seen = []
   for batch in (b for run in runs for b in run):
     assert batch["image1"].shape == batch["image"].shape and batch["image1_mask"].dtype == np.bool_
-    for i, label, m, img, img1 in zip(batch["example_index"], batch["label"], batch["example_mask"],
-                                      batch["image"], batch["image1"]):
+    for i, label, m, img, img1 in zip(
+        batch["example_index"], batch["label"], batch["example_mask"], batch["image"], batch["image1"]
+    ):
       if m:
         assert label == records[i]["label"] and not np.array_equal(img, img1)
         seen.append(int(i))

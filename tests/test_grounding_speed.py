@@ -1,5 +1,6 @@
 """bench/grounding_speed.py, the demo's grounding probe: its per-cell labels match the scenes, and both
 stages (the backbone control and the probe) run and report finite losses."""
+
 import math
 import os
 import re
@@ -36,8 +37,24 @@ def test_cell_labels_name_each_object():
 
 
 def test_probe_runs_with_backbone_control(capsys):
-  grounding_speed.main(["--steps", "2", "--batch", "2", "--images", "4", "--backbone_steps", "2",
-                        "--log_every", "1", "--cnn_lr", "0", "--set", "model.num_layers=1"])
+  grounding_speed.main(
+      [
+          "--steps",
+          "2",
+          "--batch",
+          "2",
+          "--images",
+          "4",
+          "--backbone_steps",
+          "2",
+          "--log_every",
+          "1",
+          "--cnn_lr",
+          "0",
+          "--set",
+          "model.num_layers=1",
+      ]
+  )
   out = capsys.readouterr().out
   backbone = re.findall(r"backbone\s+\d+\s+loss ([\d.naif]+)", out)
   probe = re.findall(r"step\s+\d+\s+loss ([\d.naif]+)", out)
@@ -46,8 +63,25 @@ def test_probe_runs_with_backbone_control(capsys):
 
 
 def test_cached_features_probe_reports_held_out_accuracy(capsys):
-  grounding_speed.main(["--steps", "2", "--batch", "2", "--images", "4", "--cnn_lr", "0", "--cache_features",
-                        "--eval_images", "3", "--log_every", "1", "--set", "model.num_layers=1"])
+  grounding_speed.main(
+      [
+          "--steps",
+          "2",
+          "--batch",
+          "2",
+          "--images",
+          "4",
+          "--cnn_lr",
+          "0",
+          "--cache_features",
+          "--eval_images",
+          "3",
+          "--log_every",
+          "1",
+          "--set",
+          "model.num_layers=1",
+      ]
+  )
   out = capsys.readouterr().out
   held = [float(x) for x in re.findall(r"held-out ([\d.]+)", out)]
   assert len(held) == 2 and all(0.0 <= h <= 1.0 for h in held), out

@@ -1,4 +1,5 @@
 """Task models: output contracts of pretrain / vqa / nlvr2 / retrieval and what each head is built on."""
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -32,16 +33,22 @@ def _inputs(task, seed=0, b=2, hw=(128, 192), text_len=7):
   return x
 
 
-@pytest.mark.parametrize("task,key,shape", [("pretrain", "mlm_logits", (2, 7, 41)),
-                                            ("pretrain", "itm_logits", (2, 2)),
-                                            ("vqa", "vqa_logits", (2, 16)),
-                                            ("nlvr2", "nlvr2_logits", (2, 2)),
-                                            ("retrieval", "retrieval_logits", (2,))])
+@pytest.mark.parametrize(
+    "task,key,shape",
+    [
+        ("pretrain", "mlm_logits", (2, 7, 41)),
+        ("pretrain", "itm_logits", (2, 2)),
+        ("vqa", "vqa_logits", (2, 16)),
+        ("nlvr2", "nlvr2_logits", (2, 2)),
+        ("retrieval", "retrieval_logits", (2,)),
+    ],
+)
 def test_output_contract(task, key, shape):
   cfg = _cfg()
   model = build_model(cfg, task)
-  out = jax.eval_shape(lambda: model.apply(init_variables(model, jax.random.key(0), task),
-                                           **_inputs(task), train=True, rngs=RNGS))
+  out = jax.eval_shape(
+      lambda: model.apply(init_variables(model, jax.random.key(0), task), **_inputs(task), train=True, rngs=RNGS)
+  )
   assert out[key].shape == shape and out[key].dtype == jnp.float32
   # 128x192 -> a 2x3 grid; only pre-training samples (tiny keeps 4 of 6).
   assert out["pixel_mask"].shape == (2, 4 if task == "pretrain" else 6)
@@ -49,8 +56,12 @@ def test_output_contract(task, key, shape):
 
 def test_parameter_trees():
   cfg = _cfg()
-  heads = {"pretrain": {"mlm_head", "itm_head"}, "vqa": {"vqa_head"}, "nlvr2": {"nlvr2_head"},
-           "retrieval": {"retrieval_head"}}
+  heads = {
+      "pretrain": {"mlm_head", "itm_head"},
+      "vqa": {"vqa_head"},
+      "nlvr2": {"nlvr2_head"},
+      "retrieval": {"retrieval_head"},
+  }
   for task in TASKS:
     model = build_model(cfg, task)
     params = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), task))["params"]
@@ -58,8 +69,7 @@ def test_parameter_trees():
     assert set(params["encoder"]) == {"cnn", "visual", "bert"}
     assert "pooler" in params["encoder"]["bert"]
   # The MLM decoder is the word embedding matrix: no decoder kernel of its own.
-  pre = jax.eval_shape(lambda: init_variables(build_model(cfg, "pretrain"), jax.random.key(0),
-                                              "pretrain"))["params"]
+  pre = jax.eval_shape(lambda: init_variables(build_model(cfg, "pretrain"), jax.random.key(0), "pretrain"))["params"]
   assert set(pre["mlm_head"]) == {"dense", "LayerNorm", "bias"}
 
 
@@ -80,8 +90,7 @@ def test_nlvr2_concatenates_both_pooled_vectors_in_order():
   both = jnp.concatenate([pooled(x["image"]), pooled(x["image1"])], axis=-1)
   head = nn.meta.unbox(variables)["params"]["nlvr2_head"]
   h = both @ head["dense_0"]["kernel"] + head["dense_0"]["bias"]
-  h = nn.LayerNorm(epsilon=cfg.layer_norm_eps).apply({"params": head["LayerNorm"]},
-                                                     nn.gelu(h, approximate=False))
+  h = nn.LayerNorm(epsilon=cfg.layer_norm_eps).apply({"params": head["LayerNorm"]}, nn.gelu(h, approximate=False))
   want = h @ head["dense_1"]["kernel"] + head["dense_1"]["bias"]
   np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
 
@@ -96,8 +105,7 @@ def test_mlm_logits_are_tied_to_word_embeddings():
   emb = variables["params"]["encoder"]["bert"]["embeddings"]["word_embeddings"]["embedding"]
   unused = int(np.setdiff1d(np.arange(41), np.asarray(x["input_ids"]))[0])
   bumped = jax.tree.map(lambda a: a, variables)
-  bumped["params"]["encoder"]["bert"]["embeddings"]["word_embeddings"]["embedding"] = \
-      emb.at[unused].add(1.0)
+  bumped["params"]["encoder"]["bert"]["embeddings"]["word_embeddings"]["embedding"] = emb.at[unused].add(1.0)
   out = model.apply(bumped, **x)["mlm_logits"]
   changed = np.abs(np.asarray(out) - np.asarray(base)).max(axis=(0, 1)) > 1e-6
   assert changed[unused] and changed.sum() == 1

@@ -5,6 +5,7 @@ frozen CNN, MLM + ITM) that must end with the grounded-word probe far above the 
 images. A change that disconnects the pixels from the text (a mask that hides them, a dead gradient into
 the visual projection, a probe fed the wrong image) brings the two together and fails it.
 """
+
 from __future__ import annotations
 
 import jax
@@ -18,14 +19,28 @@ from tests import train_helpers as th
 # more masking (still BERT's random masking) for more grounded words per step. Held-out numbers come from
 # the val split. Measured: probe 0.53 against 0.09 shuffled at step 200, 0.60 at 400.
 _RECIPE = {
-    "cnn_warm_start.steps": 100, "cnn_warm_start.batch_size": 32, "cnn_warm_start.lr": 3e-3,
-    "model.cnn.frozen": True, "model.cnn.base_planes": 8, "model.hidden_size": 64, "model.intermediate_size": 128,
-    "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0,
-    "model.initializer_range": 0.08, "model.pixel_sampling.num_pixels": 8,
-    "data.synthetic.num_train": 512, "data.synthetic.num_val": 128, "data.synthetic.num_test": 16,
+    "cnn_warm_start.steps": 100,
+    "cnn_warm_start.batch_size": 32,
+    "cnn_warm_start.lr": 3e-3,
+    "model.cnn.frozen": True,
+    "model.cnn.base_planes": 8,
+    "model.hidden_size": 64,
+    "model.intermediate_size": 128,
+    "model.hidden_dropout": 0.0,
+    "model.attention_dropout": 0.0,
+    "model.initializer_range": 0.08,
+    "model.pixel_sampling.num_pixels": 8,
+    "data.synthetic.num_train": 512,
+    "data.synthetic.num_val": 128,
+    "data.synthetic.num_test": 16,
     "data.mlm_prob": 0.5,
-    "batch_size": 32, "eval_batch_size": 32, "eval_steps": -1, "log_every_steps": 50,
-    "checkpoint_every_steps": 1000, "optim.warmup_steps": 20, "optim.transformer.lr": 2e-3,
+    "batch_size": 32,
+    "eval_batch_size": 32,
+    "eval_steps": -1,
+    "log_every_steps": 50,
+    "checkpoint_every_steps": 1000,
+    "optim.warmup_steps": 20,
+    "optim.transformer.lr": 2e-3,
     "optim.decay_epochs": (1000.0,),
 }
 
@@ -33,6 +48,7 @@ _RECIPE = {
 def test_pixels_are_used(data_dir, tmp_path):
   config = th.tiny_config(data_dir, total_steps=250, variant="demo", **_RECIPE)
   from pixelbert_jax import train
+
   final = train.train_and_evaluate(config, str(tmp_path / "run"))
   grounded, shuffled = final["eval/mlm_acc_grounded"], final["eval/mlm_acc_grounded_shuffled"]
   majority = final["eval/mlm_grounded_majority_rate"]
@@ -49,11 +65,24 @@ def test_pretraining_overfits_one_batch(data_dir):
   """8 fixed examples (fixed masking, no dropout, every pixel): MLM + ITM loss must fall below 0.05."""
   from pixelbert_jax import partitioning, train
   from pixelbert_jax.data import pipeline
-  config = th.tiny_config(data_dir, total_steps=1000, variant="demo", **{
-      "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0, "model.pixel_sampling.enabled": False,
-      "optim.warmup_steps": 10, "optim.transformer.lr": 3e-3, "optim.cnn.optimizer": "adamw",
-      "optim.cnn.lr": 1e-3, "optim.decay_epochs": (1000.0,), "model.cnn.frozen": False,
-      "cnn_warm_start.steps": 0})
+
+  config = th.tiny_config(
+      data_dir,
+      total_steps=1000,
+      variant="demo",
+      **{
+          "model.hidden_dropout": 0.0,
+          "model.attention_dropout": 0.0,
+          "model.pixel_sampling.enabled": False,
+          "optim.warmup_steps": 10,
+          "optim.transformer.lr": 3e-3,
+          "optim.cnn.optimizer": "adamw",
+          "optim.cnn.lr": 1e-3,
+          "optim.decay_epochs": (1000.0,),
+          "model.cnn.frozen": False,
+          "cnn_warm_start.steps": 0,
+      },
+  )
   mesh = partitioning.make_mesh(config.mesh_shape)
   trainer = train.Trainer(config, mesh)
   it = pipeline.make_iterator(config.data, "pretrain", "train", batch_size=8, seed=0, train=True)
@@ -83,6 +112,7 @@ def test_frozen_cnn_has_no_backward_pass(frozen):
   import flax.linen as nn
   from flax import traverse_util
   from pixelbert_jax.models import build_model, dummy_inputs, model_config
+
   cfg = model_config("tiny", "tiny", 40)
   cfg.cnn.norm, cfg.cnn.impl, cfg.cnn.frozen = "bn", "generic", frozen
   model = build_model(cfg, "pretrain")
@@ -135,9 +165,19 @@ def test_finetune_fits_a_tiny_set(task, data_dir):
   from pixelbert_jax import partitioning, train
   from pixelbert_jax.data import pipeline
   from tests import finetune_helpers as fh
-  config = fh.tiny_finetune_config(task, data_dir, total_steps=300, **{
-      "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0, "optim.warmup_steps": 10,
-      "optim.transformer.lr": 3e-3, "optim.decay_epochs": (1000.0,)})
+
+  config = fh.tiny_finetune_config(
+      task,
+      data_dir,
+      total_steps=300,
+      **{
+          "model.hidden_dropout": 0.0,
+          "model.attention_dropout": 0.0,
+          "optim.warmup_steps": 10,
+          "optim.transformer.lr": 3e-3,
+          "optim.decay_epochs": (1000.0,),
+      },
+  )
   mesh = partitioning.make_mesh(config.mesh_shape)
   trainer = train.Trainer(config, mesh)
   batch = next(pipeline.make_iterator(config.data, task, "train", batch_size=8, seed=0, train=True))
@@ -146,8 +186,9 @@ def test_finetune_fits_a_tiny_set(task, data_dir):
   state = trainer.init_state(0)
 
   def loss_fn(params):
-    outputs = trainer.model.apply(trainer._variables(params, state["batch_stats"]), **trainer.task.model_inputs(batch),
-                                  train=False)
+    outputs = trainer.model.apply(
+        trainer._variables(params, state["batch_stats"]), **trainer.task.model_inputs(batch), train=False
+    )
     return trainer.task.loss_and_metrics(outputs, batch, **trainer._loss_weights())[0]
 
   grads = traverse_util.flatten_dict(jax.device_get(jax.grad(loss_fn)(state["params"])), sep="/")

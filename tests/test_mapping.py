@@ -1,11 +1,18 @@
 """The torchvision / HF <-> Flax mapping: round trips and strict errors (NumPy only, no torch)."""
+
 import jax
 import flax.linen as nn
 import numpy as np
 import pytest
 
-from pixelbert_jax.convert import (MappingError, bert_from_hf, bert_to_hf, cnn_from_torchvision,
-                                   cnn_to_torchvision, merge_into)
+from pixelbert_jax.convert import (
+    MappingError,
+    bert_from_hf,
+    bert_to_hf,
+    cnn_from_torchvision,
+    cnn_to_torchvision,
+    merge_into,
+)
 from pixelbert_jax.convert.mapping import bert_rules, cnn_rules
 from pixelbert_jax.models import build_model, init_variables, model_config
 from pixelbert_jax.models.presets import cnn_config
@@ -45,9 +52,16 @@ def test_cnn_table_matches_the_flax_tree(tiny_model):
 def test_bert_table_matches_the_flax_tree(tiny_model):
   cfg, shapes = tiny_model
   params = shapes["params"]
-  want = {k: v.shape for k, v in _flat({"encoder": {"bert": params["encoder"]["bert"]},
-                                        "mlm_head": params["mlm_head"],
-                                        "itm_head": params["itm_head"]}).items()}
+  want = {
+      k: v.shape
+      for k, v in _flat(
+          {
+              "encoder": {"bert": params["encoder"]["bert"]},
+              "mlm_head": params["mlm_head"],
+              "itm_head": params["itm_head"],
+          }
+      ).items()
+  }
   got = {r.path: r.flax_shape for group in bert_rules(cfg).values() for r in group}
   assert got == want
 
@@ -146,8 +160,9 @@ def test_merge_into_replaces_and_rejects(tiny_model):
   cfg, _ = tiny_model
   model = build_model(cfg, "pretrain")
   # Boxed zeros of the right shapes: the merge only looks at structure, and a real init is slow on CPU.
-  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                           jax.eval_shape(lambda: init_variables(model, jax.random.key(0), "pretrain")))
+  variables = jax.tree.map(
+      lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(lambda: init_variables(model, jax.random.key(0), "pretrain"))
+  )
   converted = cnn_from_torchvision(_random_state_dict(cnn_rules(cfg.cnn)), cfg.cnn)
   merged = merge_into(variables, converted, ("encoder", "cnn"))
   got = nn.meta.unbox(merged)["params"]["encoder"]["cnn"]["conv1"]["kernel"]

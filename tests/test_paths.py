@@ -4,6 +4,7 @@ The entry points that take paths are tested beside their own fixtures: main.py (
 (test_finetune_e2e.py), predict (test_predict.py), convert (test_convert_cli.py), data.prepare
 (test_builders.py). Here: the resolver, the config keys it covers, and TFDS_DATA_DIR.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -46,8 +47,9 @@ def test_resolve_config_covers_every_path_key(home):
   assert dict(config.data.manual_dirs) == {"coco_karpathy": str(cwd / "coco"), "visual_genome": ""}
 
 
-@pytest.mark.parametrize("value,expected", [("~/tfds", "home/tfds"), ("rel/tfds", "cwd/rel/tfds"),
-                                            ("gs://b/tfds", None)])
+@pytest.mark.parametrize(
+    "value,expected", [("~/tfds", "home/tfds"), ("rel/tfds", "cwd/rel/tfds"), ("gs://b/tfds", None)]
+)
 def test_tfds_data_dir_environment_variable(home, monkeypatch, value, expected):
   monkeypatch.setenv("TFDS_DATA_DIR", value)
   assert data_config("synthetic").data_dir == (str(home / expected) if expected else value)

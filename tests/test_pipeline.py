@@ -1,4 +1,5 @@
 """make_iterator and the global plan: contract, determinism, process-count invariance, exact resume, bad records."""
+
 import hashlib
 import io
 import json
@@ -42,11 +43,17 @@ def _digest(image):
 
 def test_batch_matches_contract(cfg):
   batch = next(pipeline.make_iterator(cfg, "pretrain", "train", batch_size=B, seed=0))
-  expected = {"image": (np.uint8, (B, 192, 192, 3)), "image_mask": (np.bool_, (B, 192, 192)),
-              "input_ids": (np.int32, (B, L)), "text_mask": (np.int32, (B, L)),
-              "example_mask": (np.float32, (B,)), "mlm_labels": (np.int32, (B, L)),
-              "mlm_weights": (np.float32, (B, L)), "mlm_grounded": (np.float32, (B, L)),
-              "itm_label": (np.int32, (B,))}
+  expected = {
+      "image": (np.uint8, (B, 192, 192, 3)),
+      "image_mask": (np.bool_, (B, 192, 192)),
+      "input_ids": (np.int32, (B, L)),
+      "text_mask": (np.int32, (B, L)),
+      "example_mask": (np.float32, (B,)),
+      "mlm_labels": (np.int32, (B, L)),
+      "mlm_weights": (np.float32, (B, L)),
+      "mlm_grounded": (np.float32, (B, L)),
+      "itm_label": (np.int32, (B,)),
+  }
   assert set(batch) == set(expected)
   for k, (dtype, shape) in expected.items():
     assert batch[k].dtype == dtype and batch[k].shape == shape, (k, batch[k].dtype, batch[k].shape)
@@ -97,6 +104,7 @@ def test_unknown_task_named(cfg):
 
 # ---- the plan alone ------------------------------------------------------------------------------------
 
+
 def test_plan_batches_are_single_bucket_and_carry_leftovers_across_epochs():
   buckets = np.array([0, 1, 1, 2, 0, 1, 2, 2, 1, 0, 1] * 5)  # 55 records, three buckets, none a multiple of 8
   plan = GlobalPlan(buckets, global_batch=8, seed=3, train=True)
@@ -134,6 +142,7 @@ def test_plan_refuses_buckets_smaller_than_global_batch():
 
 # ---- several buckets, through the real example code on an in-memory split ----------------------------
 
+
 def _png(h, w, value):
   buf = io.BytesIO()
   Image.new("RGB", (w, h), (value, value, value)).save(buf, format="PNG")
@@ -144,8 +153,13 @@ def _split(n, bad=()):
   records, sizes = [], []
   for i in range(n):
     h, w = (64, 128) if i % 3 else (128, 64)
-    rec = {"image": _png(h, w, i), "image_id": f"img{i}".encode(), "captions": [b"a red circle", b"a blue star"],
-           "height": h, "width": w}
+    rec = {
+        "image": _png(h, w, i),
+        "image_id": f"img{i}".encode(),
+        "captions": [b"a red circle", b"a blue star"],
+        "height": h,
+        "width": w,
+    }
     if i in bad:
       rec["image"] = rec["image"][:30] if i % 2 else b""
     records.append(rec)
@@ -164,8 +178,9 @@ def _mem_cfg(cfg, max_bad_fraction=0.5):
 def _iterator(opened, cfg, *, batch_size=B, p=0, P=1, train=True, seed=0, max_bad_fraction=0.5, examples=None):
   c = _mem_cfg(cfg, max_bad_fraction)
   examples = (examples or PretrainExamples)(opened, c, pipeline.vocab_path(c), seed=seed, train=train)
-  return pipeline.planned_iterator(c, opened, examples, batch_size=batch_size, seed=seed, process_index=p,
-                                   process_count=P, train=train)
+  return pipeline.planned_iterator(
+      c, opened, examples, batch_size=batch_size, seed=seed, process_index=p, process_count=P, train=train
+  )
 
 
 def test_record_buckets_from_stored_sizes(cfg):
@@ -200,8 +215,10 @@ def test_eval_same_batch_count_on_every_process_and_covers_once(cfg):
   got = [int(i) for run in runs for batch in run for i, m in zip(batch["image_index"], batch["example_mask"]) if m]
   assert sorted(got) == list(range(23))
   pads = [batch for run in runs for batch in run if not batch["example_mask"].all()]
-  assert all((b["image_index"][b["example_mask"] == 0] == -1).all() and not b["image"][b["example_mask"] == 0].any()
-             for b in pads)
+  assert all(
+      (b["image_index"][b["example_mask"] == 0] == -1).all() and not b["image"][b["example_mask"] == 0].any()
+      for b in pads
+  )
 
 
 @pytest.mark.parametrize("P", [1, 2])

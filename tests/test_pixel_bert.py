@@ -1,4 +1,5 @@
 """Pixel-BERT encoder: pixel sampling, feature-pixel mask, padding invariance, cached image features."""
+
 import functools
 
 import jax
@@ -19,8 +20,7 @@ def tiny():
   cfg = model_config("tiny", "tiny", vocab_size=61)
   cfg.cnn.norm = "bn"  # exercise batch_stats too
   model = build_model(cfg, "pretrain")
-  variables = nn.meta.unbox(init_variables(model, jax.random.key(0), "pretrain",
-                                           image_size=(H, W), text_len=L))
+  variables = nn.meta.unbox(init_variables(model, jax.random.key(0), "pretrain", image_size=(H, W), text_len=L))
   return cfg, model, variables
 
 
@@ -83,8 +83,7 @@ def test_sample_pixels_is_identity_when_k_covers_all():
 def test_sample_pixels_is_uniform_over_valid_pixels():
   pixels, _ = _pixels_with_ids(1, 10)
   mask = jnp.asarray(np.array([[1] * 8 + [0] * 2], bool))
-  draws = jax.vmap(lambda k: sample_pixels(k, pixels, mask, 2)[0][0, :, 0])(
-      jax.random.split(jax.random.key(3), 4000))
+  draws = jax.vmap(lambda k: sample_pixels(k, pixels, mask, 2)[0][0, :, 0])(jax.random.split(jax.random.key(3), 4000))
   counts = np.bincount(np.asarray(draws).astype(int).ravel(), minlength=10)
   assert counts[8:].sum() == 0
   expected = 4000 * 2 / 8
@@ -103,8 +102,12 @@ def test_pixel_grid_mask_uses_top_left_pixel_of_each_cell():
 
 # --------------------------------------------------------------------------------- the whole model
 def _apply(model, variables, batch, train, sample_key=0):
-  return model.apply(variables, **{k: jnp.asarray(v) for k, v in batch.items()}, train=train,
-                     rngs={"dropout": jax.random.key(5), "sample": jax.random.key(sample_key)})
+  return model.apply(
+      variables,
+      **{k: jnp.asarray(v) for k, v in batch.items()},
+      train=train,
+      rngs={"dropout": jax.random.key(5), "sample": jax.random.key(sample_key)},
+  )
 
 
 def test_padding_content_does_not_change_real_outputs(tiny):
@@ -114,8 +117,9 @@ def test_padding_content_does_not_change_real_outputs(tiny):
   rng = np.random.default_rng(1)
   noise = rng.integers(0, 256, batch["image"].shape, dtype=np.uint8)
   other["image"] = np.where(batch["image_mask"][..., None], batch["image"], noise).astype(np.uint8)
-  other["input_ids"] = np.where(batch["text_mask"] > 0, batch["input_ids"],
-                                rng.integers(1, 61, batch["input_ids"].shape)).astype(np.int32)
+  other["input_ids"] = np.where(
+      batch["text_mask"] > 0, batch["input_ids"], rng.integers(1, 61, batch["input_ids"].shape)
+  ).astype(np.int32)
   assert (other["image"] != batch["image"]).any() and (other["input_ids"] != batch["input_ids"]).any()
   real = batch["text_mask"].astype(bool)
   for train in (False, True):
@@ -155,8 +159,13 @@ def test_sampling_only_in_training_and_keyed(tiny):
 def test_bn_statistics_update_only_when_mutable(tiny):
   cfg, model, variables = tiny
   batch = {k: jnp.asarray(v) for k, v in _batch(4).items()}
-  _, upd = model.apply(variables, **batch, train=True, mutable=["batch_stats"],
-                       rngs={"dropout": jax.random.key(0), "sample": jax.random.key(0)})
+  _, upd = model.apply(
+      variables,
+      **batch,
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": jax.random.key(0), "sample": jax.random.key(0)},
+  )
   before = jax.tree.leaves(variables["batch_stats"])
   after = jax.tree.leaves(upd["batch_stats"])
   assert any(not np.allclose(a, b) for a, b in zip(after, before))
@@ -165,20 +174,16 @@ def test_bn_statistics_update_only_when_mutable(tiny):
 def test_cached_image_features_give_the_same_scores():
   cfg = model_config("tiny", "tiny", vocab_size=61)
   model = build_model(cfg, "retrieval")
-  variables = nn.meta.unbox(init_variables(model, jax.random.key(1), "retrieval",
-                                           image_size=(H, W), text_len=L))
+  variables = nn.meta.unbox(init_variables(model, jax.random.key(1), "retrieval", image_size=(H, W), text_len=L))
   batch = {k: jnp.asarray(v) for k, v in _batch(5).items()}
   direct = model.apply(variables, **batch)["retrieval_logits"]
-  pixels, pixel_mask = model.apply(variables, batch["image"], batch["image_mask"],
-                                   method="encode_image")
-  cached = model.apply(variables, batch["input_ids"], batch["text_mask"], pixels, pixel_mask,
-                       method="score_pixels")
+  pixels, pixel_mask = model.apply(variables, batch["image"], batch["image_mask"], method="encode_image")
+  cached = model.apply(variables, batch["input_ids"], batch["text_mask"], pixels, pixel_mask, method="score_pixels")
   assert direct.shape == (2,)
   np.testing.assert_allclose(np.asarray(cached), np.asarray(direct), rtol=1e-6, atol=1e-6)
 
 
-ALLOWED_PARAM_AXES = {None, "vocab", "embed", "mlp", "kv", "conv_in", "conv_out", "norm", "classes",
-                      "position"}
+ALLOWED_PARAM_AXES = {None, "vocab", "embed", "mlp", "kv", "conv_in", "conv_out", "norm", "classes", "position"}
 
 
 def test_every_parameter_has_logical_names():

@@ -1,4 +1,5 @@
 """decode_image edge cases, resize and bucket padding."""
+
 import io
 import struct
 import zlib
@@ -7,8 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelbert_jax.data.preprocess import (BadImageError, choose_bucket, decode_image, resize_and_pad,
-                                           resized_shape, validate_buckets)
+from pixelbert_jax.data.preprocess import (
+    BadImageError,
+    choose_bucket,
+    decode_image,
+    resize_and_pad,
+    resized_shape,
+    validate_buckets,
+)
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -19,8 +26,7 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def _gradient(h=24, w=32):
   y, x = np.mgrid[0:h, 0:w]
-  return np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), np.full_like(x, 77)],
-                  -1).astype(np.uint8)
+  return np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), np.full_like(x, 77)], -1).astype(np.uint8)
 
 
 def test_rgb_png_roundtrip_exact():
@@ -56,7 +62,7 @@ def test_cmyk_jpeg():
 
 
 def test_16bit_png_is_scaled_not_clipped():
-  ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)  # up to 64512
+  ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024  # up to 64512
   img = Image.fromarray(ramp)  # 'I;16'
   data = _encode(img, "PNG")
   out = decode_image(data, name="deep.png")
@@ -119,9 +125,9 @@ def _png_with_header_size(width: int, height: int) -> bytes:
   """A tiny real PNG whose IHDR claims width x height: a decompression bomb's header."""
   data = bytearray(_encode(Image.new("1", (8, 8)), "PNG"))
   ihdr_start = 8 + 8  # signature, then length + type of the IHDR chunk
-  data[ihdr_start:ihdr_start + 8] = struct.pack(">II", width, height)
-  crc = zlib.crc32(bytes(data[12:ihdr_start + 13]))
-  data[ihdr_start + 13:ihdr_start + 17] = struct.pack(">I", crc)
+  data[ihdr_start : ihdr_start + 8] = struct.pack(">II", width, height)
+  crc = zlib.crc32(bytes(data[12 : ihdr_start + 13]))
+  data[ihdr_start + 13 : ihdr_start + 17] = struct.pack(">I", crc)
   return bytes(data)
 
 

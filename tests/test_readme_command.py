@@ -6,6 +6,7 @@ Appended `--config.X=Y` overrides only shrink the world, the model and the step 
 a checkpoint and an evaluation. Running the same command again on the finished workdir must not crash, and
 must report the finished run without training again.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ def readme_command() -> list[str]:
       if match is None:
         break
       return shlex.split(match.group(0))
-  pytest.fail(f"{readme}: no line with a `python -m pixelbert_jax.main ...` command; this test runs the "
-              "README's first training command verbatim, so update it with the README")
+  pytest.fail(
+      f"{readme}: no line with a `python -m pixelbert_jax.main ...` command; this test runs the "
+      "README's first training command verbatim, so update it with the README"
+  )
 
 
 def test_readme_command_parses():
@@ -49,8 +52,11 @@ def test_readme_command_runs_then_reruns_on_the_finished_workdir(data_dir, tmp_p
   root.mkdir()
   for name in ("pixelbert_jax", "configs"):
     (root / name).symlink_to(th.REPO / name)
-  overrides = {**th.tiny_overrides(data_dir, total_steps=TOTAL_STEPS), "cnn_warm_start.steps": 2,
-               "checkpoint_every_steps": TOTAL_STEPS}
+  overrides = {
+      **th.tiny_overrides(data_dir, total_steps=TOTAL_STEPS),
+      "cnn_warm_start.steps": 2,
+      "checkpoint_every_steps": TOTAL_STEPS,
+  }
   overrides.pop("cpu_devices")  # keep the demo's own device setting: the command as the user runs it
   # `python` is whatever the user's venv provides: here, this interpreter.
   cmd = [sys.executable] + argv[1:] + [f"--config.{k}={v}" for k, v in overrides.items()]
@@ -71,6 +77,7 @@ def test_readme_command_runs_then_reruns_on_the_finished_workdir(data_dir, tmp_p
 
   again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert f"Run already finished: {run / 'checkpoints'} holds step {TOTAL_STEPS} of {TOTAL_STEPS}" in again.stderr, \
-      again.stderr[-3000:]
+  assert (
+      f"Run already finished: {run / 'checkpoints'} holds step {TOTAL_STEPS} of {TOTAL_STEPS}" in again.stderr
+  ), again.stderr[-3000:]
   assert th.metrics(run) == rows, "the rerun of a finished run must not train or evaluate again"

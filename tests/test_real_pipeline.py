@@ -1,4 +1,5 @@
 """The pipeline on real-format fixtures: bad-data knobs from training, mixtures, the cached split index."""
+
 import os
 
 import numpy as np
@@ -38,8 +39,9 @@ def test_max_bad_fraction_reaches_the_builder_built_from_training(tmp_path):
 def test_mixture_coco_karpathy_plus_visual_genome(tmp_path):
   coco = fx.write_coco_karpathy(str(tmp_path / "coco"), broken=False)
   vg = fx.write_visual_genome(str(tmp_path / "vg"))  # one of 5 VG images is missing
-  c = _cfg(tmp_path, "coco_karpathy+visual_genome", coco_karpathy=str(tmp_path / "coco"),
-           visual_genome=str(tmp_path / "vg"))
+  c = _cfg(
+      tmp_path, "coco_karpathy+visual_genome", coco_karpathy=str(tmp_path / "coco"), visual_genome=str(tmp_path / "vg")
+  )
   c.max_bad_fraction = 0.25
   n_coco_train = sum(e["part"] in ("train", "restval") for e in coco.values())
   assert pipeline.num_examples(c, "train") == n_coco_train + len(vg)
@@ -53,8 +55,7 @@ def test_mixture_coco_karpathy_plus_visual_genome(tmp_path):
 
 
 def test_mixture_names_are_checked():
-  assert data_config("coco_karpathy+visual_genome").manual_dirs.to_dict() == {"coco_karpathy": "",
-                                                                              "visual_genome": ""}
+  assert data_config("coco_karpathy+visual_genome").manual_dirs.to_dict() == {"coco_karpathy": "", "visual_genome": ""}
   with pytest.raises(ValueError, match="caption datasets"):
     data_config("coco_karpathy+vqa2")
   with pytest.raises(ValueError, match="unknown dataset 'cocoa'"):

@@ -1,4 +1,5 @@
 """ResNet / ResNeXt trunk vs torchvision (eval mode, random weights and random BN statistics)."""
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -63,6 +64,7 @@ def test_resnet50_matches_torchvision():
 
 def test_small_resnext_matches_torchvision():
   from torchvision.models.resnet import Bottleneck, ResNet
+
   cfg = cnn_config("r50")
   cfg.stage_sizes, cfg.groups, cfg.width_per_group = [1, 2, 1, 1], 8, 4
   tv = ResNet(Bottleneck, [1, 2, 1, 1], groups=8, width_per_group=4)
@@ -71,6 +73,7 @@ def test_small_resnext_matches_torchvision():
 
 def test_trainable_bn_matches_torchvision_in_train_mode_and_updates_stats():
   from torchvision.models.resnet import Bottleneck, ResNet
+
   cfg = cnn_config("r50")
   cfg.stage_sizes, cfg.norm = [1, 1, 1, 1], "bn"
   tv = ResNet(Bottleneck, [1, 1, 1, 1])
@@ -79,8 +82,7 @@ def test_trainable_bn_matches_torchvision_in_train_mode_and_updates_stats():
   x = np.random.default_rng(2).standard_normal((4, 64, 64, 3)).astype(np.float32)
   tv.train()
   ref = _torch_c5(tv, x)  # also updates torchvision's running statistics
-  out, updates = resnet_from_config(cfg).apply(variables, jnp.asarray(x), train=True,
-                                               mutable=["batch_stats"])
+  out, updates = resnet_from_config(cfg).apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
   np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
   new_stats = cnn_from_torchvision(_state_dict(tv), cfg)["batch_stats"]
   got = jax.tree.leaves(updates["batch_stats"])
@@ -99,8 +101,7 @@ def test_frozen_bn_is_constant():
   _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
   for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(variables["batch_stats"])):
     np.testing.assert_array_equal(a, b)
-  grads = jax.jit(jax.grad(lambda p: model.apply({**variables, "params": p}, x, train=True).sum()))(
-      variables["params"])
+  grads = jax.jit(jax.grad(lambda p: model.apply({**variables, "params": p}, x, train=True).sum()))(variables["params"])
   assert float(jnp.abs(grads["bn1"]["scale"]).max()) == 0.0
   assert float(jnp.abs(grads["conv1"]["kernel"]).max()) > 0.0
 
@@ -128,12 +129,12 @@ def test_r50_800x1344_gives_12x21_pixel_grid():
   inputs = dummy_inputs("pretrain", batch_size=1, image_size=(800, 1344), text_len=16)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs, train=False))
   pixels, mask = jax.eval_shape(
-      lambda v: model.apply(v, inputs["image"], inputs["image_mask"], method="encode_image"),
-      variables)
+      lambda v: model.apply(v, inputs["image"], inputs["image_mask"], method="encode_image"), variables
+  )
   assert pixels.shape == (1, 12 * 21, 768) and mask.shape == (1, 252)
 
 
-U = 2.0 ** -24  # float32 unit roundoff: half of float32's epsilon 1.19e-7
+U = 2.0**-24  # float32 unit roundoff: half of float32's epsilon 1.19e-7
 
 
 def _cnn_loss_and_grads(impl: str, x, norm: str):
@@ -141,15 +142,13 @@ def _cnn_loss_and_grads(impl: str, x, norm: str):
   cfg.norm, cfg.impl = norm, impl
   model = resnet_from_config(cfg)
   variables = nn.meta.unbox(model.init(jax.random.key(0), x))
-  w = jnp.asarray(np.random.default_rng(8).standard_normal((x.shape[0], 2, 2, model.out_channels)),
-                  jnp.float32)
+  w = jnp.asarray(np.random.default_rng(8).standard_normal((x.shape[0], 2, 2, model.out_channels)), jnp.float32)
 
   def loss(params, x):
     out, upd = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
     return (out * w).sum(), (upd, out)
 
-  (_, (upd, out)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-      variables["params"], x)
+  (_, (upd, out)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(variables["params"], x)
   # The loss as the float64 sum of this impl's float32 outputs: the jitted float32 sum of 1536 terms would
   # add its own rounding (up to 1536u of sum|terms|) to what the impls are compared on.
   return float(np.sum(np.asarray(out, np.float64) * np.asarray(w, np.float64))), out, w, upd, grads
@@ -162,9 +161,16 @@ def _float32_bounds(impl: str, x, norm: str) -> tuple[float, float]:
   cfg.norm, cfg.impl = norm, impl
   model = resnet_from_config(cfg)
   variables = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), x)))
-  _, captured = jax.eval_shape(lambda v: model.apply(
-      v, x, train=True, mutable=["batch_stats", "intermediates"],
-      capture_intermediates=lambda m, _: isinstance(m, (Conv, Norm))), variables)
+  _, captured = jax.eval_shape(
+      lambda v: model.apply(
+          v,
+          x,
+          train=True,
+          mutable=["batch_stats", "intermediates"],
+          capture_intermediates=lambda m, _: isinstance(m, (Conv, Norm)),
+      ),
+      variables,
+  )
   fwd, bwd = 0, 2 * 4  # the stem max-pool backward: an input lies in up to 2x2 of the 3x3 stride-2 windows
   flat = traverse_util.flatten_dict(captured["intermediates"])
   kernels = traverse_util.flatten_dict(variables["params"])
@@ -217,17 +223,20 @@ def test_cnn_impls_agree_in_training(norm):
   got, _, _, got_upd, got_grads = _cnn_loss_and_grads("cpu", x, norm)
   scale = float(np.sum(np.abs(np.asarray(ref_out, np.float64) * np.asarray(w, np.float64))))
   assert abs(got - ref) <= fwd_bound * scale, (got, ref, scale, fwd_bound)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((got_upd, got_grads)),
-                          jax.tree.leaves((ref_upd, ref_grads))):
+  for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path((got_upd, got_grads)), jax.tree.leaves((ref_upd, ref_grads))
+  ):
     leaf_scale = float(np.abs(np.asarray(b)).max()) or 1.0
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=grad_bound * leaf_scale,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=0, atol=grad_bound * leaf_scale, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 def test_first_max_pool_gradient_matches_torch():
   """The explicit max-pool backward routes each window's gradient to its first maximum, as torch does:
   checked on integer-valued inputs where most windows tie."""
   from pixelbert_jax.models.resnet import max_pool_first_max
+
   rng = np.random.default_rng(9)
   x = rng.integers(0, 3, (2, 9, 10, 4)).astype(np.float32)
   g = rng.standard_normal((2, 5, 5, 4)).astype(np.float32)
@@ -244,6 +253,7 @@ def test_first_max_pool_gradient_matches_torch():
 
 def test_cnn_impl_is_validated():
   from pixelbert_jax.models.resnet import resolve_impl
+
   assert resolve_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "generic")
   assert resolve_impl("generic") == "generic"
   with pytest.raises(ValueError, match="cnn.impl 'cudnn'"):
@@ -253,6 +263,7 @@ def test_cnn_impl_is_validated():
 def test_batch_norm_gradient_includes_the_statistics():
   """The closed-form backward also carries gradients that reach x through the returned mean and var."""
   from pixelbert_jax.models.resnet import batch_norm_train
+
   rng = np.random.default_rng(10)
   x = jnp.asarray(rng.standard_normal((2, 3, 4, 5)) * 2 + 1, jnp.float32)
   scale, bias = jnp.asarray(rng.uniform(0.5, 1.5, 5), jnp.float32), jnp.asarray(rng.standard_normal(5), jnp.float32)

@@ -1,4 +1,5 @@
 """The synthetic world: deterministic, fast, balanced, and its grounded words are really marked."""
+
 import collections
 import time
 
@@ -131,15 +132,18 @@ def test_builder_fast_deterministic_and_reused(tmp_path):
   b2 = builder.prepare(cfg, str(tmp_path))
   assert time.time() - start < 2
   assert b2.as_data_source("train")[7]["image"] == src[7]["image"]
-  other = builder.prepare(builder.synthetic_config("captions", seed=3, image_size=192, num_train=300,
-                                                   num_val=40, num_test=40), str(tmp_path / "again"))
+  other = builder.prepare(
+      builder.synthetic_config("captions", seed=3, image_size=192, num_train=300, num_val=40, num_test=40),
+      str(tmp_path / "again"),
+  )
   assert other.as_data_source("train")[11]["captions"] == src[11]["captions"]
 
 
 @pytest.mark.parametrize("schema", ["vqa", "nlvr2"])
 def test_builder_other_schemas(tmp_path, schema):
-  b = builder.prepare(builder.synthetic_config(schema, seed=0, image_size=96, num_train=20, num_val=4,
-                                               num_test=4), str(tmp_path))
+  b = builder.prepare(
+      builder.synthetic_config(schema, seed=0, image_size=96, num_train=20, num_val=4, num_test=4), str(tmp_path)
+  )
   rec = b.as_data_source("train")[0]
   if schema == "vqa":
     assert len(b.as_data_source("train")) == 60 and len(rec["answers"]) == 10
@@ -156,8 +160,11 @@ def test_scene_spec_sets_objects_and_size():
   assert radii == {0.3, 0.45}
   # the default spec is the first demo world (demo_hard): 1-3 objects, the same scenes as before the spec
   assert {len(world.make_scene(0, "train", i, 192)) for i in range(200)} == {1, 2, 3}
-  for bad, key in ((dict(min_objects=0), "min_objects"), (dict(max_objects=10), "max_objects"),
-                   (dict(radius_large=0.6), "radius")):
+  for bad, key in (
+      (dict(min_objects=0), "min_objects"),
+      (dict(max_objects=10), "max_objects"),
+      (dict(radius_large=0.6), "radius"),
+  ):
     with pytest.raises(ValueError, match=key):
       world.SceneSpec(**bad)
 
@@ -174,6 +181,7 @@ def test_cell_labels_name_each_object_in_its_cell():
 
 def test_scene_spec_is_part_of_the_dataset_name():
   a = builder.synthetic_config("captions", seed=0, image_size=192, num_train=10, num_val=2, num_test=2)
-  b = builder.synthetic_config("captions", seed=0, image_size=192, num_train=10, num_val=2, num_test=2,
-                               scene=world.SceneSpec(1, 1, 0.3, 0.45))
+  b = builder.synthetic_config(
+      "captions", seed=0, image_size=192, num_train=10, num_val=2, num_test=2, scene=world.SceneSpec(1, 1, 0.3, 0.45)
+  )
   assert a.name.endswith("_o1-3_r0.2-0.38") and b.name.endswith("_o1-1_r0.3-0.45")

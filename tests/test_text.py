@@ -1,4 +1,5 @@
 """Tokenisation, MLM masking statistics, ITM/retrieval negatives, VQA soft scores."""
+
 import numpy as np
 import pytest
 
@@ -41,8 +42,9 @@ def test_mlm_statistics(tok):
   chosen = replaced_mask = replaced_random = kept = 0
   draws = 4000
   for _ in range(draws):
-    out, labels, weights = text.mlm_mask(ids, mask, rng, prob=0.15, mask_id=tok.mask_token_id,
-                                         special_ids=special, vocab_size=len(tok))
+    out, labels, weights = text.mlm_mask(
+        ids, mask, rng, prob=0.15, mask_id=tok.mask_token_id, special_ids=special, vocab_size=len(tok)
+    )
     sel = weights > 0
     assert sel.sum() >= 1
     assert not np.isin(ids[sel], special).any() and not sel[mask == 0].any()
@@ -64,8 +66,7 @@ def test_mlm_short_caption_masks_at_least_one(tok):
   ids, mask, _ = text.encode(tok, "red circle", 8)
   rng = np.random.default_rng(1)
   for _ in range(50):
-    _, _, w = text.mlm_mask(ids, mask, rng, prob=0.15, mask_id=4, special_ids=tok.all_special_ids,
-                            vocab_size=len(tok))
+    _, _, w = text.mlm_mask(ids, mask, rng, prob=0.15, mask_id=4, special_ids=tok.all_special_ids, vocab_size=len(tok))
     assert w.sum() == 1 and w[1:3].sum() == 1
 
 

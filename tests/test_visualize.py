@@ -1,5 +1,6 @@
 """visualize: the attention share on hand-built matrices, word pieces, rollout, the sown attention leaving the
 model unchanged, every task's and a real-size model's maps, the pictures' aspect ratio, one-line CLI errors."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from pixelbert_jax.data import synthetic as world
 from pixelbert_jax.data import text as text_lib
 from pixelbert_jax.models import build_model, init_variables, model_config
 from tests import train_helpers as th
-
 
 # -- the share, on hand-built attention ----------------------------------------------------------------------------
 
@@ -91,8 +91,11 @@ def test_rollout_and_modes_on_hand_built_attention():
   batched = visualize.attention_matrix(np.stack([probs, probs[::-1]]), 2, use_rollout=True)
   np.testing.assert_allclose(batched[0], mix[2] @ mix[1] @ mix[0], rtol=1e-5)
   assert visualize.check_mode(3, 2, -1, None, False) == 2
-  for layer, head, roll, needle in [(3, None, False, "layer 3 out of range"), (0, 2, False, "head 2 out of range"),
-                                    (0, 0, True, "not both")]:
+  for layer, head, roll, needle in [
+      (3, None, False, "layer 3 out of range"),
+      (0, 2, False, "head 2 out of range"),
+      (0, 0, True, "not both"),
+  ]:
     with pytest.raises(predict.PredictError, match=needle):
       visualize.check_mode(3, 2, layer, head, roll)
 
@@ -168,8 +171,14 @@ def test_real_size_model_traces_with_fused_attention_and_remat():
   runner = visualize.AttentionRunner(cfg, "pretrain")
   shapes = jax.eval_shape(lambda: init_variables(runner.model, jax.random.key(0), "pretrain"))
   image = jax.ShapeDtypeStruct((1, 832, 1344, 3), jnp.uint8)
-  out = jax.eval_shape(runner._probs, shapes, image, jax.ShapeDtypeStruct((1, 832, 1344), bool),
-                       jax.ShapeDtypeStruct((1, 20), jnp.int32), jax.ShapeDtypeStruct((1, 20), jnp.int32))
+  out = jax.eval_shape(
+      runner._probs,
+      shapes,
+      image,
+      jax.ShapeDtypeStruct((1, 832, 1344), bool),
+      jax.ShapeDtypeStruct((1, 20), jnp.int32),
+      jax.ShapeDtypeStruct((1, 20), jnp.int32),
+  )
   t = 20 + 13 * 21
   assert out[0].shape == (1, 12, 12, t, t) and out[0].dtype == jnp.float32
   assert out[1].shape == (1, 13 * 21)
@@ -243,8 +252,9 @@ def test_layer_head_and_rollout_choose_other_maps(predictor, image, tmp_path):
   probs = np.load(tmp_path / "h" / "attention.npy")
   n = head["pixel_offset"]
   for k, w in enumerate(head["words"]):
-    np.testing.assert_allclose(np.load(tmp_path / "h" / "maps.npy")[k].reshape(-1),
-                               probs[0, 1][w["positions"]].mean(0)[n:], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "h" / "maps.npy")[k].reshape(-1), probs[0, 1][w["positions"]].mean(0)[n:], rtol=1e-5
+    )
     roll_rows = visualize.rollout(probs, 1)[w["positions"]].mean(0)[n:]
     np.testing.assert_allclose(np.load(tmp_path / "r" / "maps.npy")[k].reshape(-1), roll_rows, rtol=1e-4)
   # A folder reused for another text keeps no pictures of the old words.
@@ -277,6 +287,7 @@ def test_grounding_check_agrees_with_the_pictures_maps(predictor, tmp_path):
   """The check's share for one scene and caption equals the share computed from `attention_maps` on the
   dataset's JPEG of that scene and the world's ground truth."""
   from pixelbert_jax.data import builders
+
   s = predictor.data_cfg.synthetic
   objs = world.make_scene(int(s.seed), "val", 0, int(s.image_size), builders.scene_spec(predictor.data_cfg))
   path = tmp_path / "scene.jpg"
@@ -286,11 +297,16 @@ def test_grounding_check_agrees_with_the_pictures_maps(predictor, tmp_path):
   for kind, names in (("colour", world.COLOURS), ("shape", world.SHAPES)):
     words = [w for w in caption.split() if w in names]
     got = visualize.attention_maps(predictor, str(path), caption, words=words, use_rollout=True)
-    shares = [visualize.object_share(m.reshape(-1), visualize.object_pixels(o, 1.0, (3, 3)), np.ones(9, bool))
-              for w, m in zip(got["words"], got["maps"]) for o in objs if w in (o.colour, o.shape)]
+    shares = [
+        visualize.object_share(m.reshape(-1), visualize.object_pixels(o, 1.0, (3, 3)), np.ones(9, bool))
+        for w, m in zip(got["words"], got["maps"])
+        for o in objs
+        if w in (o.colour, o.shape)
+    ]
     assert len(shares) == len(words) > 0
-    np.testing.assert_allclose(report["variants"]["as written"]["rollout through layer 1"][kind]["share"],
-                               np.mean(shares), rtol=1e-4)
+    np.testing.assert_allclose(
+        report["variants"]["as written"]["rollout through layer 1"][kind]["share"], np.mean(shares), rtol=1e-4
+    )
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
@@ -304,17 +320,47 @@ def _main(capsys, *args):
 
 def test_cli_errors_are_one_line(workdir, image, tmp_path, capsys):
   cases = [
-      (["--checkpoint", tmp_path / "nowhere", "--image", image, "--text", "a", "--out", tmp_path / "o"],
-       f"error: Checkpoint path {tmp_path / 'nowhere'} does not exist"),
-      (["--checkpoint", workdir, "--image", tmp_path / "no.png", "--text", "a red star", "--out", tmp_path / "o"],
-       f"error: image {tmp_path / 'no.png'} does not exist"),
-      (["--checkpoint", workdir, "--image", workdir / "config.json", "--text", "a red star", "--out", tmp_path / "o"],
-       f"error: image {workdir / 'config.json'} is unreadable"),
+      (
+          ["--checkpoint", tmp_path / "nowhere", "--image", image, "--text", "a", "--out", tmp_path / "o"],
+          f"error: Checkpoint path {tmp_path / 'nowhere'} does not exist",
+      ),
+      (
+          ["--checkpoint", workdir, "--image", tmp_path / "no.png", "--text", "a red star", "--out", tmp_path / "o"],
+          f"error: image {tmp_path / 'no.png'} does not exist",
+      ),
+      (
+          [
+              "--checkpoint",
+              workdir,
+              "--image",
+              workdir / "config.json",
+              "--text",
+              "a red star",
+              "--out",
+              tmp_path / "o",
+          ],
+          f"error: image {workdir / 'config.json'} is unreadable",
+      ),
       (["--checkpoint", workdir, "--image", image, "--text", "  ", "--out", tmp_path / "o"], "error: empty text"),
-      (["--checkpoint", workdir, "--image", image, "--text", "a red star", "--out", tmp_path / "o", "--words", "blue"],
-       "error: word(s) ['blue'] not in the text 'a red star'"),
-      (["--checkpoint", workdir, "--image", image, "--text", "a red star", "--out", tmp_path / "o", "--layer", "5"],
-       "error: layer 5 out of range"),
+      (
+          [
+              "--checkpoint",
+              workdir,
+              "--image",
+              image,
+              "--text",
+              "a red star",
+              "--out",
+              tmp_path / "o",
+              "--words",
+              "blue",
+          ],
+          "error: word(s) ['blue'] not in the text 'a red star'",
+      ),
+      (
+          ["--checkpoint", workdir, "--image", image, "--text", "a red star", "--out", tmp_path / "o", "--layer", "5"],
+          "error: layer 5 out of range",
+      ),
       (["--checkpoint", workdir, "--grounding_check", "--num_images", "0"], "error: --num_images must be in"),
   ]
   for args, start in cases:
@@ -325,11 +371,29 @@ def test_cli_errors_are_one_line(workdir, image, tmp_path, capsys):
 
 
 def test_cli_writes_the_pictures(workdir, image, tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "pixelbert_jax.visualize", "--checkpoint", str(workdir), "--image",
-                         str(image), "--text", "the picture shows a red star", "--out", str(tmp_path / "v"),
-                         "--rollout"], cwd=th.REPO, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "pixelbert_jax.visualize",
+          "--checkpoint",
+          str(workdir),
+          "--image",
+          str(image),
+          "--text",
+          "the picture shows a red star",
+          "--out",
+          str(tmp_path / "v"),
+          "--rollout",
+      ],
+      cwd=th.REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads(proc.stdout)
   assert [w["word"] for w in summary["words"]] == ["the", "picture", "shows", "a", "red", "star"]
   assert sorted(p.name for p in (tmp_path / "v").iterdir()) == sorted(
-      [w["file"] for w in summary["words"]] + ["grid.png", "attention.npy", "maps.npy", "summary.json"])
+      [w["file"] for w in summary["words"]] + ["grid.png", "attention.npy", "maps.npy", "summary.json"]
+  )

@@ -9,6 +9,7 @@ that do not fit, no torch to verify with) end with one line on stderr naming the
 before any output is written where they can be known then; outputs that disagree with the Flax model exit
 with status 2. --verbose prints the traceback of a failure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,13 +17,16 @@ import sys
 
 from pixelbert_jax import cli_errors
 
-NO_VERIFY_BANNER = ("WARNING: --no-verify: the converted weights were NOT compared with the Flax model. "
-                    "Use this only where torch is not installed, and verify elsewhere before trusting them.")
+NO_VERIFY_BANNER = (
+    "WARNING: --no-verify: the converted weights were NOT compared with the Flax model. "
+    "Use this only where torch is not installed, and verify elsewhere before trusting them."
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m pixelbert_jax.convert", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      prog="python -m pixelbert_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("to-torch", help="Orbax checkpoint -> torchvision / HF / whole-model PyTorch files")
@@ -56,8 +60,10 @@ def _require_torch() -> None:
   try:
     import torch  # noqa: F401
   except ImportError as e:
-    raise ValueError(f"torch is not installed ({e}); the conversion is verified with it: pip install "
-                     "'pixelbert_jax[torch]', or pass --no-verify to convert without checking") from None
+    raise ValueError(
+        f"torch is not installed ({e}); the conversion is verified with it: pip install "
+        "'pixelbert_jax[torch]', or pass --no-verify to convert without checking"
+    ) from None
 
 
 def main(argv=None) -> int:
@@ -66,6 +72,7 @@ def main(argv=None) -> int:
   from pixelbert_jax.convert.mapping import MappingError
   from pixelbert_jax.convert.safetensors_io import TensorFileError
   from pixelbert_jax.convert.verify import VerificationError
+
   if args.no_verify:
     print(NO_VERIFY_BANNER, file=sys.stderr)
   try:
@@ -73,9 +80,11 @@ def main(argv=None) -> int:
       _require_torch()
     if args.command == "to-torch":
       from pixelbert_jax.convert.to_torch import to_torch
+
       to_torch(args.checkpoint, args.out, step=args.step, verify=not args.no_verify, tolerance=args.tolerance)
     else:
       from pixelbert_jax.convert.from_torch import from_torch
+
       from_torch(args.cnn, args.bert, args.out, args.config, args.set, seed=args.seed, verify=not args.no_verify)
   except VerificationError as e:
     print(f"error: verification failed: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ BERT's MLM/ITM heads when the HF folder has them and the task uses them) are rep
 tensors, and the result is written as a step-0 checkpoint (items `params`, `meta`).
 Weight files are memory-mapped (`.safetensors`) or read with `torch.load(weights_only=True)` (`.pth`).
 """
+
 from __future__ import annotations
 
 import ast
@@ -25,10 +26,16 @@ from pixelbert_jax.convert.safetensors_io import TensorFileError, read_safetenso
 from pixelbert_jax.models import build_model, init_variables
 
 # HF config.json key -> model config key; each must agree.
-_HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
-            "num_attention_heads": "num_heads", "intermediate_size": "intermediate_size",
-            "max_position_embeddings": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
-            "layer_norm_eps": "layer_norm_eps"}
+_HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
+    "layer_norm_eps": "layer_norm_eps",
+}
 
 
 def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
@@ -51,9 +58,15 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
     if leaf not in node:
       raise ValueError(f"override {key}: no such config field")
     old = node[leaf]
-    node[leaf] = (value.lower() in ("1", "true", "yes") if isinstance(old, bool) else
-                  type(old)(value) if isinstance(old, (int, float)) and not isinstance(old, bool) else
-                  ast.literal_eval(value) if isinstance(old, (list, tuple)) else value)
+    node[leaf] = (
+        value.lower() in ("1", "true", "yes")
+        if isinstance(old, bool)
+        else type(old)(value)
+        if isinstance(old, (int, float)) and not isinstance(old, bool)
+        else ast.literal_eval(value)
+        if isinstance(old, (list, tuple))
+        else value
+    )
   return config
 
 
@@ -82,8 +95,11 @@ def read_hf_folder(folder: str) -> tuple[dict, dict]:
 
 
 def check_hf_config(hf_config: dict, cfg, where: str) -> None:
-  bad = [f"{k}={hf_config.get(k)!r} but config model.{m}={cfg[m]!r}" for k, m in _HF_KEYS.items()
-         if k in hf_config and hf_config[k] != cfg[m]]
+  bad = [
+      f"{k}={hf_config.get(k)!r} but config model.{m}={cfg[m]!r}"
+      for k, m in _HF_KEYS.items()
+      if k in hf_config and hf_config[k] != cfg[m]
+  ]
   if hf_config.get("hidden_act", "gelu") != "gelu":
     bad.append(f"hidden_act={hf_config['hidden_act']!r} but the model uses exact GELU ('gelu')")
   if hf_config.get("model_type", "bert") != "bert":
@@ -92,8 +108,16 @@ def check_hf_config(hf_config: dict, cfg, where: str) -> None:
     raise ValueError(f"{where} does not fit the config: " + "; ".join(bad))
 
 
-def from_torch(cnn_path: str, bert_dir: str, out: str, config_spec: str = "configs/pretrain.py:r50",
-               overrides: list[str] = (), seed: int = 0, verify: bool = True, log=print) -> dict:
+def from_torch(
+    cnn_path: str,
+    bert_dir: str,
+    out: str,
+    config_spec: str = "configs/pretrain.py:r50",
+    overrides: list[str] = (),
+    seed: int = 0,
+    verify: bool = True,
+    log=print,
+) -> dict:
   """Writes OUT (a step-0 checkpoint); returns the verification differences (empty with verify=False)."""
   # '~' and relative paths (paths.py); Orbax refuses to write a relative OUT.
   cnn_path, bert_dir, out = paths.resolve(cnn_path), paths.resolve(bert_dir), paths.resolve(out)
@@ -118,17 +142,31 @@ def from_torch(cnn_path: str, bert_dir: str, out: str, config_spec: str = "confi
   diffs = {}
   if verify:
     from pixelbert_jax.convert import verify as verify_lib
+
     diffs = verify_lib.verify_imported_pieces(cfg, variables, cnn_sd, bert_dir)
     for name, d in diffs.items():
       log(f"  {name:<22} max|flax - torch| = {d:.3e}")
   fresh = sorted({"encoder/visual"} | {k for k in variables["params"] if k not in used and k != "encoder"})
-  meta = {"task": task, "model": cfg.to_dict(), "data": config.data.get("name", ""),
-          "vocab_size": int(cfg.vocab_size),
-          "source": {"cnn": os.path.abspath(cnn_path), "bert": os.path.abspath(bert_dir), "config": config_spec,
-                     "overrides": list(overrides), "seed": seed, "fresh": fresh, "bert_heads_unused": skipped}}
+  meta = {
+      "task": task,
+      "model": cfg.to_dict(),
+      "data": config.data.get("name", ""),
+      "vocab_size": int(cfg.vocab_size),
+      "source": {
+          "cnn": os.path.abspath(cnn_path),
+          "bert": os.path.abspath(bert_dir),
+          "config": config_spec,
+          "overrides": list(overrides),
+          "seed": seed,
+          "fresh": fresh,
+          "bert_heads_unused": skipped,
+      },
+  }
   ckpt_lib.save_model_variables(out, variables, meta)
-  log(f"wrote {out}: CNN from {cnn_path}, transformer{' + ' + ', '.join(h for h in used if h != 'encoder') if len(used) > 1 else ''} "
-      f"from {bert_dir}; fresh: {', '.join(fresh)}")
+  log(
+      f"wrote {out}: CNN from {cnn_path}, transformer{' + ' + ', '.join(h for h in used if h != 'encoder') if len(used) > 1 else ''} "
+      f"from {bert_dir}; fresh: {', '.join(fresh)}"
+  )
   return diffs
 
 

@@ -5,6 +5,7 @@ changes (`conv`: OIHW <-> HWIO, `linear`: (out, in) <-> (in, out), `copy`). The 
 directions, works on dicts of NumPy arrays (no torch import) and rejects, in one error listing them all,
 every missing, unexpected, misshapen or non-float tensor.
 """
+
 import dataclasses
 from typing import Any, Iterable
 
@@ -34,11 +35,15 @@ class Rule:
 
 # --------------------------------------------------------------------------------------------- tables
 def _norm_rules(torch_prefix: str, path: tuple, channels: int, norm: str) -> list:
-  rules = [Rule(f"{torch_prefix}.weight", "params", path + ("scale",), "copy", (channels,)),
-           Rule(f"{torch_prefix}.bias", "params", path + ("bias",), "copy", (channels,))]
+  rules = [
+      Rule(f"{torch_prefix}.weight", "params", path + ("scale",), "copy", (channels,)),
+      Rule(f"{torch_prefix}.bias", "params", path + ("bias",), "copy", (channels,)),
+  ]
   if norm in ("frozen_bn", "bn"):
-    rules += [Rule(f"{torch_prefix}.running_mean", "batch_stats", path + ("mean",), "copy", (channels,)),
-              Rule(f"{torch_prefix}.running_var", "batch_stats", path + ("var",), "copy", (channels,))]
+    rules += [
+        Rule(f"{torch_prefix}.running_mean", "batch_stats", path + ("mean",), "copy", (channels,)),
+        Rule(f"{torch_prefix}.running_var", "batch_stats", path + ("var",), "copy", (channels,)),
+    ]
   return rules
 
 
@@ -53,7 +58,7 @@ def cnn_rules(cnn_cfg) -> list:
   rules += _norm_rules("bn1", ("bn1",), cnn_cfg.stem_width, norm)
   in_c = cnn_cfg.stem_width
   for s, blocks in enumerate(cnn_cfg.stage_sizes):
-    planes = cnn_cfg.base_planes * 2 ** s
+    planes = cnn_cfg.base_planes * 2**s
     width = int(planes * (cnn_cfg.width_per_group / 64.0)) * cnn_cfg.groups
     out_c = planes * EXPANSION
     for b in range(blocks):
@@ -72,13 +77,17 @@ def cnn_rules(cnn_cfg) -> list:
 
 
 def _dense(name: str, path: tuple, n_in: int, n_out: int) -> list:
-  return [Rule(f"{name}.weight", "params", path + ("kernel",), "linear", (n_out, n_in)),
-          Rule(f"{name}.bias", "params", path + ("bias",), "copy", (n_out,))]
+  return [
+      Rule(f"{name}.weight", "params", path + ("kernel",), "linear", (n_out, n_in)),
+      Rule(f"{name}.bias", "params", path + ("bias",), "copy", (n_out,)),
+  ]
 
 
 def _layer_norm(name: str, path: tuple, d: int) -> list:
-  return [Rule(f"{name}.weight", "params", path + ("scale",), "copy", (d,)),
-          Rule(f"{name}.bias", "params", path + ("bias",), "copy", (d,))]
+  return [
+      Rule(f"{name}.weight", "params", path + ("scale",), "copy", (d,)),
+      Rule(f"{name}.bias", "params", path + ("bias",), "copy", (d,)),
+  ]
 
 
 def bert_rules(cfg, prefix: str = "") -> dict:
@@ -89,10 +98,14 @@ def bert_rules(cfg, prefix: str = "") -> dict:
   d, inter = cfg.hidden_size, cfg.intermediate_size
   root = ("encoder", "bert")
   emb = root + ("embeddings",)
-  core = [Rule(f"{prefix}embeddings.{n}.weight", "params", emb + (n, "embedding"), "copy", (rows, d))
-          for n, rows in (("word_embeddings", cfg.vocab_size),
-                          ("position_embeddings", cfg.max_position_embeddings),
-                          ("token_type_embeddings", cfg.type_vocab_size))]
+  core = [
+      Rule(f"{prefix}embeddings.{n}.weight", "params", emb + (n, "embedding"), "copy", (rows, d))
+      for n, rows in (
+          ("word_embeddings", cfg.vocab_size),
+          ("position_embeddings", cfg.max_position_embeddings),
+          ("token_type_embeddings", cfg.type_vocab_size),
+      )
+  ]
   core += _layer_norm(f"{prefix}embeddings.LayerNorm", emb + ("LayerNorm",), d)
   for i in range(cfg.num_layers):
     t, p = f"{prefix}encoder.layer.{i}", root + ("encoder", f"layer_{i}")
@@ -106,10 +119,12 @@ def bert_rules(cfg, prefix: str = "") -> dict:
   mlm = _dense("cls.predictions.transform.dense", ("mlm_head", "dense"), d, d)
   mlm += _layer_norm("cls.predictions.transform.LayerNorm", ("mlm_head", "LayerNorm"), d)
   mlm.append(Rule("cls.predictions.bias", "params", ("mlm_head", "bias"), "copy", (cfg.vocab_size,)))
-  return dict(core=core,
-              pooler=_dense(f"{prefix}pooler.dense", root + ("pooler", "dense"), d, d),
-              mlm_head=mlm,
-              itm_head=_dense("cls.seq_relationship", ("itm_head", "dense"), d, 2))
+  return dict(
+      core=core,
+      pooler=_dense(f"{prefix}pooler.dense", root + ("pooler", "dense"), d, d),
+      mlm_head=mlm,
+      itm_head=_dense("cls.seq_relationship", ("itm_head", "dense"), d, 2),
+  )
 
 
 # ------------------------------------------------------------------------------------------- engines
@@ -167,8 +182,7 @@ def _export_one(variables: dict, r: Rule, errors: list, convert: bool = True):
     errors.append(f"{where}: dtype {dtype} is not a float weight")
     return None
   if tuple(np.shape(value)) != r.flax_shape:
-    errors.append(f"misshapen {where} (for {r.torch_name}): expected {r.flax_shape}, got "
-                  f"{tuple(np.shape(value))}")
+    errors.append(f"misshapen {where} (for {r.torch_name}): expected {r.flax_shape}, got " f"{tuple(np.shape(value))}")
     return None
   if not convert:
     return True
@@ -202,8 +216,7 @@ def cnn_from_torchvision(state_dict: dict, cnn_cfg) -> dict:
   out = _import(state_dict, rules, errors)
   known = {r.torch_name for r in rules}
   for name in state_dict:
-    if name not in known and not name.endswith(".num_batches_tracked") and name not in ("fc.weight",
-                                                                                         "fc.bias"):
+    if name not in known and not name.endswith(".num_batches_tracked") and name not in ("fc.weight", "fc.bias"):
       errors.append(f"unexpected {name}: shape {tuple(np.shape(state_dict[name]))}")
   _raise(errors, f"torchvision -> Flax CNN ({cnn_cfg.get('name', 'cnn')}, norm={cnn_cfg.norm})")
   out.setdefault("params", {})
@@ -226,7 +239,7 @@ def cnn_to_torchvision(variables: dict, cnn_cfg) -> dict:
   _raise(errors, "Flax CNN -> torchvision")
   for r in rules:
     if r.torch_name.endswith(".running_mean"):
-      out[r.torch_name[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+      out[r.torch_name[: -len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
   return out
 
 
@@ -248,8 +261,7 @@ def bert_from_hf(state_dict: dict, model_cfg) -> dict:
   for name in ("pooler", "mlm_head", "itm_head"):
     rules = groups[name]
     present = [r.torch_name for r in rules if r.torch_name in state_dict]
-    if name == "mlm_head" and "cls.predictions.bias" not in state_dict and \
-        "cls.predictions.decoder.bias" in state_dict:
+    if name == "mlm_head" and "cls.predictions.bias" not in state_dict and "cls.predictions.decoder.bias" in state_dict:
       state_dict = dict(state_dict, **{"cls.predictions.bias": state_dict["cls.predictions.decoder.bias"]})
       present.append("cls.predictions.bias")
     if present:
@@ -345,4 +357,3 @@ def _copy(tree):
   if isinstance(tree, dict) or hasattr(tree, "items") and not hasattr(tree, "shape"):
     return {k: _copy(v) for k, v in tree.items()}
   return tree
-

@@ -4,19 +4,35 @@
 without copying anything, and `export_tensor` converts one tensor at a time, so a writer never holds
 the converted state dict in full.
 """
+
 import dataclasses
 from typing import Iterable
 
 import numpy as np
 
-from pixelbert_jax.convert.mapping import (EXPANSION, MappingError, Rule, _dense, _export_one, _import,
-                                           _layer_norm, _raise, _unbox, bert_rules, cnn_rules)
+from pixelbert_jax.convert.mapping import (
+    EXPANSION,
+    MappingError,
+    Rule,
+    _dense,
+    _export_one,
+    _import,
+    _layer_norm,
+    _raise,
+    _unbox,
+    bert_rules,
+    cnn_rules,
+)
 
 # ------------------------------------------------------------------- the whole model, one tensor at a time
 # Names of `pixelbert_jax.convert.torch_model.PixelBert*`: `encoder.cnn.` + torchvision, `encoder.bert.` +
 # HF BertModel, and the Flax path for the rest (kernel/scale/embedding -> weight).
-TASK_HEADS = {"pretrain": ("mlm_head", "itm_head"), "vqa": ("vqa_head",), "nlvr2": ("nlvr2_head",),
-              "retrieval": ("retrieval_head",)}
+TASK_HEADS = {
+    "pretrain": ("mlm_head", "itm_head"),
+    "vqa": ("vqa_head",),
+    "nlvr2": ("nlvr2_head",),
+    "retrieval": ("retrieval_head",),
+}
 
 
 def _path_name(path: tuple) -> str:
@@ -25,9 +41,11 @@ def _path_name(path: tuple) -> str:
 
 
 def _mlp_head(name: str, d_in: int, hidden: int, n_out: int) -> list:
-  return (_dense(f"{name}.dense_0", (name, "dense_0"), d_in, hidden)
-          + _layer_norm(f"{name}.LayerNorm", (name, "LayerNorm"), hidden)
-          + _dense(f"{name}.dense_1", (name, "dense_1"), hidden, n_out))
+  return (
+      _dense(f"{name}.dense_0", (name, "dense_0"), d_in, hidden)
+      + _layer_norm(f"{name}.LayerNorm", (name, "LayerNorm"), hidden)
+      + _dense(f"{name}.dense_1", (name, "dense_1"), hidden, n_out)
+  )
 
 
 def c5_channels(cnn_cfg) -> int:
@@ -39,32 +57,43 @@ def model_rules(cfg, task: str) -> list:
   if task not in TASK_HEADS:
     raise MappingError(f"unknown task {task!r}; expected one of {sorted(TASK_HEADS)}")
   d = cfg.hidden_size
-  rules = [dataclasses.replace(r, torch_name="encoder.cnn." + r.torch_name, path=("encoder", "cnn") + r.path)
-           for r in cnn_rules(cfg.cnn)]
+  rules = [
+      dataclasses.replace(r, torch_name="encoder.cnn." + r.torch_name, path=("encoder", "cnn") + r.path)
+      for r in cnn_rules(cfg.cnn)
+  ]
   vis = ("encoder", "visual")
-  rules += [Rule("encoder.visual.proj.weight", "params", vis + ("proj", "kernel"), "conv",
-                 (d, c5_channels(cfg.cnn), 1, 1)),
-            Rule("encoder.visual.proj.bias", "params", vis + ("proj", "bias"), "copy", (d,)),
-            Rule("encoder.visual.semantic", "params", vis + ("semantic",), "copy", (d,))]
+  rules += [
+      Rule("encoder.visual.proj.weight", "params", vis + ("proj", "kernel"), "conv", (d, c5_channels(cfg.cnn), 1, 1)),
+      Rule("encoder.visual.proj.bias", "params", vis + ("proj", "bias"), "copy", (d,)),
+      Rule("encoder.visual.semantic", "params", vis + ("semantic",), "copy", (d,)),
+  ]
   if cfg.pos_embed_2d:
-    rules += [Rule(f"encoder.visual.{n}", "params", vis + (n,), "copy", (cfg.max_grid, d))
-              for n in ("row_embed", "col_embed")]
+    rules += [
+        Rule(f"encoder.visual.{n}", "params", vis + (n,), "copy", (cfg.max_grid, d)) for n in ("row_embed", "col_embed")
+    ]
   groups = bert_rules(cfg, "")
-  rules += [dataclasses.replace(r, torch_name="encoder.bert." + r.torch_name)
-            for r in groups["core"] + groups["pooler"]]
+  rules += [
+      dataclasses.replace(r, torch_name="encoder.bert." + r.torch_name) for r in groups["core"] + groups["pooler"]
+  ]
   hidden = cfg.head_hidden_multiplier * d
-  heads = {"pretrain": [dataclasses.replace(r, torch_name=_path_name(r.path))
-                        for r in groups["mlm_head"] + groups["itm_head"]],
-           "vqa": _mlp_head("vqa_head", d, hidden, cfg.num_answers),
-           "nlvr2": _mlp_head("nlvr2_head", 2 * d, hidden, 2),
-           "retrieval": _dense("retrieval_head.dense", ("retrieval_head", "dense"), d, 1)}
+  heads = {
+      "pretrain": [
+          dataclasses.replace(r, torch_name=_path_name(r.path)) for r in groups["mlm_head"] + groups["itm_head"]
+      ],
+      "vqa": _mlp_head("vqa_head", d, hidden, cfg.num_answers),
+      "nlvr2": _mlp_head("nlvr2_head", 2 * d, hidden, 2),
+      "retrieval": _dense("retrieval_head.dense", ("retrieval_head", "dense"), d, 1),
+  }
   return rules + heads[task]
 
 
 def tracked_names(rules: Iterable[Rule]) -> list:
   """BatchNorm `num_batches_tracked` buffers (int64 scalars) that strict PyTorch loading expects."""
-  return [r.torch_name[:-len("running_mean")] + "num_batches_tracked" for r in rules
-          if r.torch_name.endswith(".running_mean")]
+  return [
+      r.torch_name[: -len("running_mean")] + "num_batches_tracked"
+      for r in rules
+      if r.torch_name.endswith(".running_mean")
+  ]
 
 
 def check_export(variables: dict, rules: Iterable[Rule], what: str) -> None:
@@ -102,9 +131,19 @@ def model_from_torch(state_dict: dict, cfg, task: str) -> dict:
 def hf_bert_config(cfg, **extra):
   """The `transformers.BertConfig` of the model's text/fusion transformer (no torch needed)."""
   import transformers
+
   return transformers.BertConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, hidden_act="gelu",
-      hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
-      max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
-      layer_norm_eps=cfg.layer_norm_eps, initializer_range=cfg.initializer_range, **extra)
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.hidden_size,
+      num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads,
+      intermediate_size=cfg.intermediate_size,
+      hidden_act="gelu",
+      hidden_dropout_prob=cfg.hidden_dropout,
+      attention_probs_dropout_prob=cfg.attention_dropout,
+      max_position_embeddings=cfg.max_position_embeddings,
+      type_vocab_size=cfg.type_vocab_size,
+      layer_norm_eps=cfg.layer_norm_eps,
+      initializer_range=cfg.initializer_range,
+      **extra,
+  )

@@ -6,6 +6,7 @@ up front), so exporting a model never builds the whole converted state dict in m
 so importing reads pages only as each tensor is converted. `read_torch_pickle` reads `.pth`/`.pt`/`.bin`
 with `torch.load(weights_only=True)` only, and accepts nothing but a flat {name: tensor} dict.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,20 @@ from typing import Callable, Iterable
 import numpy as np
 
 # safetensors dtype names <-> NumPy; bfloat16 comes from ml_dtypes (a jax dependency).
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 try:
   import ml_dtypes
+
   _DTYPES["BF16"] = ml_dtypes.bfloat16
 except ImportError:  # pragma: no cover - jax always brings ml_dtypes
   pass
@@ -31,8 +42,12 @@ class TensorFileError(ValueError):
   """A tensor file that is missing, truncated, or not what it claims to be (message names the file)."""
 
 
-def write_safetensors(path: str | os.PathLike, specs: Iterable[tuple[str, tuple, np.dtype]],
-                      produce: Callable[[str], np.ndarray], metadata: dict[str, str] | None = None) -> int:
+def write_safetensors(
+    path: str | os.PathLike,
+    specs: Iterable[tuple[str, tuple, np.dtype]],
+    produce: Callable[[str], np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> int:
   """Writes `path` from `specs` (name, shape, dtype), calling `produce(name)` for one tensor at a time.
 
   Each produced array must have exactly the announced shape and dtype. Returns the bytes written.
@@ -45,8 +60,7 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[tuple[str, tuple,
     if dtype not in _NAMES:
       raise TensorFileError(f"{path}: {name}: dtype {dtype} has no safetensors name")
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    header[name] = {"dtype": _NAMES[dtype], "shape": [int(s) for s in shape],
-                    "data_offsets": [offset, offset + size]}
+    header[name] = {"dtype": _NAMES[dtype], "shape": [int(s) for s in shape], "data_offsets": [offset, offset + size]}
     offset += size
   if metadata:
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -59,8 +73,9 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[tuple[str, tuple,
     for name, shape, dtype in specs:
       arr = np.asarray(produce(name))
       if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-        raise TensorFileError(f"{path}: {name}: produced {arr.dtype}{list(arr.shape)}, announced "
-                              f"{np.dtype(dtype)}{list(shape)}")
+        raise TensorFileError(
+            f"{path}: {name}: produced {arr.dtype}{list(arr.shape)}, announced " f"{np.dtype(dtype)}{list(shape)}"
+        )
       f.write(np.ascontiguousarray(arr).data)  # little-endian on every platform jax supports
   os.replace(tmp, path)
   return 8 + len(blob) + offset
@@ -79,8 +94,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
       raise TensorFileError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
     (n,) = struct.unpack("<Q", raw)
     if n > min(_MAX_HEADER, size - 8):
-      raise TensorFileError(f"{path}: not a safetensors file or truncated (header length {n}, "
-                            f"file size {size})")
+      raise TensorFileError(f"{path}: not a safetensors file or truncated (header length {n}, " f"file size {size})")
     try:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -97,12 +111,12 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
     lo, hi = info["data_offsets"]
     want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_DTYPES[info["dtype"]]).itemsize
     if hi - lo != want or lo < 0:
-      raise TensorFileError(f"{path}: {name}: data_offsets {lo}..{hi} do not fit shape {info['shape']} "
-                            f"{info['dtype']}")
+      raise TensorFileError(
+          f"{path}: {name}: data_offsets {lo}..{hi} do not fit shape {info['shape']} " f"{info['dtype']}"
+      )
     end = max(end, hi)
   if start + end > size:
-    raise TensorFileError(f"{path}: truncated safetensors file: {size} bytes, the header needs "
-                          f"{start + end}")
+    raise TensorFileError(f"{path}: truncated safetensors file: {size} bytes, the header needs " f"{start + end}")
   return header, metadata, start
 
 
@@ -125,6 +139,7 @@ def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
   import pickle
 
   import torch
+
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise TensorFileError(f"{path}: no such file")
@@ -132,15 +147,18 @@ def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
   except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise TensorFileError(f"{path}: not a plain state dict readable with torch.load(weights_only=True): "
-                          f"{first}") from None
+    raise TensorFileError(
+        f"{path}: not a plain state dict readable with torch.load(weights_only=True): " f"{first}"
+    ) from None
   if not isinstance(obj, dict):
     raise TensorFileError(f"{path}: holds a {type(obj).__name__}, not a state dict {{name: tensor}}")
   out = {}
   for k, v in obj.items():
     if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-      raise TensorFileError(f"{path}: key {k!r} holds a {type(v).__name__}, not a tensor: not a plain "
-                            "state dict (a training checkpoint? save model.state_dict() instead)")
+      raise TensorFileError(
+          f"{path}: key {k!r} holds a {type(v).__name__}, not a tensor: not a plain "
+          "state dict (a training checkpoint? save model.state_dict() instead)"
+      )
     out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
   return out
 

@@ -9,6 +9,7 @@ OUT/README.md                  how to load each piece
 Every file is streamed tensor by tensor from the restored Flax tree: the host holds the checkpoint once,
 plus one converted tensor at a time; verification reads the written files back as memory maps.
 """
+
 from __future__ import annotations
 
 import json
@@ -124,17 +125,36 @@ def write_readme(out: str, cfg, task: str, source: str, step: int, report) -> No
   c = cfg.cnn
   custom = c.stem_width != 64 or c.base_planes != 64
   with open(os.path.join(out, "README.md"), "w") as f:
-    f.write(README.format(
-        task=task, source=source, step=step, stages=list(c.stage_sizes), groups=c.groups, wpg=c.width_per_group,
-        verified=(report.summary() + "." if report is not None else
-                  "**NOT VERIFIED** (`--no-verify`): outputs were never compared with the Flax model."),
-        stem_note=(f" — this CNN has stem width {c.stem_width} and base planes {c.base_planes}, not "
-                   "torchvision's 64/64: use `pixelbert_jax.convert.torch_model.build_resnet`" if custom else ""),
-        mlm_note=("; `BertForMaskedLM` / `BertForPreTraining` load the MLM (and ITM) head from it too"
-                  if task == "pretrain" else ""),
-        norm=c.norm,
-        norm_note=(": `BatchNorm2d` with the running statistics (call `.eval()`)" if c.norm != "gn"
-                   else ": `GroupNorm`")))
+    f.write(
+        README.format(
+            task=task,
+            source=source,
+            step=step,
+            stages=list(c.stage_sizes),
+            groups=c.groups,
+            wpg=c.width_per_group,
+            verified=(
+                report.summary() + "."
+                if report is not None
+                else "**NOT VERIFIED** (`--no-verify`): outputs were never compared with the Flax model."
+            ),
+            stem_note=(
+                f" — this CNN has stem width {c.stem_width} and base planes {c.base_planes}, not "
+                "torchvision's 64/64: use `pixelbert_jax.convert.torch_model.build_resnet`"
+                if custom
+                else ""
+            ),
+            mlm_note=(
+                "; `BertForMaskedLM` / `BertForPreTraining` load the MLM (and ITM) head from it too"
+                if task == "pretrain"
+                else ""
+            ),
+            norm=c.norm,
+            norm_note=(
+                ": `BatchNorm2d` with the running statistics (call `.eval()`)" if c.norm != "gn" else ": `GroupNorm`"
+            ),
+        )
+    )
 
 
 def check_pieces(out: str, torch_model) -> list:
@@ -144,6 +164,7 @@ def check_pieces(out: str, torch_model) -> list:
   from safetensors.torch import load_file
 
   from pixelbert_jax.convert.torch_model import build_resnet
+
   problems = []
   cfg = ml_collections.ConfigDict(json.load(open(os.path.join(out, "pixelbert_config.json")))["model"])
   net = build_resnet(cfg.cnn)
@@ -152,8 +173,10 @@ def check_pieces(out: str, torch_model) -> list:
   bert, info = transformers.BertModel.from_pretrained(os.path.join(out, "text_encoder"), output_loading_info=True)
   if info["missing_keys"] or info["mismatched_keys"]:
     problems.append(f"text_encoder: missing {info['missing_keys'][:3]}, mismatched {info['mismatched_keys'][:3]}")
-  for name, piece, whole in (("cnn.safetensors", net, torch_model.encoder.cnn),
-                             ("text_encoder", bert, torch_model.encoder.bert)):
+  for name, piece, whole in (
+      ("cnn.safetensors", net, torch_model.encoder.cnn),
+      ("text_encoder", bert, torch_model.encoder.bert),
+  ):
     ref = whole.state_dict()
     for k, v in piece.state_dict().items():
       if k in ref and not torch.equal(v, ref[k]):
@@ -161,14 +184,19 @@ def check_pieces(out: str, torch_model) -> list:
   return problems
 
 
-def to_torch(checkpoint: str, out: str, step: int | None = None, verify: bool = True,
-             tolerance: float = 1e-4, log=print):
+def to_torch(
+    checkpoint: str, out: str, step: int | None = None, verify: bool = True, tolerance: float = 1e-4, log=print
+):
   """Writes OUT and (unless verify=False) checks it; returns the verification Report or None."""
   checkpoint, out = paths.resolve(checkpoint), paths.resolve(out)  # '~' and relative paths (paths.py)
   variables, cfg, task, step, meta = load_checkpoint(checkpoint, step)
   os.makedirs(out, exist_ok=True)
-  info = {"source": os.path.abspath(checkpoint), "step": int(step), "vocab_size": int(cfg.vocab_size),
-          "data": meta.get("data", "")}
+  info = {
+      "source": os.path.abspath(checkpoint),
+      "step": int(step),
+      "vocab_size": int(cfg.vocab_size),
+      "data": meta.get("data", ""),
+  }
   write_cnn(out, variables, cfg)
   write_text_encoder(out, variables, cfg, task)
   write_pixelbert(out, variables, cfg, task, info)
@@ -176,6 +204,7 @@ def to_torch(checkpoint: str, out: str, step: int | None = None, verify: bool = 
   if verify:
     from pixelbert_jax.convert import verify as verify_lib
     from pixelbert_jax.convert.torch_model import load_pixelbert
+
     torch_model = load_pixelbert(out)
     report = verify_lib.verify(cfg, task, variables, torch_model, tolerance=tolerance)
     problems = check_pieces(out, torch_model)

@@ -9,6 +9,7 @@ encoder with padding masked out, then the task heads. Frozen or trainable batch 
     model = load_pixelbert("OUT")            # OUT written by `python -m pixelbert_jax.convert to-torch`
     out = model(image=uint8_nhwc, image_mask=bool_nhw, input_ids=ids, text_mask=mask)
 """
+
 from __future__ import annotations
 
 import json
@@ -50,14 +51,19 @@ def build_resnet(cnn_cfg) -> ResNet:
   if len(cnn_cfg.stage_sizes) != 4:
     raise ValueError(f"torchvision's ResNet has 4 stages; cnn.stage_sizes={list(cnn_cfg.stage_sizes)}")
   norm = _norm_layer(cnn_cfg)
-  net = ResNet(Bottleneck, list(cnn_cfg.stage_sizes), groups=cnn_cfg.groups,
-               width_per_group=cnn_cfg.width_per_group, norm_layer=norm)
+  net = ResNet(
+      Bottleneck,
+      list(cnn_cfg.stage_sizes),
+      groups=cnn_cfg.groups,
+      width_per_group=cnn_cfg.width_per_group,
+      norm_layer=norm,
+  )
   if cnn_cfg.stem_width != 64 or cnn_cfg.base_planes != 64:
     net.inplanes, net.dilation = cnn_cfg.stem_width, 1
     net.conv1 = nn.Conv2d(3, cnn_cfg.stem_width, kernel_size=7, stride=2, padding=3, bias=False)
     net.bn1 = norm(cnn_cfg.stem_width)
     for i, blocks in enumerate(cnn_cfg.stage_sizes):
-      layer = net._make_layer(Bottleneck, cnn_cfg.base_planes * 2 ** i, blocks, stride=1 if i == 0 else 2)
+      layer = net._make_layer(Bottleneck, cnn_cfg.base_planes * 2**i, blocks, stride=1 if i == 0 else 2)
       setattr(net, f"layer{i + 1}", layer)
   net.fc = nn.Identity()
   return net
@@ -70,6 +76,7 @@ def resnet_c5(net: ResNet, x: torch.Tensor) -> torch.Tensor:
 
 
 class VisualEmbedder(nn.Module):
+
   def __init__(self, cfg):
     super().__init__()
     d = cfg.hidden_size
@@ -92,6 +99,7 @@ class VisualEmbedder(nn.Module):
 
 
 class PixelBertEncoder(nn.Module):
+
   def __init__(self, cfg):
     super().__init__()
     self.cnn = build_resnet(cfg.cnn)
@@ -114,6 +122,7 @@ class PixelBertEncoder(nn.Module):
   def fuse(self, input_ids, text_mask, pixels, pixel_mask):
     """-> (sequence [B,L+P,D], pooled [B,D])."""
     from transformers.masking_utils import create_bidirectional_mask
+
     text = self.bert.embeddings(input_ids=input_ids.long())
     x = torch.cat([text, pixels.to(text.dtype)], dim=1)
     mask = torch.cat([text_mask.bool(), pixel_mask.bool()], dim=1)
@@ -142,6 +151,7 @@ class MlmHead(nn.Module):
 
 
 class LinearHead(nn.Module):
+
   def __init__(self, d_in, n_out):
     super().__init__()
     self.dense = nn.Linear(d_in, n_out)
@@ -151,6 +161,7 @@ class LinearHead(nn.Module):
 
 
 class MlpHead(nn.Module):
+
   def __init__(self, cfg, d_in, n_out):
     super().__init__()
     hidden = cfg.head_hidden_multiplier * cfg.hidden_size
@@ -186,7 +197,7 @@ class PixelBert(nn.Module):
     enc = self.encoder(image, image_mask, input_ids, text_mask)
     out = dict(enc)
     if self.task == "pretrain":
-      text = enc["sequence"][:, :input_ids.shape[1]]
+      text = enc["sequence"][:, : input_ids.shape[1]]
       out["mlm_logits"] = self.mlm_head(text, self.encoder.bert.embeddings.word_embeddings.weight)
       out["itm_logits"] = self.itm_head(enc["pooled"])
     elif self.task == "vqa":
@@ -211,8 +222,7 @@ def _restore_non_persistent(model: PixelBert) -> None:
   emb.token_type_ids = torch.zeros((1, n), dtype=torch.long)
   model.encoder.mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)
   model.encoder.std = torch.tensor(IMAGENET_STD, dtype=torch.float32)
-  left = [k for k, b in model.named_buffers() if b.is_meta] + [k for k, p in model.named_parameters()
-                                                                if p.is_meta]
+  left = [k for k, b in model.named_buffers() if b.is_meta] + [k for k, p in model.named_parameters() if p.is_meta]
   if left:
     raise RuntimeError(f"tensors never loaded: {left[:5]}")
 
@@ -222,8 +232,9 @@ def pixelbert_from_state_dict(cfg, task: str, state_dict: dict) -> PixelBert:
   are (NumPy arrays share their memory, memory-mapped files stay mapped); strict."""
   with torch.device("meta"):
     model = PixelBert(cfg, task)
-  tensors = {k: torch.from_numpy(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
-             for k, v in state_dict.items()}
+  tensors = {
+      k: torch.from_numpy(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in state_dict.items()
+  }
   model.load_state_dict(tensors, strict=True, assign=True)
   _restore_non_persistent(model)
   return model.eval()
@@ -235,5 +246,6 @@ def load_pixelbert(directory: str | os.PathLike) -> PixelBert:
   with open(os.path.join(directory, "pixelbert_config.json")) as f:
     meta = json.load(f)
   cfg = ml_collections.ConfigDict(meta["model"])
-  return pixelbert_from_state_dict(cfg, meta["task"], read_safetensors(os.path.join(directory,
-                                                                                   "pixelbert.safetensors")))
+  return pixelbert_from_state_dict(
+      cfg, meta["task"], read_safetensors(os.path.join(directory, "pixelbert.safetensors"))
+  )

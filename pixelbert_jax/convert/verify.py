@@ -5,6 +5,7 @@ Both models run in float32, eval mode, all pixels (the Flax side at `highest` ma
 Every output is compared (logits, fused sequence, pooled vector, pixel masks); the largest absolute
 differences are reported per output and anything over the tolerance fails the conversion.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,14 +34,15 @@ class Report:
 
   def lines(self) -> list:
     worst = sorted(self.diffs.items(), key=lambda kv: -kv[1])
-    return [f"  {name:<16} max|flax - torch| = {d:.3e} {'OK' if d <= self.tolerance else 'FAIL'}"
-            for name, d in worst]
+    return [f"  {name:<16} max|flax - torch| = {d:.3e} {'OK' if d <= self.tolerance else 'FAIL'}" for name, d in worst]
 
   def summary(self) -> str:
     name, d = max(self.diffs.items(), key=lambda kv: kv[1])
     verdict = "agree" if self.ok else "DISAGREE"
-    return (f"Flax and PyTorch {verdict} on a padded random batch ({self.image_size[0]}x{self.image_size[1]}, "
-            f"text {self.text_len}): largest difference {d:.3e} on {name} (tolerance {self.tolerance:.0e})")
+    return (
+        f"Flax and PyTorch {verdict} on a padded random batch ({self.image_size[0]}x{self.image_size[1]}, "
+        f"text {self.text_len}): largest difference {d:.3e} on {name} (tolerance {self.tolerance:.0e})"
+    )
 
 
 def float32_config(cfg) -> ml_collections.ConfigDict:
@@ -49,8 +51,9 @@ def float32_config(cfg) -> ml_collections.ConfigDict:
   return cfg
 
 
-def random_batch(cfg, task: str, seed: int = 0, image_size=(192, 256), batch: int = 2,
-                 text_len: int = 16, pad: bool = True) -> dict:
+def random_batch(
+    cfg, task: str, seed: int = 0, image_size=(192, 256), batch: int = 2, text_len: int = 16, pad: bool = True
+) -> dict:
   """Random uint8 images where row 1 is padded (real content only top-left), random ids, padded text."""
   h, w = image_size
   if h % 64 or w % 64 or h < 128 or w < 128:
@@ -62,13 +65,13 @@ def random_batch(cfg, task: str, seed: int = 0, image_size=(192, 256), batch: in
     image = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
     mask = np.ones((batch, h, w), bool)
     if pad:  # rows 1.. padded off a cell boundary, so cells are split both ways
-      mask[1:, h // 2 + 17:, :] = False
-      mask[1:, :, w - 64 - 5:] = False
+      mask[1:, h // 2 + 17 :, :] = False
+      mask[1:, :, w - 64 - 5 :] = False
     image[~mask] = 0
     out[key], out[f"{key}_mask"] = image, mask
   ids = rng.integers(1, cfg.vocab_size, (batch, text_len)).astype(np.int32)
   text_mask = np.ones((batch, text_len), np.int32)
-  text_mask[1:, text_len // 2:] = 0
+  text_mask[1:, text_len // 2 :] = 0
   ids[text_mask == 0] = 0
   out.update(input_ids=ids, text_mask=text_mask)
   return out
@@ -88,6 +91,7 @@ def _encoder_and_task(module, task, **inputs):
 
 def flax_outputs(cfg, task: str, variables: dict, batch: dict) -> dict:
   from pixelbert_jax.models import build_model
+
   model = build_model(float32_config(cfg), task)
   variables = {k: v for k, v in variables.items() if v or k == "params"}
   with jax.default_matmul_precision("highest"):
@@ -98,6 +102,7 @@ def flax_outputs(cfg, task: str, variables: dict, batch: dict) -> dict:
 
 def torch_outputs(torch_model, batch: dict) -> dict:
   import torch
+
   with torch.no_grad():
     out = torch_model(**{k: torch.from_numpy(v) for k, v in batch.items()})
   return {k: v.numpy() for k, v in out.items()}
@@ -121,20 +126,35 @@ def compare(flax_out: dict, torch_out: dict, tolerance: float = DEFAULT_TOLERANC
   return Report(diffs, tolerance, **info)
 
 
-def verify(cfg, task: str, variables: dict, torch_model, *, tolerance: float = DEFAULT_TOLERANCE,
-           seed: int = 0, image_size=(192, 256), text_len: int = 16) -> Report:
+def verify(
+    cfg,
+    task: str,
+    variables: dict,
+    torch_model,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+    image_size=(192, 256),
+    text_len: int = 16,
+) -> Report:
   """Runs both models on one random padded batch; raises VerificationError (with the per-output table)
   unless every output agrees within `tolerance`."""
   batch = random_batch(cfg, task, seed, image_size, text_len=text_len)
-  report = compare(flax_outputs(cfg, task, variables, batch), torch_outputs(torch_model, batch), tolerance,
-                   image_size=tuple(image_size), text_len=batch["input_ids"].shape[1])
+  report = compare(
+      flax_outputs(cfg, task, variables, batch),
+      torch_outputs(torch_model, batch),
+      tolerance,
+      image_size=tuple(image_size),
+      text_len=batch["input_ids"].shape[1],
+  )
   if not report.ok:
     raise VerificationError(report.summary() + "\n" + "\n".join(report.lines()))
   return report
 
 
-def verify_imported_pieces(cfg, variables: dict, cnn_state_dict: dict, bert_dir: str, *,
-                           tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> dict:
+def verify_imported_pieces(
+    cfg, variables: dict, cnn_state_dict: dict, bert_dir: str, *, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0
+) -> dict:
   """from-torch's check: the imported CNN's C5 map against torchvision's ResNet built from the same state
   dict (max|diff| / max(1, max|C5|)), and the imported BERT's hidden states against
   `BertModel.from_pretrained(bert_dir)` (max|diff|)."""
@@ -144,6 +164,7 @@ def verify_imported_pieces(cfg, variables: dict, cnn_state_dict: dict, bert_dir:
   from pixelbert_jax.convert.torch_model import build_resnet, resnet_c5
   from pixelbert_jax.models.bert import BertModel
   from pixelbert_jax.models.resnet import resnet_from_config
+
   rng = np.random.default_rng(seed)
   net = build_resnet(cfg.cnn)
   sd = {k: torch.from_numpy(np.asarray(v)) for k, v in cnn_state_dict.items() if not k.startswith("fc.")}
@@ -157,7 +178,7 @@ def verify_imported_pieces(cfg, variables: dict, cnn_state_dict: dict, bert_dir:
   cnn_vars = {c: t["encoder"]["cnn"] for c, t in variables.items() if t}
   ids = rng.integers(1, cfg.vocab_size, (2, min(16, cfg.max_position_embeddings))).astype(np.int32)
   mask = np.ones_like(ids)
-  mask[1, ids.shape[1] // 2:] = 0
+  mask[1, ids.shape[1] // 2 :] = 0
   transformers.logging.set_verbosity_error()  # the cls.* keys BertModel skips are expected
   hf = transformers.BertModel.from_pretrained(bert_dir).eval()
   with torch.no_grad():
@@ -165,12 +186,18 @@ def verify_imported_pieces(cfg, variables: dict, cnn_state_dict: dict, bert_dir:
   f32 = float32_config(cfg)
   with jax.default_matmul_precision("highest"):
     c5_f = resnet_from_config(f32.cnn).apply(cnn_vars, x, False)
-    seq_f, _ = BertModel(ml_collections.FrozenConfigDict(f32)).apply({"params": variables["params"]["encoder"]["bert"]}, ids, mask, True)
+    seq_f, _ = BertModel(ml_collections.FrozenConfigDict(f32)).apply(
+        {"params": variables["params"]["encoder"]["bert"]}, ids, mask, True
+    )
   # C5 of an untrained or ImageNet trunk can be in the hundreds: its check is relative to its scale.
-  diffs = {"cnn C5 (relative)": float(np.abs(np.asarray(c5_f) - c5_t).max() / max(1.0, np.abs(c5_t).max())),
-           "bert hidden states": float(np.abs(np.asarray(seq_f) - seq_t.last_hidden_state.numpy()).max())}
+  diffs = {
+      "cnn C5 (relative)": float(np.abs(np.asarray(c5_f) - c5_t).max() / max(1.0, np.abs(c5_t).max())),
+      "bert hidden states": float(np.abs(np.asarray(seq_f) - seq_t.last_hidden_state.numpy()).max()),
+  }
   bad = {k: d for k, d in diffs.items() if not d <= tolerance}
   if bad:
-    raise VerificationError("imported weights do not reproduce the PyTorch models: " + ", ".join(
-        f"{k} max|diff| {d:.3e} > {tolerance:.0e}" for k, d in bad.items()))
+    raise VerificationError(
+        "imported weights do not reproduce the PyTorch models: "
+        + ", ".join(f"{k} max|diff| {d:.3e} > {tolerance:.0e}" for k, d in bad.items())
+    )
   return diffs

@@ -5,6 +5,7 @@ rows always form one batch of one bucket, and the iterator state is grain's posi
 tally: a small JSON dict, taken at batch boundaries. A bad record becomes a padding row (example_mask=0)
 of the same bucket, so shapes stay what the plan says on every process.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,16 +41,28 @@ class PlannedRows:
 class BatchIterator:
   """Iterator of batches (dict[str, np.ndarray]) with get_state() / set_state(state)."""
 
-  def __init__(self, rows: PlannedRows, *, train: bool, max_bad_fraction: float, num_workers: int, prefetch: int,
-               read_threads: int = 16, read_buffer: int = 500):
+  def __init__(
+      self,
+      rows: PlannedRows,
+      *,
+      train: bool,
+      max_bad_fraction: float,
+      num_workers: int,
+      prefetch: int,
+      read_threads: int = 16,
+      read_buffer: int = 500,
+  ):
     self._rows, self._B, self._train = rows, rows.B, train
     self._max_bad_fraction = float(max_bad_fraction)
     n = rows.plan.num_batches()
     self.num_batches = n  # None when infinite (train)
     # grain's reader threads (defaults 16 and 500 elements): on a 2-core machine fewer threads and a smaller
     # buffer halve the CPU time per batch, because grain polls every buffered element on each read.
-    ds = grain.MapDataset.range(_ENDLESS if n is None else n * self._B).map(rows).to_iter_dataset(
-        grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=int(read_buffer)))
+    ds = (
+        grain.MapDataset.range(_ENDLESS if n is None else n * self._B)
+        .map(rows)
+        .to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=int(read_buffer)))
+    )
     if num_workers > 0:
       if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside an absl app use defaults
         flags.FLAGS.mark_as_parsed()
@@ -62,10 +75,15 @@ class BatchIterator:
     return self
 
   def _check_bad(self, final: bool) -> None:
-    if self._bad and (final or self._seen >= _MIN_SEEN_FOR_BAD_CHECK) and \
-        self._bad > self._max_bad_fraction * self._seen:
-      raise RuntimeError(f"{self._bad} of {self._seen} records were bad (max_bad_fraction="
-                         f"{self._max_bad_fraction}); first ones: " + "; ".join(self._bad_messages))
+    if (
+        self._bad
+        and (final or self._seen >= _MIN_SEEN_FOR_BAD_CHECK)
+        and self._bad > self._max_bad_fraction * self._seen
+    ):
+      raise RuntimeError(
+          f"{self._bad} of {self._seen} records were bad (max_bad_fraction="
+          f"{self._max_bad_fraction}); first ones: " + "; ".join(self._bad_messages)
+      )
 
   def _count(self, element: dict) -> dict:
     if element.get("_bad"):
@@ -93,8 +111,12 @@ class BatchIterator:
     return {k: np.stack([e[k] for e in elements]) for k in elements[0] if not k.startswith("_")}
 
   def get_state(self) -> dict:
-    return {"grain": self._it.get_state(), "seen": self._seen, "bad": self._bad,
-            "bad_messages": list(self._bad_messages)}
+    return {
+        "grain": self._it.get_state(),
+        "seen": self._seen,
+        "bad": self._bad,
+        "bad_messages": list(self._bad_messages),
+    }
 
   def set_state(self, state: dict) -> None:
     self._it.set_state(state["grain"])

@@ -1,4 +1,5 @@
 """Every data field with its default: `config.data` of the training configs."""
+
 from __future__ import annotations
 
 import os
@@ -26,13 +27,17 @@ def check_name(name: str) -> list[str]:
   parts = name.split("+")
   if len(parts) == 1:
     if name not in DATASETS:
-      raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or a '+' mixture of "
-                       f"{', '.join(CAPTION_DATASETS)}")
+      raise ValueError(
+          f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or a '+' mixture of "
+          f"{', '.join(CAPTION_DATASETS)}"
+      )
     return parts
   bad = [p for p in parts if p not in CAPTION_DATASETS]
   if bad or len(set(parts)) != len(parts):
-    raise ValueError(f"dataset mixture {name!r}: components must be distinct caption datasets "
-                     f"({', '.join(CAPTION_DATASETS)}); not {bad or 'a repeated one'}")
+    raise ValueError(
+        f"dataset mixture {name!r}: components must be distinct caption datasets "
+        f"({', '.join(CAPTION_DATASETS)}); not {bad or 'a repeated one'}"
+    )
   return parts
 
 
@@ -65,11 +70,22 @@ def data_config(name: str = "synthetic") -> ml_collections.ConfigDict:
   c.read_buffer = 500
   c.max_bad_fraction = 0.01
   c.grounded_metric = name == "synthetic"
-  c.synthetic = ml_collections.ConfigDict(dict(
-      seed=0, image_size=192, num_train=4000, num_val=500, num_test=500, captions_per_image=5,
-      questions_per_image=3,
-      # scenes (data/synthetic.py SceneSpec): objects per image, radius as a fraction of the cell side
-      min_objects=1, max_objects=3, radius_small=0.2, radius_large=0.38))
+  c.synthetic = ml_collections.ConfigDict(
+      dict(
+          seed=0,
+          image_size=192,
+          num_train=4000,
+          num_val=500,
+          num_test=500,
+          captions_per_image=5,
+          questions_per_image=3,
+          # scenes (data/synthetic.py SceneSpec): objects per image, radius as a fraction of the cell side
+          min_objects=1,
+          max_objects=3,
+          radius_small=0.2,
+          radius_large=0.38,
+      )
+  )
   if name == "synthetic":
     c.image_short_side = 192
     c.image_long_side = 192

@@ -6,6 +6,7 @@ a record without a usable text) becomes a `_bad` element that names the record, 
 count it and put a padding row (example_mask=0) in its place; any other exception is re-raised naming the
 record, so nothing dies inside a worker anonymously. Task subclasses add their keys.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -13,8 +14,14 @@ import numpy as np
 
 from pixelbert_jax.data import text
 from pixelbert_jax.data.plan import PAD_RECORD
-from pixelbert_jax.data.preprocess import (BadImageError, choose_bucket, decode_image, resize_and_pad,
-                                           resized_shape, validate_buckets)
+from pixelbert_jax.data.preprocess import (
+    BadImageError,
+    choose_bucket,
+    decode_image,
+    resize_and_pad,
+    resized_shape,
+    validate_buckets,
+)
 
 _EVAL_STREAM = 1 << 30  # eval randomness is seeded per record, apart from any train position
 
@@ -81,9 +88,15 @@ class Examples:
   def padding(self, bucket_id: int, position: int = PAD_RECORD) -> dict:
     h, w = self._buckets[bucket_id]
     L = self._max_len
-    return {"image": np.zeros((h, w, 3), np.uint8), "image_mask": np.zeros((h, w), bool),
-            "input_ids": np.zeros(L, np.int32), "text_mask": np.zeros(L, np.int32),
-            "example_mask": np.float32(0), **self._padding_extra(h, w), "_pos": position}
+    return {
+        "image": np.zeros((h, w, 3), np.uint8),
+        "image_mask": np.zeros((h, w), bool),
+        "input_ids": np.zeros(L, np.int32),
+        "text_mask": np.zeros(L, np.int32),
+        "example_mask": np.float32(0),
+        **self._padding_extra(h, w),
+        "_pos": position,
+    }
 
   def _padding_extra(self, h: int, w: int) -> dict:
     return {}
@@ -132,8 +145,12 @@ class PretrainExamples(Examples):
 
   def _padding_extra(self, h, w):
     L = self._max_len
-    extra = {"mlm_labels": np.zeros(L, np.int32), "mlm_weights": np.zeros(L, np.float32),
-             "mlm_grounded": np.zeros(L, np.float32), "itm_label": np.int32(0)}
+    extra = {
+        "mlm_labels": np.zeros(L, np.int32),
+        "mlm_weights": np.zeros(L, np.float32),
+        "mlm_grounded": np.zeros(L, np.float32),
+        "itm_label": np.int32(0),
+    }
     return extra if self._train else {**extra, "text_ids": np.zeros(L, np.int32)}
 
   def _captions(self, record, index: int) -> list[tuple[str, np.ndarray]]:
@@ -151,8 +168,9 @@ class PretrainExamples(Examples):
     matched = rng.uniform() >= self._itm_neg_prob
     if not matched:
       ids, own = self._index.ids, self._index.ids[index]
-      j = text.sample_other(rng, len(self._source), index,
-                            lambda j: ids[j] == own or not self._captions(self._source[j], j))
+      j = text.sample_other(
+          rng, len(self._source), index, lambda j: ids[j] == own or not self._captions(self._source[j], j)
+      )
       negatives = self._captions(self._source[j], j)
       caption, grounded_words = negatives[int(rng.integers(len(negatives)))]
     tok = self.tokenizer
@@ -160,12 +178,27 @@ class PretrainExamples(Examples):
     # Every caption is masked the same way; only matched pairs carry MLM weight. Masking matched captions
     # alone would leak the ITM label into the text ("has [MASK] tokens" = matched): ITM then reaches ~0.95
     # without looking at the image, and nothing ever pushes the text to attend to the pixels.
-    masked, labels, weights = text.mlm_mask(ids_, text_mask, rng, prob=self._mlm_prob, mask_id=tok.mask_token_id,
-                                            special_ids=tok.all_special_ids, vocab_size=len(tok))
+    masked, labels, weights = text.mlm_mask(
+        ids_,
+        text_mask,
+        rng,
+        prob=self._mlm_prob,
+        mask_id=tok.mask_token_id,
+        special_ids=tok.all_special_ids,
+        vocab_size=len(tok),
+    )
     if not matched:
       labels, weights = np.zeros_like(labels), np.zeros_like(weights)
-    out = {"image": image, "image_mask": image_mask, "input_ids": masked.astype(np.int32),
-           "text_mask": text_mask, "example_mask": np.float32(1), "mlm_labels": labels.astype(np.int32),
-           "mlm_weights": weights, "mlm_grounded": grounded, "itm_label": np.int32(matched)}
+    out = {
+        "image": image,
+        "image_mask": image_mask,
+        "input_ids": masked.astype(np.int32),
+        "text_mask": text_mask,
+        "example_mask": np.float32(1),
+        "mlm_labels": labels.astype(np.int32),
+        "mlm_weights": weights,
+        "mlm_grounded": grounded,
+        "itm_label": np.int32(matched),
+    }
     # evaluation also scores ITM on the caption as written (tasks/pretrain.py)
     return out if self._train else {**out, "text_ids": ids_.astype(np.int32)}

@@ -1,4 +1,5 @@
 """Fine-tuning examples (VQA, NLVR2, retrieval) with the keys of docs/contracts.md "Fine-tuning batches"."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -27,17 +28,27 @@ class VqaExamples(Examples):
       raise BadRecordError(f"{name}: empty question")
     ids, text_mask, _ = self.encode(question)
     answers = [as_str(a) for a in self._field(record, "answers", index)]
-    return {"image": image, "image_mask": image_mask, "input_ids": ids, "text_mask": text_mask,
-            "example_mask": np.float32(1), "vqa_targets": vqa_answers.soft_targets(answers, self._answer_index),
-            "question_id": np.int64(record["question_id"])}
+    return {
+        "image": image,
+        "image_mask": image_mask,
+        "input_ids": ids,
+        "text_mask": text_mask,
+        "example_mask": np.float32(1),
+        "vqa_targets": vqa_answers.soft_targets(answers, self._answer_index),
+        "question_id": np.int64(record["question_id"]),
+    }
 
 
 class Nlvr2Examples(Examples):
   """left image as `image`, right as `image1` (one shared bucket), statement, `label`, `example_index`."""
 
   def _padding_extra(self, h, w):
-    return {"image1": np.zeros((h, w, 3), np.uint8), "image1_mask": np.zeros((h, w), bool),
-            "label": np.int32(0), "example_index": np.int64(-1)}
+    return {
+        "image1": np.zeros((h, w, 3), np.uint8),
+        "image1_mask": np.zeros((h, w), bool),
+        "label": np.int32(0),
+        "example_index": np.int64(-1),
+    }
 
   def _example(self, index, record, position, bucket):
     name = self.record_name(index)
@@ -50,9 +61,17 @@ class Nlvr2Examples(Examples):
     if label not in (0, 1):
       raise BadRecordError(f"{name}: label must be 0 or 1, got {label}")
     ids, text_mask, _ = self.encode(sentence)
-    return {"image": image0, "image_mask": mask0, "image1": image1, "image1_mask": mask1, "input_ids": ids,
-            "text_mask": text_mask, "example_mask": np.float32(1), "label": np.int32(label),
-            "example_index": np.int64(index)}
+    return {
+        "image": image0,
+        "image_mask": mask0,
+        "image1": image1,
+        "image1_mask": mask1,
+        "input_ids": ids,
+        "text_mask": text_mask,
+        "example_mask": np.float32(1),
+        "label": np.int32(label),
+        "example_index": np.int64(index),
+    }
 
 
 class RetrievalExamples(Examples):
@@ -84,10 +103,16 @@ class RetrievalExamples(Examples):
       raise BadRecordError(f"{name}: no non-empty caption")
     rng = self.rng(position, index)
     ids, own_id = self._index.ids, self._index.ids[index]
-    others = text.sample_retrieval_negatives(rng, len(self._source), index, self._negatives,
-                                             lambda j: ids[j] == own_id or not self._captions[j])
+    others = text.sample_retrieval_negatives(
+        rng, len(self._source), index, self._negatives, lambda j: ids[j] == own_id or not self._captions[j]
+    )
     chosen = [own[int(rng.integers(len(own)))]]
     chosen += [self._captions[j][int(rng.integers(len(self._captions[j])))] for j in others]
     encoded = [self.encode(c) for c in chosen]
-    return {"image": image, "image_mask": image_mask, "input_ids": np.stack([e[0] for e in encoded]),
-            "text_mask": np.stack([e[1] for e in encoded]), "example_mask": np.float32(1)}
+    return {
+        "image": image,
+        "image_mask": image_mask,
+        "input_ids": np.stack([e[0] for e in encoded]),
+        "text_mask": np.stack([e[1] for e in encoded]),
+        "example_mask": np.float32(1),
+    }

@@ -5,6 +5,7 @@ G = batch_size * process_count records, all of one bucket, and takes rows [p*B, 
 of step t has the same shapes on every process, the concatenated global batch does not depend on the
 process count, and per-example randomness is a function of (seed, stream position) only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,10 @@ def answer_vocab(data_cfg: ml_collections.ConfigDict) -> list[str]:
   split, min_count = _train_split(data_cfg), int(data_cfg.vqa_min_answer_count)
   b = builders.builder(data_cfg, builders.TASK_SCHEMA["vqa"])
   if split not in b.info.splits:
-    raise ValueError(f"dataset {data_cfg.name!r} has no split {split!r} to build the answer vocabulary from; "
-                     f"it has {sorted(b.info.splits)}")
+    raise ValueError(
+        f"dataset {data_cfg.name!r} has no split {split!r} to build the answer vocabulary from; "
+        f"it has {sorted(b.info.splits)}"
+    )
   n = b.info.splits[split].num_examples
   path = os.path.join(sidecar_dir(data_cfg.data_dir, b), f"answer_vocab_{split}_min{min_count}.json")
   if os.path.isfile(path):
@@ -75,22 +78,33 @@ def answer_vocab(data_cfg: ml_collections.ConfigDict) -> list[str]:
   index = open_split(data_cfg, "vqa", split, texts=True).index
   vocab = vqa_answers.build_answer_vocab(index.answers, min_count)
   if not vocab:
-    raise ValueError(f"{data_cfg.name}/{split}: no answer is given {min_count} times or more "
-                     "(lower config.data.vqa_min_answer_count)")
+    raise ValueError(
+        f"{data_cfg.name}/{split}: no answer is given {min_count} times or more "
+        "(lower config.data.vqa_min_answer_count)"
+    )
   vqa_answers.save_vocab_file(path, vocab, min_count=min_count, num_records=n, split=split)
   # Your own data: how much of it the vocabulary can answer at all, to choose vqa_min_answer_count by.
   known = set(vocab)
   covered = sum(any(a in known for a in answers) for answers in index.answers)
-  logging.info("%s/%s: answer vocabulary of %d answers given >= %d times; %d of %d questions have an answer in it",
-               data_cfg.name, split, len(vocab), min_count, covered, len(index.answers))
+  logging.info(
+      "%s/%s: answer vocabulary of %d answers given >= %d times; %d of %d questions have an answer in it",
+      data_cfg.name,
+      split,
+      len(vocab),
+      min_count,
+      covered,
+      len(index.answers),
+  )
   return vocab
 
 
 def vqa_ground_truth(data_cfg: ml_collections.ConfigDict, split: str) -> dict[int, dict]:
   """{question_id: {"answers": [raw annotator answers], "question_type": str, "answer_type": str}}."""
   index = open_split(data_cfg, "vqa", split, texts=True).index
-  return {int(q): {"answers": list(a), "question_type": qt, "answer_type": at}
-          for q, a, qt, at in zip(index.question_ids, index.answers, index.question_types, index.answer_types)}
+  return {
+      int(q): {"answers": list(a), "question_type": qt, "answer_type": at}
+      for q, a, qt, at in zip(index.question_ids, index.answers, index.question_types, index.answer_types)
+  }
 
 
 def nlvr2_identifiers(data_cfg: ml_collections.ConfigDict, split: str) -> list[str]:
@@ -109,20 +123,45 @@ def make_examples(data_cfg: ml_collections.ConfigDict, task: str, opened: OpenSp
   return RetrievalExamples(opened, data_cfg, vp, seed=seed, train=train, negatives=int(data_cfg.retrieval_negatives))
 
 
-def planned_iterator(data_cfg: ml_collections.ConfigDict, opened: OpenSplit, examples, *, batch_size: int, seed: int,
-                     process_index: int, process_count: int, train: bool) -> BatchIterator:
+def planned_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    opened: OpenSplit,
+    examples,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    train: bool,
+) -> BatchIterator:
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  plan = GlobalPlan(record_buckets(opened.index.sizes, data_cfg), global_batch=batch_size * process_count,
-                    seed=seed, train=train)
+  plan = GlobalPlan(
+      record_buckets(opened.index.sizes, data_cfg), global_batch=batch_size * process_count, seed=seed, train=train
+  )
   rows = PlannedRows(plan, examples, batch_size=batch_size, process_index=process_index, process_count=process_count)
-  return BatchIterator(rows, train=train, max_bad_fraction=data_cfg.max_bad_fraction,
-                       num_workers=data_cfg.num_workers, prefetch=data_cfg.prefetch,
-                       read_threads=data_cfg.get("read_threads", 16), read_buffer=data_cfg.get("read_buffer", 500))
+  return BatchIterator(
+      rows,
+      train=train,
+      max_bad_fraction=data_cfg.max_bad_fraction,
+      num_workers=data_cfg.num_workers,
+      prefetch=data_cfg.prefetch,
+      read_threads=data_cfg.get("read_threads", 16),
+      read_buffer=data_cfg.get("read_buffer", 500),
+  )
 
 
-def make_iterator(data_cfg: ml_collections.ConfigDict, task: str, split: str, *, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1, train: bool = True) -> BatchIterator:
+def make_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    task: str,
+    split: str,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    train: bool = True,
+) -> BatchIterator:
   """This process's batches (batch_size rows each) of `split` for `task`; keys per docs/contracts.md.
 
   train=True: infinite; every epoch a global permutation from (seed, epoch); randomness from
@@ -133,13 +172,22 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, task: str, split: str, *,
   _check_task(task)
   opened = open_split(data_cfg, task, split, texts=task == "retrieval")
   examples = make_examples(data_cfg, task, opened, seed=seed, train=train)
-  return planned_iterator(data_cfg, opened, examples, batch_size=batch_size, seed=seed, process_index=process_index,
-                          process_count=process_count, train=train)
+  return planned_iterator(
+      data_cfg,
+      opened,
+      examples,
+      batch_size=batch_size,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+      train=train,
+  )
 
 
 def retrieval_eval_data(data_cfg: ml_collections.ConfigDict, split: str):
   """Every image of `split` (batched with its index) and every caption with its image's index."""
   from pixelbert_jax.data.retrieval_eval import RetrievalEvalData
+
   return RetrievalEvalData(data_cfg, split)
 
 

@@ -11,6 +11,7 @@ arithmetic on the bucket of each record:
   (record PAD_RECORD) in bucket order, so every process sees the same number of batches and shapes.
 Process p takes rows [p*B, (p+1)*B) of each global batch.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -34,8 +35,10 @@ class GlobalPlan:
     self.num_buckets = int(self.buckets.max()) + 1
     counts = np.bincount(self.buckets, minlength=self.num_buckets)
     if train and counts.max() < self.G:
-      raise ValueError(f"no bucket holds a global batch: bucket sizes {counts.tolist()} < {self.G} "
-                       f"(batch_size x process_count); use a smaller batch or fewer buckets")
+      raise ValueError(
+          f"no bucket holds a global batch: bucket sizes {counts.tolist()} < {self.G} "
+          f"(batch_size x process_count); use a smaller batch or fewer buckets"
+      )
     # epoch e -> (first global step, carry at its start); filled in order as epochs are planned
     self._starts: list[tuple[int, list[tuple[np.ndarray, np.ndarray]]]] = [(0, self._empty_carry())]
     self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -67,12 +70,15 @@ class GlobalPlan:
       for j in range(k):
         sl = slice(j * self.G, (j + 1) * self.G)
         done.append((int(last[sl.stop - 1]), b, recs[sl], poss[sl]))
-      new_carry.append((recs[k * self.G:], poss[k * self.G:]))
+      new_carry.append((recs[k * self.G :], poss[k * self.G :]))
     done.sort(key=lambda d: d[0])
     if not done:
       return (np.zeros(0, np.int64), np.zeros((0, self.G), np.int64), np.zeros((0, self.G), np.int64)), new_carry
-    return (np.array([d[1] for d in done], np.int64), np.stack([d[2] for d in done]),
-            np.stack([d[3] for d in done])), new_carry
+    return (
+        np.array([d[1] for d in done], np.int64),
+        np.stack([d[2] for d in done]),
+        np.stack([d[3] for d in done]),
+    ), new_carry
 
   def _epoch(self, e: int):
     while len(self._starts) <= e + 1:  # plan earlier epochs first: their carry feeds the next one

@@ -4,6 +4,7 @@
 
 Afterwards `tfds.data_source(NAME, data_dir=DATA_DIR)` reads it, with no TensorFlow installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,12 @@ from typing import Any, Sequence
 import tensorflow_datasets as tfds
 
 from pixelbert_jax import cli_errors, paths
-from pixelbert_jax.data.builders._common import (DEFAULT_MAX_BAD_FRACTION, VERIFY_MODES, RecordError,
-                                                 TooManyBadRecordsError)
+from pixelbert_jax.data.builders._common import (
+    DEFAULT_MAX_BAD_FRACTION,
+    VERIFY_MODES,
+    RecordError,
+    TooManyBadRecordsError,
+)
 from pixelbert_jax.data.preprocess import DEFAULT_MAX_PIXELS
 
 # --dataset name (the module under pixelbert_jax/data/builders, as config.data.name says) -> builder class.
@@ -37,9 +42,17 @@ def builder_class(dataset: str) -> type:
   return getattr(importlib.import_module(f"pixelbert_jax.data.builders.{dataset}"), BUILDERS[dataset])
 
 
-def prepare(dataset: str, *, manual_dir: str, data_dir: str, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-            verify_images: str = "decode", max_pixels: int = DEFAULT_MAX_PIXELS,
-            builder_config: str | None = None, **builder_kwargs: Any) -> tfds.core.DatasetBuilder:
+def prepare(
+    dataset: str,
+    *,
+    manual_dir: str,
+    data_dir: str,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    verify_images: str = "decode",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    builder_config: str | None = None,
+    **builder_kwargs: Any,
+) -> tfds.core.DatasetBuilder:
   """Builds `dataset` (a no-op when it is already built in data_dir) and returns its builder.
 
   builder_kwargs go to that builder only (e.g. visual_genome's exclude_coco_heldout).
@@ -52,8 +65,10 @@ def prepare(dataset: str, *, manual_dir: str, data_dir: str, max_bad_fraction: f
   if getattr(cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
     # TFDS would stop with an AssertionError and its traceback.
     state = "is empty" if os.path.isdir(manual_dir) else "is a file" if os.path.exists(manual_dir) else "does not exist"
-    raise FileNotFoundError(f"--manual_dir {manual_dir} {state}: put the downloaded {dataset} files there "
-                            "(which ones: docs/real_datasets.md)")
+    raise FileNotFoundError(
+        f"--manual_dir {manual_dir} {state}: put the downloaded {dataset} files there "
+        "(which ones: docs/real_datasets.md)"
+    )
   configs = [cfg.name for cfg in cls.BUILDER_CONFIGS]
   if configs and builder_config not in configs:
     raise ValueError(f"dataset {dataset!r} needs builder_config, one of {configs}; got {builder_config!r}")
@@ -61,8 +76,13 @@ def prepare(dataset: str, *, manual_dir: str, data_dir: str, max_bad_fraction: f
     raise ValueError(f"dataset {dataset!r} has no builder configs; got builder_config={builder_config!r}")
   if builder_config:
     builder_kwargs["config"] = builder_config
-  builder = cls(data_dir=data_dir, max_bad_fraction=max_bad_fraction, verify_images=verify_images,
-                max_pixels=max_pixels, **builder_kwargs)
+  builder = cls(
+      data_dir=data_dir,
+      max_bad_fraction=max_bad_fraction,
+      verify_images=verify_images,
+      max_pixels=max_pixels,
+      **builder_kwargs,
+  )
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 
@@ -79,20 +99,39 @@ def summary(builder: tfds.core.DatasetBuilder) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m pixelbert_jax.data.prepare", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      prog="python -m pixelbert_jax.data.prepare",
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--dataset", required=True, choices=sorted(BUILDERS))
   parser.add_argument("--builder_config", default=None, help="jsonl only: captions or vqa")
   parser.add_argument("--manual_dir", required=True, help="folder holding the downloaded files")
   parser.add_argument("--data_dir", required=True, help="where the built dataset goes")
-  parser.add_argument("--max_bad_fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
-                      help="fail when more than this fraction of a split's records is skipped")
-  parser.add_argument("--verify_images", choices=VERIFY_MODES, default="decode",
-                      help="decode: fully decode every image (catches truncation); header: faster")
-  parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                      help="images with more pixels are refused (decompression bombs)")
-  parser.add_argument("--exclude_coco_heldout", default=None, metavar="DATASET_COCO_JSON",
-                      help="visual_genome only: leave out VG images that are COCO Karpathy val/test images")
+  parser.add_argument(
+      "--max_bad_fraction",
+      type=float,
+      default=DEFAULT_MAX_BAD_FRACTION,
+      help="fail when more than this fraction of a split's records is skipped",
+  )
+  parser.add_argument(
+      "--verify_images",
+      choices=VERIFY_MODES,
+      default="decode",
+      help="decode: fully decode every image (catches truncation); header: faster",
+  )
+  parser.add_argument(
+      "--max_pixels",
+      type=int,
+      default=DEFAULT_MAX_PIXELS,
+      help="images with more pixels are refused (decompression bombs)",
+  )
+  parser.add_argument(
+      "--exclude_coco_heldout",
+      default=None,
+      metavar="DATASET_COCO_JSON",
+      help="visual_genome only: leave out VG images that are COCO Karpathy val/test images",
+  )
   parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
   args = parser.parse_args(argv)
   extra = {}
@@ -102,9 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra["exclude_coco_heldout"] = args.exclude_coco_heldout
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
-    builder = prepare(args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir,
-                      max_bad_fraction=args.max_bad_fraction, verify_images=args.verify_images,
-                      max_pixels=args.max_pixels, builder_config=args.builder_config, **extra)
+    builder = prepare(
+        args.dataset,
+        manual_dir=args.manual_dir,
+        data_dir=args.data_dir,
+        max_bad_fraction=args.max_bad_fraction,
+        verify_images=args.verify_images,
+        max_pixels=args.max_pixels,
+        builder_config=args.builder_config,
+        **extra,
+    )
   except (RecordError, TooManyBadRecordsError, FileNotFoundError, ValueError) as e:
     # These messages already name the file, record and key; a traceback through TFDS adds nothing.
     print(f"error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
 Images stay uint8 all the way to the device (the model normalises there): a quarter of the host->device
 traffic of float32, and the pipeline never has to agree with the model on mean/std.
 """
+
 from __future__ import annotations
 
 import io
@@ -36,7 +37,8 @@ def _to_rgb(img: Image.Image, name: str) -> np.ndarray:
     gray = np.clip(np.nan_to_num(arr) * scale, 0, 255).round().astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=-1)
   has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-      mode in ("P", "L", "RGB", "1") and "transparency" in img.info)
+      mode in ("P", "L", "RGB", "1") and "transparency" in img.info
+  )
   if has_alpha:
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -65,8 +67,9 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
   try:
     img = Image.open(io.BytesIO(bytes(data)))
   except UnidentifiedImageError as e:
-    raise BadImageError(f"{name}: not an image PIL can identify ({len(data)} bytes, "
-                        f"starts with {bytes(data[:8])!r})") from e
+    raise BadImageError(
+        f"{name}: not an image PIL can identify ({len(data)} bytes, " f"starts with {bytes(data[:8])!r})"
+    ) from e
   except Image.DecompressionBombError as e:
     raise BadImageError(f"{name}: refused as a decompression bomb ({e})") from e
   except Exception as e:  # PIL plugins raise SyntaxError, struct.error, ... on broken headers.
@@ -75,14 +78,17 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
   if width <= 0 or height <= 0:
     raise BadImageError(f"{name}: zero-sized image ({width}x{height})")
   if width * height > max_pixels:
-    raise BadImageError(f"{name}: refused as a decompression bomb: {width}x{height} = {width * height} "
-                        f"pixels > max_pixels={max_pixels}")
+    raise BadImageError(
+        f"{name}: refused as a decompression bomb: {width}x{height} = {width * height} "
+        f"pixels > max_pixels={max_pixels}"
+    )
   try:
     img.load()
     img = ImageOps.exif_transpose(img)
   except Exception as e:  # truncated data surfaces as OSError, bad codecs as others
-    raise BadImageError(f"{name}: truncated or corrupt {img.format or 'image'} data "
-                        f"({type(e).__name__}: {e})") from e
+    raise BadImageError(
+        f"{name}: truncated or corrupt {img.format or 'image'} data " f"({type(e).__name__}: {e})"
+    ) from e
   return np.ascontiguousarray(_to_rgb(img, name))
 
 
@@ -117,8 +123,14 @@ def fit_into(height: int, width: int, bucket: tuple[int, int]) -> tuple[int, int
   return min(bucket[0], max(1, int(height * scale))), min(bucket[1], max(1, int(width * scale)))
 
 
-def resize_and_pad(image: np.ndarray, *, short_side: int, long_side: int, buckets: Sequence[Sequence[int]],
-                   bucket: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def resize_and_pad(
+    image: np.ndarray,
+    *,
+    short_side: int,
+    long_side: int,
+    buckets: Sequence[Sequence[int]],
+    bucket: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """uint8 [h,w,3] -> (uint8 [H,W,3] top-left aligned with zeros in padding, bool [H,W] valid mask).
 
   `bucket` (H, W) forces the bucket the data plan chose (the image is shrunk into it if needed);

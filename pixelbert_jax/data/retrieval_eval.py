@@ -5,6 +5,7 @@ separately, not batches of pairs: images come in planned eval batches (one bucke
 number of batches on every process, padding rows with example_mask=0 and image_index=-1), captions as one
 tokenised array with `caption_image_index` (the index of each caption's image in the split).
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -67,8 +68,12 @@ class RetrievalEvalData:
       raise KeyError(f"retrieval eval data has keys {self._KEYS}, not {key!r}")
     if key in ("image", "image_mask"):
       return self._all_images()[0 if key == "image" else 1]
-    return {"image_id": self.image_ids, "caption_image": self.caption_image_index, "input_ids": self.input_ids,
-            "text_mask": self.text_mask}[key]
+    return {
+        "image_id": self.image_ids,
+        "caption_image": self.caption_image_index,
+        "input_ids": self.input_ids,
+        "text_mask": self.text_mask,
+    }[key]
 
   def get(self, key: str, default=None):
     return self[key] if key in self._KEYS else default
@@ -91,9 +96,18 @@ class RetrievalEvalData:
       self._images = (images, masks)
     return self._images
 
-  def image_batches(self, batch_size: int, *, process_index: int = 0, process_count: int = 1,
-                    seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  def image_batches(
+      self, batch_size: int, *, process_index: int = 0, process_count: int = 1, seed: int = 0
+  ) -> Iterator[dict[str, np.ndarray]]:
     """This process's image batches (batch_size rows): image, image_mask, image_index, example_mask."""
     examples = ImageExamples(self._opened, self._cfg, pipeline.vocab_path(self._cfg), seed=seed, train=False)
-    return pipeline.planned_iterator(self._cfg, self._opened, examples, batch_size=batch_size, seed=seed,
-                                     process_index=process_index, process_count=process_count, train=False)
+    return pipeline.planned_iterator(
+        self._cfg,
+        self._opened,
+        examples,
+        batch_size=batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        train=False,
+    )

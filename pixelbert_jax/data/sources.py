@@ -6,6 +6,7 @@ component is built and indexed on its own (its own sidecar), with its manual_dir
 that split of every component that has it (VG has only 'train', so 'val' of coco_karpathy+visual_genome is
 COCO's val); a split no component has is an error.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -19,10 +20,11 @@ from pixelbert_jax.data import builders
 from pixelbert_jax.data.config import check_name
 from pixelbert_jax.data.split_index import SplitIndex, load_index, sidecar_dir
 
-_REQUIRED = {"captions": {"image", "image_id", "captions", "height", "width"},
-             "vqa": {"image", "question_id", "question", "answers", "height", "width"},
-             "nlvr2": {"identifier", "sentence", "label", "image0", "image1", "height0", "width0", "height1",
-                       "width1"}}
+_REQUIRED = {
+    "captions": {"image", "image_id", "captions", "height", "width"},
+    "vqa": {"image", "question_id", "question", "answers", "height", "width"},
+    "nlvr2": {"identifier", "sentence", "label", "image0", "image1", "height0", "width0", "height1", "width1"},
+}
 
 
 class ConcatSource:
@@ -73,12 +75,15 @@ def _open_one(data_cfg: ml_collections.ConfigDict, schema: str, split: str, text
     return None, sorted(b.info.splits)
   missing = _REQUIRED[schema] - set(b.info.features.keys())
   if missing:
-    raise ValueError(f"dataset {data_cfg.name!r} ({b.data_dir}) has no {schema} fields {sorted(missing)}: "
-                     f"it cannot feed a task that reads the {schema} schema")
+    raise ValueError(
+        f"dataset {data_cfg.name!r} ({b.data_dir}) has no {schema} fields {sorted(missing)}: "
+        f"it cannot feed a task that reads the {schema} schema"
+    )
   source = b.as_data_source(split)
   name = f"{data_cfg.name}/{split}"
-  index = load_index(source, schema=schema, directory=sidecar_dir(data_cfg.data_dir, b), split=split, name=name,
-                     texts=texts)
+  index = load_index(
+      source, schema=schema, directory=sidecar_dir(data_cfg.data_dir, b), split=split, name=name, texts=texts
+  )
   return (source, index, name), None
 
 
@@ -86,10 +91,15 @@ def _concat_index(indices: list[SplitIndex]) -> SplitIndex:
   first = indices[0]
   join = lambda attr: None if getattr(first, attr) is None else [x for i in indices for x in getattr(i, attr)]
   return SplitIndex(
-      schema=first.schema, sizes=np.concatenate([i.sizes for i in indices]), ids=join("ids"),
+      schema=first.schema,
+      sizes=np.concatenate([i.sizes for i in indices]),
+      ids=join("ids"),
       question_ids=None if first.question_ids is None else np.concatenate([i.question_ids for i in indices]),
-      captions=join("captions"), answers=join("answers"), question_types=join("question_types"),
-      answer_types=join("answer_types"))
+      captions=join("captions"),
+      answers=join("answers"),
+      question_types=join("question_types"),
+      answer_types=join("answer_types"),
+  )
 
 
 def open_split(data_cfg: ml_collections.ConfigDict, task: str, split: str, *, texts: bool = False) -> OpenSplit:
@@ -104,8 +114,9 @@ def open_split(data_cfg: ml_collections.ConfigDict, task: str, split: str, *, te
       raise ValueError(f"dataset {data_cfg.name!r} has no split {split!r}; it has {have}")
     return OpenSplit(*opened, schema=schema)
   if schema != "captions":
-    raise ValueError(f"mixture {data_cfg.name!r}: only caption datasets mix (tasks pretrain, retrieval), "
-                     f"not task {task!r}")
+    raise ValueError(
+        f"mixture {data_cfg.name!r}: only caption datasets mix (tasks pretrain, retrieval), " f"not task {task!r}"
+    )
   opened, absent = [], {}
   for name in names:
     one, have = _open_one(_component_cfg(data_cfg, name), schema, split, texts)
@@ -114,10 +125,14 @@ def open_split(data_cfg: ml_collections.ConfigDict, task: str, split: str, *, te
     else:
       opened.append(one)
   if not opened:
-    raise ValueError(f"no component of {data_cfg.name!r} has split {split!r}: " +
-                     "; ".join(f"{n} has {h}" for n, h in absent.items()))
+    raise ValueError(
+        f"no component of {data_cfg.name!r} has split {split!r}: "
+        + "; ".join(f"{n} has {h}" for n, h in absent.items())
+    )
   if absent:
-    logging.info("%s/%s: taken from %s (%s have no such split)", data_cfg.name, split,
-                 [o[2] for o in opened], sorted(absent))
-  return OpenSplit(ConcatSource([o[0] for o in opened]), _concat_index([o[1] for o in opened]),
-                   f"{data_cfg.name}/{split}", schema)
+    logging.info(
+        "%s/%s: taken from %s (%s have no such split)", data_cfg.name, split, [o[2] for o in opened], sorted(absent)
+    )
+  return OpenSplit(
+      ConcatSource([o[0] for o in opened]), _concat_index([o[1] for o in opened]), f"{data_cfg.name}/{split}", schema
+  )

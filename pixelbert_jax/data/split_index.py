@@ -10,6 +10,7 @@ so the result is cached next to the data in `<data_dir>/pixelbert_index/<builder
 A sidecar whose record count differs from the split (the dataset was rebuilt) is rebuilt; one in a format
 this code does not know is rejected with its path named.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,7 @@ def pack_strings(strings: list[str]) -> dict[str, np.ndarray]:
 
 def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
   data = blob.tobytes()
-  return [data[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+  return [data[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
 
 
 def _ragged(lists: list[list[str]], prefix: str) -> dict[str, np.ndarray]:
@@ -51,12 +52,13 @@ def _ragged(lists: list[list[str]], prefix: str) -> dict[str, np.ndarray]:
 def _unragged(data, prefix: str) -> list[list[str]]:
   flat = unpack_strings(data[f"{prefix}_blob"], data[f"{prefix}_offsets"])
   rows = data[f"{prefix}_rows"]
-  return [flat[rows[i]:rows[i + 1]] for i in range(len(rows) - 1)]
+  return [flat[rows[i] : rows[i + 1]] for i in range(len(rows) - 1)]
 
 
 @dataclasses.dataclass
 class SplitIndex:
   """Cached per-record metadata of one split. `texts` fields are None unless asked for."""
+
   schema: str
   sizes: np.ndarray  # int32 [n, 2] (h, w), or [n, 4] (h0, w0, h1, w1) for nlvr2
   ids: list[str]  # image_id (captions), str(question_id) (vqa), identifier (nlvr2)
@@ -109,8 +111,12 @@ def _scan(source, schema: str, name: str, texts: bool) -> tuple[dict, dict | Non
       else:
         ids.append(_str(rec["identifier"]))
   logging.info("indexed %s: %d records in %.1f s (cached; not repeated)", name, n, time.monotonic() - t0)
-  meta = {"format": np.int64(FORMAT), "n": np.int64(n), "sizes": sizes, **{f"ids_{k}": v for k, v in
-                                                                           pack_strings(ids).items()}}
+  meta = {
+      "format": np.int64(FORMAT),
+      "n": np.int64(n),
+      "sizes": sizes,
+      **{f"ids_{k}": v for k, v in pack_strings(ids).items()},
+  }
   if schema == "vqa":
     meta["question_ids"] = qids
   if not texts:

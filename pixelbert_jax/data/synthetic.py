@@ -11,6 +11,7 @@ Designed so that learning on it proves pixel-text alignment:
 - background clutter is grey only, so it never looks like an object's colour.
 Everything is a pure function of (seed, split, index).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,21 +22,38 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 175, 60), "blue": (50, 80, 235), "yellow": (240, 220, 40),
-    "purple": (150, 60, 205), "orange": (250, 140, 20), "white": (248, 248, 248), "cyan": (40, 215, 225),
+    "red": (220, 40, 40),
+    "green": (40, 175, 60),
+    "blue": (50, 80, 235),
+    "yellow": (240, 220, 40),
+    "purple": (150, 60, 205),
+    "orange": (250, 140, 20),
+    "white": (248, 248, 248),
+    "cyan": (40, 215, 225),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "semicircle")
 SIZES = ("small", "large")
 GRID = 3
-POSITIONS = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left", (1, 1): "center",
-             (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right"}
+POSITIONS = {
+    (0, 0): "top left",
+    (0, 1): "top",
+    (0, 2): "top right",
+    (1, 0): "left",
+    (1, 1): "center",
+    (1, 2): "right",
+    (2, 0): "bottom left",
+    (2, 1): "bottom",
+    (2, 2): "bottom right",
+}
 RELATIONS = ("left of", "right of", "above", "below")
 _REL_PHRASE = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 SPLITS = ("train", "val", "test")
 # Words of every template below; tests check that generated text never needs another word.
-_TEMPLATE_WORDS = ("a the there is in picture shows and to of above below left right top bottom center what "
-                   "color shape object objects how many are yes no both images image contains contain "
-                   "more than exactly one")
+_TEMPLATE_WORDS = (
+    "a the there is in picture shows and to of above below left right top bottom center what "
+    "color shape object objects how many are yes no both images image contains contain "
+    "more than exactly one"
+)
 MAX_GROUNDED = 8  # colour + shape for at most 3 objects, with room to spare
 
 
@@ -54,6 +72,7 @@ def world_words() -> list[str]:
 class SceneSpec:
   """How scenes are drawn: objects per image (uniform in [min_objects, max_objects]) and their radius as a
   fraction of the cell side, for 'small' and 'large' objects."""
+
   min_objects: int = 1
   max_objects: int = 3
   radius_small: float = 0.2
@@ -61,13 +80,17 @@ class SceneSpec:
 
   def __post_init__(self):
     if not 1 <= self.min_objects <= self.max_objects <= GRID * GRID:
-      raise ValueError(f"synthetic objects per image must satisfy 1 <= min_objects <= max_objects <= "
-                       f"{GRID * GRID}, got {self.min_objects}..{self.max_objects}")
+      raise ValueError(
+          f"synthetic objects per image must satisfy 1 <= min_objects <= max_objects <= "
+          f"{GRID * GRID}, got {self.min_objects}..{self.max_objects}"
+      )
     if self.max_objects > len(COLOURS):  # colours and shapes are distinct within an image
       raise ValueError(f"synthetic max_objects {self.max_objects} exceeds the {len(COLOURS)} colours")
     if not 0.05 <= self.radius_small <= self.radius_large <= 0.5:
-      raise ValueError(f"synthetic object radii must satisfy 0.05 <= radius_small <= radius_large <= 0.5 "
-                       f"(fractions of the cell side), got {self.radius_small}, {self.radius_large}")
+      raise ValueError(
+          f"synthetic object radii must satisfy 0.05 <= radius_small <= radius_large <= 0.5 "
+          f"(fractions of the cell side), got {self.radius_small}, {self.radius_large}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,13 +154,38 @@ def _draw_shape(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
   elif obj.shape == "diamond":
     draw.polygon(_polygon(cx, cy, r, [(0, -1), (0.7, 0), (0, 1), (-0.7, 0)]), fill=fill)
   elif obj.shape == "star":
-    pts = [(math.sin(k * math.pi / 5) * (1 if k % 2 == 0 else 0.42),
-            -math.cos(k * math.pi / 5) * (1 if k % 2 == 0 else 0.42)) for k in range(10)]
+    pts = [
+        (
+            math.sin(k * math.pi / 5) * (1 if k % 2 == 0 else 0.42),
+            -math.cos(k * math.pi / 5) * (1 if k % 2 == 0 else 0.42),
+        )
+        for k in range(10)
+    ]
     draw.polygon(_polygon(cx, cy, r, pts), fill=fill)
   elif obj.shape == "cross":
     a = 0.32
-    draw.polygon(_polygon(cx, cy, r, [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1),
-                                      (-a, a), (-1, a), (-1, -a), (-a, -a)]), fill=fill)
+    draw.polygon(
+        _polygon(
+            cx,
+            cy,
+            r,
+            [
+                (-a, -1),
+                (a, -1),
+                (a, -a),
+                (1, -a),
+                (1, a),
+                (a, a),
+                (a, 1),
+                (-a, 1),
+                (-a, a),
+                (-1, a),
+                (-1, -a),
+                (-a, -a),
+            ],
+        ),
+        fill=fill,
+    )
   elif obj.shape == "semicircle":
     draw.pieslice((cx - r, cy - 0.5 * r, cx + r, cy + 1.5 * r), 180, 360, fill=fill)
   else:
@@ -175,8 +223,12 @@ def relation(a: Obj, b: Obj) -> str:
 
 
 def holds(rel: str, a: Obj, b: Obj) -> bool:
-  return {"left of": a.cell[1] < b.cell[1], "right of": a.cell[1] > b.cell[1],
-          "above": a.cell[0] < b.cell[0], "below": a.cell[0] > b.cell[0]}[rel]
+  return {
+      "left of": a.cell[1] < b.cell[1],
+      "right of": a.cell[1] > b.cell[1],
+      "above": a.cell[0] < b.cell[0],
+      "below": a.cell[0] > b.cell[0],
+  }[rel]
 
 
 class _Sentence:

@@ -1,4 +1,5 @@
 """Text side: the world's vocab, tokenisation to fixed length, MLM masking, ITM and retrieval sampling."""
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,9 @@ def load_tokenizer(vocab_path: str) -> BertTokenizerFast:
   return tok
 
 
-def encode(tok: BertTokenizerFast, text: str, max_len: int,
-           grounded_words: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode(
+    tok: BertTokenizerFast, text: str, max_len: int, grounded_words: Sequence[int] = ()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """`[CLS] text [SEP] [PAD]...` truncated to max_len: (input_ids int32, text_mask int32, grounded float32).
 
   `grounded_words` index `text.split()`; a token is grounded if it lies inside such a word.
@@ -83,12 +85,26 @@ def _note_truncation(length: int, max_len: int) -> None:
     _truncated["count"] += 1
     count = _truncated["count"]
   if count == 10 ** (len(str(count)) - 1):
-    logging.warning("A text of %d tokens was cut to max_text_len=%d (%d text%s cut so far; raise "
-                    "config.data.max_text_len to keep more of them).", length, max_len, count, "s" * (count > 1))
+    logging.warning(
+        "A text of %d tokens was cut to max_text_len=%d (%d text%s cut so far; raise "
+        "config.data.max_text_len to keep more of them).",
+        length,
+        max_len,
+        count,
+        "s" * (count > 1),
+    )
 
 
-def mlm_mask(ids: np.ndarray, text_mask: np.ndarray, rng: np.random.Generator, *, prob: float, mask_id: int,
-             special_ids: Sequence[int], vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mlm_mask(
+    ids: np.ndarray,
+    text_mask: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    prob: float,
+    mask_id: int,
+    special_ids: Sequence[int],
+    vocab_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """BERT masking of one sequence: (masked ids, labels, weights).
 
   k = stochastic_round(prob * n) of the n non-special real tokens are chosen (so the expected rate is exactly
@@ -116,8 +132,9 @@ def mlm_mask(ids: np.ndarray, text_mask: np.ndarray, rng: np.random.Generator, *
   return out, labels, weights
 
 
-def sample_other(rng: np.random.Generator, n: int, index: int, same_image: Callable[[int], bool], *,
-                 tries: int = 32) -> int:
+def sample_other(
+    rng: np.random.Generator, n: int, index: int, same_image: Callable[[int], bool], *, tries: int = 32
+) -> int:
   """A random index in [0, n) != index whose example is not of the same image (ITM / retrieval negatives)."""
   if n < 2:
     raise ValueError(f"cannot draw a negative from a split of {n} example(s)")
@@ -128,8 +145,9 @@ def sample_other(rng: np.random.Generator, n: int, index: int, same_image: Calla
   raise ValueError(f"no example of a different image found in {tries} draws around index {index} of {n}")
 
 
-def sample_retrieval_negatives(rng: np.random.Generator, n: int, index: int, num: int,
-                               same_image: Callable[[int], bool]) -> list[int]:
+def sample_retrieval_negatives(
+    rng: np.random.Generator, n: int, index: int, num: int, same_image: Callable[[int], bool]
+) -> list[int]:
   """`num` distinct negatives for retrieval training (1 positive + `num` negatives per image)."""
   if n - 1 < num:
     raise ValueError(f"cannot draw {num} distinct negatives from a split of {n} examples")

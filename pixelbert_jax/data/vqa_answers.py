@@ -5,6 +5,7 @@ human answers gets the published mapping 0, 0.3, 0.6, 0.9, 1 for 0, 1, 2, 3, >=4
 official leave-one-out accuracy, approximately); a question with another number n of answers (your own
 data) gets our evaluation rule, min(1, count / min(3, n)): 1 for the single answer of a one-answer question.
 """
+
 from __future__ import annotations
 
 import collections
@@ -75,8 +76,16 @@ def save_vocab_file(path: str, vocab: Sequence[str], *, min_count: int, num_reco
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump({"format": _VOCAB_FORMAT, "split": split, "min_count": int(min_count),
-               "num_records": int(num_records), "answers": list(vocab)}, f)
+    json.dump(
+        {
+            "format": _VOCAB_FORMAT,
+            "split": split,
+            "min_count": int(min_count),
+            "num_records": int(num_records),
+            "answers": list(vocab),
+        },
+        f,
+    )
   os.replace(tmp, path)
 
 

@@ -5,6 +5,7 @@ The tree is `embeddings/{word,position,token_type}_embeddings, embeddings/LayerN
 `.../intermediate/dense`, `.../output/{dense,LayerNorm}`, `pooler/dense`: one mapping rule per HF tensor.
 `cfg` is the (frozen) model config from `presets.model_config`.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -24,16 +25,24 @@ def compute_dtype(cfg) -> Any:
 def dense(cfg, features: int, axes: tuple, name: str) -> nn.Dense:
   """nn.Dense with HF's normal(initializer_range) init, float32 params, logical names (in, out)."""
   return nn.Dense(
-      features, dtype=compute_dtype(cfg), param_dtype=jnp.float32, name=name,
+      features,
+      dtype=compute_dtype(cfg),
+      param_dtype=jnp.float32,
+      name=name,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+  )
 
 
 def layer_norm(cfg, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=cfg.layer_norm_eps, dtype=compute_dtype(cfg), param_dtype=jnp.float32, name=name,
+      epsilon=cfg.layer_norm_eps,
+      dtype=compute_dtype(cfg),
+      param_dtype=jnp.float32,
+      name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+  )
 
 
 def attention_bias(mask: jax.Array) -> jax.Array:
@@ -52,25 +61,29 @@ def check_cudnn_attention(dtype, backend: str | None = None) -> None:
   """cuDNN's fused attention exists only on CUDA GPUs and in 16-bit floats: say so, naming the key."""
   backend = backend or jax.default_backend()
   if backend != "gpu":
-    raise ValueError(f"model.attention_impl='cudnn' needs a CUDA GPU, but JAX's backend is {backend!r}; "
-                     f"use 'einsum' or 'dot_product'")
+    raise ValueError(
+        f"model.attention_impl='cudnn' needs a CUDA GPU, but JAX's backend is {backend!r}; "
+        f"use 'einsum' or 'dot_product'"
+    )
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    raise ValueError(f"model.attention_impl='cudnn' runs in bfloat16 or float16, but model.dtype is "
-                     f"{jnp.dtype(dtype).name}")
+    raise ValueError(
+        f"model.attention_impl='cudnn' runs in bfloat16 or float16, but model.dtype is " f"{jnp.dtype(dtype).name}"
+    )
 
 
 class BertEmbeddings(nn.Module):
   """Word + position + token-type embeddings, LayerNorm, dropout (text tokens only)."""
+
   cfg: Any
 
   def setup(self):
     cfg = self.cfg
     init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes)
-    embed = lambda n, axes, name: nn.Embed(n, cfg.hidden_size, dtype=compute_dtype(cfg),
-                                           param_dtype=jnp.float32, embedding_init=init(axes), name=name)
+    embed = lambda n, axes, name: nn.Embed(
+        n, cfg.hidden_size, dtype=compute_dtype(cfg), param_dtype=jnp.float32, embedding_init=init(axes), name=name
+    )
     self.word_embeddings = embed(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")
-    self.position_embeddings = embed(cfg.max_position_embeddings, ("position", "embed"),
-                                     "position_embeddings")
+    self.position_embeddings = embed(cfg.max_position_embeddings, ("position", "embed"), "position_embeddings")
     self.token_type_embeddings = embed(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")
     self.LayerNorm = layer_norm(cfg, "LayerNorm")
     self.dropout = nn.Dropout(cfg.hidden_dropout)
@@ -78,11 +91,12 @@ class BertEmbeddings(nn.Module):
   def __call__(self, input_ids: jax.Array, deterministic: bool) -> jax.Array:
     length = input_ids.shape[1]
     if length > self.cfg.max_position_embeddings:
-      raise ValueError(f"text length {length} > max_position_embeddings "
-                       f"{self.cfg.max_position_embeddings}")
-    x = (self.word_embeddings(input_ids)
-         + self.position_embeddings(jnp.arange(length))[None]
-         + self.token_type_embeddings(jnp.zeros_like(input_ids)))
+      raise ValueError(f"text length {length} > max_position_embeddings " f"{self.cfg.max_position_embeddings}")
+    x = (
+        self.word_embeddings(input_ids)
+        + self.position_embeddings(jnp.arange(length))[None]
+        + self.token_type_embeddings(jnp.zeros_like(input_ids))
+    )
     x = self.dropout(self.LayerNorm(x), deterministic=deterministic)
     return nn.with_logical_constraint(x, SEQ_AXES)
 
@@ -112,9 +126,11 @@ class BertSelfAttention(nn.Module):
     if impl in FUSED_ATTENTION:
       # jax.nn.dot_product_attention has no attention dropout: training with it would silently drop it.
       if not deterministic and cfg.attention_dropout > 0:
-        raise ValueError(f"model.attention_impl={impl!r} has no attention dropout, but "
-                         f"model.attention_dropout={cfg.attention_dropout} in training; set it to 0 or use "
-                         f"attention_impl='einsum'")
+        raise ValueError(
+            f"model.attention_impl={impl!r} has no attention dropout, but "
+            f"model.attention_dropout={cfg.attention_dropout} in training; set it to 0 or use "
+            f"attention_impl='einsum'"
+        )
       mask = bias == 0.0  # [B,1,1,S]
       if impl == "cudnn":
         check_cudnn_attention(q.dtype)
@@ -141,6 +157,7 @@ class BertSelfAttention(nn.Module):
 
 class BertOutput(nn.Module):
   """dense -> dropout -> LayerNorm(residual + .): HF's BertSelfOutput and BertOutput."""
+
   cfg: Any
   in_axis: str
 
@@ -183,6 +200,7 @@ class BertLayer(nn.Module):
 
 class BertEncoder(nn.Module):
   """`num_layers` BertLayers named `layer_{i}`; `nn.remat` per layer keeps the names unchanged."""
+
   cfg: Any
 
   @nn.compact
@@ -206,6 +224,7 @@ class BertPooler(nn.Module):
 
 class BertModel(nn.Module):
   """Embeddings + encoder + pooler. Call on text alone, or use `embed_text` / `encode` / `pool` to fuse."""
+
   cfg: Any
 
   def setup(self):

@@ -3,6 +3,7 @@
 Every task model has the parameter tree `encoder/{cnn,visual,bert}` plus its heads, so fine-tuning
 restores `encoder` from pre-training as is. All logits come back in float32 whatever the compute dtype.
 """
+
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -15,19 +16,22 @@ from pixelbert_jax.models.pixel_bert import PixelBertEncoder
 
 class MlmHead(nn.Module):
   """HF `cls.predictions`: transform (dense, GELU, LayerNorm), decoder tied to the word embeddings, bias."""
+
   cfg: Any
 
   @nn.compact
   def __call__(self, seq: jax.Array, attend: Callable[[jax.Array], jax.Array]) -> jax.Array:
     h = dense(self.cfg, self.cfg.hidden_size, ("embed", None), "dense")(seq)
     h = layer_norm(self.cfg, "LayerNorm")(nn.gelu(h, approximate=False))
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                      (self.cfg.vocab_size,), jnp.float32)
+    bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (self.cfg.vocab_size,), jnp.float32
+    )
     return attend(h).astype(jnp.float32) + bias
 
 
 class LinearHead(nn.Module):
   """One Dense on the pooled vector (ITM: HF `cls.seq_relationship`; retrieval: a single score)."""
+
   cfg: Any
   num_outputs: int
 
@@ -38,13 +42,13 @@ class LinearHead(nn.Module):
 
 class MlpHead(nn.Module):
   """Dense(multiplier * hidden) -> GELU -> LayerNorm -> Dense(num_outputs) (VQA, NLVR2)."""
+
   cfg: Any
   num_outputs: int
 
   @nn.compact
   def __call__(self, x):
-    h = dense(self.cfg, self.cfg.head_hidden_multiplier * self.cfg.hidden_size, ("embed", "mlp"),
-              "dense_0")(x)
+    h = dense(self.cfg, self.cfg.head_hidden_multiplier * self.cfg.hidden_size, ("embed", "mlp"), "dense_0")(x)
     h = layer_norm(self.cfg, "LayerNorm")(nn.gelu(h, approximate=False))
     return dense(self.cfg, self.num_outputs, ("mlp", "classes"), "dense_1")(h).astype(jnp.float32)
 
@@ -54,6 +58,7 @@ class _TaskModel(nn.Module):
 
   Only pre-training samples pixels; fine-tuning and inference use all of them (the paper).
   """
+
   cfg: Any
 
   def _encoder(self):
@@ -78,9 +83,8 @@ class PixelBertPretrain(_TaskModel):
 
   def __call__(self, image, image_mask, input_ids, text_mask, train: bool = False):
     enc = self.encoder(image, image_mask, input_ids, text_mask, train)
-    text = enc["sequence"][:, :input_ids.shape[1]]
-    return dict(mlm_logits=self.mlm_logits(text), itm_logits=self.itm_head(enc["pooled"]),
-                pixel_mask=enc["pixel_mask"])
+    text = enc["sequence"][:, : input_ids.shape[1]]
+    return dict(mlm_logits=self.mlm_logits(text), itm_logits=self.itm_head(enc["pooled"]), pixel_mask=enc["pixel_mask"])
 
   def mlm_logits(self, text_sequence):
     """[B,L,D] text part of the fused sequence -> float32 [B,L,V]."""
@@ -109,13 +113,11 @@ class PixelBertNlvr2(_TaskModel):
     self.encoder = self._encoder()
     self.nlvr2_head = MlpHead(self.cfg, 2)
 
-  def __call__(self, image, image_mask, input_ids, text_mask, image1, image1_mask,
-               train: bool = False):
+  def __call__(self, image, image_mask, input_ids, text_mask, image1, image1_mask, train: bool = False):
     a = self.encoder(image, image_mask, input_ids, text_mask, train, allow_sampling=False)
     b = self.encoder(image1, image1_mask, input_ids, text_mask, train, allow_sampling=False)
     pooled = jnp.concatenate([a["pooled"], b["pooled"]], axis=-1)
-    return dict(nlvr2_logits=self.nlvr2_head(pooled), pixel_mask=a["pixel_mask"],
-                pixel_mask1=b["pixel_mask"])
+    return dict(nlvr2_logits=self.nlvr2_head(pooled), pixel_mask=a["pixel_mask"], pixel_mask1=b["pixel_mask"])
 
 
 class PixelBertRetrieval(_TaskModel):
@@ -127,8 +129,7 @@ class PixelBertRetrieval(_TaskModel):
 
   def __call__(self, image, image_mask, input_ids, text_mask, train: bool = False):
     enc = self.encoder(image, image_mask, input_ids, text_mask, train, allow_sampling=False)
-    return dict(retrieval_logits=self.retrieval_head(enc["pooled"])[:, 0],
-                pixel_mask=enc["pixel_mask"])
+    return dict(retrieval_logits=self.retrieval_head(enc["pooled"])[:, 0], pixel_mask=enc["pixel_mask"])
 
   def score_pixels(self, input_ids, text_mask, pixels, pixel_mask, train: bool = False):
     """Scores [B] for text against pixels from `encode_image` (no CNN pass)."""

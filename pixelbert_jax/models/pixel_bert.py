@@ -5,6 +5,7 @@ image uint8 [B,H,W,3] + valid mask -> ImageNet normalisation, padding set to 0 -
 (+ optional learned 2D position embedding) -> [optional random pixel sampling in training] ->
 `[CLS] text [SEP] pixels` through BERT, with padding tokens and padding pixels masked out of attention.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -48,21 +49,27 @@ def sample_pixels(key: jax.Array, pixels: jax.Array, pixel_mask: jax.Array, k: i
   scores = jnp.where(pixel_mask, jax.random.uniform(key, (b, p)), -jnp.inf)
   _, idx = jax.lax.top_k(scores, k)
   idx = jnp.sort(idx, axis=-1)
-  return (jnp.take_along_axis(pixels, idx[..., None], axis=1),
-          jnp.take_along_axis(pixel_mask, idx, axis=1))
+  return (jnp.take_along_axis(pixels, idx[..., None], axis=1), jnp.take_along_axis(pixel_mask, idx, axis=1))
 
 
 class VisualEmbedder(nn.Module):
   """C5 [B,h,w,C] -> pixel tokens [B,(h//2)*(w//2),D]: 1x1 conv, 2x2 max-pool, + s_v (+ 2D position)."""
+
   cfg: Any
 
   @nn.compact
   def __call__(self, c5: jax.Array) -> jax.Array:
     cfg = self.cfg
     d = cfg.hidden_size
-    x = nn.Conv(d, (1, 1), dtype=compute_dtype(cfg), param_dtype=jnp.float32, name="proj",
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))(c5)
+    x = nn.Conv(
+        d,
+        (1, 1),
+        dtype=compute_dtype(cfg),
+        param_dtype=jnp.float32,
+        name="proj",
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+    )(c5)
     x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
     b, gh, gw, _ = x.shape
     init = nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("embed",))
@@ -70,8 +77,7 @@ class VisualEmbedder(nn.Module):
     if cfg.pos_embed_2d:
       if gh > cfg.max_grid or gw > cfg.max_grid:
         raise ValueError(f"pixel grid {gh}x{gw} exceeds max_grid {cfg.max_grid}")
-      pinit = nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
-                                           ("position", "embed"))
+      pinit = nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("position", "embed"))
       rows = self.param("row_embed", pinit, (cfg.max_grid, d), jnp.float32)[:gh]
       cols = self.param("col_embed", pinit, (cfg.max_grid, d), jnp.float32)[:gw]
       x = x + (rows[:, None] + cols[None, :]).astype(x.dtype)
@@ -80,6 +86,7 @@ class VisualEmbedder(nn.Module):
 
 class PixelBertEncoder(nn.Module):
   """`cnn`, `visual`, `bert` (incl. pooler): everything of Pixel-BERT but the task heads."""
+
   cfg: Any
 
   def setup(self):
@@ -92,8 +99,7 @@ class PixelBertEncoder(nn.Module):
 
     Data buckets are multiples of 64; other sizes work (800x1344 -> 25x42 -> 12x21 pixels)."""
     if image.ndim != 4 or image.shape[-1] != 3 or image_mask.shape != image.shape[:3]:
-      raise ValueError(f"expected image [B,H,W,3] and image_mask [B,H,W], got {image.shape} and "
-                       f"{image_mask.shape}")
+      raise ValueError(f"expected image [B,H,W,3] and image_mask [B,H,W], got {image.shape} and " f"{image_mask.shape}")
     if image.shape[1] < CELL or image.shape[2] < CELL:
       raise ValueError(f"image {image.shape}: height and width must be at least {CELL}")
     image_mask = image_mask.astype(bool)
@@ -117,13 +123,13 @@ class PixelBertEncoder(nn.Module):
   def attend(self, x):
     return self.bert.attend(x)
 
-  def __call__(self, image, image_mask, input_ids, text_mask, train: bool = False,
-               allow_sampling: bool = True):
+  def __call__(self, image, image_mask, input_ids, text_mask, train: bool = False, allow_sampling: bool = True):
     """-> dict(sequence, pooled, pixel_mask). Pixel sampling iff train and cfg.pixel_sampling.enabled
     and the task allows it (pre-training does; fine-tuning uses all pixels, as in the paper)."""
     pixels, pixel_mask = self.encode_image(image, image_mask, train)
     if train and allow_sampling and self.cfg.pixel_sampling.enabled:
-      pixels, pixel_mask = sample_pixels(self.make_rng("sample"), pixels, pixel_mask,
-                                         self.cfg.pixel_sampling.num_pixels)
+      pixels, pixel_mask = sample_pixels(
+          self.make_rng("sample"), pixels, pixel_mask, self.cfg.pixel_sampling.num_pixels
+      )
     seq, pooled = self.fuse(input_ids, text_mask, pixels, pixel_mask, train)
     return dict(sequence=seq, pooled=pooled, pixel_mask=pixel_mask)

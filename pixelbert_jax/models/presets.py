@@ -4,6 +4,7 @@ Sizes fix the transformer (`tiny` for tests, `demo` for the CPU demo, `base` = B
 the backbone (`r50`, `x152` = the paper's backbones, `tiny`/`demo` = one bottleneck per stage for training
 from scratch). Every field stays overridable from the command line.
 """
+
 import ml_collections
 
 _TRANSFORMERS = {
@@ -34,25 +35,27 @@ def cnn_config(cnn: str) -> ml_collections.ConfigDict:
   if cnn not in _CNNS:
     raise ValueError(f"unknown cnn {cnn!r}; expected one of {sorted(_CNNS)}")
   stages, groups, wpg, stem, planes, norm = _CNNS[cnn]
-  return ml_collections.ConfigDict(dict(
-      name=cnn,
-      stage_sizes=list(stages),
-      groups=groups,
-      width_per_group=wpg,
-      stem_width=stem,
-      base_planes=planes,
-      norm=norm,  # 'frozen_bn' | 'bn' | 'gn'
-      gn_groups=4 if cnn == "tiny" else 8 if cnn == "demo" else 32,
-      norm_eps=1e-5,  # torchvision BatchNorm2d / GroupNorm default
-      bn_momentum=0.1,  # torchvision convention: new = (1 - m) * old + m * batch
-      # How XLA is given the same computation (models/resnet.py): auto = 'cpu' on the CPU backend (1x1
-      # convs as matmuls, explicit max-pool and batch-norm gradients), 'generic' (lax.conv, autodiff)
-      # elsewhere. Parameters and checkpoints do not depend on it.
-      impl="auto",
-      # Not trained: the CNN runs in inference mode (batch norm on its running statistics) under
-      # stop_gradient, so no backward pass goes through it, and the optimizer leaves it alone.
-      frozen=False,
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          name=cnn,
+          stage_sizes=list(stages),
+          groups=groups,
+          width_per_group=wpg,
+          stem_width=stem,
+          base_planes=planes,
+          norm=norm,  # 'frozen_bn' | 'bn' | 'gn'
+          gn_groups=4 if cnn == "tiny" else 8 if cnn == "demo" else 32,
+          norm_eps=1e-5,  # torchvision BatchNorm2d / GroupNorm default
+          bn_momentum=0.1,  # torchvision convention: new = (1 - m) * old + m * batch
+          # How XLA is given the same computation (models/resnet.py): auto = 'cpu' on the CPU backend (1x1
+          # convs as matmuls, explicit max-pool and batch-norm gradients), 'generic' (lax.conv, autodiff)
+          # elsewhere. Parameters and checkpoints do not depend on it.
+          impl="auto",
+          # Not trained: the CNN runs in inference mode (batch norm on its running statistics) under
+          # stop_gradient, so no backward pass goes through it, and the optimizer leaves it alone.
+          frozen=False,
+      )
+  )
 
 
 def model_config(size: str, cnn: str, vocab_size: int) -> ml_collections.ConfigDict:
@@ -62,29 +65,31 @@ def model_config(size: str, cnn: str, vocab_size: int) -> ml_collections.ConfigD
   if vocab_size <= 0:
     raise ValueError(f"vocab_size must be positive, got {vocab_size}")
   hidden, layers, heads, inter, max_pos = _TRANSFORMERS[size]
-  return ml_collections.ConfigDict(dict(
-      size=size,
-      cnn=cnn_config(cnn),
-      hidden_size=hidden,
-      num_layers=layers,
-      num_heads=heads,
-      intermediate_size=inter,
-      vocab_size=vocab_size,
-      max_position_embeddings=max_pos,
-      type_vocab_size=2,
-      hidden_dropout=0.1,
-      attention_dropout=0.1,
-      # einsum: scores, float32 softmax, dropout. dot_product: jax.nn.dot_product_attention, XLA's
-      # implementation; cudnn: the same with cuDNN's fused kernel (CUDA GPU, bf16/fp16). Neither has
-      # attention dropout, so they are for inference or attention_dropout=0.
-      attention_impl="einsum",
-      layer_norm_eps=1e-12,  # HF BERT
-      initializer_range=0.02,
-      pixel_sampling=dict(enabled=True, num_pixels=_NUM_PIXELS[size]),
-      pos_embed_2d=False,
-      max_grid=64,  # rows / columns of the optional 2D position embedding (64 * 64 = 4096 px per side)
-      dtype="float32",  # compute dtype; params are always float32
-      remat=False,
-      num_answers=_NUM_ANSWERS[size],
-      head_hidden_multiplier=2,  # VQA / NLVR2 MLP width = multiplier * hidden_size
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          size=size,
+          cnn=cnn_config(cnn),
+          hidden_size=hidden,
+          num_layers=layers,
+          num_heads=heads,
+          intermediate_size=inter,
+          vocab_size=vocab_size,
+          max_position_embeddings=max_pos,
+          type_vocab_size=2,
+          hidden_dropout=0.1,
+          attention_dropout=0.1,
+          # einsum: scores, float32 softmax, dropout. dot_product: jax.nn.dot_product_attention, XLA's
+          # implementation; cudnn: the same with cuDNN's fused kernel (CUDA GPU, bf16/fp16). Neither has
+          # attention dropout, so they are for inference or attention_dropout=0.
+          attention_impl="einsum",
+          layer_norm_eps=1e-12,  # HF BERT
+          initializer_range=0.02,
+          pixel_sampling=dict(enabled=True, num_pixels=_NUM_PIXELS[size]),
+          pos_embed_2d=False,
+          max_grid=64,  # rows / columns of the optional 2D position embedding (64 * 64 = 4096 px per side)
+          dtype="float32",  # compute dtype; params are always float32
+          remat=False,
+          num_answers=_NUM_ANSWERS[size],
+          head_hidden_multiplier=2,  # VQA / NLVR2 MLP width = multiplier * hidden_size
+      )
+  )

@@ -15,6 +15,7 @@ matmul, the max-pool gradient (select-and-scatter, lowered with index iotas) cos
 autodiff of batch norm makes more passes over the activations than its closed-form gradient; see
 bench/HISTORY.md, items 11-14.
 """
+
 import functools
 from typing import Any, Sequence
 
@@ -47,6 +48,7 @@ def resolve_impl(impl: str) -> str:
 class Conv(nn.Module):
   """torchvision-style conv: symmetric padding kernel // 2, no bias; kernel [k, k, Cin / groups, Cout]
   named `kernel`, as `nn.Conv` names it, so checkpoints do not depend on `impl`."""
+
   features: int
   kernel: int
   stride: int
@@ -59,8 +61,12 @@ class Conv(nn.Module):
     cin = x.shape[-1]
     if cin % self.groups:
       raise ValueError(f"{self.name}: {cin} input channels not divisible by groups={self.groups}")
-    k = self.param("kernel", nn.with_logical_partitioning(_conv_init, CONV_AXES),
-                   (self.kernel, self.kernel, cin // self.groups, self.features), jnp.float32)
+    k = self.param(
+        "kernel",
+        nn.with_logical_partitioning(_conv_init, CONV_AXES),
+        (self.kernel, self.kernel, cin // self.groups, self.features),
+        jnp.float32,
+    )
     x, k = x.astype(self.dtype), k.astype(self.dtype)
     s = self.stride
     if self.impl == "cpu" and self.kernel == 1 and self.groups == 1:
@@ -70,8 +76,13 @@ class Conv(nn.Module):
       return (x.reshape(n * h * w, cin) @ k[0, 0]).reshape(n, h, w, self.features)
     pad = self.kernel // 2
     return jax.lax.conv_general_dilated(
-        x, k, (s, s), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.groups)
+        x,
+        k,
+        (s, s),
+        ((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.groups,
+    )
 
 
 def _window_taps(x, window, stride, pad, out_hw):
@@ -79,7 +90,7 @@ def _window_taps(x, window, stride, pad, out_hw):
   ho, wo = out_hw
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
   span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-  return [xp[:, i:i + span_h:stride, j:j + span_w:stride, :] for i in range(window) for j in range(window)]
+  return [xp[:, i : i + span_h : stride, j : j + span_w : stride, :] for i in range(window) for j in range(window)]
 
 
 def _pool_out_hw(x, window, stride, pad):
@@ -88,8 +99,7 @@ def _pool_out_hw(x, window, stride, pad):
 
 def _max_pool_fwd(x, window, stride, pad):
   if window * window > 127:
-    raise ValueError(f"max_pool_first_max: a {window}x{window} window has more taps than an int8 "
-                     f"index holds")
+    raise ValueError(f"max_pool_first_max: a {window}x{window} window has more taps than an int8 " f"index holds")
   taps = _window_taps(x, window, stride, pad, _pool_out_hw(x, window, stride, pad))
   best, first = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
   for t, v in enumerate(taps[1:], start=1):
@@ -119,10 +129,12 @@ def _max_pool_bwd(window, stride, pad, res, g):
   for t in range(window * window):
     i, j = divmod(t, window)
     # Transpose of the strided slice: scatter back by interior padding.
-    dxp = dxp + jax.lax.pad(jnp.where(first == t, g, zero), zero,
-                            ((0, 0, 0), (i, hp - i - span_h, stride - 1),
-                             (j, wp - j - span_w, stride - 1), (0, 0, 0)))
-  return (dxp[:, pad:pad + h, pad:pad + w, :],)
+    dxp = dxp + jax.lax.pad(
+        jnp.where(first == t, g, zero),
+        zero,
+        ((0, 0, 0), (i, hp - i - span_h, stride - 1), (j, wp - j - span_w, stride - 1), (0, 0, 0)),
+    )
+  return (dxp[:, pad : pad + h, pad : pad + w, :],)
 
 
 max_pool_first_max.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -161,6 +173,7 @@ batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 class Norm(nn.Module):
   """Batch norm (frozen or trainable) or group norm, computed in float32, torchvision semantics."""
+
   kind: str
   gn_groups: int = 32
   eps: float = 1e-5
@@ -213,6 +226,7 @@ class Norm(nn.Module):
 
 class Downsample(nn.Module):
   """torchvision's `downsample = Sequential(conv1x1, norm)`: children named `0` and `1`."""
+
   features: int
   stride: int
   norm: Any  # a functools.partial(Norm, ...) without name
@@ -227,6 +241,7 @@ class Downsample(nn.Module):
 
 class Bottleneck(nn.Module):
   """torchvision Bottleneck (ResNet v1.5: the stride sits on the 3x3 conv)."""
+
   planes: int
   stride: int
   groups: int
@@ -240,8 +255,10 @@ class Bottleneck(nn.Module):
   def __call__(self, x, train):
     width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
     if width <= 0:
-      raise ValueError(f"bottleneck width is 0 (planes={self.planes}, width_per_group="
-                       f"{self.width_per_group}, groups={self.groups})")
+      raise ValueError(
+          f"bottleneck width is 0 (planes={self.planes}, width_per_group="
+          f"{self.width_per_group}, groups={self.groups})"
+      )
     out = Conv(width, 1, 1, 1, self.impl, self.dtype, name="conv1")(x)
     out = nn.relu(self.norm(name="bn1")(out, train))
     out = Conv(width, 3, self.stride, self.groups, self.impl, self.dtype, name="conv2")(out)
@@ -250,13 +267,15 @@ class Bottleneck(nn.Module):
     out = self.norm(name="bn3")(out, train)
     identity = x
     if self.downsample:
-      identity = Downsample(self.planes * EXPANSION, self.stride, self.norm, self.impl,
-                            self.dtype, name="downsample")(x, train)
+      identity = Downsample(self.planes * EXPANSION, self.stride, self.norm, self.impl, self.dtype, name="downsample")(
+          x, train
+      )
     return nn.relu(out + identity)
 
 
 class ResStage(nn.Module):
   """torchvision's `layerN`: blocks named `0`, `1`, ..."""
+
   blocks: int
   planes: int
   stride: int
@@ -272,13 +291,23 @@ class ResStage(nn.Module):
     for i in range(self.blocks):
       first = i == 0
       needs_proj = first and (self.stride != 1 or self.in_channels != self.planes * EXPANSION)
-      x = Bottleneck(self.planes, self.stride if first else 1, self.groups, self.width_per_group,
-                     needs_proj, self.norm, self.impl, self.dtype, name=str(i))(x, train)
+      x = Bottleneck(
+          self.planes,
+          self.stride if first else 1,
+          self.groups,
+          self.width_per_group,
+          needs_proj,
+          self.norm,
+          self.impl,
+          self.dtype,
+          name=str(i),
+      )(x, train)
     return x
 
 
 class ResNet(nn.Module):
   """Bottleneck ResNet / ResNeXt trunk up to C5 (stride 32), NHWC in, NHWC out."""
+
   stage_sizes: Sequence[int]
   groups: int = 1
   width_per_group: int = 64
@@ -308,9 +337,19 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     in_channels = self.stem_width
     for i, blocks in enumerate(self.stage_sizes):
-      planes = self.base_planes * 2 ** i
-      x = ResStage(blocks, planes, 1 if i == 0 else 2, in_channels, self.groups, self.width_per_group,
-                   norms, impl, self.dtype, name=f"layer{i + 1}")(x, train)
+      planes = self.base_planes * 2**i
+      x = ResStage(
+          blocks,
+          planes,
+          1 if i == 0 else 2,
+          in_channels,
+          self.groups,
+          self.width_per_group,
+          norms,
+          impl,
+          self.dtype,
+          name=f"layer{i + 1}",
+      )(x, train)
       x = nn.with_logical_constraint(x, ACTIVATION_AXES)
       in_channels = planes * EXPANSION
     return x
@@ -334,8 +373,16 @@ class _NormFactory:
 
 def resnet_from_config(cnn_cfg, dtype: Any = jnp.float32) -> ResNet:
   """The backbone described by `model_config(...).cnn`."""
-  return ResNet(stage_sizes=tuple(cnn_cfg.stage_sizes), groups=cnn_cfg.groups,
-                width_per_group=cnn_cfg.width_per_group, stem_width=cnn_cfg.stem_width,
-                base_planes=cnn_cfg.base_planes, norm=cnn_cfg.norm, gn_groups=cnn_cfg.gn_groups,
-                norm_eps=cnn_cfg.get("norm_eps", 1e-5), bn_momentum=cnn_cfg.get("bn_momentum", 0.1),
-                impl=cnn_cfg.get("impl", "auto"), dtype=dtype)
+  return ResNet(
+      stage_sizes=tuple(cnn_cfg.stage_sizes),
+      groups=cnn_cfg.groups,
+      width_per_group=cnn_cfg.width_per_group,
+      stem_width=cnn_cfg.stem_width,
+      base_planes=cnn_cfg.base_planes,
+      norm=cnn_cfg.norm,
+      gn_groups=cnn_cfg.gn_groups,
+      norm_eps=cnn_cfg.get("norm_eps", 1e-5),
+      bn_momentum=cnn_cfg.get("bn_momentum", 0.1),
+      impl=cnn_cfg.get("impl", "auto"),
+      dtype=dtype,
+  )

@@ -4,6 +4,7 @@ The generic `Trainer.eval_sums` only sums metrics; official metrics need every e
 to its id, so the evaluators run this loop instead. Ids stay on the host (question ids are int64 and JAX
 runs in 32 bits); across processes they are gathered in the same order as the global batch.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,78 +24,92 @@ _JITTED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def _jitted(trainer, predict_fn: PredictFn):
-    cache = _JITTED.setdefault(trainer, {})
-    if predict_fn not in cache:
-        def run(params, batch_stats, batch):
-            variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-            apply = lambda **kw: trainer.model.apply(variables, train=False, **kw)
-            return predict_fn(apply, batch)
-        cache[predict_fn] = jax.jit(run, out_shardings=partitioning.replicated(trainer.mesh),
-                                    compiler_options=trainer.compiler_options)
-    return cache[predict_fn]
+  cache = _JITTED.setdefault(trainer, {})
+  if predict_fn not in cache:
+
+    def run(params, batch_stats, batch):
+      variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+      apply = lambda **kw: trainer.model.apply(variables, train=False, **kw)
+      return predict_fn(apply, batch)
+
+    cache[predict_fn] = jax.jit(
+        run, out_shardings=partitioning.replicated(trainer.mesh), compiler_options=trainer.compiler_options
+    )
+  return cache[predict_fn]
 
 
 def mesh_context(trainer):
-    """The mesh and logical rules model calls are traced in (partitioning.activate where it exists)."""
-    activate = getattr(partitioning, "activate", None)
-    return activate(trainer.mesh) if activate else trainer.mesh
+  """The mesh and logical rules model calls are traced in (partitioning.activate where it exists)."""
+  activate = getattr(partitioning, "activate", None)
+  return activate(trainer.mesh) if activate else trainer.mesh
 
 
 def _gather_host(x: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-    x = np.asarray(x, np.int64)  # 32-bit halves: JAX without x64 would truncate int64 ids
-    hi, lo = (x >> 32).astype(np.int32), (x & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
-    hi, lo = (np.asarray(multihost_utils.process_allgather(v, tiled=True)) for v in (hi, lo))
-    return (hi.astype(np.int64) << 32) | lo.view(np.uint32).astype(np.int64)
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+
+  x = np.asarray(x, np.int64)  # 32-bit halves: JAX without x64 would truncate int64 ids
+  hi, lo = (x >> 32).astype(np.int32), (x & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+  hi, lo = (np.asarray(multihost_utils.process_allgather(v, tiled=True)) for v in (hi, lo))
+  return (hi.astype(np.int64) << 32) | lo.view(np.uint32).astype(np.int64)
 
 
-def collect(trainer, state, split: str, predict_fn: PredictFn, *, device_keys: Sequence[str],
-            host_keys: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """Runs `predict_fn` over `split` (one pass, eval mode) and concatenates its outputs and the
-    `host_keys` of the batches, real examples only (example_mask > 0). `config.eval_steps` > 0 caps it."""
-    cfg = trainer.config
-    pc = jax.process_count()
-    it = pipeline.make_iterator(cfg.data, cfg.task, split, batch_size=cfg.eval_batch_size // pc, seed=cfg.seed,
-                                process_index=jax.process_index(), process_count=pc, train=False)
-    fn = _jitted(trainer, predict_fn)
-    parts: dict[str, list] = {}
-    for i, batch in enumerate(it):
-        if 0 < cfg.eval_steps <= i:
-            break
-        device_batch = {k: batch[k] for k in device_keys}
-        with mesh_context(trainer):
-            out = jax.device_get(fn(state["params"], state["batch_stats"],
-                                    partitioning.global_batch(device_batch, trainer.mesh)))
-        keep = _gather_host(np.asarray(batch["example_mask"])) > 0
-        for k in host_keys:
-            parts.setdefault(k, []).append(_gather_host(np.asarray(batch[k]))[keep])
-        for k, v in out.items():
-            parts.setdefault(k, []).append(np.asarray(v)[keep])
-    if not parts:
-        raise ValueError(f"split {split!r} of {cfg.data.name!r} gave no evaluation batches")
-    return {k: np.concatenate(v) for k, v in parts.items()}
+def collect(
+    trainer, state, split: str, predict_fn: PredictFn, *, device_keys: Sequence[str], host_keys: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
+  """Runs `predict_fn` over `split` (one pass, eval mode) and concatenates its outputs and the
+  `host_keys` of the batches, real examples only (example_mask > 0). `config.eval_steps` > 0 caps it."""
+  cfg = trainer.config
+  pc = jax.process_count()
+  it = pipeline.make_iterator(
+      cfg.data,
+      cfg.task,
+      split,
+      batch_size=cfg.eval_batch_size // pc,
+      seed=cfg.seed,
+      process_index=jax.process_index(),
+      process_count=pc,
+      train=False,
+  )
+  fn = _jitted(trainer, predict_fn)
+  parts: dict[str, list] = {}
+  for i, batch in enumerate(it):
+    if 0 < cfg.eval_steps <= i:
+      break
+    device_batch = {k: batch[k] for k in device_keys}
+    with mesh_context(trainer):
+      out = jax.device_get(
+          fn(state["params"], state["batch_stats"], partitioning.global_batch(device_batch, trainer.mesh))
+      )
+    keep = _gather_host(np.asarray(batch["example_mask"])) > 0
+    for k in host_keys:
+      parts.setdefault(k, []).append(_gather_host(np.asarray(batch[k]))[keep])
+    for k, v in out.items():
+      parts.setdefault(k, []).append(np.asarray(v)[keep])
+  if not parts:
+    raise ValueError(f"split {split!r} of {cfg.data.name!r} gave no evaluation batches")
+  return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def result_path(workdir: str | epath.Path, task: str, split: str, step: int, suffix: str) -> epath.Path:
-    return epath.Path(workdir) / "results" / f"{task}_{split}_step{step}.{suffix}"
+  return epath.Path(workdir) / "results" / f"{task}_{split}_step{step}.{suffix}"
 
 
 def write_text(path: epath.Path, text: str) -> None:
-    """Process 0 writes; atomically, so a reader never sees half a result file."""
-    if jax.process_index() != 0:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)  # not rename: epath's rename refuses an existing file, and answer_vocab.json is rewritten
-    logging.info("Wrote %s", path)
+  """Process 0 writes; atomically, so a reader never sees half a result file."""
+  if jax.process_index() != 0:
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.tmp"
+  tmp.write_text(text)
+  tmp.replace(path)  # not rename: epath's rename refuses an existing file, and answer_vocab.json is rewritten
+  logging.info("Wrote %s", path)
 
 
 def write_json(path: epath.Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=None, separators=(",", ":")))
+  write_text(path, json.dumps(obj, indent=None, separators=(",", ":")))
 
 
 def step_of(state) -> int:
-    return int(jax.device_get(state["step"]))
+  return int(jax.device_get(state["step"]))

@@ -4,6 +4,7 @@ Losses are means over what was really selected (masked tokens of matched pairs f
 ITM), so padding examples of an eval batch and unmasked tokens contribute nothing. Metrics are returned as
 (sum, count) pairs so that they can be summed across steps and batches and divided once.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,99 +18,102 @@ MetricSums = dict[str, tuple[jax.Array, jax.Array]]
 
 
 def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    return {k: batch[k] for k in INPUT_KEYS}
+  return {k: batch[k] for k in INPUT_KEYS}
 
 
 def _safe_div(a, b):
-    return a / jnp.maximum(b, 1e-9)
+  return a / jnp.maximum(b, 1e-9)
 
 
-def loss_and_metrics(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], *,
-                     mlm_weight: float = 1.0, itm_weight: float = 1.0) -> tuple[jax.Array, MetricSums]:
-    mlm_logits = outputs["mlm_logits"].astype(jnp.float32)
-    itm_logits = outputs["itm_logits"].astype(jnp.float32)
-    example_mask = batch["example_mask"].astype(jnp.float32)
+def loss_and_metrics(
+    outputs: dict[str, jax.Array], batch: dict[str, jax.Array], *, mlm_weight: float = 1.0, itm_weight: float = 1.0
+) -> tuple[jax.Array, MetricSums]:
+  mlm_logits = outputs["mlm_logits"].astype(jnp.float32)
+  itm_logits = outputs["itm_logits"].astype(jnp.float32)
+  example_mask = batch["example_mask"].astype(jnp.float32)
 
-    mlm_w = batch["mlm_weights"].astype(jnp.float32) * example_mask[:, None]
-    mlm_xent = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["mlm_labels"])
-    mlm_n = jnp.sum(mlm_w)
-    mlm_loss = _safe_div(jnp.sum(mlm_xent * mlm_w), mlm_n)
-    mlm_correct = (jnp.argmax(mlm_logits, -1) == batch["mlm_labels"]).astype(jnp.float32)
+  mlm_w = batch["mlm_weights"].astype(jnp.float32) * example_mask[:, None]
+  mlm_xent = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["mlm_labels"])
+  mlm_n = jnp.sum(mlm_w)
+  mlm_loss = _safe_div(jnp.sum(mlm_xent * mlm_w), mlm_n)
+  mlm_correct = (jnp.argmax(mlm_logits, -1) == batch["mlm_labels"]).astype(jnp.float32)
 
-    itm_xent = optax.softmax_cross_entropy_with_integer_labels(itm_logits, batch["itm_label"])
-    itm_n = jnp.sum(example_mask)
-    itm_loss = _safe_div(jnp.sum(itm_xent * example_mask), itm_n)
-    itm_correct = (jnp.argmax(itm_logits, -1) == batch["itm_label"]).astype(jnp.float32)
+  itm_xent = optax.softmax_cross_entropy_with_integer_labels(itm_logits, batch["itm_label"])
+  itm_n = jnp.sum(example_mask)
+  itm_loss = _safe_div(jnp.sum(itm_xent * example_mask), itm_n)
+  itm_correct = (jnp.argmax(itm_logits, -1) == batch["itm_label"]).astype(jnp.float32)
 
-    loss = mlm_weight * mlm_loss + itm_weight * itm_loss
-    metrics = {
-        "loss": (loss, jnp.ones(())),
-        "mlm_loss": (mlm_loss, jnp.ones(())),
-        "itm_loss": (itm_loss, jnp.ones(())),
-        "mlm_acc": (jnp.sum(mlm_correct * mlm_w), mlm_n),
-        "itm_acc": (jnp.sum(itm_correct * example_mask), itm_n),
-    }
-    if "mlm_grounded" in batch:
-        g = mlm_w * batch["mlm_grounded"].astype(jnp.float32)
-        metrics["mlm_acc_grounded"] = (jnp.sum(mlm_correct * g), jnp.sum(g))
-    return loss, metrics
+  loss = mlm_weight * mlm_loss + itm_weight * itm_loss
+  metrics = {
+      "loss": (loss, jnp.ones(())),
+      "mlm_loss": (mlm_loss, jnp.ones(())),
+      "itm_loss": (itm_loss, jnp.ones(())),
+      "mlm_acc": (jnp.sum(mlm_correct * mlm_w), mlm_n),
+      "itm_acc": (jnp.sum(itm_correct * example_mask), itm_n),
+  }
+  if "mlm_grounded" in batch:
+    g = mlm_w * batch["mlm_grounded"].astype(jnp.float32)
+    metrics["mlm_acc_grounded"] = (jnp.sum(mlm_correct * g), jnp.sum(g))
+  return loss, metrics
 
 
 def eval_metrics(apply, batch: dict[str, jax.Array], config) -> dict[str, Any]:
-    """Eval-mode metrics; on the synthetic world also the grounded-word probe (see `grounded_probe`)."""
-    weights = dict(config.get("loss", {}))
-    _, metrics = loss_and_metrics(apply(**model_inputs(batch)), batch, **weights)
-    if "text_ids" in batch:
-        # ITM on the caption as written, as ViLT scores it. On the training's masked text (kept as
-        # itm_acc_masked) a masked colour or shape word can make a negative caption indistinguishable.
-        metrics["itm_acc_masked"] = metrics["itm_acc"]
-        logits = apply(**model_inputs({**batch, "input_ids": batch["text_ids"]}))["itm_logits"]
-        correct = (jnp.argmax(logits, -1) == batch["itm_label"]).astype(jnp.float32)
-        example_mask = batch["example_mask"].astype(jnp.float32)
-        metrics["itm_acc"] = (jnp.sum(correct * example_mask), jnp.sum(example_mask))
-    if config.data.get("grounded_metric", False):
-        from pixelbert_jax.data import pipeline  # trace-time constant; keeps the task free of data imports
-        mask_id = pipeline.tokenizer(config.data).mask_token_id
-        probe, labels, weight = grounded_probe(batch, mask_id)
-        for name, b in (("mlm_acc_grounded", probe), ("mlm_acc_grounded_shuffled", shuffle_images(probe))):
-            logits = apply(**model_inputs(b))["mlm_logits"]
-            correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-            metrics[name] = (jnp.sum(correct * weight), jnp.sum(weight))
-        histogram = jnp.zeros((config.model.vocab_size,), jnp.float32)
-        metrics["grounded_label_histogram"] = histogram.at[labels.reshape(-1)].add(weight.reshape(-1))
-    return metrics
+  """Eval-mode metrics; on the synthetic world also the grounded-word probe (see `grounded_probe`)."""
+  weights = dict(config.get("loss", {}))
+  _, metrics = loss_and_metrics(apply(**model_inputs(batch)), batch, **weights)
+  if "text_ids" in batch:
+    # ITM on the caption as written, as ViLT scores it. On the training's masked text (kept as
+    # itm_acc_masked) a masked colour or shape word can make a negative caption indistinguishable.
+    metrics["itm_acc_masked"] = metrics["itm_acc"]
+    logits = apply(**model_inputs({**batch, "input_ids": batch["text_ids"]}))["itm_logits"]
+    correct = (jnp.argmax(logits, -1) == batch["itm_label"]).astype(jnp.float32)
+    example_mask = batch["example_mask"].astype(jnp.float32)
+    metrics["itm_acc"] = (jnp.sum(correct * example_mask), jnp.sum(example_mask))
+  if config.data.get("grounded_metric", False):
+    from pixelbert_jax.data import pipeline  # trace-time constant; keeps the task free of data imports
+
+    mask_id = pipeline.tokenizer(config.data).mask_token_id
+    probe, labels, weight = grounded_probe(batch, mask_id)
+    for name, b in (("mlm_acc_grounded", probe), ("mlm_acc_grounded_shuffled", shuffle_images(probe))):
+      logits = apply(**model_inputs(b))["mlm_logits"]
+      correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+      metrics[name] = (jnp.sum(correct * weight), jnp.sum(weight))
+    histogram = jnp.zeros((config.model.vocab_size,), jnp.float32)
+    metrics["grounded_label_histogram"] = histogram.at[labels.reshape(-1)].add(weight.reshape(-1))
+  return metrics
 
 
 def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
-    out = {k: float(v[0] / max(v[1], 1e-9)) for k, v in sums.items() if isinstance(v, tuple)}
-    if "grounded_label_histogram" in sums:
-        h = sums["grounded_label_histogram"]
-        out["mlm_grounded_majority_rate"] = float(h.max() / max(h.sum(), 1e-9))
-    return out
+  out = {k: float(v[0] / max(v[1], 1e-9)) for k, v in sums.items() if isinstance(v, tuple)}
+  if "grounded_label_histogram" in sums:
+    h = sums["grounded_label_histogram"]
+    out["mlm_grounded_majority_rate"] = float(h.max() / max(h.sum(), 1e-9))
+  return out
 
 
-def grounded_probe(batch: dict[str, jax.Array], mask_token_id: int,
-                   ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
-    """The original caption of every matched pair with exactly one grounded word replaced by [MASK].
+def grounded_probe(
+    batch: dict[str, jax.Array],
+    mask_token_id: int,
+) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+  """The original caption of every matched pair with exactly one grounded word replaced by [MASK].
 
-    With 15% random masking only a few grounded words are masked per eval pass, too few for a stable
-    number; the probe asks every matched caption for one of its colour/shape words, the rest of the
-    caption intact, so the only way to answer is to read the pixels. Which grounded word is asked is a
-    fixed pseudo-random choice, so the probe is the same at every evaluation. Returns the probe batch,
-    the labels [B,L] and the weights [B,L] (1 at the asked position of matched real examples).
-    """
-    original = jnp.where(batch["mlm_weights"] > 0, batch["mlm_labels"], batch["input_ids"])
-    grounded = (batch["mlm_grounded"] > 0) & (batch["text_mask"] > 0)
-    noise = jax.random.uniform(jax.random.PRNGKey(0), grounded.shape)
-    pick = jnp.argmax(jnp.where(grounded, noise, -1.0), axis=-1)
-    asked = jax.nn.one_hot(pick, grounded.shape[1], dtype=jnp.bool_) & grounded
-    usable = (batch["itm_label"] == 1) & (batch["example_mask"] > 0)
-    weight = (asked & usable[:, None]).astype(jnp.float32)
-    probe = {**batch, "input_ids": jnp.where(weight > 0, mask_token_id, original)}
-    return probe, original, weight
+  With 15% random masking only a few grounded words are masked per eval pass, too few for a stable
+  number; the probe asks every matched caption for one of its colour/shape words, the rest of the
+  caption intact, so the only way to answer is to read the pixels. Which grounded word is asked is a
+  fixed pseudo-random choice, so the probe is the same at every evaluation. Returns the probe batch,
+  the labels [B,L] and the weights [B,L] (1 at the asked position of matched real examples).
+  """
+  original = jnp.where(batch["mlm_weights"] > 0, batch["mlm_labels"], batch["input_ids"])
+  grounded = (batch["mlm_grounded"] > 0) & (batch["text_mask"] > 0)
+  noise = jax.random.uniform(jax.random.PRNGKey(0), grounded.shape)
+  pick = jnp.argmax(jnp.where(grounded, noise, -1.0), axis=-1)
+  asked = jax.nn.one_hot(pick, grounded.shape[1], dtype=jnp.bool_) & grounded
+  usable = (batch["itm_label"] == 1) & (batch["example_mask"] > 0)
+  weight = (asked & usable[:, None]).astype(jnp.float32)
+  probe = {**batch, "input_ids": jnp.where(weight > 0, mask_token_id, original)}
+  return probe, original, weight
 
 
 def shuffle_images(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Pairs every caption with the next example's image (a derangement for batches larger than one)."""
-    return {**batch, "image": jnp.roll(batch["image"], 1, axis=0),
-            "image_mask": jnp.roll(batch["image_mask"], 1, axis=0)}
+  """Pairs every caption with the next example's image (a derangement for batches larger than one)."""
+  return {**batch, "image": jnp.roll(batch["image"], 1, axis=0), "image_mask": jnp.roll(batch["image_mask"], 1, axis=0)}

@@ -8,6 +8,7 @@ the `hard_negatives` highest-scoring negatives (the paper's "back-propagation th
 negatives"); the easier negatives only take part in choosing them.
 Evaluation (tasks/retrieval_eval.py) ranks every caption for every image and back.
 """
+
 from __future__ import annotations
 
 import jax
@@ -18,54 +19,57 @@ IMAGE_KEYS = ("image", "image_mask")
 
 
 def score_groups(module, image, image_mask, input_ids, text_mask, train: bool = False):
-    """Model method: images [B,...] against caption groups [B,G,L] -> {'retrieval_logits': [B,G]}."""
-    b, g, length = input_ids.shape
-    pixels, pixel_mask = module.encode_image(image, image_mask, train)  # once per image, not per caption
-    pixels = jnp.repeat(pixels, g, axis=0)
-    pixel_mask = jnp.repeat(pixel_mask, g, axis=0)
-    scores = module.score_pixels(input_ids.reshape(b * g, length), text_mask.reshape(b * g, length),
-                                 pixels, pixel_mask, train)
-    return {"retrieval_logits": scores.reshape(b, g)}
+  """Model method: images [B,...] against caption groups [B,G,L] -> {'retrieval_logits': [B,G]}."""
+  b, g, length = input_ids.shape
+  pixels, pixel_mask = module.encode_image(image, image_mask, train)  # once per image, not per caption
+  pixels = jnp.repeat(pixels, g, axis=0)
+  pixel_mask = jnp.repeat(pixel_mask, g, axis=0)
+  scores = module.score_pixels(
+      input_ids.reshape(b * g, length), text_mask.reshape(b * g, length), pixels, pixel_mask, train
+  )
+  return {"retrieval_logits": scores.reshape(b, g)}
 
 
 def model_inputs(batch: dict[str, jax.Array]) -> dict:
-    """Keyword arguments of `model.apply`: `method` makes the retrieval model score caption groups."""
-    if batch["input_ids"].ndim != 3:
-        raise ValueError(f"retrieval train batches need input_ids [B,1+N,L], got {batch['input_ids'].shape}")
-    return {"method": score_groups, **{k: batch[k] for k in IMAGE_KEYS + ("input_ids", "text_mask")}}
+  """Keyword arguments of `model.apply`: `method` makes the retrieval model score caption groups."""
+  if batch["input_ids"].ndim != 3:
+    raise ValueError(f"retrieval train batches need input_ids [B,1+N,L], got {batch['input_ids'].shape}")
+  return {"method": score_groups, **{k: batch[k] for k in IMAGE_KEYS + ("input_ids", "text_mask")}}
 
 
 def hard_negative_logits(scores: jax.Array, hard_negatives: int) -> jax.Array:
-    """[B,1+N] -> [B,1+k]: the positive (column 0) and the k highest-scoring negatives, with their gradient.
+  """[B,1+N] -> [B,1+k]: the positive (column 0) and the k highest-scoring negatives, with their gradient.
 
-    The softmax runs over these 1+k only. Keeping the other negatives in its denominator as constants (under
-    stop_gradient) would break the loss's invariance to a shift of all scores: every step would then push
-    the scores that carry gradient up together, against the constants, by as much as it sharpens the
-    ranking. Adam normalises that common push to full step size, and the ranking signal drowns in it
-    (the retrieval loss then stays at ln(1+N)). k <= 0 or k >= N keeps every negative.
-    """
-    neg = scores[:, 1:]
-    k = int(hard_negatives)
-    if k <= 0 or k >= neg.shape[1]:
-        return scores
-    _, idx = jax.lax.top_k(jax.lax.stop_gradient(neg), k)
-    return jnp.concatenate([scores[:, :1], jnp.take_along_axis(neg, idx, axis=1)], axis=1)
+  The softmax runs over these 1+k only. Keeping the other negatives in its denominator as constants (under
+  stop_gradient) would break the loss's invariance to a shift of all scores: every step would then push
+  the scores that carry gradient up together, against the constants, by as much as it sharpens the
+  ranking. Adam normalises that common push to full step size, and the ranking signal drowns in it
+  (the retrieval loss then stays at ln(1+N)). k <= 0 or k >= N keeps every negative.
+  """
+  neg = scores[:, 1:]
+  k = int(hard_negatives)
+  if k <= 0 or k >= neg.shape[1]:
+    return scores
+  _, idx = jax.lax.top_k(jax.lax.stop_gradient(neg), k)
+  return jnp.concatenate([scores[:, :1], jnp.take_along_axis(neg, idx, axis=1)], axis=1)
 
 
-def loss_and_metrics(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], *, hard_negatives: int = 5,
-                     **unused_weights):
-    scores = outputs["retrieval_logits"].astype(jnp.float32)
-    if scores.ndim != 2:
-        raise ValueError(f"retrieval_logits must be [B,1+N], got {scores.shape}")
-    mask = batch["example_mask"].astype(jnp.float32)
-    logits = hard_negative_logits(scores, hard_negatives)
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.zeros(scores.shape[0], jnp.int32))
-    n = jnp.sum(mask)
-    loss = jnp.sum(xent * mask) / jnp.maximum(n, 1.0)
-    top1 = (jnp.argmax(scores, -1) == 0).astype(jnp.float32)
-    return loss, {"loss": (loss, jnp.ones(())), "acc": (jnp.sum(top1 * mask), n)}
+def loss_and_metrics(
+    outputs: dict[str, jax.Array], batch: dict[str, jax.Array], *, hard_negatives: int = 5, **unused_weights
+):
+  scores = outputs["retrieval_logits"].astype(jnp.float32)
+  if scores.ndim != 2:
+    raise ValueError(f"retrieval_logits must be [B,1+N], got {scores.shape}")
+  mask = batch["example_mask"].astype(jnp.float32)
+  logits = hard_negative_logits(scores, hard_negatives)
+  xent = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.zeros(scores.shape[0], jnp.int32))
+  n = jnp.sum(mask)
+  loss = jnp.sum(xent * mask) / jnp.maximum(n, 1.0)
+  top1 = (jnp.argmax(scores, -1) == 0).astype(jnp.float32)
+  return loss, {"loss": (loss, jnp.ones(())), "acc": (jnp.sum(top1 * mask), n)}
 
 
 def evaluate(trainer, state, workdir) -> dict[str, float]:
-    from pixelbert_jax.tasks import retrieval_eval
-    return retrieval_eval.evaluate(trainer, state, workdir)
+  from pixelbert_jax.tasks import retrieval_eval
+
+  return retrieval_eval.evaluate(trainer, state, workdir)

@@ -21,6 +21,7 @@ kinds apart so that the official number is never mixed with ours:
     half credit for one match. Three or more: full credit at three matches, as in the official metric.
 - No leave-one-out: with 3 answers, leaving one out would forbid full credit whenever they disagree.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,37 +30,141 @@ from typing import Mapping, Sequence
 from pixelbert_jax.data.vqa_answers import custom_score
 
 CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
-    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
-    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
-    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
-    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
-    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
-    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
-    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
-    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's",
-    "somethingd": "something'd", "somethingd've": "something'd've", "something'dve": "something'd've",
-    "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
-    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
-    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
-    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
-    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
-    "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's",
-    "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
-    "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
-    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
-    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
-MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-              "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+MANUAL_MAP = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 ARTICLES = ("a", "an", "the")
 PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
@@ -69,114 +174,127 @@ NUM_HUMAN_ANSWERS = 10
 
 
 def process_punctuation(text: str) -> str:
-    out = text
-    for p in PUNCT:
-        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out, count=_PERIOD_COUNT)
+  out = text
+  for p in PUNCT:
+    if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+      out = out.replace(p, "")
+    else:
+      out = out.replace(p, " ")
+  return _PERIOD_STRIP.sub("", out, count=_PERIOD_COUNT)
 
 
 def process_digit_article(text: str) -> str:
-    words = [MANUAL_MAP.get(w, w) for w in text.lower().split()]
-    words = [w for w in words if w not in ARTICLES]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+  words = [MANUAL_MAP.get(w, w) for w in text.lower().split()]
+  words = [w for w in words if w not in ARTICLES]
+  return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
 def _clean_whitespace(text: str) -> str:
-    return text.replace("\n", " ").replace("\t", " ").strip()
+  return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def normalize(text: str) -> str:
-    """The full normalisation (what the reference applies when the human answers disagree)."""
-    return process_digit_article(process_punctuation(_clean_whitespace(text)))
+  """The full normalisation (what the reference applies when the human answers disagree)."""
+  return process_digit_article(process_punctuation(_clean_whitespace(text)))
 
 
 def question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
-    """Official accuracy in [0, 1] of one prediction against the 10 human answers of one question."""
-    if len(human_answers) != NUM_HUMAN_ANSWERS:
-        raise ValueError(f"VQA needs {NUM_HUMAN_ANSWERS} human answers per question, got {len(human_answers)}: "
-                         f"{list(human_answers)!r}")
-    gts = [_clean_whitespace(a) for a in human_answers]
-    pred = _clean_whitespace(prediction)
-    if len(set(gts)) > 1:
-        gts = [process_digit_article(process_punctuation(a)) for a in gts]
-        pred = process_digit_article(process_punctuation(pred))
-    matches = [g == pred for g in gts]
-    total = sum(matches)
-    # Leaving answer i out removes its own match (the reference compares answer dicts, unique by answer_id).
-    return sum(min(1.0, (total - m) / 3.0) for m in matches) / len(matches)
+  """Official accuracy in [0, 1] of one prediction against the 10 human answers of one question."""
+  if len(human_answers) != NUM_HUMAN_ANSWERS:
+    raise ValueError(
+        f"VQA needs {NUM_HUMAN_ANSWERS} human answers per question, got {len(human_answers)}: "
+        f"{list(human_answers)!r}"
+    )
+  gts = [_clean_whitespace(a) for a in human_answers]
+  pred = _clean_whitespace(prediction)
+  if len(set(gts)) > 1:
+    gts = [process_digit_article(process_punctuation(a)) for a in gts]
+    pred = process_digit_article(process_punctuation(pred))
+  matches = [g == pred for g in gts]
+  total = sum(matches)
+  # Leaving answer i out removes its own match (the reference compares answer dicts, unique by answer_id).
+  return sum(min(1.0, (total - m) / 3.0) for m in matches) / len(matches)
 
 
 def custom_question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
-    """Our accuracy in [0, 1] for a question with n >= 1 human answers (any n; `vqa_report` uses it for
-    n != 10): min(1, matches / min(3, n)) after the full normalisation of both sides."""
-    if not human_answers:
-        raise ValueError("a question needs at least one human answer to be scored")
-    pred = normalize(prediction)
-    matches = sum(normalize(a) == pred for a in human_answers)
-    return custom_score(matches, len(human_answers))
+  """Our accuracy in [0, 1] for a question with n >= 1 human answers (any n; `vqa_report` uses it for
+  n != 10): min(1, matches / min(3, n)) after the full normalisation of both sides."""
+  if not human_answers:
+    raise ValueError("a question needs at least one human answer to be scored")
+  pred = normalize(prediction)
+  matches = sum(normalize(a) == pred for a in human_answers)
+  return custom_score(matches, len(human_answers))
 
 
 def vqa_report(predictions: Mapping[int, str], ground_truth: Mapping[int, dict]) -> dict[str, object]:
-    """Any number of human answers per question: questions with exactly 10 get the official metric
-    (`vqa_accuracy`, bit for bit), those with another number `custom_question_accuracy`; questions without
-    answers (an unannotated test split) are counted, not scored.
+  """Any number of human answers per question: questions with exactly 10 get the official metric
+  (`vqa_accuracy`, bit for bit), those with another number `custom_question_accuracy`; questions without
+  answers (an unannotated test split) are counted, not scored.
 
-    -> {"official": vqa_accuracy(...) of the 10-answer questions or None, "custom": the same keys for the
-        others or None, "all": mean over every scored question or None, "num_official", "num_custom",
-        "num_unannotated": question counts}."""
-    missing = [q for q in ground_truth if q not in predictions]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(ground_truth)} questions have no prediction, e.g. question_id "
-                         f"{missing[:5]}")
-    official = {q: gt for q, gt in ground_truth.items() if len(gt["answers"]) == NUM_HUMAN_ANSWERS}
-    custom = {q: gt for q, gt in ground_truth.items() if len(gt["answers"]) not in (0, NUM_HUMAN_ANSWERS)}
-    out: dict[str, object] = {"official": None, "custom": None, "all": None, "num_official": len(official),
-                              "num_custom": len(custom),
-                              "num_unannotated": len(ground_truth) - len(official) - len(custom)}
-    if official:
-        out["official"] = vqa_accuracy({q: predictions[q] for q in official}, official)
-    if custom:
-        out["custom"] = _accuracy_table(predictions, custom, custom_question_accuracy)
-    scores = [r["per_question"][q] for r in (out["official"], out["custom"]) if r for q in r["per_question"]]
-    if scores:
-        out["all"] = sum(scores) / len(scores)
-    return out
+  -> {"official": vqa_accuracy(...) of the 10-answer questions or None, "custom": the same keys for the
+      others or None, "all": mean over every scored question or None, "num_official", "num_custom",
+      "num_unannotated": question counts}."""
+  missing = [q for q in ground_truth if q not in predictions]
+  if missing:
+    raise ValueError(
+        f"{len(missing)} of {len(ground_truth)} questions have no prediction, e.g. question_id " f"{missing[:5]}"
+    )
+  official = {q: gt for q, gt in ground_truth.items() if len(gt["answers"]) == NUM_HUMAN_ANSWERS}
+  custom = {q: gt for q, gt in ground_truth.items() if len(gt["answers"]) not in (0, NUM_HUMAN_ANSWERS)}
+  out: dict[str, object] = {
+      "official": None,
+      "custom": None,
+      "all": None,
+      "num_official": len(official),
+      "num_custom": len(custom),
+      "num_unannotated": len(ground_truth) - len(official) - len(custom),
+  }
+  if official:
+    out["official"] = vqa_accuracy({q: predictions[q] for q in official}, official)
+  if custom:
+    out["custom"] = _accuracy_table(predictions, custom, custom_question_accuracy)
+  scores = [r["per_question"][q] for r in (out["official"], out["custom"]) if r for q in r["per_question"]]
+  if scores:
+    out["all"] = sum(scores) / len(scores)
+  return out
 
 
-def vqa_accuracy(predictions: Mapping[int, str], ground_truth: Mapping[int, dict],
-                 ) -> dict[str, object]:
-    """Accuracy over every question of `ground_truth` (question_id -> {answers, answer_type?,
-    question_type?}). A question without a prediction is an error, as on the evaluation server.
+def vqa_accuracy(
+    predictions: Mapping[int, str],
+    ground_truth: Mapping[int, dict],
+) -> dict[str, object]:
+  """Accuracy over every question of `ground_truth` (question_id -> {answers, answer_type?,
+  question_type?}). A question without a prediction is an error, as on the evaluation server.
 
-    -> {"accuracy": mean in [0, 1], "overall": x100 rounded to 2 places (the reference's number),
-        "per_answer_type", "per_question_type": x100 rounded, "per_question": {qid: [0, 1]}}."""
-    missing = [q for q in ground_truth if q not in predictions]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(ground_truth)} questions have no prediction, e.g. question_id "
-                         f"{missing[:5]}")
-    if not ground_truth:
-        raise ValueError("no questions to evaluate")
-    return _accuracy_table(predictions, ground_truth, question_accuracy)
+  -> {"accuracy": mean in [0, 1], "overall": x100 rounded to 2 places (the reference's number),
+      "per_answer_type", "per_question_type": x100 rounded, "per_question": {qid: [0, 1]}}."""
+  missing = [q for q in ground_truth if q not in predictions]
+  if missing:
+    raise ValueError(
+        f"{len(missing)} of {len(ground_truth)} questions have no prediction, e.g. question_id " f"{missing[:5]}"
+    )
+  if not ground_truth:
+    raise ValueError("no questions to evaluate")
+  return _accuracy_table(predictions, ground_truth, question_accuracy)
 
 
 def _accuracy_table(predictions: Mapping[int, str], ground_truth: Mapping[int, dict], score) -> dict[str, object]:
-    """vqa_accuracy's result keys, with `score(prediction, answers)` giving each question's accuracy."""
-    per_question, by_answer, by_question = {}, {}, {}
-    for qid, gt in ground_truth.items():
-        acc = score(predictions[qid], gt["answers"])
-        per_question[qid] = acc
-        by_answer.setdefault(gt.get("answer_type", ""), []).append(acc)
-        by_question.setdefault(gt.get("question_type", ""), []).append(acc)
-    return _table(per_question, by_answer, by_question)
+  """vqa_accuracy's result keys, with `score(prediction, answers)` giving each question's accuracy."""
+  per_question, by_answer, by_question = {}, {}, {}
+  for qid, gt in ground_truth.items():
+    acc = score(predictions[qid], gt["answers"])
+    per_question[qid] = acc
+    by_answer.setdefault(gt.get("answer_type", ""), []).append(acc)
+    by_question.setdefault(gt.get("question_type", ""), []).append(acc)
+  return _table(per_question, by_answer, by_question)
 
 
 def _table(per_question: dict, by_answer: dict, by_question: dict) -> dict[str, object]:
-    mean = lambda xs: sum(xs) / len(xs)
-    return {"accuracy": mean(list(per_question.values())),
-            "overall": round(100 * mean(list(per_question.values())), 2),
-            "per_answer_type": {k: round(100 * mean(v), 2) for k, v in by_answer.items()},
-            "per_question_type": {k: round(100 * mean(v), 2) for k, v in by_question.items()},
-            "per_question": per_question}
+  mean = lambda xs: sum(xs) / len(xs)
+  return {
+      "accuracy": mean(list(per_question.values())),
+      "overall": round(100 * mean(list(per_question.values())), 2),
+      "per_answer_type": {k: round(100 * mean(v), 2) for k, v in by_answer.items()},
+      "per_question_type": {k: round(100 * mean(v), 2) for k, v in by_question.items()},
+      "per_question": per_question,
+  }

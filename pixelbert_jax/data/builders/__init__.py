@@ -3,6 +3,7 @@
 A real dataset's module is imported only when asked for, and its builder is the one
 `tfds.core.GeneratorBasedBuilder` subclass the module defines.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,8 +18,11 @@ REAL_DATASETS = ("coco_karpathy", "flickr30k", "visual_genome", "vqa2", "nlvr2",
 
 def _builder_class(name: str) -> type:
   module = importlib.import_module(f"pixelbert_jax.data.builders.{name}")
-  found = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, tfds.core.GeneratorBasedBuilder)
-           and v.__module__ == module.__name__]
+  found = [
+      v
+      for v in vars(module).values()
+      if isinstance(v, type) and issubclass(v, tfds.core.GeneratorBasedBuilder) and v.__module__ == module.__name__
+  ]
   if len(found) != 1:
     raise ValueError(f"pixelbert_jax.data.builders.{name} must define exactly one TFDS builder, found {found}")
   return found[0]
@@ -27,26 +31,44 @@ def _builder_class(name: str) -> type:
 def scene_spec(data_cfg: ml_collections.ConfigDict):
   """The synthetic world's `SceneSpec` from `config.data.synthetic` (ValueError names a bad value)."""
   from pixelbert_jax.data import synthetic as world
+
   s = data_cfg.synthetic
-  return world.SceneSpec(min_objects=int(s.min_objects), max_objects=int(s.max_objects),
-                         radius_small=float(s.radius_small), radius_large=float(s.radius_large))
+  return world.SceneSpec(
+      min_objects=int(s.min_objects),
+      max_objects=int(s.max_objects),
+      radius_small=float(s.radius_small),
+      radius_large=float(s.radius_large),
+  )
 
 
 def builder(data_cfg: ml_collections.ConfigDict, schema: str) -> tfds.core.DatasetBuilder:
   """The prepared builder of `data_cfg.name` for `schema`; the synthetic world is generated on first use."""
   if data_cfg.name == "synthetic":
     from pixelbert_jax.data.builders import synthetic
+
     s = data_cfg.synthetic
-    cfg = synthetic.synthetic_config(schema, seed=s.seed, image_size=s.image_size, num_train=s.num_train,
-                                     num_val=s.num_val, num_test=s.num_test, captions_per_image=s.captions_per_image,
-                                     questions_per_image=s.questions_per_image, scene=scene_spec(data_cfg))
+    cfg = synthetic.synthetic_config(
+        schema,
+        seed=s.seed,
+        image_size=s.image_size,
+        num_train=s.num_train,
+        num_val=s.num_val,
+        num_test=s.num_test,
+        captions_per_image=s.captions_per_image,
+        questions_per_image=s.questions_per_image,
+        scene=scene_spec(data_cfg),
+    )
     return synthetic.prepare(cfg, data_cfg.data_dir)
   if data_cfg.name not in REAL_DATASETS:
     raise ValueError(f"unknown dataset {data_cfg.name!r}; known: synthetic, {', '.join(REAL_DATASETS)}")
   cls = _builder_class(data_cfg.name)
   # Built from training, a real dataset gets the same bad-data knobs `prepare` offers.
-  kwargs = {"data_dir": data_cfg.data_dir, "file_format": "array_record",
-            "max_bad_fraction": float(data_cfg.max_bad_fraction), "max_pixels": int(data_cfg.max_image_pixels)}
+  kwargs = {
+      "data_dir": data_cfg.data_dir,
+      "file_format": "array_record",
+      "max_bad_fraction": float(data_cfg.max_bad_fraction),
+      "max_pixels": int(data_cfg.max_image_pixels),
+  }
   if data_cfg.get("builder_config"):
     kwargs["config"] = data_cfg.builder_config
   elif [c.name for c in cls.BUILDER_CONFIGS] == ["captions", "vqa"]:  # jsonl: the schema picks the config

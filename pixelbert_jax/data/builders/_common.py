@@ -4,6 +4,7 @@ Images are stored as the original encoded bytes (no TensorFlow needed to write o
 happens in the pipeline. Builders check each image once here so that an empty or broken file is skipped
 with a warning at build time instead of crashing a training worker later.
 """
+
 from __future__ import annotations
 
 import io
@@ -45,44 +46,50 @@ def image_bytes() -> tfds.features.FeatureConnector:
 
 
 def captions_features(**extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({
-      "image": image_bytes(),
-      "image_id": tfds.features.Text(),
-      "captions": tfds.features.Sequence(tfds.features.Text()),
-      "height": tfds.features.Scalar(dtype=np.int32),
-      "width": tfds.features.Scalar(dtype=np.int32),
-      **extra,
-  })
+  return tfds.features.FeaturesDict(
+      {
+          "image": image_bytes(),
+          "image_id": tfds.features.Text(),
+          "captions": tfds.features.Sequence(tfds.features.Text()),
+          "height": tfds.features.Scalar(dtype=np.int32),
+          "width": tfds.features.Scalar(dtype=np.int32),
+          **extra,
+      }
+  )
 
 
 def vqa_features(**extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({
-      "image": image_bytes(),
-      "image_id": tfds.features.Text(),
-      "question_id": tfds.features.Scalar(dtype=np.int64),
-      "question": tfds.features.Text(),
-      "answers": tfds.features.Sequence(tfds.features.Text()),
-      "question_type": tfds.features.Text(),
-      "answer_type": tfds.features.Text(),
-      "height": tfds.features.Scalar(dtype=np.int32),
-      "width": tfds.features.Scalar(dtype=np.int32),
-      **extra,
-  })
+  return tfds.features.FeaturesDict(
+      {
+          "image": image_bytes(),
+          "image_id": tfds.features.Text(),
+          "question_id": tfds.features.Scalar(dtype=np.int64),
+          "question": tfds.features.Text(),
+          "answers": tfds.features.Sequence(tfds.features.Text()),
+          "question_type": tfds.features.Text(),
+          "answer_type": tfds.features.Text(),
+          "height": tfds.features.Scalar(dtype=np.int32),
+          "width": tfds.features.Scalar(dtype=np.int32),
+          **extra,
+      }
+  )
 
 
 def nlvr2_features(**extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({
-      "identifier": tfds.features.Text(),
-      "sentence": tfds.features.Text(),
-      "label": tfds.features.Scalar(dtype=np.int32),
-      "image0": image_bytes(),
-      "image1": image_bytes(),
-      "height0": tfds.features.Scalar(dtype=np.int32),
-      "width0": tfds.features.Scalar(dtype=np.int32),
-      "height1": tfds.features.Scalar(dtype=np.int32),
-      "width1": tfds.features.Scalar(dtype=np.int32),
-      **extra,
-  })
+  return tfds.features.FeaturesDict(
+      {
+          "identifier": tfds.features.Text(),
+          "sentence": tfds.features.Text(),
+          "label": tfds.features.Scalar(dtype=np.int32),
+          "image0": image_bytes(),
+          "image1": image_bytes(),
+          "height0": tfds.features.Scalar(dtype=np.int32),
+          "width0": tfds.features.Scalar(dtype=np.int32),
+          "height1": tfds.features.Scalar(dtype=np.int32),
+          "width1": tfds.features.Scalar(dtype=np.int32),
+          **extra,
+      }
+  )
 
 
 # ------------------------------------------------------------------------------------ record validation
@@ -91,8 +98,7 @@ def _type_names(types: type | tuple[type, ...]) -> str:
   return " or ".join(t.__name__ for t in types)
 
 
-def field(record: Any, key: str, types: type | tuple[type, ...], *, file: str, where: str,
-          default: Any = ...) -> Any:
+def field(record: Any, key: str, types: type | tuple[type, ...], *, file: str, where: str, default: Any = ...) -> Any:
   """record[key], checked to be an instance of `types`; RecordError naming file/record/key otherwise.
 
   `default` (when given) is returned for a missing key or a JSON null. bool is never accepted as int.
@@ -106,8 +112,10 @@ def field(record: Any, key: str, types: type | tuple[type, ...], *, file: str, w
   value = record[key]
   wanted = types if isinstance(types, tuple) else (types,)
   if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
-    raise RecordError(f"{file}: record {where}: key {key!r} must be {_type_names(types)}, "
-                      f"got {type(value).__name__} {_short(value)}")
+    raise RecordError(
+        f"{file}: record {where}: key {key!r} must be {_type_names(types)}, "
+        f"got {type(value).__name__} {_short(value)}"
+    )
   return value
 
 
@@ -115,8 +123,7 @@ def str_list(record: Any, key: str, *, file: str, where: str, default: Any = ...
   values = field(record, key, list, file=file, where=where, default=default)
   for i, v in enumerate(values):
     if not isinstance(v, str):
-      raise RecordError(f"{file}: record {where}: key {key!r}[{i}] must be str, "
-                        f"got {type(v).__name__} {_short(v)}")
+      raise RecordError(f"{file}: record {where}: key {key!r}[{i}] must be str, " f"got {type(v).__name__} {_short(v)}")
   return values
 
 
@@ -226,8 +233,9 @@ class ImageChecker:
     if width <= 0 or height <= 0:
       raise BadImageError(f"{path}: zero-sized image ({width}x{height})")
     if width * height > self.max_pixels:
-      raise BadImageError(f"{path}: refused as a decompression bomb: {width}x{height} pixels "
-                          f"> max_pixels={self.max_pixels}")
+      raise BadImageError(
+          f"{path}: refused as a decompression bomb: {width}x{height} pixels " f"> max_pixels={self.max_pixels}"
+      )
     return (width, height) if orientation in _SWAPS_AXES else (height, width)
 
 
@@ -253,24 +261,29 @@ class BadRecordTally:
   def drop_text(self, name: str) -> None:
     self.dropped_texts += 1
     if self.dropped_texts <= 20 or self.dropped_texts % 1000 == 0:
-      log.warning("split %s: dropping an empty text of %s (%d dropped so far)", self.split, name,
-                  self.dropped_texts)
+      log.warning("split %s: dropping an empty text of %s (%d dropped so far)", self.split, name, self.dropped_texts)
 
   def finish(self) -> None:
     if self.skipped or self.dropped_texts:
-      log.warning("split %s: skipped %d of %d records, dropped %d empty texts", self.split, self.skipped,
-                  self.total, self.dropped_texts)
+      log.warning(
+          "split %s: skipped %d of %d records, dropped %d empty texts",
+          self.split,
+          self.skipped,
+          self.total,
+          self.dropped_texts,
+      )
     if self.total == 0:
       raise TooManyBadRecordsError(f"split {self.split}: no records found")
     if self.skipped > self.max_fraction * self.total:
       raise TooManyBadRecordsError(
           f"split {self.split}: {self.skipped} of {self.total} records skipped "
-          f"({self.skipped / self.total:.1%} > max_bad_fraction={self.max_fraction:g}); first: "
-          + "; ".join(self.first))
+          f"({self.skipped / self.total:.1%} > max_bad_fraction={self.max_fraction:g}); first: " + "; ".join(self.first)
+      )
 
 
-def generate(items: Iterable[tuple[str, Any]], make: Callable[[Any], tuple[str, dict] | None],
-             tally: BadRecordTally) -> Iterator[tuple[str, dict]]:
+def generate(
+    items: Iterable[tuple[str, Any]], make: Callable[[Any], tuple[str, dict] | None], tally: BadRecordTally
+) -> Iterator[tuple[str, dict]]:
   """Runs `make` on each (name, payload); BadImageError skips that record (counted), RecordError stops.
 
   `make` returns (key, example), or None for a record it skipped itself (having told the tally).
@@ -311,8 +324,14 @@ def first_existing_dir(candidates: Iterable[str], *, what: str, hint: str) -> st
 class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of our builders: manual_dir input, ArrayRecord output, bad-data knobs, per-split tallies."""
 
-  def __init__(self, *, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, verify_images: str = "decode",
-               max_pixels: int = DEFAULT_MAX_PIXELS, **kwargs: Any):
+  def __init__(
+      self,
+      *,
+      max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+      verify_images: str = "decode",
+      max_pixels: int = DEFAULT_MAX_PIXELS,
+      **kwargs: Any,
+  ):
     kwargs.setdefault("file_format", "array_record")
     self.max_bad_fraction = max_bad_fraction
     self.images = ImageChecker(verify_images, max_pixels)

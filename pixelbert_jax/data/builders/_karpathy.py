@@ -4,6 +4,7 @@ Format: {"images": [{"filepath"?, "filename", "split": train|restval|val|test, "
 "cocoid"?}]}. Splits written: each part that has images, plus 'train' = train + restval (the paper
 pre-trains on both); when there is a restval part, Karpathy's own train part is kept as 'karpathy_train'.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,11 +34,11 @@ def read_karpathy(json_path: str, builder: "KarpathyBuilder", manual_dir: str) -
     where = f"images[{i}] ({filename})"
     part = c.field(rec, "split", str, file=json_path, where=where)
     if part not in KARPATHY_PARTS:
-      raise c.RecordError(f"{json_path}: record {where}: key 'split' must be one of {KARPATHY_PARTS}, "
-                          f"got {part!r}")
+      raise c.RecordError(f"{json_path}: record {where}: key 'split' must be one of {KARPATHY_PARTS}, " f"got {part!r}")
     sentences = c.field(rec, "sentences", list, file=json_path, where=where)
-    raws = tuple(c.field(s, "raw", str, file=json_path, where=f"{where} sentences[{j}]")
-                 for j, s in enumerate(sentences))
+    raws = tuple(
+        c.field(s, "raw", str, file=json_path, where=f"{where} sentences[{j}]") for j, s in enumerate(sentences)
+    )
     image_id = builder.image_id(rec, filename, file=json_path, where=where)
     c.check_unique(seen_ids, image_id, file=json_path, where=where, what="image id")
     path = builder.image_path(rec, filename, manual_dir, file=json_path, where=where)
@@ -69,17 +70,21 @@ class KarpathyBuilder(c.ManualBuilder, skip_registration=True):
     """Hook to locate image folders once, before records are read."""
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=c.captions_features(), homepage=self.HOMEPAGE,
-                                 description=self.__doc__)
+    return tfds.core.DatasetInfo(
+        builder=self, features=c.captions_features(), homepage=self.HOMEPAGE, description=self.__doc__
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)
-    candidates = [os.path.join(manual_dir, self.JSON_NAME),
-                  os.path.join(manual_dir, "caption_datasets", self.JSON_NAME)]
+    candidates = [
+        os.path.join(manual_dir, self.JSON_NAME),
+        os.path.join(manual_dir, "caption_datasets", self.JSON_NAME),
+    ]
     json_path = next((p for p in candidates if os.path.isfile(p)), None)
     if json_path is None:
-      raise FileNotFoundError(f"{self.JSON_NAME} not found; looked for {candidates}. "
-                              f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+      raise FileNotFoundError(
+          f"{self.JSON_NAME} not found; looked for {candidates}. " f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+      )
     self.prepare_layout(manual_dir)
     splits = karpathy_splits(read_karpathy(json_path, self, manual_dir))
     return {name: self._generate_examples(name, images) for name, images in splits.items()}
@@ -93,7 +98,12 @@ class KarpathyBuilder(c.ManualBuilder, skip_registration=True):
         tally.skip(im.path, "no non-empty caption")
         return None
       data, height, width = self.images.read(im.path)
-      return im.image_id, {"image": data, "image_id": im.image_id, "captions": captions,
-                           "height": height, "width": width}
+      return im.image_id, {
+          "image": data,
+          "image_id": im.image_id,
+          "captions": captions,
+          "height": height,
+          "width": width,
+      }
 
     return c.generate(((im.path, im) for im in images), make, tally)

@@ -2,6 +2,7 @@
 
 TFDS ships `coco_captions` with the same split, but reading it needs TensorFlow; this one does not.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Flickr30K with Karpathy's split, from the user's dataset_flickr30k.json and the flickr30k-images folder."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,11 @@ class Flickr30kKarpathy(KarpathyBuilder):
   """
 
   def prepare_layout(self, manual_dir: str) -> None:
-    self._image_dir = c.first_existing_dir((os.path.join(manual_dir, d) for d in IMAGE_FOLDERS),
-                                           what="Flickr30K image", hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    self._image_dir = c.first_existing_dir(
+        (os.path.join(manual_dir, d) for d in IMAGE_FOLDERS),
+        what="Flickr30K image",
+        hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS,
+    )
 
   def image_path(self, rec: dict, filename: str, manual_dir: str, *, file: str, where: str) -> str:
     return os.path.join(self._image_dir, filename)

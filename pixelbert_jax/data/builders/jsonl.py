@@ -16,6 +16,7 @@ Image paths are relative to the .jsonl file's folder, or absolute, and must lie 
 folder of images kept elsewhere into it): a path that leaves it is most often one written relative to
 another folder. Mistakes stop the build with one line naming the file, the line and the key.
 """
+
 from __future__ import annotations
 
 import glob
@@ -40,8 +41,10 @@ def jsonl_splits(manual_dir: str, hint: str) -> dict[str, str]:
   for path in files:
     name = os.path.splitext(os.path.basename(path))[0]
     if not _SPLIT_NAME.fullmatch(name):
-      raise ValueError(f"{path}: a split is named after its file, and {name!r} is not a valid split name "
-                       "(letters, digits and _ only)")
+      raise ValueError(
+          f"{path}: a split is named after its file, and {name!r} is not a valid split name "
+          "(letters, digits and _ only)"
+      )
     splits[name] = path
   return splits
 
@@ -66,8 +69,10 @@ class Jsonl(c.ManualBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Original encoded images, texts as given (stripped)."}
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="captions", description="captions schema"),
-                     tfds.core.BuilderConfig(name="vqa", description="vqa schema")]
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name="captions", description="captions schema"),
+      tfds.core.BuilderConfig(name="vqa", description="vqa schema"),
+  ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = "config captions:" + INSTRUCTIONS["captions"] + "config vqa:" + INSTRUCTIONS["vqa"]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -113,13 +118,16 @@ class Jsonl(c.ManualBuilder):
 def image_inside(folder: str, image: str, *, file: str, where: str) -> str:
   """The path of `image` (relative to `folder`, or absolute), checked to name a file inside `folder`."""
   if not image.strip():
-    raise c.RecordError(f"{file}: record {where}: key 'image' is empty; it names the image file, relative to "
-                        f"{folder}")
+    raise c.RecordError(
+        f"{file}: record {where}: key 'image' is empty; it names the image file, relative to " f"{folder}"
+    )
   full = os.path.normpath(os.path.join(os.path.abspath(folder), image))  # join keeps an absolute path as it is
   if not (_within(full, os.path.abspath(folder)) or _within(os.path.realpath(full), os.path.realpath(folder))):
-    raise c.RecordError(f"{file}: record {where}: key 'image' {image!r} is outside the folder {folder} of this "
-                        "file; image paths are relative to it and stay inside it (move the images there, or link "
-                        "their folder into it)")
+    raise c.RecordError(
+        f"{file}: record {where}: key 'image' {image!r} is outside the folder {folder} of this "
+        "file; image paths are relative to it and stay inside it (move the images there, or link "
+        "their folder into it)"
+    )
   return full
 
 
@@ -136,9 +144,11 @@ def check_vqa_file(lines: list[tuple[int, str, str, dict]], path: str) -> None:
   annotated = [line_no for line_no, _, _, fields in lines if fields["answers"]]
   if annotated and len(annotated) != len(lines):
     line_no = next(n for n, _, _, fields in lines if not fields["answers"])
-    raise c.RecordError(f"{path}: record line {line_no}: key 'answers' is missing or empty, while other questions "
-                        f"of this file have answers (e.g. line {annotated[0]}): give each question at least one "
-                        "(only a split without any answers, like a test split, leaves them out)")
+    raise c.RecordError(
+        f"{path}: record line {line_no}: key 'answers' is missing or empty, while other questions "
+        f"of this file have answers (e.g. line {annotated[0]}): give each question at least one "
+        "(only a split without any answers, like a test split, leaves them out)"
+    )
 
 
 def merge_images(lines: list[tuple[int, str, str, dict]], path: str) -> list[tuple[int, str, str, dict]]:
@@ -150,16 +160,19 @@ def merge_images(lines: list[tuple[int, str, str, dict]], path: str) -> list[tup
       merged[image_id] = (line_no, image_path, image_id, {"captions": list(fields["captions"])})
       continue
     if first[1] != image_path:
-      raise c.RecordError(f"{path}: record line {line_no}: key 'image_id' {image_id!r} names image {image_path}, "
-                          f"but line {first[0]} gave it to {first[1]}: an image_id is one image")
+      raise c.RecordError(
+          f"{path}: record line {line_no}: key 'image_id' {image_id!r} names image {image_path}, "
+          f"but line {first[0]} gave it to {first[1]}: an image_id is one image"
+      )
     first[3]["captions"].extend(fields["captions"])
   return list(merged.values())
 
 
 def parse_captions(rec: dict, path: str, where: str) -> dict:
   if ("caption" in rec) == ("captions" in rec):
-    raise c.RecordError(f"{path}: record {where}: needs exactly one of the keys 'caption' and 'captions', "
-                        f"got keys {sorted(rec)}")
+    raise c.RecordError(
+        f"{path}: record {where}: needs exactly one of the keys 'caption' and 'captions', " f"got keys {sorted(rec)}"
+    )
   if "caption" in rec:
     return {"captions": [c.field(rec, "caption", str, file=path, where=where)]}
   return {"captions": c.str_list(rec, "captions", file=path, where=where)}
@@ -179,11 +192,13 @@ def parse_vqa(rec: dict, path: str, line_no: int) -> dict:
   for i, answer in enumerate(answers):
     if not answer.strip():
       raise c.RecordError(f"{path}: record {where}: key 'answers'[{i}] is blank; every answer is some text")
-  return {"question": c.field(rec, "question", str, file=path, where=where),
-          "answers": answers,
-          "question_id": c.field(rec, "question_id", int, file=path, where=where, default=line_no),
-          "question_type": c.field(rec, "question_type", str, file=path, where=where, default=""),
-          "answer_type": c.field(rec, "answer_type", str, file=path, where=where, default="")}
+  return {
+      "question": c.field(rec, "question", str, file=path, where=where),
+      "answers": answers,
+      "question_id": c.field(rec, "question_id", int, file=path, where=where, default=line_no),
+      "question_type": c.field(rec, "question_type", str, file=path, where=where, default=""),
+      "answer_type": c.field(rec, "answer_type", str, file=path, where=where, default=""),
+  }
 
 
 def finish_vqa(fields: dict, tally: c.BadRecordTally, name: str) -> dict | None:

@@ -3,6 +3,7 @@
 Some NLVR2 "png" files are JPEGs (or other formats) under a .png name: PIL identifies the format from the
 bytes, and the stored bytes are the file as it is, so the pipeline's decoder sniffs them the same way.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,12 @@ class Nlvr2(c.ManualBuilder):
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=c.nlvr2_features(),
-                                 homepage="https://lil.nlp.cornell.edu/nlvr/", description=self.__doc__)
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=c.nlvr2_features(),
+        homepage="https://lil.nlp.cornell.edu/nlvr/",
+        description=self.__doc__,
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)
@@ -42,15 +47,19 @@ class Nlvr2(c.ManualBuilder):
         continue
       image_root = c.first_existing_dir(
           [os.path.join(manual_dir, "images", split), os.path.join(manual_dir, split)],
-          what=f"NLVR2 {split} image", hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+          what=f"NLVR2 {split} image",
+          hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS,
+      )
       splits[split] = self._generate_examples(split, read_statements(json_path), index_images(image_root))
     if not splits:
-      raise FileNotFoundError(f"none of {[s + '.json' for s in SPLITS]} found in {manual_dir}. "
-                              f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+      raise FileNotFoundError(
+          f"none of {[s + '.json' for s in SPLITS]} found in {manual_dir}. " f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+      )
     return splits
 
-  def _generate_examples(self, split: str, statements: list[dict],
-                         images: dict[str, str]) -> Iterator[tuple[str, dict]]:
+  def _generate_examples(
+      self, split: str, statements: list[dict], images: dict[str, str]
+  ) -> Iterator[tuple[str, dict]]:
     tally = self.tally(split)
 
     def make(st: dict) -> tuple[str, dict] | None:
@@ -78,14 +87,16 @@ def read_statements(path: str) -> list[dict]:
     c.check_unique(seen, identifier, file=path, where=where, what="identifier")
     parts = identifier.split("-")
     if len(parts) != 4:
-      raise c.RecordError(f"{path}: record {where}: key 'identifier' must look like "
-                          f"split-set-pair-sentence, got {identifier!r}")
+      raise c.RecordError(
+          f"{path}: record {where}: key 'identifier' must look like " f"split-set-pair-sentence, got {identifier!r}"
+      )
     sentence = c.field(rec, "sentence", str, file=path, where=where)
     label = c.field(rec, "label", (str, bool), file=path, where=where)
     if label not in _LABELS:
       raise c.RecordError(f"{path}: record {where}: key 'label' must be 'True' or 'False', got {label!r}")
-    statements.append({"identifier": identifier, "sentence": sentence.strip(), "label": _LABELS[label],
-                       "pair": "-".join(parts[:3])})
+    statements.append(
+        {"identifier": identifier, "sentence": sentence.strip(), "label": _LABELS[label], "pair": "-".join(parts[:3])}
+    )
   return statements
 
 

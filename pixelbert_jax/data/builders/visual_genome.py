@@ -1,4 +1,5 @@
 """Visual Genome region descriptions as captions: one example per image, its region phrases as captions."""
+
 from __future__ import annotations
 
 import logging
@@ -39,14 +40,18 @@ class VisualGenomeRegions(c.ManualBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=c.captions_features(),
-                                 homepage="https://homes.cs.washington.edu/~ranjay/visualgenome/",
-                                 description=self.__doc__)
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=c.captions_features(),
+        homepage="https://homes.cs.washington.edu/~ranjay/visualgenome/",
+        description=self.__doc__,
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)
-    regions_path = c.require_file(os.path.join(manual_dir, "region_descriptions.json"),
-                                  hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    regions_path = c.require_file(
+        os.path.join(manual_dir, "region_descriptions.json"), hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS
+    )
     data_path = os.path.join(manual_dir, "image_data.json")
     relpaths, coco_ids = read_image_data(data_path) if os.path.isfile(data_path) else ({}, {})
     images = read_regions(regions_path)
@@ -60,8 +65,9 @@ class VisualGenomeRegions(c.ManualBuilder):
       images = kept
     return {"train": self._generate_examples(manual_dir, images, relpaths)}
 
-  def _generate_examples(self, manual_dir: str, images: list[tuple[int, list[str]]],
-                         relpaths: dict[int, str]) -> Iterator[tuple[str, dict]]:
+  def _generate_examples(
+      self, manual_dir: str, images: list[tuple[int, list[str]]], relpaths: dict[int, str]
+  ) -> Iterator[tuple[str, dict]]:
     tally = self.tally("train")
 
     def locate(image_id: int) -> str:
@@ -77,8 +83,13 @@ class VisualGenomeRegions(c.ManualBuilder):
         tally.skip(path, "no non-empty region phrase")
         return None
       data, height, width = self.images.read(path)
-      return str(image_id), {"image": data, "image_id": str(image_id), "captions": captions,
-                             "height": height, "width": width}
+      return str(image_id), {
+          "image": data,
+          "image_id": str(image_id),
+          "captions": captions,
+          "height": height,
+          "width": width,
+      }
 
     items = ((image_id, phrases, locate(image_id)) for image_id, phrases in images)
     return c.generate(((item[2], item) for item in items), make, tally)
@@ -96,8 +107,7 @@ def read_regions(path: str) -> list[tuple[int, list[str]]]:
     where = f"[{i}] (image {image_id})"
     c.check_unique(seen, image_id, file=path, where=where, what="image id")
     regions = c.field(rec, "regions", list, file=path, where=where)
-    phrases = [c.field(r, "phrase", str, file=path, where=f"{where} regions[{j}]")
-               for j, r in enumerate(regions)]
+    phrases = [c.field(r, "phrase", str, file=path, where=f"{where} regions[{j}]") for j, r in enumerate(regions)]
     images.append((image_id, phrases))
   return images
 
@@ -114,8 +124,9 @@ def read_image_data(path: str) -> tuple[dict[int, str], dict[int, int]]:
     url = c.field(rec, "url", str, file=path, where=f"[{i}] (image {image_id})")
     parts = [p for p in urlparse(url).path.split("/") if p]
     if len(parts) < 2:
-      raise c.RecordError(f"{path}: record [{i}] (image {image_id}): key 'url' must end in FOLDER/FILE, "
-                          f"got {url!r}")
+      raise c.RecordError(
+          f"{path}: record [{i}] (image {image_id}): key 'url' must end in FOLDER/FILE, " f"got {url!r}"
+      )
     relpaths[image_id] = os.path.join(parts[-2], parts[-1])
     coco_id = c.field(rec, "coco_id", int, file=path, where=f"[{i}] (image {image_id})", default=None)
     if coco_id is not None:

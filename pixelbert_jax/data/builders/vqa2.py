@@ -1,4 +1,5 @@
 """VQA v2 from the official questions/annotations JSON files and COCO images; answers kept as given."""
+
 from __future__ import annotations
 
 import os
@@ -10,10 +11,18 @@ from pixelbert_jax.data.builders import _common as c
 
 # split -> (questions file, annotations file or None, image folder, image file prefix)
 SPLIT_FILES = {
-    "train": ("v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json",
-              "train2014", "COCO_train2014_"),
-    "val": ("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json",
-            "val2014", "COCO_val2014_"),
+    "train": (
+        "v2_OpenEnded_mscoco_train2014_questions.json",
+        "v2_mscoco_train2014_annotations.json",
+        "train2014",
+        "COCO_train2014_",
+    ),
+    "val": (
+        "v2_OpenEnded_mscoco_val2014_questions.json",
+        "v2_mscoco_val2014_annotations.json",
+        "val2014",
+        "COCO_val2014_",
+    ),
     "test": ("v2_OpenEnded_mscoco_test2015_questions.json", None, "test2015", "COCO_test2015_"),
     "test_dev": ("v2_OpenEnded_mscoco_test-dev2015_questions.json", None, "test2015", "COCO_test2015_"),
 }
@@ -35,8 +44,9 @@ class Vqa2(c.ManualBuilder):
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=c.vqa_features(), homepage="https://visualqa.org",
-                                 description=self.__doc__)
+    return tfds.core.DatasetInfo(
+        builder=self, features=c.vqa_features(), homepage="https://visualqa.org", description=self.__doc__
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)
@@ -46,16 +56,19 @@ class Vqa2(c.ManualBuilder):
       if not os.path.isfile(q_path):
         continue
       a_path = annotations and c.require_file(
-          os.path.join(manual_dir, annotations), hint=f"split {split} needs it beside {questions}.")
+          os.path.join(manual_dir, annotations), hint=f"split {split} needs it beside {questions}."
+      )
       records = read_vqa(q_path, a_path)
       splits[split] = self._generate_examples(split, records, os.path.join(manual_dir, folder), prefix)
     if not splits:
-      raise FileNotFoundError(f"no VQA v2 questions file found in {manual_dir}. "
-                              f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+      raise FileNotFoundError(
+          f"no VQA v2 questions file found in {manual_dir}. " f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+      )
     return splits
 
-  def _generate_examples(self, split: str, records: list[dict], image_dir: str,
-                         prefix: str) -> Iterator[tuple[str, dict]]:
+  def _generate_examples(
+      self, split: str, records: list[dict], image_dir: str, prefix: str
+  ) -> Iterator[tuple[str, dict]]:
     tally = self.tally(split)
 
     def locate(image_id: int) -> str:
@@ -71,9 +84,16 @@ class Vqa2(c.ManualBuilder):
         return None
       data, height, width = self.images.read(locate(rec["image_id"]))
       return str(rec["question_id"]), {
-          "image": data, "image_id": str(rec["image_id"]), "question_id": rec["question_id"],
-          "question": rec["question"], "answers": rec["answers"], "question_type": rec["question_type"],
-          "answer_type": rec["answer_type"], "height": height, "width": width}
+          "image": data,
+          "image_id": str(rec["image_id"]),
+          "question_id": rec["question_id"],
+          "question": rec["question"],
+          "answers": rec["answers"],
+          "question_type": rec["question_type"],
+          "answer_type": rec["answer_type"],
+          "height": height,
+          "width": width,
+      }
 
     return c.generate(((f"question {r['question_id']}", r) for r in records), make, tally)
 
@@ -93,14 +113,19 @@ def read_vqa(questions_path: str, annotations_path: str | None) -> list[dict]:
     qid = c.field(q, "question_id", int, file=questions_path, where=f"questions[{i}]")
     where = f"questions[{i}] (question_id {qid})"
     c.check_unique(seen, qid, file=questions_path, where=where, what="question_id")
-    record = {"question_id": qid,
-              "image_id": c.field(q, "image_id", int, file=questions_path, where=where),
-              "question": c.field(q, "question", str, file=questions_path, where=where),
-              "answers": [], "question_type": "", "answer_type": ""}
+    record = {
+        "question_id": qid,
+        "image_id": c.field(q, "image_id", int, file=questions_path, where=where),
+        "question": c.field(q, "question", str, file=questions_path, where=where),
+        "answers": [],
+        "question_type": "",
+        "answer_type": "",
+    }
     if annotations_path:
       if qid not in annotations:
-        raise c.RecordError(f"{questions_path}: record {where}: no annotation with this question_id in "
-                            f"{annotations_path}")
+        raise c.RecordError(
+            f"{questions_path}: record {where}: no annotation with this question_id in " f"{annotations_path}"
+        )
       record.update(_annotation(annotations[qid], record["image_id"], file=annotations_path))
     records.append(record)
   return records
@@ -110,13 +135,16 @@ def _annotation(indexed: tuple[int, dict], image_id: int, *, file: str) -> dict:
   i, ann = indexed
   where = f"annotations[{i}] (question_id {ann['question_id']})"
   if c.field(ann, "image_id", int, file=file, where=where) != image_id:
-    raise c.RecordError(f"{file}: record {where}: key 'image_id' is {ann['image_id']}, but the question "
-                        f"says {image_id}")
+    raise c.RecordError(
+        f"{file}: record {where}: key 'image_id' is {ann['image_id']}, but the question " f"says {image_id}"
+    )
   answers = c.field(ann, "answers", list, file=file, where=where)
   if len(answers) != ANSWERS_PER_QUESTION:
-    raise c.RecordError(f"{file}: record {where}: key 'answers' must hold {ANSWERS_PER_QUESTION} answers, "
-                        f"got {len(answers)}")
-  return {"answers": [c.field(a, "answer", str, file=file, where=f"{where} answers[{j}]")
-                      for j, a in enumerate(answers)],
-          "question_type": c.field(ann, "question_type", str, file=file, where=where, default=""),
-          "answer_type": c.field(ann, "answer_type", str, file=file, where=where, default="")}
+    raise c.RecordError(
+        f"{file}: record {where}: key 'answers' must hold {ANSWERS_PER_QUESTION} answers, " f"got {len(answers)}"
+    )
+  return {
+      "answers": [c.field(a, "answer", str, file=file, where=f"{where} answers[{j}]") for j, a in enumerate(answers)],
+      "question_type": c.field(ann, "question_type", str, file=file, where=where, default=""),
+      "answer_type": c.field(ann, "answer_type", str, file=file, where=where, default=""),
+  }
