@@ -151,26 +151,6 @@ class Predictor:
     order = np.argsort(-s, kind="stable")
     return [(captions[i], float(s[i]), float(p[i])) for i in order]
 
-  def visualize(
-      self,
-      image_path: str,
-      text: str,
-      out_dir: str,
-      words: Sequence[str] | None = None,
-      layer: int = -1,
-      head: int | None = None,
-      rollout: bool = False,
-      nearest: bool = False,
-  ) -> dict:
-    """Heat maps of the text->pixel attention of each word of `text` (or of `words`) written into out_dir:
-    a PNG per word, grid.png, attention.npy, maps.npy, summary.json (returned). Default: the last layer's
-    mean over heads; `layer`/`head` pick one, `rollout` the attention rollout. See pixelbert_jax/visualize.py."""
-    from pixelbert_jax import visualize  # visualize imports this module
-
-    return visualize.visualize(
-        self, image_path, text, out_dir, words=words, layer=layer, head=head, use_rollout=rollout, nearest=nearest
-    )
-
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m pixelbert_jax.predict", description=__doc__.split("\n")[0])

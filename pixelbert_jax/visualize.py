@@ -16,7 +16,7 @@ of the word's attention that goes to pixels at all, printed on it), `grid.png` (
 `attention.npy` (float32 [layers, heads, T, T]: every layer's and head's attention, T = text tokens + pixels),
 `maps.npy` (float32 [words, gh, gw]: each word's attention to the pixel grid, as drawn) and `summary.json`.
 Any task's checkpoint works: only the shared encoder runs (an NLVR2 model sees the one image given, as its
-first image). Python: `Predictor(WORKDIR).visualize(image_path, text, out_dir, words=..., layer=..., ...)`.
+first image). Python: `visualize(Predictor(WORKDIR), image_path, text, out_dir, words=..., layer=..., ...)`.
 
 `--grounding_check` needs a checkpoint trained on the synthetic world: it regenerates held-out scenes from
 the checkpoint's data config and reports, for the colour and shape words of their captions, the mean share
@@ -690,14 +690,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   def body() -> dict | None:
     predictor = Predictor(args.checkpoint)
     if not args.grounding_check:
-      return predictor.visualize(
+      return visualize(
+          predictor,
           args.image,
           args.text,
           args.out,
           words=args.words,
           layer=args.layer,
           head=args.head,
-          rollout=args.rollout,
+          use_rollout=args.rollout,
           nearest=args.nearest,
       )
     report = grounding_check(predictor, args.num_images, args.split, args.captions_per_image)

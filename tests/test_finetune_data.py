@@ -125,7 +125,7 @@ def test_nlvr2_train_labels_balanced_and_resumable(cfg):
 
 # ------------------------------------------------------------------------------------------- retrieval
 def test_retrieval_train_own_caption_first_then_negatives(cfg):
-  data = pipeline.retrieval_eval_data(cfg, "train")
+  data = pipeline.retrieval_gallery(cfg, "train")
   N = cfg.retrieval_negatives
   tokenised = [{tuple(row) for row in data.input_ids[data.caption_image_index == i]} for i in range(data.num_images)]
   # eval order is record order (one bucket), so row r of batch t is image t * B + r
@@ -141,8 +141,8 @@ def test_retrieval_train_own_caption_first_then_negatives(cfg):
   assert next(train)["input_ids"].shape == (B, 1 + N, L)
 
 
-def test_retrieval_eval_data_images_and_captions(cfg):
-  data = pipeline.retrieval_eval_data(cfg, "test")
+def test_retrieval_gallery_images_and_captions(cfg):
+  data = pipeline.retrieval_gallery(cfg, "test")
   records = _raw_records(cfg, "retrieval", "test")
   assert data.num_images == len(records) == 6
   assert data.image_ids == [_s(r["image_id"]) for r in records]

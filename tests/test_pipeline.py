@@ -12,7 +12,7 @@ from pixelbert_jax.data import pipeline
 from pixelbert_jax.data.config import data_config
 from pixelbert_jax.data.examples import PretrainExamples, record_buckets
 from pixelbert_jax.data.plan import PAD_RECORD, GlobalPlan
-from pixelbert_jax.data.retrieval_eval import ImageExamples
+from pixelbert_jax.data.retrieval_gallery import ImageExamples
 from pixelbert_jax.data.sources import OpenSplit
 from pixelbert_jax.data.split_index import SplitIndex
 

@@ -46,7 +46,7 @@ def test_mixture_coco_karpathy_plus_visual_genome(tmp_path):
   n_coco_train = sum(e["part"] in ("train", "restval") for e in coco.values())
   assert pipeline.num_examples(c, "train") == n_coco_train + len(vg)
   assert pipeline.num_examples(c, "val") == 1  # VG has no val: the mixture's val is COCO's
-  data = pipeline.retrieval_eval_data(c, "train")
+  data = pipeline.retrieval_gallery(c, "train")
   assert set(data.image_ids) == {k for k, e in coco.items() if e["part"] in ("train", "restval")} | set(vg)
   it = pipeline.make_iterator(c, "pretrain", "train", batch_size=2, seed=0, train=False)
   assert sum(int(b["example_mask"].sum()) for b in it) == n_coco_train + len(vg)
@@ -71,8 +71,8 @@ def test_split_index_is_cached_and_rebuilt_only_when_stale(tmp_path, monkeypatch
   first = pipeline.num_examples(c, "train")
   again = pipeline.num_examples(c, "train")
   assert first == again == 2 and calls == ["flickr30k/train"]
-  pipeline.retrieval_eval_data(c, "train")  # captions were not in the first sidecar: one more scan for them
-  pipeline.retrieval_eval_data(c, "train")
+  pipeline.retrieval_gallery(c, "train")  # captions were not in the first sidecar: one more scan for them
+  pipeline.retrieval_gallery(c, "train")
   assert calls == ["flickr30k/train"] * 2
   [meta] = [os.path.join(d, f) for d, _, fs in os.walk(c.data_dir) for f in fs if f == "train.meta.npz"]
   with np.load(meta) as f:

@@ -225,7 +225,9 @@ def image(tmp_path_factory):
 
 
 def test_pictures_have_the_images_aspect_ratio_and_the_files_agree(predictor, image, tmp_path):
-  summary = predictor.visualize(str(image), "a red star is left of a blue ring", str(tmp_path), words=["red", "ring"])
+  summary = visualize.visualize(
+      predictor, str(image), "a red star is left of a blue ring", str(tmp_path), words=["red", "ring"]
+  )
   assert [w["word"] for w in summary["words"]] == ["red", "ring"]
   for w in summary["words"]:
     with Image.open(tmp_path / w["file"]) as pic:
@@ -246,8 +248,8 @@ def test_pictures_have_the_images_aspect_ratio_and_the_files_agree(predictor, im
 
 def test_layer_head_and_rollout_choose_other_maps(predictor, image, tmp_path):
   text = "a red star"
-  head = predictor.visualize(str(image), text, str(tmp_path / "h"), layer=0, head=1)
-  roll = predictor.visualize(str(image), text, str(tmp_path / "r"), rollout=True)
+  head = visualize.visualize(predictor, str(image), text, str(tmp_path / "h"), layer=0, head=1)
+  roll = visualize.visualize(predictor, str(image), text, str(tmp_path / "r"), use_rollout=True)
   assert head["mode"] == "layer 0, head 1" and roll["mode"].startswith("rollout")
   probs = np.load(tmp_path / "h" / "attention.npy")
   n = head["pixel_offset"]
@@ -258,7 +260,7 @@ def test_layer_head_and_rollout_choose_other_maps(predictor, image, tmp_path):
     roll_rows = visualize.rollout(probs, 1)[w["positions"]].mean(0)[n:]
     np.testing.assert_allclose(np.load(tmp_path / "r" / "maps.npy")[k].reshape(-1), roll_rows, rtol=1e-4)
   # A folder reused for another text keeps no pictures of the old words.
-  predictor.visualize(str(image), "a blue ring", str(tmp_path / "h"))
+  visualize.visualize(predictor, str(image), "a blue ring", str(tmp_path / "h"))
   assert sorted(p.name for p in (tmp_path / "h").glob("*_*.png")) == ["00_a.png", "01_blue.png", "02_ring.png"]
 
 

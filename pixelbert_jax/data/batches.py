@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 
 import grain
+import ml_collections
 import numpy as np
 from absl import flags
 
+from pixelbert_jax.data.examples import record_buckets
 from pixelbert_jax.data.plan import GlobalPlan
+from pixelbert_jax.data.sources import OpenSplit
 
 _MIN_SEEN_FOR_BAD_CHECK = 200
 _SHOW_BAD = 5
@@ -122,3 +125,31 @@ class BatchIterator:
     self._it.set_state(state["grain"])
     self._seen, self._bad = int(state["seen"]), int(state["bad"])
     self._bad_messages = list(state["bad_messages"])
+
+
+def planned_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    opened: OpenSplit,
+    examples,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    train: bool,
+) -> BatchIterator:
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  plan = GlobalPlan(
+      record_buckets(opened.index.sizes, data_cfg), global_batch=batch_size * process_count, seed=seed, train=train
+  )
+  rows = PlannedRows(plan, examples, batch_size=batch_size, process_index=process_index, process_count=process_count)
+  return BatchIterator(
+      rows,
+      train=train,
+      max_bad_fraction=data_cfg.max_bad_fraction,
+      num_workers=data_cfg.num_workers,
+      prefetch=data_cfg.prefetch,
+      read_threads=data_cfg.get("read_threads", 16),
+      read_buffer=data_cfg.get("read_buffer", 500),
+  )

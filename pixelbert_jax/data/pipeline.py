@@ -15,31 +15,16 @@ import ml_collections
 import numpy as np
 from transformers import BertTokenizerFast
 
-from pixelbert_jax.data import builders, synthetic, text, vqa_answers
-from pixelbert_jax.data.batches import BatchIterator, PlannedRows
+from pixelbert_jax.data import builders, vqa_answers
+from pixelbert_jax.data.batches import BatchIterator, planned_iterator
 from pixelbert_jax.data.examples import PretrainExamples, record_buckets
 from pixelbert_jax.data.finetune_examples import Nlvr2Examples, RetrievalExamples, VqaExamples
-from pixelbert_jax.data.plan import GlobalPlan
+from pixelbert_jax.data.retrieval_gallery import RetrievalGallery
 from pixelbert_jax.data.sources import OpenSplit, open_split
 from pixelbert_jax.data.split_index import sidecar_dir
+from pixelbert_jax.data.text import tokenizer, vocab_path, vocab_size  # part of the pipeline's API
 
 TASKS = ("pretrain", "vqa", "nlvr2", "retrieval")
-
-
-def vocab_path(data_cfg: ml_collections.ConfigDict) -> str:
-  if data_cfg.vocab_path:
-    return data_cfg.vocab_path
-  if data_cfg.name != "synthetic":
-    raise ValueError(f"dataset {data_cfg.name!r} needs a BERT vocab: set config.data.vocab_path")
-  return text.write_world_vocab(os.path.join(data_cfg.data_dir, "synthetic_world_vocab"), synthetic.world_words())
-
-
-def tokenizer(data_cfg: ml_collections.ConfigDict) -> BertTokenizerFast:
-  return text.load_tokenizer(vocab_path(data_cfg))
-
-
-def vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
-  return len(tokenizer(data_cfg))
 
 
 def _check_task(task: str) -> None:
@@ -123,34 +108,6 @@ def make_examples(data_cfg: ml_collections.ConfigDict, task: str, opened: OpenSp
   return RetrievalExamples(opened, data_cfg, vp, seed=seed, train=train, negatives=int(data_cfg.retrieval_negatives))
 
 
-def planned_iterator(
-    data_cfg: ml_collections.ConfigDict,
-    opened: OpenSplit,
-    examples,
-    *,
-    batch_size: int,
-    seed: int,
-    process_index: int,
-    process_count: int,
-    train: bool,
-) -> BatchIterator:
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  plan = GlobalPlan(
-      record_buckets(opened.index.sizes, data_cfg), global_batch=batch_size * process_count, seed=seed, train=train
-  )
-  rows = PlannedRows(plan, examples, batch_size=batch_size, process_index=process_index, process_count=process_count)
-  return BatchIterator(
-      rows,
-      train=train,
-      max_bad_fraction=data_cfg.max_bad_fraction,
-      num_workers=data_cfg.num_workers,
-      prefetch=data_cfg.prefetch,
-      read_threads=data_cfg.get("read_threads", 16),
-      read_buffer=data_cfg.get("read_buffer", 500),
-  )
-
-
 def make_iterator(
     data_cfg: ml_collections.ConfigDict,
     task: str,
@@ -184,11 +141,9 @@ def make_iterator(
   )
 
 
-def retrieval_eval_data(data_cfg: ml_collections.ConfigDict, split: str):
+def retrieval_gallery(data_cfg: ml_collections.ConfigDict, split: str) -> RetrievalGallery:
   """Every image of `split` (batched with its index) and every caption with its image's index."""
-  from pixelbert_jax.data.retrieval_eval import RetrievalEvalData
-
-  return RetrievalEvalData(data_cfg, split)
+  return RetrievalGallery(data_cfg, split)
 
 
 def plan_summary(data_cfg: ml_collections.ConfigDict, task: str, split: str) -> dict[str, int]:

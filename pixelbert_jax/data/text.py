@@ -8,8 +8,11 @@ import os
 import threading
 from typing import Callable, Sequence
 
+import ml_collections
 import numpy as np
 from transformers import BertTokenizerFast
+
+from pixelbert_jax.data import synthetic
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] = 0, so mlm_labels 0 = "no label"
 
@@ -44,6 +47,22 @@ def load_tokenizer(vocab_path: str) -> BertTokenizerFast:
   if len(vocab) < len(SPECIAL_TOKENS) + 1:
     raise ValueError(f"vocab file {vocab_path!r} has only {len(vocab)} entries")
   return tok
+
+
+def vocab_path(data_cfg: ml_collections.ConfigDict) -> str:
+  if data_cfg.vocab_path:
+    return data_cfg.vocab_path
+  if data_cfg.name != "synthetic":
+    raise ValueError(f"dataset {data_cfg.name!r} needs a BERT vocab: set config.data.vocab_path")
+  return write_world_vocab(os.path.join(data_cfg.data_dir, "synthetic_world_vocab"), synthetic.world_words())
+
+
+def tokenizer(data_cfg: ml_collections.ConfigDict) -> BertTokenizerFast:
+  return load_tokenizer(vocab_path(data_cfg))
+
+
+def vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
+  return len(tokenizer(data_cfg))
 
 
 def encode(

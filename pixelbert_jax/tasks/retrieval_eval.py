@@ -199,7 +199,7 @@ def evaluate(trainer, state, workdir) -> dict[str, float]:
 
   cfg = trainer.config
   split = cfg.data.eval_split
-  data = pipeline.retrieval_eval_data(cfg.data, split)
+  data = pipeline.retrieval_gallery(cfg.data, split)
   images, masks, ids, tmask, cap_img, image_ids = _take(data, int(cfg.retrieval_eval.num_images))
   variables = _variables(state["params"], state["batch_stats"])
   with eval_loop.mesh_context(trainer):
@@ -221,7 +221,7 @@ def evaluate(trainer, state, workdir) -> dict[str, float]:
 
 
 def _take(data, num_images: int):
-  """The first `num_images` images (0 = all) of `pipeline.retrieval_eval_data` and their captions."""
+  """The first `num_images` images (0 = all) of `pipeline.retrieval_gallery` and their captions."""
   images, masks = list(data["image"]), list(data["image_mask"])
   cap_img = np.asarray(data["caption_image"])
   image_ids = list(data.get("image_id", range(len(images))))

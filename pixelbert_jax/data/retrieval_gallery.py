@@ -1,4 +1,4 @@
-"""Retrieval evaluation data: every image once (for a cached CNN pass) and every caption with its image.
+"""A retrieval split as a gallery to rank: every image once (for a cached CNN pass) and every caption with its image.
 
 A cross-encoder scores every (image, caption) pair, so the evaluator needs the images and the captions
 separately, not batches of pairs: images come in planned eval batches (one bucket per batch, the same
@@ -13,7 +13,8 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from pixelbert_jax.data import pipeline
+from pixelbert_jax.data import text
+from pixelbert_jax.data.batches import planned_iterator
 from pixelbert_jax.data.examples import Examples
 from pixelbert_jax.data.sources import open_split
 
@@ -34,7 +35,7 @@ class ImageExamples(Examples):
     return {"image": image, "image_mask": image_mask, "image_index": np.int64(index), "example_mask": np.float32(1)}
 
 
-class RetrievalEvalData:
+class RetrievalGallery:
   """Attributes: `num_images`, `image_ids` (list[str]), `captions` (list[str]), `caption_image_index`
   (int64 [C]), `input_ids` / `text_mask` (int32 [C, L]); `image_batches(...)` yields the images."""
 
@@ -51,7 +52,7 @@ class RetrievalEvalData:
           self.captions.append(c.strip())
           owners.append(i)
     self.caption_image_index = np.asarray(owners, np.int64)
-    tok = pipeline.tokenizer(data_cfg)
+    tok = text.tokenizer(data_cfg)
     L = int(data_cfg.max_text_len)
     enc = tok(self.captions, max_length=L, truncation=True, padding="max_length")
     self.input_ids = np.asarray(enc["input_ids"], np.int32).reshape(-1, L)
@@ -65,7 +66,7 @@ class RetrievalEvalData:
     'caption_image' (= caption_image_index), 'input_ids', 'text_mask'. At paper sizes a 5K-image split
     is about 16 GB of images: stream `image_batches` instead there."""
     if key not in self._KEYS:
-      raise KeyError(f"retrieval eval data has keys {self._KEYS}, not {key!r}")
+      raise KeyError(f"a retrieval gallery has keys {self._KEYS}, not {key!r}")
     if key in ("image", "image_mask"):
       return self._all_images()[0 if key == "image" else 1]
     return {
@@ -100,8 +101,8 @@ class RetrievalEvalData:
       self, batch_size: int, *, process_index: int = 0, process_count: int = 1, seed: int = 0
   ) -> Iterator[dict[str, np.ndarray]]:
     """This process's image batches (batch_size rows): image, image_mask, image_index, example_mask."""
-    examples = ImageExamples(self._opened, self._cfg, pipeline.vocab_path(self._cfg), seed=seed, train=False)
-    return pipeline.planned_iterator(
+    examples = ImageExamples(self._opened, self._cfg, text.vocab_path(self._cfg), seed=seed, train=False)
+    return planned_iterator(
         self._cfg,
         self._opened,
         examples,

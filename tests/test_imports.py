@@ -1,0 +1,105 @@
+"""The package's import graph: no cycles (a lazy import inside a function counts too).
+
+A cycle makes the import order matter and hides which module owns what; `from x import y` inside a
+function is the usual way one creeps in, so the walk reads every import statement of every module with
+`ast` (no module is executed).
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pixelbert_jax
+
+PACKAGE_DIR = pathlib.Path(pixelbert_jax.__file__).parent
+
+
+def module_files() -> dict[str, pathlib.Path]:
+  out = {}
+  for path in sorted(PACKAGE_DIR.rglob("*.py")):
+    parts = ("pixelbert_jax",) + path.relative_to(PACKAGE_DIR).with_suffix("").parts
+    if parts[-1] == "__init__":
+      parts = parts[:-1]
+    out[".".join(parts)] = path
+  return out
+
+
+def imported_modules(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
+  """Modules of the package that `name` imports; `from pkg import sub` counts as importing pkg.sub."""
+  package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      found.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join(anchor + ([base] if base else []))
+      for alias in node.names:
+        found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+  return {m for m in found if m in known and m != name}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """Strongly connected components with more than one module (Tarjan, iteratively)."""
+  index, low, on_stack, stack, cycles, counter = {}, {}, set(), [], [], 0
+  for root in graph:
+    if root in index:
+      continue
+    work = [(root, iter(sorted(graph[root])))]
+    index[root] = low[root] = counter
+    counter += 1
+    stack.append(root)
+    on_stack.add(root)
+    while work:
+      v, children = work[-1]
+      w = next(children, None)
+      if w is not None:
+        if w not in index:
+          index[w] = low[w] = counter
+          counter += 1
+          stack.append(w)
+          on_stack.add(w)
+          work.append((w, iter(sorted(graph[w]))))
+        elif w in on_stack:
+          low[v] = min(low[v], index[w])
+        continue
+      work.pop()
+      if work:
+        low[work[-1][0]] = min(low[work[-1][0]], low[v])
+      if low[v] == index[v]:
+        component = []
+        while True:
+          w = stack.pop()
+          on_stack.discard(w)
+          component.append(w)
+          if w == v:
+            break
+        if len(component) > 1:
+          cycles.append(sorted(component))
+  return cycles
+
+
+def test_the_cycle_finder_finds_a_cycle():
+  graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+  assert import_cycles(graph) == [["a", "b", "c"]]
+  assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_walk_sees_lazy_and_relative_imports(tmp_path):
+  pkg = tmp_path / "p"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  (pkg / "m.py").write_text("def f():\n  from . import n\n  from p.o import x\n")
+  known = {"p", "p.m", "p.n", "p.o"}
+  assert imported_modules("p.m", pkg / "m.py", known) == {"p.n", "p.o"}
+
+
+def test_no_import_cycle_inside_the_package():
+  files = module_files()
+  assert len(files) > 40, "the walk found too few modules: is the package layout what this test expects?"
+  graph = {name: imported_modules(name, path, set(files)) for name, path in files.items()}
+  assert sum(map(len, graph.values())) > 100, "the walk found too few imports"
+  assert import_cycles(graph) == [], "import cycles inside pixelbert_jax"
