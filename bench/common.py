@@ -1,9 +1,9 @@
 """Shared by bench/train_step.py and bench/inference.py (not a script): model configs, synthetic batches,
 Flax -> PyTorch weights, timing statistics, one subprocess per framework, and the markdown table.
 
-Nothing here imports the data package: on a bare GPU box `pixelbert_jax.data` pulls grain and
-tensorflow_datasets, which the benchmarks do not need (models, optim, tasks.pretrain and
-convert.torch_model import only jax/flax/optax/ml_collections and torch/torchvision/transformers).
+Nothing here imports the data pipeline: on a bare GPU box it pulls grain and tensorflow_datasets, which the
+benchmarks do not need (the configs, models, optim, train_step, the tasks' losses and convert.torch_model
+import only jax/flax/optax/ml_collections and torch/torchvision/transformers).
 """
 
 import importlib.metadata
@@ -22,24 +22,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)  # runnable from a checkout without `pip install`
 
-BERT_VOCAB = 30522  # bert-base-uncased
-DEMO_VOCAB = 69  # the synthetic world's tokenizer (pipeline.vocab_size); hard-coded to keep grain out
 
-# configs/pretrain.py:base_config().optim, copied: importing configs/ imports the data package.
-OPTIM = dict(
-    cnn=dict(lr=1e-2, momentum=0.9, weight_decay=5e-4),
-    transformer=dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-6, weight_decay=1e-2),
-    warmup_steps=1000,
-    decay_epochs=(25.0, 35.0),
-    decay_factor=0.1,
-    grad_clip_norm=0.0,
-    grad_accum_steps=1,
-)
+def pretrain_config(variant: str = "r50"):
+  """configs/pretrain.py's config (pure: loading it opens no data and imports no JAX)."""
+  from pixelbert_jax.config_files import load_sibling
+
+  return load_sibling(os.path.join(REPO, "configs", "pretrain.py"), "pretrain").get_config(variant)
+
+
+def vocab_size(name: str) -> int:
+  """`bert`: BERT-base-uncased's vocabulary (the paper configs'); `demo`: the synthetic world's, which
+  `pipeline.vocab_size` reads off the vocab file it writes (special tokens + the world's words); counted
+  here without opening the data, which would import grain and tensorflow_datasets."""
+  if name == "bert":
+    from pixelbert_jax.config_files import load_sibling
+
+    return load_sibling(os.path.join(REPO, "configs", "pretrain.py"), "pretrain").BERT_BASE_UNCASED_VOCAB
+  if name == "demo":
+    from pixelbert_jax.data import synthetic, text
+
+    return len(text.SPECIAL_TOKENS) + len(synthetic.world_words())
+  raise ValueError(f"unknown vocabulary {name!r}: bert or demo")
 
 
 def model_cfg(size, cnn, vocab, *, dtype="float32", remat=False, num_pixels=None, norm=None):
   """The `config.model` of the benchmarked model. num_pixels None: pixel sampling off (all pixels)."""
-  from pixelbert_jax.models import model_config
+  from pixelbert_jax.models.presets import model_config
 
   cfg = model_config(size, cnn, vocab)
   cfg.dtype, cfg.remat = dtype, bool(remat)
@@ -87,7 +95,7 @@ def init_flax(model, task, seed=0):
   for the GPU; the benchmarks time the train step, not the init."""
   import flax.linen as nn
   import jax
-  from pixelbert_jax.models import init_variables
+  from pixelbert_jax.models.build import init_variables
 
   init = jax.jit(lambda k: nn.unbox(init_variables(model, k, task)))
   with jax.default_device(jax.devices("cpu")[0]):
@@ -125,7 +133,7 @@ def torch_model(cfg, task, weights_path=None, seed=0):
   left them there, else initialised here (JAX on the CPU) and converted."""
   import numpy as np
   from pixelbert_jax.convert.torch_model import pixelbert_from_state_dict
-  from pixelbert_jax.models import build_model
+  from pixelbert_jax.models.build import build_model
 
   if weights_path and os.path.exists(weights_path):
     with np.load(weights_path) as f:

@@ -32,7 +32,7 @@ from ml_collections.config_flags import config_path
 
 from pixelbert_jax import optim
 from pixelbert_jax.data import pipeline, synthetic, text
-from pixelbert_jax.models import build_model, dummy_inputs
+from pixelbert_jax.models.build import build_model, dummy_inputs
 from pixelbert_jax.models.pixel_bert import normalize_image, sample_pixels
 from pixelbert_jax.models.resnet import resnet_from_config
 

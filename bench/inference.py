@@ -40,7 +40,7 @@ WORKLOADS = {
         cnn="r50",
         image=(800, 1344),
         text_len=40,
-        vocab=common.BERT_VOCAB,
+        vocab="bert",
         norm=None,
         gpu=dict(pairs_batch=512, cache_images=64, encode_batch=16),
         cpu=dict(pairs_batch=8, cache_images=4, encode_batch=2),
@@ -50,7 +50,7 @@ WORKLOADS = {
         cnn="x152",
         image=(600, 1024),
         text_len=40,
-        vocab=common.BERT_VOCAB,
+        vocab="bert",
         norm=None,
         gpu=dict(pairs_batch=512, cache_images=64, encode_batch=16),
         cpu=dict(pairs_batch=8, cache_images=4, encode_batch=2),
@@ -60,7 +60,7 @@ WORKLOADS = {
         cnn="demo",
         image=(192, 192),
         text_len=40,
-        vocab=common.DEMO_VOCAB,
+        vocab="demo",
         norm="bn",
         gpu=dict(pairs_batch=4096, cache_images=512, encode_batch=256),
         cpu=dict(pairs_batch=256, cache_images=64, encode_batch=32),
@@ -72,6 +72,7 @@ NUM_COMPARED = 64  # scores compared across frameworks
 
 def workload_cfg(args):
   w = dict(WORKLOADS[args.workload])
+  w["vocab"] = common.vocab_size(w["vocab"])  # "bert" or "demo" -> the size
   if args.image:  # e.g. the r50 model at a CPU-sized image, to check the code path
     w["image"] = tuple(int(v) for v in args.image.split("x"))
   cfg = common.model_cfg(w["size"], w["cnn"], w["vocab"], dtype=args.dtype, norm=w["norm"])
@@ -130,7 +131,7 @@ def jax_worker(args):
   import jax.numpy as jnp
   import numpy as np
   from pixelbert_jax import distributed
-  from pixelbert_jax.models import build_model
+  from pixelbert_jax.models.build import build_model
 
   distributed.set_cpu_devices(args.jax_cpu_devices)  # before the first jax.devices()
   w, cfg = workload_cfg(args)

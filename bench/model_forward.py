@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixelbert_jax.models import build_model, dummy_inputs, init_variables, model_config
+from pixelbert_jax.models.build import build_model, dummy_inputs
+from pixelbert_jax.models.presets import model_config
 
 SETTINGS = {"demo": ("demo", "demo"), "base": ("base", "r50"), "base-x152": ("base", "x152")}
 

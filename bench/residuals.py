@@ -143,7 +143,7 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
 
-  from pixelbert_jax.models import build_model
+  from pixelbert_jax.models.build import build_model
 
   w, cfg = train_step.workload_cfg(args)
   model = build_model(cfg, w["task"])

@@ -40,6 +40,7 @@ cost_analysis of the compiled JAX step (which includes what remat recomputes).
 """
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -57,7 +58,7 @@ WORKLOADS = {
         image=(800, 1344),
         text_len=40,
         num_pixels=100,
-        vocab=common.BERT_VOCAB,
+        vocab="bert",
         norm=None,
         cpu_batch=1,
     ),
@@ -68,7 +69,7 @@ WORKLOADS = {
         image=(800, 1344),
         text_len=40,
         num_pixels=None,
-        vocab=common.BERT_VOCAB,
+        vocab="bert",
         norm=None,
         cpu_batch=1,
     ),
@@ -79,7 +80,7 @@ WORKLOADS = {
         image=(600, 1024),
         text_len=40,
         num_pixels=100,
-        vocab=common.BERT_VOCAB,
+        vocab="bert",
         norm=None,
         cpu_batch=1,
     ),
@@ -91,7 +92,7 @@ WORKLOADS = {
         image=(192, 192),
         text_len=40,
         num_pixels=6,
-        vocab=common.DEMO_VOCAB,
+        vocab="demo",
         norm="bn",
         cpu_batch=32,
         grad_clip_norm=1.0,
@@ -104,7 +105,7 @@ WORKLOADS = {
         image=(192, 192),
         text_len=40,
         num_pixels=None,
-        vocab=common.DEMO_VOCAB,
+        vocab="demo",
         norm="bn",
         cpu_batch=32,
     ),
@@ -114,6 +115,7 @@ FRAMEWORKS = ("jax", "torch", "torch-compile")
 
 def workload_cfg(args):
   w = dict(WORKLOADS[args.workload])
+  w["vocab"] = common.vocab_size(w["vocab"])  # "bert" or "demo" -> the size
   if args.image:  # e.g. the r50 model at a CPU-sized image, to check the code path
     w["image"] = tuple(int(v) for v in args.image.split("x"))
   cfg = common.model_cfg(
@@ -131,10 +133,12 @@ def workload_cfg(args):
 
 
 def optim_config(w):
+  """configs/pretrain.py's optimizer (the paper's), with the workload's gradient clipping."""
   import ml_collections
 
-  optim = dict(common.OPTIM, grad_clip_norm=w.get("grad_clip_norm", 0.0))
-  return ml_collections.ConfigDict(dict(optim=optim, model=dict(cnn=dict(frozen=False))))
+  optim = common.pretrain_config().optim
+  optim.grad_clip_norm = w.get("grad_clip_norm", 0.0)
+  return ml_collections.ConfigDict(dict(optim=optim.to_dict(), model=dict(cnn=dict(frozen=False))))
 
 
 def synthetic_batch(w, cfg, batch, seed=0):
@@ -160,46 +164,13 @@ def synthetic_batch(w, cfg, batch, seed=0):
 
 
 # --------------------------------------------------------------------------------------------- JAX
-def vqa_loss_jax(outputs, batch):
-  """tasks/vqa.py's loss (that module imports the data pipeline, so it is restated here)."""
-  import jax.numpy as jnp
-  import optax
-
-  bce = optax.sigmoid_binary_cross_entropy(
-      outputs["vqa_logits"].astype(jnp.float32), batch["vqa_targets"].astype(jnp.float32)
-  ).sum(-1)
-  mask = batch["example_mask"].astype(jnp.float32)
-  loss = jnp.sum(bce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-  return loss, {"loss": (loss, jnp.ones(()))}
-
-
-def jax_loss_fn(model, task, update_bn):
-  """-> loss_fn(params, batch_stats, batch, k_drop, k_sample) -> (loss, (metrics, new batch_stats)): the
-  step's forward and loss, as train.Trainer._train_step (which this cannot import: train.py imports the
-  data pipeline)."""
-  from pixelbert_jax.tasks import pretrain
-
-  mutable = ["batch_stats"] if update_bn else False
-
-  def loss_fn(params, batch_stats, batch, k_drop, k_sample):
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    inputs = {k: batch[k] for k in pretrain.INPUT_KEYS}
-    out = model.apply(variables, **inputs, train=True, rngs={"dropout": k_drop, "sample": k_sample}, mutable=mutable)
-    outputs, new_vars = out if mutable else (out, {})
-    loss, metrics = pretrain.loss_and_metrics(outputs, batch) if task == "pretrain" else vqa_loss_jax(outputs, batch)
-    return loss, (metrics, new_vars.get("batch_stats", batch_stats))
-
-  return loss_fn
-
-
 def jax_setup(args, batch_size):
   """-> (jitted donated train step, init_state(seed) -> state, device batch, model cfg)."""
   import jax
   import jax.numpy as jnp
-  import optax
 
-  from pixelbert_jax import distributed, optim
-  from pixelbert_jax.models import build_model
+  from pixelbert_jax import distributed, optim, tasks, train_step
+  from pixelbert_jax.models.build import build_model
 
   distributed.set_cpu_devices(args.jax_cpu_devices)  # before the first jax.devices()
   w, cfg = workload_cfg(args)
@@ -219,22 +190,10 @@ def jax_setup(args, batch_size):
         "rng": jax.random.key(seed + 1),
     }
 
-  loss_fn = jax_loss_fn(model, w["task"], update_bn)
-
-  def train_step(state, batch):
-    k_drop, k_sample = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["batch_stats"], batch, k_drop, k_sample
-    )
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    metrics["grad_norm"] = (optim.global_norm(grads), jnp.ones(()))
-    return {
-        "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "batch_stats": batch_stats,
-        "opt_state": opt_state,
-        "rng": state["rng"],
-    }, metrics
+  # The library's step (pixelbert_jax/train_step.py), as train.Trainer jits it, with the task's own loss.
+  step_fn = functools.partial(
+      train_step.train_step, model=model, task=tasks.get_task(w["task"]), tx=tx, update_batch_stats=update_bn
+  )
 
   batch, n = synthetic_batch(w, cfg, batch_size), common.jax_data_parallel(args)
   if n > 1:
@@ -245,14 +204,14 @@ def jax_setup(args, batch_size):
     replicated = NamedSharding(mesh, P())
     batch_sharding = {k: NamedSharding(mesh, P("data")) for k in batch}
     step = jax.jit(
-        train_step,
+        step_fn,
         in_shardings=(replicated, batch_sharding),
         out_shardings=replicated,
         donate_argnums=0,
         compiler_options=common.jax_compiler_options(args),
     )
     return step, lambda seed=0: jax.device_put(init_state(seed), replicated), jax.device_put(batch, batch_sharding), cfg
-  step = jax.jit(train_step, donate_argnums=0, compiler_options=common.jax_compiler_options(args))
+  step = jax.jit(step_fn, donate_argnums=0, compiler_options=common.jax_compiler_options(args))
   return step, init_state, jax.device_put(batch), cfg
 
 
@@ -442,7 +401,7 @@ def torch_optimizers(model, device):
   conv kernels only."""
   import torch
 
-  o = common.OPTIM
+  o = common.pretrain_config().optim
   groups = {("cnn", True): [], ("cnn", False): [], ("tf", True): [], ("tf", False): []}
   for name, p in model.named_parameters():
     if p.requires_grad:

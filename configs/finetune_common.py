@@ -11,7 +11,7 @@ from pixelbert_jax.data.config import data_config, paper_sizes
 from pixelbert_jax.models.presets import model_config
 
 _pretrain = load_sibling(__file__, "pretrain")
-BERT_BASE_UNCASED_VOCAB = _pretrain.BERT_BASE_UNCASED_VOCAB
+BERT_BASE_UNCASED_VOCAB, FROM_DATA = _pretrain.BERT_BASE_UNCASED_VOCAB, _pretrain.FROM_DATA
 
 
 def finetune_config(task: str, variant: str, dataset: str) -> ml_collections.ConfigDict:

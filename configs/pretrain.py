@@ -12,6 +12,7 @@ from pixelbert_jax.data.config import data_config, paper_sizes
 from pixelbert_jax.models.presets import model_config
 
 BERT_BASE_UNCASED_VOCAB = 30522
+FROM_DATA = -1  # a size the trainer reads off the data it opens (pipeline.resolve_from_data)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -102,9 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()
   if variant in ("demo", "demo_hard"):
     c.data = data_config("synthetic")
-    from pixelbert_jax.data import pipeline
-
-    c.model = model_config("demo", "demo", pipeline.vocab_size(c.data))
+    c.model = model_config("demo", "demo", FROM_DATA)  # the synthetic world's vocabulary
     c.model.cnn.norm = "bn"  # trained from scratch; on 2 CPU cores group norm costs 2x the step time
     c.cpu_devices = 2  # ours: XLA runs a CPU step mostly on one core; 2 devices use 2 cores
     c.eval_batch_size = 64

@@ -8,16 +8,16 @@ AdamW 1e-4 for the transformer). Test-dev predictions go to the evaluation serve
 import ml_collections
 
 from pixelbert_jax.config_files import load_sibling
-from pixelbert_jax.data import pipeline
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "demo"
-  c = load_sibling(__file__, "finetune_common").finetune_config("vqa", variant, "vqa2")
+  common = load_sibling(__file__, "finetune_common")
+  c = common.finetune_config("vqa", variant, "vqa2")
   if variant == "demo":
     c.num_epochs = 1.0  # ours: 12000 questions, about 375 steps
     c.optim.decay_epochs = (0.7,)
-    c.model.num_answers = len(pipeline.answer_vocab(c.data))  # the world's answers
+    c.model.num_answers = common.FROM_DATA  # the world's answers
   else:
     c.batch_size = 256  # paper
     c.num_epochs = 18.0  # paper

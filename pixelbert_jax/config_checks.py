@@ -54,6 +54,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   need("total_steps", lambda x: x == -1 or x > 0, "-1 (use num_epochs) or > 0")
   if config.get("total_steps", -1) == -1:
     need("num_epochs", lambda x: x > 0, "> 0 when total_steps is -1")
+  for key in ("model.vocab_size", "model.num_answers"):
+    need(key, lambda x: x == -1 or (x > 0 and x == int(x)), "-1 (read off the data) or a positive integer")
   for key, value in _walk(config):
     leaf = key.rsplit(".", 1)[-1]
     if leaf.endswith("batch_size"):

@@ -17,7 +17,6 @@ import math
 import sys
 from typing import Callable, Sequence
 
-import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 

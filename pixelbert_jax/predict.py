@@ -28,7 +28,7 @@ from pixelbert_jax import checkpoint as ckpt_lib
 from pixelbert_jax import cli_errors, paths, xla_options
 from pixelbert_jax.data import pipeline, text
 from pixelbert_jax.data.preprocess import BadImageError, decode_image, resize_and_pad
-from pixelbert_jax.models import build_model
+from pixelbert_jax.models.build import build_model
 
 CAPTION_TASKS = ("retrieval", "pretrain")
 

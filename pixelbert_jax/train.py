@@ -14,23 +14,21 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import config_checks, metrics_writer, optim, partitioning, paths, run_lock, xla_options
+from pixelbert_jax import config_checks, metrics_writer, optim, partitioning, paths, run_lock, tasks, xla_options
+from pixelbert_jax import train_step as train_step_lib
 from pixelbert_jax.data import pipeline
-from pixelbert_jax.models import build_model, dummy_inputs
-from pixelbert_jax.tasks import get_task
-
-State = dict[str, Any]  # step, params, batch_stats, opt_state, rng
+from pixelbert_jax.models.build import build_model
+from pixelbert_jax.train_step import State
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,9 +40,9 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     self.config, self.mesh = config, mesh
-    self.task = get_task(config.task)
+    self.task = tasks.get_task(config.task)
+    self._evaluate = tasks.get_evaluate(config.task)
     self.model = build_model(config.model, config.task)
-    self.update_batch_stats = config.model.cnn.norm == "bn"
     n_train = pipeline.num_examples(config.data, config.data.train_split, config.task)
     self.steps_per_epoch = max(1, n_train // config.batch_size)
     self.total_steps = (
@@ -53,129 +51,49 @@ class Trainer:
         else int(math.ceil(config.num_epochs * self.steps_per_epoch))
     )
 
-    def init_variables(rng):
-      k_params, k_drop, k_sample = jax.random.split(rng, 3)
-      return self.model.init(
-          {"params": k_params, "dropout": k_drop, "sample": k_sample},
-          **dummy_inputs(config.task, text_len=config.data.max_text_len),
-          train=False,
-      )
-
-    boxed_vars = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
-    abstract_params = nn.unbox(boxed_vars["params"])
+    # The optimizer needs the parameter tree (its per-group masks), the state needs the optimizer: shapes
+    # first, from a state built with a placeholder optimizer that has no state of its own.
+    init = functools.partial(
+        train_step_lib.init_state, model=self.model, task_name=config.task, text_len=config.data.max_text_len
+    )
+    abstract_params = nn.unbox(jax.eval_shape(lambda r: init(r, tx=optax.identity()), jax.random.PRNGKey(0)))["params"]
     accum = max(1, int(config.optim.grad_accum_steps))
     self.tx, self.schedules = optim.make_optimizer(
         config, abstract_params, steps_per_epoch=max(1, self.steps_per_epoch // accum)
     )
-
-    def init_state(rng) -> State:
-      variables = init_variables(rng)
-      params = variables["params"]
-      return {
-          "step": jnp.zeros((), jnp.int32),
-          "params": params,
-          "batch_stats": variables.get("batch_stats", {}),
-          "opt_state": self.tx.init(params),
-          "rng": rng,
-      }
-
-    abstract_boxed = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+    init = functools.partial(init, tx=self.tx)
+    abstract_boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
     specs = nn.get_partition_spec(abstract_boxed)
     self.abstract_state = nn.unbox(abstract_boxed)
     self.state_shardings = partitioning.logical_to_shardings(self.abstract_state, specs, mesh)
-    self._init_state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=self.state_shardings)
+    self._init_state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=self.state_shardings)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, self.state_shardings
     )
-    replicated = partitioning.replicated(mesh)
     self.compiler_options = xla_options.compiler_options(mesh.devices.flat[0].platform)
+    step = functools.partial(
+        train_step_lib.train_step,
+        model=self.model,
+        task=self.task,
+        tx=self.tx,
+        loss_weights=dict(config.get("loss", {})),
+        update_batch_stats=config.model.cnn.norm == "bn",
+    )
     self.train_step = jax.jit(
-        self._train_step,
+        step,
         in_shardings=(self.state_shardings, None),
-        out_shardings=(self.state_shardings, replicated),
+        out_shardings=(self.state_shardings, partitioning.replicated(mesh)),
         donate_argnums=0,
         compiler_options=self.compiler_options,
     )
-    self.eval_step = jax.jit(self._eval_step, out_shardings=replicated, compiler_options=self.compiler_options)
 
   def init_state(self, seed: int) -> State:
     with partitioning.activate(self.mesh):
       return self._init_state(jax.random.PRNGKey(seed))
 
-  def _variables(self, params, batch_stats) -> dict:
-    return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-
-  def _loss_weights(self) -> dict:
-    return dict(self.config.get("loss", {}))
-
-  def _train_step(self, state: State, batch: dict) -> tuple[State, dict]:
-    key = jax.random.fold_in(state["rng"], state["step"])
-    k_drop, k_sample = jax.random.split(key)
-    mutable = ["batch_stats"] if self.update_batch_stats else False
-
-    def loss_fn(params):
-      out = self.model.apply(
-          self._variables(params, state["batch_stats"]),
-          **self.task.model_inputs(batch),
-          train=True,
-          rngs={"dropout": k_drop, "sample": k_sample},
-          mutable=mutable,
-      )
-      outputs, new_vars = out if mutable else (out, {})
-      loss, metrics = self.task.loss_and_metrics(outputs, batch, **self._loss_weights())
-      return loss, (metrics, new_vars.get("batch_stats", state["batch_stats"]))
-
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics["grad_norm"] = (optim.global_norm(grads), jnp.ones(()))
-    new_state = {
-        "step": state["step"] + 1,
-        "params": params,
-        "batch_stats": batch_stats,
-        "opt_state": opt_state,
-        "rng": state["rng"],
-    }
-    return new_state, metrics
-
-  def _eval_step(self, params, batch_stats, batch: dict) -> dict:
-    variables = self._variables(params, batch_stats)
-    apply = functools.partial(self.model.apply, variables, train=False)
-    if hasattr(self.task, "eval_metrics"):
-      return self.task.eval_metrics(apply, batch, self.config)
-    outputs = apply(**self.task.model_inputs(batch))
-    return self.task.loss_and_metrics(outputs, batch, **self._loss_weights())[1]
-
   def evaluate(self, state: State, workdir: epath.Path) -> dict[str, float]:
-    """Task evaluators (official metrics, result files) where the task has one; else mean metrics."""
-    if hasattr(self.task, "evaluate"):
-      return self.task.evaluate(self, state, workdir)
-    return {f"eval/{k}": v for k, v in self.eval_sums(state, self.config.data.eval_split).items()}
-
-  def eval_sums(self, state: State, split: str) -> dict[str, float]:
-    """Runs the eval step over `split` and reduces the summed (sum, count) metrics."""
-    cfg = self.config
-    it = pipeline.make_iterator(
-        cfg.data,
-        cfg.task,
-        split,
-        batch_size=cfg.eval_batch_size // jax.process_count(),
-        seed=cfg.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        train=False,
-    )
-    sums: dict[str, Any] = {}
-    for i, batch in enumerate(it):
-      if 0 < cfg.eval_steps <= i:
-        break
-      with partitioning.activate(self.mesh):
-        m = self.eval_step(state["params"], state["batch_stats"], partitioning.global_batch(batch, self.mesh))
-      for k, v in jax.device_get(m).items():
-        sums[k] = v if k not in sums else jax.tree.map(np.add, sums[k], v)
-    if hasattr(self.task, "summarize_eval"):
-      return self.task.summarize_eval(sums)
-    return _reduce(sums)
+    """The task's evaluation (task_table.py): official metrics and result files where the task has them."""
+    return self._evaluate(self, state, workdir)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -319,10 +237,9 @@ def _lock_workdir(workdir: epath.Path) -> run_lock.RunLock | run_lock.NoLock:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, float]:
-  if config.task == "vqa" and int(config.model.num_answers) == 0:
-    # 0 = the size of the answer vocabulary built from the train split (your own data: not known in advance);
-    # set before config.json and the checkpoint's meta are written, so predict builds the same head.
-    config.model.num_answers = len(pipeline.answer_vocab(config.data))
+  # -1 in the config = from the data (vocab size, answers); set before config.json and the checkpoint's meta
+  # are written, so that predict and fine-tuning build the same model.
+  pipeline.resolve_from_data(config)
   mesh = partitioning.make_mesh(config.mesh_shape)
   partitioning.log_mesh(mesh)
   pc, pi = jax.process_count(), jax.process_index()

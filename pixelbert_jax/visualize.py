@@ -46,7 +46,7 @@ from pixelbert_jax import checkpoint as ckpt_lib
 from pixelbert_jax import cli_errors, paths
 from pixelbert_jax.data import text as text_lib
 from pixelbert_jax.data.preprocess import resize_and_pad
-from pixelbert_jax.models import build_model
+from pixelbert_jax.models.build import build_model
 from pixelbert_jax.models.pixel_bert import CELL
 from pixelbert_jax.predict import PredictError, Predictor
 

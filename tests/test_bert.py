@@ -10,7 +10,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from pixelbert_jax.convert import bert_from_hf
-from pixelbert_jax.models import build_model, model_config
+from pixelbert_jax.models.build import build_model
+from pixelbert_jax.models.presets import model_config
 from pixelbert_jax.models.bert import BertModel
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from pixelbert_jax.models import build_model, dummy_inputs
+from pixelbert_jax.models.build import build_model, dummy_inputs
 from tests import train_helpers as th
 
 
@@ -96,3 +96,76 @@ def test_demo_finetunes_differ_from_scratch_by_the_pretraining_only(task):
   assert c.data.synthetic.to_dict() == pre.data.synthetic.to_dict()
   for v in ("r50", "x152"):
     assert th.load_config(task, v).cnn_warm_start.steps == 0
+
+
+VARIANTS = {
+    "pretrain": ("demo", "demo_hard", "r50", "x152"),
+    "vqa": ("demo", "r50", "x152"),
+    "nlvr2": ("demo", "r50", "x152"),
+    "retrieval": ("demo", "r50", "x152", "r50_coco", "x152_coco"),
+}
+HEAVY = ("jax", "flax", "optax", "grain", "tensorflow_datasets", "tensorflow", "transformers", "torch")
+
+_LOAD_ALL = """
+import json, sys
+from pixelbert_jax.config_files import load_sibling
+variants = json.loads(sys.argv[1])
+sizes = {}
+for name, names in variants.items():
+  module = load_sibling(f"{sys.argv[2]}/configs/{name}.py", name)
+  for v in names:
+    c = module.get_config(v)
+    sizes[f"{name}:{v}"] = [c.data.data_dir, c.model.vocab_size, c.model.num_answers]
+heavy = sorted(m for m in json.loads(sys.argv[3]) if m in sys.modules)
+print(json.dumps({"sizes": sizes, "heavy": heavy}))
+"""
+
+
+def test_every_config_variant_loads_without_io_or_heavy_imports(tmp_path):
+  """Loading a config reads nothing and creates nothing (overrides such as --config.data.data_dir apply
+  before any data is opened) and imports no JAX, data pipeline or deep learning framework. The default
+  data_dir (TFDS_DATA_DIR) points at a folder that does not exist, and it must still not exist after."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  absent, home = tmp_path / "absent_tfds", tmp_path / "home"
+  home.mkdir()
+  env = {**os.environ, "TFDS_DATA_DIR": str(absent), "HOME": str(home), "PYTHONPATH": str(th.REPO)}
+  run = subprocess.run(
+      [sys.executable, "-c", _LOAD_ALL, json.dumps(VARIANTS), str(th.REPO), json.dumps(HEAVY)],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  got = json.loads(run.stdout.strip().splitlines()[-1])
+  assert len(got["sizes"]) == sum(map(len, VARIANTS.values()))
+  assert got["heavy"] == [], f"loading the configs imported {got['heavy']}"
+  assert not absent.exists(), f"loading the configs created {sorted(p.name for p in absent.rglob('*'))}"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and not any(home.iterdir())
+  assert all(dd == str(absent) for dd, _, _ in got["sizes"].values())  # the walk did see the default data_dir
+  # What only the data knows is left for the trainer: the demo's vocabulary and the demo VQA's answers.
+  assert got["sizes"]["pretrain:demo"][1] == -1 and got["sizes"]["vqa:demo"][2] == -1
+  assert got["sizes"]["pretrain:r50"][1:] == [30522, 3129]
+
+
+def test_the_trainer_reads_the_sizes_off_the_data(tmp_path):
+  """pipeline.resolve_from_data fills the configs' -1 from the data the config names; the bench's count of
+  the demo vocabulary (which it makes without opening the data) agrees."""
+  from pixelbert_jax.config_files import load_sibling
+  from pixelbert_jax.data import pipeline
+
+  bench_common = load_sibling(str(th.REPO / "bench" / "train_step.py"), "common")
+
+  c = th.load_config("vqa", "demo")
+  c.data.data_dir = str(tmp_path / "tfds")
+  c.data.synthetic.update(num_train=24, num_val=8, num_test=8)
+  pipeline.resolve_from_data(c)
+  assert c.model.vocab_size == len(pipeline.tokenizer(c.data)) == bench_common.vocab_size("demo")
+  assert c.model.num_answers == len(pipeline.answer_vocab(c.data)) > 1
+  with pytest.raises(ValueError, match="vocab_size=-1"):
+    build_model(th.load_config("pretrain", "demo").model, "pretrain")

@@ -19,7 +19,7 @@ from pixelbert_jax import train
 from pixelbert_jax.convert.__main__ import main
 from pixelbert_jax.convert.torch_model import load_pixelbert
 from pixelbert_jax.data import pipeline
-from pixelbert_jax.models import build_model
+from pixelbert_jax.models.build import build_model
 from tests import train_helpers as th
 
 # A resnet50-shaped CNN under a tiny BERT: what `from-torch` is for, at test size.

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from pixelbert_jax.convert import model_mapping as mm
 from pixelbert_jax.convert import to_torch, torch_model, verify
-from pixelbert_jax.models import build_model, init_variables, model_config
+from pixelbert_jax.models.build import build_model, init_variables
+from pixelbert_jax.models.presets import model_config
 from pixelbert_jax.models.resnet import resnet_from_config
 
 TASKS = ("pretrain", "vqa", "nlvr2", "retrieval")

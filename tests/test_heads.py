@@ -6,7 +6,9 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from pixelbert_jax.models import TASKS, build_model, dummy_inputs, init_variables, model_config
+from pixelbert_jax.models.build import build_model, dummy_inputs, init_variables
+from pixelbert_jax.models.presets import model_config
+from pixelbert_jax.task_table import TASKS
 
 jax.config.update("jax_default_matmul_precision", "highest")
 RNGS = {"dropout": jax.random.key(1), "sample": jax.random.key(2)}

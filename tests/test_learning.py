@@ -111,7 +111,8 @@ def test_frozen_cnn_has_no_backward_pass(frozen):
   after the CNN: the backward through the CNN is not traced at all."""
   import flax.linen as nn
   from flax import traverse_util
-  from pixelbert_jax.models import build_model, dummy_inputs, model_config
+  from pixelbert_jax.models.build import build_model, dummy_inputs
+  from pixelbert_jax.models.presets import model_config
 
   cfg = model_config("tiny", "tiny", 40)
   cfg.cnn.norm, cfg.cnn.impl, cfg.cnn.frozen = "bn", "generic", frozen

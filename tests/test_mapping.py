@@ -14,7 +14,8 @@ from pixelbert_jax.convert import (
     merge_into,
 )
 from pixelbert_jax.convert.mapping import bert_rules, cnn_rules
-from pixelbert_jax.models import build_model, init_variables, model_config
+from pixelbert_jax.models.build import build_model, init_variables
+from pixelbert_jax.models.presets import model_config
 from pixelbert_jax.models.presets import cnn_config
 
 

@@ -8,7 +8,9 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from pixelbert_jax.models import build_model, init_variables, model_config, sample_pixels
+from pixelbert_jax.models.build import build_model, init_variables
+from pixelbert_jax.models.presets import model_config
+from pixelbert_jax.models.pixel_bert import sample_pixels
 from pixelbert_jax.models.pixel_bert import pixel_grid_mask
 
 jax.config.update("jax_default_matmul_precision", "highest")

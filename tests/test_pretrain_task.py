@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from pixelbert_jax.tasks import pretrain
+from pixelbert_jax.tasks import pretrain, pretrain_eval
 
 MASK = 4
 
@@ -69,7 +69,7 @@ def test_losses_count_only_masked_tokens_and_real_examples():
 def test_summarize_eval_majority_rate():
   hist = np.zeros(10)
   hist[[3, 5]] = [3, 1]
-  out = pretrain.summarize_eval({"mlm_acc_grounded": (2.0, 4.0), "grounded_label_histogram": hist})
+  out = pretrain_eval.summarize_eval({"mlm_acc_grounded": (2.0, 4.0), "grounded_label_histogram": hist})
   assert out == {"mlm_acc_grounded": 0.5, "mlm_grounded_majority_rate": 0.75}
 
 
@@ -88,6 +88,6 @@ def test_eval_itm_reads_the_caption_as_written():
     return {"itm_logits": itm, "mlm_logits": jnp.zeros(input_ids.shape + (40,))}
 
   config = ml_collections.ConfigDict(dict(loss={}, data=dict(grounded_metric=False)))
-  m = pretrain.eval_metrics(apply, batch, config)
+  m = pretrain_eval.eval_metrics(apply, batch, config)
   np.testing.assert_allclose([m["itm_acc"][0], m["itm_acc"][1]], [2, 2])  # both real examples right
   np.testing.assert_allclose([m["itm_acc_masked"][0], m["itm_acc_masked"][1]], [1, 2])  # example 0 masked

@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 from pixelbert_jax.convert import cnn_from_torchvision
-from pixelbert_jax.models import build_model, dummy_inputs, model_config
+from pixelbert_jax.models.build import build_model, dummy_inputs
+from pixelbert_jax.models.presets import model_config
 from pixelbert_jax.models.presets import cnn_config
 from pixelbert_jax.models.resnet import Conv, Norm, resnet_from_config
 

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixelbert_jax.models import build_model, dummy_inputs
+from pixelbert_jax.models.build import build_model, dummy_inputs
 from pixelbert_jax.models.presets import model_config
-from pixelbert_jax.tasks import nlvr2, retrieval, retrieval_eval, vqa
+from pixelbert_jax.tasks import nlvr2, nlvr2_eval, retrieval, retrieval_eval, vqa, vqa_eval
 
 
 def _sigmoid(x):
@@ -33,17 +33,17 @@ def test_vqa_loss_is_bce_summed_over_answers_and_averaged_over_real_examples():
 
 def test_vqa_result_records_and_official_metrics():
   vocab = ["yes", "no", "2"]
-  records = vqa.result_records(np.array([11, 12], np.int64), np.array([2, 0]), vocab)
+  records = vqa_eval.result_records(np.array([11, 12], np.int64), np.array([2, 0]), vocab)
   assert records == [{"question_id": 11, "answer": "2"}, {"question_id": 12, "answer": "yes"}]
   gt = {
       11: {"answers": ["two"] * 2 + ["2"] + ["3"] * 7, "answer_type": "number"},
       12: {"answers": ["yes"] * 10, "answer_type": "yes/no"},
   }
-  m = vqa.official_metrics(records, gt)
+  m = vqa_eval.official_metrics(records, gt)
   assert m["vqa_acc"] == pytest.approx((0.9 + 1.0) / 2)
   assert m["vqa_acc/number"] == pytest.approx(0.9)
   with pytest.raises(ValueError, match="duplicate"):
-    vqa.result_records([1, 1], [0, 0], vocab)
+    vqa_eval.result_records([1, 1], [0, 0], vocab)
 
 
 def test_nlvr2_loss_accuracy_consistency_and_csv():
@@ -56,11 +56,11 @@ def test_nlvr2_loss_accuracy_consistency_and_csv():
   assert tuple(map(float, m["acc"])) == (1.0, 2.0)
 
   ids = ["dev-1-0-0", "dev-1-0-1", "dev-1-0-2", "dev-2-3-0", "dev-2-3-1"]
-  res = nlvr2.accuracy_and_consistency(ids, [1, 0, 1, 1, 0], [1, 0, 0, 1, 0])
+  res = nlvr2_eval.accuracy_and_consistency(ids, [1, 0, 1, 1, 0], [1, 0, 0, 1, 0])
   assert res["acc"] == pytest.approx(4 / 5) and res["consistency"] == pytest.approx(1 / 2)
-  assert nlvr2.result_csv(ids[:2], [1, 0]) == "dev-1-0-0,True\ndev-1-0-1,False\n"
+  assert nlvr2_eval.result_csv(ids[:2], [1, 0]) == "dev-1-0-0,True\ndev-1-0-1,False\n"
   with pytest.raises(ValueError, match="dev-1-0"):
-    nlvr2.group_of("dev-1-0-x")
+    nlvr2_eval.group_of("dev-1-0-x")
 
 
 def test_hard_negatives_only_they_and_the_positive_get_gradient():

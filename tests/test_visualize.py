@@ -17,7 +17,8 @@ from PIL import Image
 from pixelbert_jax import predict, visualize
 from pixelbert_jax.data import synthetic as world
 from pixelbert_jax.data import text as text_lib
-from pixelbert_jax.models import build_model, init_variables, model_config
+from pixelbert_jax.models.build import build_model, init_variables
+from pixelbert_jax.models.presets import model_config
 from tests import train_helpers as th
 
 # -- the share, on hand-built attention ----------------------------------------------------------------------------

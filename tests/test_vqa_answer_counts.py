@@ -78,7 +78,7 @@ def test_report_keeps_the_official_metric_bit_for_bit_and_scores_the_rest_apart(
 def test_metric_keys_for_official_custom_and_mixed_files():
   gt = _gt()
   records = [{"question_id": q, "answer": a} for q, a in PREDICTIONS.items()]
-  mixed = vqa.official_metrics(records, gt)
+  mixed = vqa_eval.official_metrics(records, gt)
   assert mixed == pytest.approx(
       {
           "vqa_acc": 0.65,
@@ -92,7 +92,7 @@ def test_metric_keys_for_official_custom_and_mixed_files():
           "vqa_num_custom": 2.0,
       }
   )
-  only_ten = vqa.official_metrics(records[:2], gt)
+  only_ten = vqa_eval.official_metrics(records[:2], gt)
   assert set(only_ten) == {
       "vqa_acc",
       "vqa_acc/number",
@@ -102,7 +102,7 @@ def test_metric_keys_for_official_custom_and_mixed_files():
       "vqa_num_custom",
   }
   assert only_ten["vqa_acc_all"] == only_ten["vqa_acc"] and only_ten["vqa_num_custom"] == 0
-  only_ours = vqa.official_metrics(records[2:4], gt)
+  only_ours = vqa_eval.official_metrics(records[2:4], gt)
   assert set(only_ours) == {
       "vqa_acc_custom",
       "vqa_acc_custom/number",
@@ -112,7 +112,7 @@ def test_metric_keys_for_official_custom_and_mixed_files():
       "vqa_num_custom",
   }
   assert only_ours["vqa_acc_all"] == only_ours["vqa_acc_custom"] and only_ours["vqa_num_official"] == 0
-  assert vqa.official_metrics(records[4:], gt) == {}  # an unannotated split: the result file only
+  assert vqa_eval.official_metrics(records[4:], gt) == {}  # an unannotated split: the result file only
 
 
 @pytest.mark.parametrize("n", range(1, 10))
@@ -173,7 +173,7 @@ def test_finetune_on_one_and_three_answer_questions_evaluates_and_predicts(tmp_p
   records = json.loads((workdir / "results" / "vqa_val_step2.json").read_text())
   val = [json.loads(line) for line in (tmp_path / "mine" / "val.jsonl").read_text().splitlines()]
   gt = {i + 1: {"answers": r["answers"]} for i, r in enumerate(val)}  # question_id defaults to the line number
-  assert vqa.official_metrics(records, gt)["vqa_acc_custom"] == pytest.approx(final["eval/vqa_acc_custom"])
+  assert vqa_eval.official_metrics(records, gt)["vqa_acc_custom"] == pytest.approx(final["eval/vqa_acc_custom"])
   logged = [r for r in th.metrics(workdir) if "eval/vqa_acc_custom" in r]
   assert logged and logged[-1]["eval/vqa_acc_custom"] == final["eval/vqa_acc_custom"]
   again = evaluate.evaluate(str(workdir))  # after training, from the workdir alone: the same numbers

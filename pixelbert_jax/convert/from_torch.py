@@ -23,7 +23,7 @@ from pixelbert_jax import checkpoint as ckpt_lib
 from pixelbert_jax import paths
 from pixelbert_jax.convert.mapping import bert_from_hf, cnn_from_torchvision, merge_into
 from pixelbert_jax.convert.safetensors_io import TensorFileError, read_safetensors, read_tensor_file
-from pixelbert_jax.models import build_model, init_variables
+from pixelbert_jax.models.build import build_model, init_variables
 
 # HF config.json key -> model config key; each must agree.
 _HF_KEYS = {

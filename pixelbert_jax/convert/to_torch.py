@@ -25,7 +25,7 @@ from pixelbert_jax import paths
 from pixelbert_jax.convert import model_mapping as mm
 from pixelbert_jax.convert.mapping import bert_rules, cnn_rules
 from pixelbert_jax.convert.safetensors_io import write_safetensors
-from pixelbert_jax.models import build_model, init_variables
+from pixelbert_jax.models.build import build_model, init_variables
 
 FORMAT_VERSION = 1
 

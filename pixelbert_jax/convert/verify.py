@@ -90,7 +90,7 @@ def _encoder_and_task(module, task, **inputs):
 
 
 def flax_outputs(cfg, task: str, variables: dict, batch: dict) -> dict:
-  from pixelbert_jax.models import build_model
+  from pixelbert_jax.models.build import build_model
 
   model = build_model(float32_config(cfg), task)
   variables = {k: v for k, v in variables.items() if v or k == "params"}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from pixelbert_jax.data import text, vqa_answers
@@ -13,9 +11,9 @@ from pixelbert_jax.data.examples import BadRecordError, Examples, as_str
 class VqaExamples(Examples):
   """image + question; `vqa_targets` soft scores over the answer vocabulary, `question_id` int64."""
 
-  def __init__(self, opened, data_cfg, vocab_path, *, seed, train, answers: Sequence[str]):
+  def __init__(self, opened, data_cfg, vocab_path, *, seed, train):
     super().__init__(opened, data_cfg, vocab_path, seed=seed, train=train)
-    self._answer_index = {a: k for k, a in enumerate(answers)}
+    self._answer_index = {a: k for k, a in enumerate(vqa_answers.answer_vocab(data_cfg))}
 
   def _padding_extra(self, h, w):
     return {"vqa_targets": np.zeros(len(self._answer_index), np.float32), "question_id": np.int64(-1)}
@@ -75,13 +73,14 @@ class Nlvr2Examples(Examples):
 
 
 class RetrievalExamples(Examples):
-  """An image with its own caption first and `negatives` captions of other images: input_ids [1+N, L].
+  """An image with its own caption first and `data.retrieval_negatives` captions of other images: [1+N, L].
 
   Negative captions come from the split's cached captions (the texts sidecar), so they cost no record reads.
   """
 
-  def __init__(self, opened, data_cfg, vocab_path, *, seed, train, negatives: int):
+  def __init__(self, opened, data_cfg, vocab_path, *, seed, train):
     super().__init__(opened, data_cfg, vocab_path, seed=seed, train=train)
+    negatives = data_cfg.retrieval_negatives
     if opened.index.captions is None:
       raise ValueError("RetrievalExamples needs the split's captions: open it with texts=True")
     self._negatives = int(negatives)

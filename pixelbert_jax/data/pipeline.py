@@ -8,79 +8,34 @@ process count, and per-example randomness is a function of (seed, stream positio
 
 from __future__ import annotations
 
-import logging
-import os
-
 import ml_collections
 import numpy as np
-from transformers import BertTokenizerFast
 
-from pixelbert_jax.data import builders, vqa_answers
+from pixelbert_jax import task_table
 from pixelbert_jax.data.batches import BatchIterator, planned_iterator
-from pixelbert_jax.data.examples import PretrainExamples, record_buckets
-from pixelbert_jax.data.finetune_examples import Nlvr2Examples, RetrievalExamples, VqaExamples
+from pixelbert_jax.data.examples import record_buckets
 from pixelbert_jax.data.retrieval_gallery import RetrievalGallery
 from pixelbert_jax.data.sources import OpenSplit, open_split
-from pixelbert_jax.data.split_index import sidecar_dir
-from pixelbert_jax.data.text import tokenizer, vocab_path, vocab_size  # part of the pipeline's API
 
-TASKS = ("pretrain", "vqa", "nlvr2", "retrieval")
+# Part of the pipeline's API, defined beside what they need.
+from pixelbert_jax.data.text import tokenizer, vocab_path, vocab_size  # noqa: F401
+from pixelbert_jax.data.vqa_answers import answer_vocab  # noqa: F401
 
 
-def _check_task(task: str) -> None:
-  if task not in TASKS:
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+def resolve_from_data(config: ml_collections.ConfigDict) -> None:
+  """Replaces the config's -1 sizes by the data's, in place: `model.vocab_size` (the tokenizer's) and, for
+  VQA, `model.num_answers` (the answer vocabulary of the train split). Configs leave them -1 so that loading
+  one does no I/O and `--config.data.*` overrides apply before the data is opened."""
+  if int(config.model.vocab_size) == -1:
+    config.model.vocab_size = vocab_size(config.data)
+  if config.task == "vqa" and int(config.model.num_answers) == -1:
+    config.model.num_answers = len(answer_vocab(config.data))
 
 
 def num_examples(data_cfg: ml_collections.ConfigDict, split: str, task: str = "pretrain") -> int:
   """Records of `split` as `task` reads them: images (pretrain, retrieval), questions (vqa), statements (nlvr2)."""
-  _check_task(task)
+  task_table.spec(task)
   return len(open_split(data_cfg, task, split).index)
-
-
-def _train_split(data_cfg: ml_collections.ConfigDict) -> str:
-  return data_cfg.get("train_split", "train") or "train"
-
-
-def answer_vocab(data_cfg: ml_collections.ConfigDict) -> list[str]:
-  """VQA answers given at least `vqa_min_answer_count` times in the train split, most frequent first.
-
-  Built once and saved beside the split's index; later calls read that small JSON file.
-  """
-  split, min_count = _train_split(data_cfg), int(data_cfg.vqa_min_answer_count)
-  b = builders.builder(data_cfg, builders.TASK_SCHEMA["vqa"])
-  if split not in b.info.splits:
-    raise ValueError(
-        f"dataset {data_cfg.name!r} has no split {split!r} to build the answer vocabulary from; "
-        f"it has {sorted(b.info.splits)}"
-    )
-  n = b.info.splits[split].num_examples
-  path = os.path.join(sidecar_dir(data_cfg.data_dir, b), f"answer_vocab_{split}_min{min_count}.json")
-  if os.path.isfile(path):
-    vocab = vqa_answers.load_vocab_file(path, min_count=min_count, num_records=n)
-    if vocab is not None:
-      return vocab
-  index = open_split(data_cfg, "vqa", split, texts=True).index
-  vocab = vqa_answers.build_answer_vocab(index.answers, min_count)
-  if not vocab:
-    raise ValueError(
-        f"{data_cfg.name}/{split}: no answer is given {min_count} times or more "
-        "(lower config.data.vqa_min_answer_count)"
-    )
-  vqa_answers.save_vocab_file(path, vocab, min_count=min_count, num_records=n, split=split)
-  # Your own data: how much of it the vocabulary can answer at all, to choose vqa_min_answer_count by.
-  known = set(vocab)
-  covered = sum(any(a in known for a in answers) for answers in index.answers)
-  logging.info(
-      "%s/%s: answer vocabulary of %d answers given >= %d times; %d of %d questions have an answer in it",
-      data_cfg.name,
-      split,
-      len(vocab),
-      min_count,
-      covered,
-      len(index.answers),
-  )
-  return vocab
 
 
 def vqa_ground_truth(data_cfg: ml_collections.ConfigDict, split: str) -> dict[int, dict]:
@@ -98,14 +53,9 @@ def nlvr2_identifiers(data_cfg: ml_collections.ConfigDict, split: str) -> list[s
 
 
 def make_examples(data_cfg: ml_collections.ConfigDict, task: str, opened: OpenSplit, *, seed: int, train: bool):
-  vp = vocab_path(data_cfg)
-  if task == "pretrain":
-    return PretrainExamples(opened, data_cfg, vp, seed=seed, train=train)
-  if task == "vqa":
-    return VqaExamples(opened, data_cfg, vp, seed=seed, train=train, answers=answer_vocab(data_cfg))
-  if task == "nlvr2":
-    return Nlvr2Examples(opened, data_cfg, vp, seed=seed, train=train)
-  return RetrievalExamples(opened, data_cfg, vp, seed=seed, train=train, negatives=int(data_cfg.retrieval_negatives))
+  """The task's record -> example function (its `examples` class in task_table.py)."""
+  examples_class = task_table.resolve(task_table.spec(task).examples)
+  return examples_class(opened, data_cfg, vocab_path(data_cfg), seed=seed, train=train)
 
 
 def make_iterator(
@@ -126,7 +76,6 @@ def make_iterator(
   yields the same number of batches with the same shapes; padding rows have example_mask=0.
   `num_batches` of the iterator is that count (None for train).
   """
-  _check_task(task)
   opened = open_split(data_cfg, task, split, texts=task == "retrieval")
   examples = make_examples(data_cfg, task, opened, seed=seed, train=train)
   return planned_iterator(

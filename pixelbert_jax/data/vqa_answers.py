@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 from typing import Iterable, Sequence
 
+import ml_collections
 import numpy as np
+
+from pixelbert_jax import task_table
+from pixelbert_jax.data import builders
+from pixelbert_jax.data.sources import open_split
+from pixelbert_jax.data.split_index import sidecar_dir
 
 
 def soft_score(count: int) -> float:
@@ -104,3 +111,48 @@ def load_vocab_file(path: str, *, min_count: int, num_records: int) -> list[str]
   if data.get("min_count") != min_count or data.get("num_records") != num_records:
     return None
   return answers
+
+
+def _train_split(data_cfg: ml_collections.ConfigDict) -> str:
+  return data_cfg.get("train_split", "train") or "train"
+
+
+def answer_vocab(data_cfg: ml_collections.ConfigDict) -> list[str]:
+  """VQA answers given at least `vqa_min_answer_count` times in the train split, most frequent first.
+
+  Built once and saved beside the split's index; later calls read that small JSON file.
+  """
+  split, min_count = _train_split(data_cfg), int(data_cfg.vqa_min_answer_count)
+  b = builders.builder(data_cfg, task_table.spec("vqa").schema)
+  if split not in b.info.splits:
+    raise ValueError(
+        f"dataset {data_cfg.name!r} has no split {split!r} to build the answer vocabulary from; "
+        f"it has {sorted(b.info.splits)}"
+    )
+  n = b.info.splits[split].num_examples
+  path = os.path.join(sidecar_dir(data_cfg.data_dir, b), f"answer_vocab_{split}_min{min_count}.json")
+  if os.path.isfile(path):
+    vocab = load_vocab_file(path, min_count=min_count, num_records=n)
+    if vocab is not None:
+      return vocab
+  index = open_split(data_cfg, "vqa", split, texts=True).index
+  vocab = build_answer_vocab(index.answers, min_count)
+  if not vocab:
+    raise ValueError(
+        f"{data_cfg.name}/{split}: no answer is given {min_count} times or more "
+        "(lower config.data.vqa_min_answer_count)"
+    )
+  save_vocab_file(path, vocab, min_count=min_count, num_records=n, split=split)
+  # Your own data: how much of it the vocabulary can answer at all, to choose vqa_min_answer_count by.
+  known = set(vocab)
+  covered = sum(any(a in known for a in answers) for answers in index.answers)
+  logging.info(
+      "%s/%s: answer vocabulary of %d answers given >= %d times; %d of %d questions have an answer in it",
+      data_cfg.name,
+      split,
+      len(vocab),
+      min_count,
+      covered,
+      len(index.answers),
+  )
+  return vocab

@@ -1,5 +1,7 @@
 """Named model sizes: `model_config(size, cnn, vocab_size)` -> the `config.model` ConfigDict.
 
+`vocab_size` (and `num_answers`) may be -1: the trainer reads them off the data (pipeline.resolve_from_data).
+
 Sizes fix the transformer (`tiny` for tests, `demo` for the CPU demo, `base` = BERT-base); CNN names fix
 the backbone (`r50`, `x152` = the paper's backbones, `tiny`/`demo` = one bottleneck per stage for training
 from scratch). Every field stays overridable from the command line.
@@ -62,8 +64,8 @@ def model_config(size: str, cnn: str, vocab_size: int) -> ml_collections.ConfigD
   """The model config for transformer `size` and backbone `cnn`; every field overridable."""
   if size not in _TRANSFORMERS:
     raise ValueError(f"unknown size {size!r}; expected one of {sorted(_TRANSFORMERS)}")
-  if vocab_size <= 0:
-    raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+  if vocab_size <= 0 and vocab_size != -1:
+    raise ValueError(f"vocab_size must be positive, or -1 for the data's (set by the trainer), got {vocab_size}")
   hidden, layers, heads, inter, max_pos = _TRANSFORMERS[size]
   return ml_collections.ConfigDict(
       dict(

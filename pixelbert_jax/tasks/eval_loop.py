@@ -1,7 +1,8 @@
-"""Shared by the task evaluators: per-example predictions over a held-out split, and result files.
+"""Shared by the task evaluators: metrics summed over a held-out split (`metric_sums`), per-example
+predictions (`collect`), and result files.
 
-The generic `Trainer.eval_sums` only sums metrics; official metrics need every example's prediction joined
-to its id, so the evaluators run this loop instead. Ids stay on the host (question ids are int64 and JAX
+Official metrics need every example's prediction joined to its id, so those evaluators `collect`. Ids stay
+on the host (question ids are int64 and JAX
 runs in 32 bits); across processes they are gathered in the same order as the global batch.
 """
 
@@ -18,30 +19,65 @@ from etils import epath
 
 from pixelbert_jax import partitioning
 from pixelbert_jax.data import pipeline
+from pixelbert_jax.models import build
 
 PredictFn = Callable[[Callable, dict], dict]  # (apply, device batch) -> {name: [B, ...]}
+MetricsFn = Callable[[Callable, dict, Any], dict]  # (apply, device batch, config) -> {name: (sum, count)}
 _JITTED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def _jitted(trainer, predict_fn: PredictFn):
+def _jitted(trainer, fn: Callable, *extra):
+  """`fn(apply, batch, *extra)` jitted once per trainer (`extra`: trace-time constants such as the config)."""
   cache = _JITTED.setdefault(trainer, {})
-  if predict_fn not in cache:
+  if fn not in cache:
 
     def run(params, batch_stats, batch):
-      variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-      apply = lambda **kw: trainer.model.apply(variables, train=False, **kw)
-      return predict_fn(apply, batch)
+      bound = build.variables(params, batch_stats)
+      apply = lambda **kw: trainer.model.apply(bound, train=False, **kw)
+      return fn(apply, batch, *extra)
 
-    cache[predict_fn] = jax.jit(
+    cache[fn] = jax.jit(
         run, out_shardings=partitioning.replicated(trainer.mesh), compiler_options=trainer.compiler_options
     )
-  return cache[predict_fn]
+  return cache[fn]
 
 
 def mesh_context(trainer):
-  """The mesh and logical rules model calls are traced in (partitioning.activate where it exists)."""
-  activate = getattr(partitioning, "activate", None)
-  return activate(trainer.mesh) if activate else trainer.mesh
+  """The mesh and logical rules that model calls are traced in."""
+  return partitioning.activate(trainer.mesh)
+
+
+def _eval_batches(trainer, split: str):
+  cfg = trainer.config
+  it = pipeline.make_iterator(
+      cfg.data,
+      cfg.task,
+      split,
+      batch_size=cfg.eval_batch_size // jax.process_count(),
+      seed=cfg.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      train=False,
+  )
+  for i, batch in enumerate(it):
+    if 0 < cfg.eval_steps <= i:
+      return
+    yield batch
+
+
+def metric_sums(trainer, state, split: str, metrics_fn: MetricsFn) -> dict[str, Any]:
+  """`metrics_fn` over `split` (one pass, eval mode), its values summed over the batches: (sum, count)
+  pairs stay pairs, arrays (histograms) are added. `config.eval_steps` > 0 caps the batches."""
+  fn = _jitted(trainer, metrics_fn, trainer.config)
+  sums: dict[str, Any] = {}
+  for batch in _eval_batches(trainer, split):
+    with mesh_context(trainer):
+      m = fn(state["params"], state["batch_stats"], partitioning.global_batch(batch, trainer.mesh))
+    for k, v in jax.device_get(m).items():
+      sums[k] = v if k not in sums else jax.tree.map(np.add, sums[k], v)
+  if not sums:
+    raise ValueError(f"split {split!r} of {trainer.config.data.name!r} gave no evaluation batches")
+  return sums
 
 
 def _gather_host(x: np.ndarray) -> np.ndarray:
@@ -60,23 +96,9 @@ def collect(
 ) -> dict[str, np.ndarray]:
   """Runs `predict_fn` over `split` (one pass, eval mode) and concatenates its outputs and the
   `host_keys` of the batches, real examples only (example_mask > 0). `config.eval_steps` > 0 caps it."""
-  cfg = trainer.config
-  pc = jax.process_count()
-  it = pipeline.make_iterator(
-      cfg.data,
-      cfg.task,
-      split,
-      batch_size=cfg.eval_batch_size // pc,
-      seed=cfg.seed,
-      process_index=jax.process_index(),
-      process_count=pc,
-      train=False,
-  )
   fn = _jitted(trainer, predict_fn)
   parts: dict[str, list] = {}
-  for i, batch in enumerate(it):
-    if 0 < cfg.eval_steps <= i:
-      break
+  for batch in _eval_batches(trainer, split):
     device_batch = {k: batch[k] for k in device_keys}
     with mesh_context(trainer):
       out = jax.device_get(
@@ -88,7 +110,7 @@ def collect(
     for k, v in out.items():
       parts.setdefault(k, []).append(np.asarray(v)[keep])
   if not parts:
-    raise ValueError(f"split {split!r} of {cfg.data.name!r} gave no evaluation batches")
+    raise ValueError(f"split {split!r} of {trainer.config.data.name!r} gave no evaluation batches")
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 

@@ -7,7 +7,6 @@ ITM), so padding examples of an eval batch and unmasked tokens contribute nothin
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,40 +54,6 @@ def loss_and_metrics(
     g = mlm_w * batch["mlm_grounded"].astype(jnp.float32)
     metrics["mlm_acc_grounded"] = (jnp.sum(mlm_correct * g), jnp.sum(g))
   return loss, metrics
-
-
-def eval_metrics(apply, batch: dict[str, jax.Array], config) -> dict[str, Any]:
-  """Eval-mode metrics; on the synthetic world also the grounded-word probe (see `grounded_probe`)."""
-  weights = dict(config.get("loss", {}))
-  _, metrics = loss_and_metrics(apply(**model_inputs(batch)), batch, **weights)
-  if "text_ids" in batch:
-    # ITM on the caption as written, as ViLT scores it. On the training's masked text (kept as
-    # itm_acc_masked) a masked colour or shape word can make a negative caption indistinguishable.
-    metrics["itm_acc_masked"] = metrics["itm_acc"]
-    logits = apply(**model_inputs({**batch, "input_ids": batch["text_ids"]}))["itm_logits"]
-    correct = (jnp.argmax(logits, -1) == batch["itm_label"]).astype(jnp.float32)
-    example_mask = batch["example_mask"].astype(jnp.float32)
-    metrics["itm_acc"] = (jnp.sum(correct * example_mask), jnp.sum(example_mask))
-  if config.data.get("grounded_metric", False):
-    from pixelbert_jax.data import pipeline  # trace-time constant; keeps the task free of data imports
-
-    mask_id = pipeline.tokenizer(config.data).mask_token_id
-    probe, labels, weight = grounded_probe(batch, mask_id)
-    for name, b in (("mlm_acc_grounded", probe), ("mlm_acc_grounded_shuffled", shuffle_images(probe))):
-      logits = apply(**model_inputs(b))["mlm_logits"]
-      correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-      metrics[name] = (jnp.sum(correct * weight), jnp.sum(weight))
-    histogram = jnp.zeros((config.model.vocab_size,), jnp.float32)
-    metrics["grounded_label_histogram"] = histogram.at[labels.reshape(-1)].add(weight.reshape(-1))
-  return metrics
-
-
-def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
-  out = {k: float(v[0] / max(v[1], 1e-9)) for k, v in sums.items() if isinstance(v, tuple)}
-  if "grounded_label_histogram" in sums:
-    h = sums["grounded_label_histogram"]
-    out["mlm_grounded_majority_rate"] = float(h.max() / max(h.sum(), 1e-9))
-  return out
 
 
 def grounded_probe(

@@ -67,9 +67,3 @@ def loss_and_metrics(
   loss = jnp.sum(xent * mask) / jnp.maximum(n, 1.0)
   top1 = (jnp.argmax(scores, -1) == 0).astype(jnp.float32)
   return loss, {"loss": (loss, jnp.ones(())), "acc": (jnp.sum(top1 * mask), n)}
-
-
-def evaluate(trainer, state, workdir) -> dict[str, float]:
-  from pixelbert_jax.tasks import retrieval_eval
-
-  return retrieval_eval.evaluate(trainer, state, workdir)

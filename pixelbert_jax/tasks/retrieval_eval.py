@@ -21,11 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixelbert_jax import xla_options
+from pixelbert_jax.data import pipeline
+from pixelbert_jax.models import build
 from pixelbert_jax.tasks import eval_loop
-
-
-def _variables(params, batch_stats) -> dict:
-  return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
 
 
 def encode_images(
@@ -195,13 +193,11 @@ def ranks_json(rank: dict, image_ids: Sequence, caption_image: Sequence[int]) ->
 
 
 def evaluate(trainer, state, workdir) -> dict[str, float]:
-  from pixelbert_jax.data import pipeline
-
   cfg = trainer.config
   split = cfg.data.eval_split
   data = pipeline.retrieval_gallery(cfg.data, split)
   images, masks, ids, tmask, cap_img, image_ids = _take(data, int(cfg.retrieval_eval.num_images))
-  variables = _variables(state["params"], state["batch_stats"])
+  variables = build.variables(state["params"], state["batch_stats"])
   with eval_loop.mesh_context(trainer):
     metrics, rank = rank_and_recall(
         trainer.model,
