@@ -6,6 +6,7 @@ from the same description that wrote the files, so the tests compare against the
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -327,3 +328,120 @@ def write_jsonl_vqa(root: str) -> dict:
       }
     write_jsonl(os.path.join(root, f"{split}.jsonl"), lines)
   return expected
+
+
+# ------------------------------------------------------------------- fixtures at a realistic image size
+@functools.lru_cache(maxsize=4)
+def _sensor_noise(height: int, width: int) -> np.ndarray:
+  return np.random.default_rng(0).normal(0.0, 12.0, (height, width, 3)).astype(np.float32)
+
+
+def photo_bytes(height: int, width: int, *, seed: int) -> bytes:
+  """A JPEG with a photo's entropy (smooth colour fields plus sensor-like noise), about 60 KB at 320x427 (COCO's
+  640x480 photos: ~136 KB this way, ~160 KB real): large enough beside its texts, and beside the 64 KiB blocks
+  an ArrayRecord file is padded to, that a storage ratio measures images, as it would at full scale."""
+  rng = np.random.default_rng(seed)
+  coarse = Image.fromarray(rng.integers(0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8))
+  smooth = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32)
+  noisy = np.clip(smooth + _sensor_noise(height, width), 0, 255).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(noisy).save(buf, "JPEG", quality=90)
+  return buf.getvalue()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def write_vqa2_scaled(root: str, *, train_images: int, val_images: int, test_images: int, questions: int) -> dict:
+  """VQA v2 files with `questions` questions per image (10 answers each) for train and val, and a test2015
+  questions file without annotations. Returns {split: {image path: bytes}}."""
+  written = {}
+  for s, (split, count) in enumerate((("train", train_images), ("val", val_images), ("test", test_images))):
+    folder, tag = {"train": ("train2014", "train2014"), "val": ("val2014", "val2014")}.get(
+        split, ("test2015", "test2015")
+    )
+    qs, anns = [], []
+    for img in range(count):
+      image_id = 100_000 * (s + 1) + img
+      path = os.path.join(root, folder, f"COCO_{folder}_{image_id:012d}.jpg")
+      data = photo_bytes(320, 427, seed=image_id)
+      _write_bytes(path, data)
+      written.setdefault(split, {})[path] = data
+      for q in range(questions):
+        qid = image_id * 10 + q
+        qs.append(
+            {"image_id": image_id, "question": f"What colour is the thing number {q} on the left?", "question_id": qid}
+        )
+        answers = [f"colour {(qid + k) % 4}" for k in range(10)]
+        anns.append(
+            {
+                "question_type": "what color is the",
+                "multiple_choice_answer": answers[0],
+                "answers": [
+                    {"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)
+                ],
+                "image_id": image_id,
+                "answer_type": "other",
+                "question_id": qid,
+            }
+        )
+    write_json(os.path.join(root, f"v2_OpenEnded_mscoco_{tag}_questions.json"), {"questions": qs, "data_subtype": tag})
+    if split != "test":
+      write_json(os.path.join(root, f"v2_mscoco_{folder}_annotations.json"), {"annotations": anns})
+  return written
+
+
+def write_coco_karpathy_scaled(root: str, *, parts: dict[str, int], captions: int = 5) -> dict:
+  """dataset_coco.json with parts[p] images of Karpathy part p. Returns {image path: (part, bytes)}."""
+  images, written = [], {}
+  i = 0
+  for part, count in parts.items():
+    for _ in range(count):
+      cocoid = 500_000 + i
+      folder = "train2014" if part == "train" else "val2014"
+      filename = f"COCO_{folder}_{cocoid:012d}.jpg"
+      data = photo_bytes(320, 427, seed=cocoid)
+      _write_bytes(os.path.join(root, folder, filename), data)
+      written[os.path.join(root, folder, filename)] = (part, data)
+      raws = [f"A person riding a bicycle down street number {i} with caption {k}." for k in range(captions)]
+      images.append(
+          {
+              "filepath": folder,
+              "filename": filename,
+              "split": part,
+              "cocoid": cocoid,
+              "sentences": [{"raw": r, "tokens": r.lower().split()} for r in raws],
+          }
+      )
+      i += 1
+  write_json(os.path.join(root, "dataset_coco.json"), {"images": images, "dataset": "coco"})
+  return written
+
+
+def write_nlvr2_scaled(root: str, *, pairs: dict[str, int], statements: int) -> dict:
+  """NLVR2 JSON lines with `statements` statements per image pair. Returns {image path: bytes}."""
+  written = {}
+  for split, count in pairs.items():
+    lines = []
+    for pair in range(count):
+      stem = f"{split}-{pair // 4}-{pair % 4}"
+      for k in (0, 1):
+        path = os.path.join(root, "images", split, str(pair % 10), f"{stem}-img{k}.png")
+        data = photo_bytes(320, 427, seed=1000 * len(split) + 2 * pair + k)
+        _write_bytes(path, data)
+        written[path] = data
+      for sent in range(statements):
+        lines.append(
+            {
+                "identifier": f"{stem}-{sent}",
+                "sentence": f"The left image shows exactly {sent + 2} dogs and the right one shows none.",
+                "label": "True" if (pair + sent) % 2 else "False",
+                "left_url": "http://x/l.jpg",
+                "right_url": "http://x/r.jpg",
+            }
+        )
+    write_jsonl(os.path.join(root, f"{split}.json"), lines)
+  return written

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from pixelbert_jax.data import prepare as prepare_lib
-from pixelbert_jax.data.builders import _common
+from pixelbert_jax.data.builders import _common, layout
 from pixelbert_jax.data.builders.coco_karpathy import CocoKarpathy
 from pixelbert_jax.data.builders.flickr30k import Flickr30kKarpathy
 from pixelbert_jax.data.builders.jsonl import Jsonl
@@ -21,9 +21,11 @@ from pixelbert_jax.data.builders.visual_genome import VisualGenomeRegions
 from pixelbert_jax.data.builders.vqa2 import Vqa2
 from tests import fixtures_real as fx
 
-CAPTION_KEYS = {"image", "image_id", "captions", "height", "width"}
+# records as the pipeline reads them: stored fields plus the image bytes joined in by row
+CAPTION_KEYS = {"image", "image_index", "image_id", "captions", "height", "width"}
 VQA_KEYS = {
     "image",
+    "image_index",
     "image_id",
     "question_id",
     "question",
@@ -34,6 +36,7 @@ VQA_KEYS = {
     "width",
 }
 NLVR2_KEYS = {"identifier", "sentence", "label", "image0", "image1", "height0", "width0", "height1", "width1"}
+NLVR2_KEYS |= {"image0_index", "image1_index"}
 
 
 def build(cls, manual_dir, data_dir, **kwargs):
@@ -42,9 +45,18 @@ def build(cls, manual_dir, data_dir, **kwargs):
   return builder
 
 
-def read_all(name, data_dir) -> dict[str, list[dict]]:
-  sources = tfds.data_source(name, data_dir=str(data_dir))
-  return {split: [src[i] for i in range(len(src))] for split, src in sources.items()}
+def read_all(builder) -> dict[str, list[dict]]:
+  """Every record split (and view) of a build, each record joined with its image bytes."""
+  out = {}
+  for split in layout.record_splits(builder):
+    src = layout.open_split(builder, split, dataset=builder.name)[1]
+    out[split] = [src[i] for i in range(len(src))]
+  return out
+
+
+def image_table(builder) -> list[bytes]:
+  src = builder.as_data_source(layout.IMAGES_SPLIT)
+  return [src[i]["image_bytes"] for i in range(len(src))]
 
 
 def text(value) -> str:
@@ -67,22 +79,28 @@ def test_coco_karpathy_splits_counts_fields_and_skipped_image(tmp_path, caplog):
   expected = fx.write_coco_karpathy(str(tmp_path / "manual"))
   with caplog.at_level(logging.WARNING):
     builder = build(CocoKarpathy, tmp_path / "manual", tmp_path / "data", max_bad_fraction=0.5)
-  data = read_all("coco_karpathy", tmp_path / "data")
+  data = read_all(builder)
   by_part = lambda *parts: {k: v for k, v in expected.items() if v["part"] in parts}
   assert set(data) == {"train", "karpathy_train", "restval", "val", "test"}
   check_captions(data["train"], by_part("train", "restval"))
   check_captions(data["karpathy_train"], by_part("train"))
   for part in ("restval", "val", "test"):
     check_captions(data[part], by_part(part))
-  # the truncated train image is skipped in both splits holding it, counted and named
-  assert builder.tallies["train"].skipped == builder.tallies["karpathy_train"].skipped == 1
-  assert builder.tallies["train"].dropped_texts == 1  # image 0's blank caption
+  # 'train' is a view of karpathy_train + restval: nothing of it is stored twice
+  assert set(builder.info.splits) == {"images", "karpathy_train", "restval", "val", "test"}
+  assert layout.views(builder) == {"train": ["karpathy_train", "restval"]}
+  assert [r["image_id"] for r in data["train"]] == [r["image_id"] for r in data["karpathy_train"] + data["restval"]]
+  # each good image once in the table, in the order the records first name it; the truncated one skipped,
+  # counted and named, in the table and in the split whose record names it
+  assert image_table(builder) == [e["bytes"] for e in expected.values()]
+  assert builder.tallies["images"].skipped == builder.tallies["karpathy_train"].skipped == 1
+  assert builder.tallies["karpathy_train"].dropped_texts == 1  # image 0's blank caption
   assert "COCO_train2014_000000001005.jpg" in caplog.text
 
 
 def test_coco_karpathy_too_many_bad_images_fails_with_count_and_names(tmp_path):
   fx.write_coco_karpathy(str(tmp_path / "manual"))
-  with pytest.raises(_common.TooManyBadRecordsError, match=r"1 of 4 records skipped.*000000001005\.jpg"):
+  with pytest.raises(_common.TooManyBadRecordsError, match=r"1 of 3 records skipped.*000000001005\.jpg"):
     build(CocoKarpathy, tmp_path / "manual", tmp_path / "data")  # default max_bad_fraction 0.01
 
 
@@ -114,10 +132,20 @@ def test_coco_karpathy_malformed_record(tmp_path, edit, pattern):
 
 def test_flickr30k_splits_without_restval(tmp_path):
   expected = fx.write_flickr30k(str(tmp_path / "manual"))
-  build(Flickr30kKarpathy, tmp_path / "manual", tmp_path / "data")
-  data = read_all("flickr30k_karpathy", tmp_path / "data")
+  data = read_all(build(Flickr30kKarpathy, tmp_path / "manual", tmp_path / "data"))
   assert set(data) == {"train", "val", "test"}
   for split in data:
+    check_captions(data[split], {k: v for k, v in expected.items() if v["part"] == split})
+
+
+def test_flickr30k_kaggle_layout_is_found(tmp_path):
+  """Kaggle's copy unpacks to flickr30k_images/flickr30k_images/*.jpg beside results.csv."""
+  expected = fx.write_flickr30k(str(tmp_path / "manual"))
+  os.makedirs(tmp_path / "manual" / "flickr30k_images")
+  os.rename(tmp_path / "manual" / "flickr30k-images", tmp_path / "manual" / "flickr30k_images" / "flickr30k_images")
+  (tmp_path / "manual" / "flickr30k_images" / "results.csv").write_text("image_name| comment_number| comment\n")
+  data = read_all(build(Flickr30kKarpathy, tmp_path / "manual", tmp_path / "data"))
+  for split in ("train", "val", "test"):
     check_captions(data[split], {k: v for k, v in expected.items() if v["part"] == split})
 
 
@@ -133,7 +161,7 @@ def test_flickr30k_malformed_record(tmp_path):
 def test_visual_genome_regions(tmp_path, with_image_data):
   expected = fx.write_visual_genome(str(tmp_path / "manual"), with_image_data=with_image_data)
   builder = build(VisualGenomeRegions, tmp_path / "manual", tmp_path / "data", max_bad_fraction=0.25)
-  data = read_all("visual_genome_regions", tmp_path / "data")
+  data = read_all(builder)
   assert set(data) == {"train"}
   check_captions(data["train"], expected)  # duplicates and blank phrases removed, order kept
   assert builder.tallies["train"].skipped == 1  # image 4 has no file
@@ -152,8 +180,45 @@ def test_visual_genome_excludes_coco_karpathy_heldout_images(tmp_path):
   )
   kept = {k: v for k, v in expected.items() if fx.VG_COCO_IDS.get(int(k)) not in heldout}
   assert 0 < len(kept) < len(expected)
-  check_captions(read_all("visual_genome_regions", tmp_path / "data")["train"], kept)
+  check_captions(read_all(builder)["train"], kept)
   assert builder.excluded == len(expected) - len(kept)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_json_array_stream_reads_what_json_load_reads(tmp_path, chunk):
+  """Chunk boundaries fall inside strings, numbers, escapes and multi-byte characters at chunk 1 and 7."""
+  fx.write_visual_genome(str(tmp_path / "manual"))
+  path = str(tmp_path / "manual" / "region_descriptions.json")
+  with open(path) as f:
+    whole = json.load(f)
+  assert [v for _, v in _common.iter_json_array(path, chunk=chunk)] == whole
+  odd = [12345, -0.5e3, 'caf\u00e9 \\ "x"', "日本", {"a": [1, {"b": None}]}, [], True, None]
+  (tmp_path / "odd.json").write_text(" \n" + json.dumps(odd, ensure_ascii=False, indent=1) + "\n ")
+  assert [v for _, v in _common.iter_json_array(str(tmp_path / "odd.json"), chunk=chunk)] == odd
+  (tmp_path / "empty.json").write_text("[ ]")
+  assert list(_common.iter_json_array(str(tmp_path / "empty.json"), chunk=chunk)) == []
+
+
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        ('{"id": 1}', r"bad\.json: expected a top-level list, got an object"),
+        ("", r"bad\.json: expected a top-level list, got an empty file"),
+        ('[{"id": 1}, {"id": 2', r"bad\.json: not valid JSON in element \[1\] at character \d+"),
+        (
+            '[{"id": 1} {"id": 2}]',
+            r"bad\.json: not valid JSON at character 11: expected ',' or '\]' after element \[0\]",
+        ),
+        ('[{"id": 1}, ]', r"bad\.json: not valid JSON in element \[1\]"),
+        ("[1, 2] x", r"bad\.json: not valid JSON at character 7: extra data after the top-level list"),
+        ("[1, 2", r"after element \[1\], got 'the end of the file'"),
+    ],
+)
+def test_json_array_stream_rejects_what_it_does_not_understand(tmp_path, content, pattern):
+  (tmp_path / "bad.json").write_text(content)
+  for chunk in (3, 1 << 20):
+    with pytest.raises(_common.RecordError, match=pattern):
+      list(_common.iter_json_array(str(tmp_path / "bad.json"), chunk=chunk))
 
 
 def test_visual_genome_malformed_record(tmp_path):
@@ -169,8 +234,7 @@ def test_visual_genome_malformed_record(tmp_path):
 # --------------------------------------------------------------------------------------------- VQA v2
 def test_vqa2_splits_answers_and_unannotated_test(tmp_path):
   expected = fx.write_vqa2(str(tmp_path / "manual"))
-  build(Vqa2, tmp_path / "manual", tmp_path / "data")
-  data = read_all("vqa2", tmp_path / "data")
+  data = read_all(build(Vqa2, tmp_path / "manual", tmp_path / "data", include_test_splits=True))
   assert set(data) == {"train", "val", "test"}
   for split, records in data.items():
     got = {r["question_id"]: r for r in records}
@@ -215,8 +279,7 @@ def test_vqa2_malformed_record(tmp_path, file, edit, pattern):
 # ---------------------------------------------------------------------------------------------- NLVR2
 def test_nlvr2_pairs_labels_and_sniffed_formats(tmp_path):
   expected = fx.write_nlvr2(str(tmp_path / "manual"))
-  build(Nlvr2, tmp_path / "manual", tmp_path / "data")
-  data = read_all("nlvr2", tmp_path / "data")
+  data = read_all(build(Nlvr2, tmp_path / "manual", tmp_path / "data"))
   assert set(data) == {"train", "dev", "test1"}
   jpeg_under_png_name = 0
   for split, records in data.items():
@@ -231,6 +294,21 @@ def test_nlvr2_pairs_labels_and_sniffed_formats(tmp_path):
         jpeg_under_png_name += r[f"image{k}"].startswith(b"\xff\xd8")
   assert jpeg_under_png_name > 0
   assert {r["label"] for r in data["train"]} == {0, 1}
+
+
+def test_nlvr2_test2_is_read_when_present(tmp_path):
+  expected = fx.write_nlvr2(str(tmp_path / "manual"))
+  for name in ("test1.json", os.path.join("images", "test1")):  # test2 as released: the same format
+    src = tmp_path / "manual" / name
+    text_ = src.read_text().replace("test1-", "test2-") if src.is_file() else None
+    os.rename(src, tmp_path / "manual" / name.replace("test1", "test2"))
+    if text_ is not None:
+      (tmp_path / "manual" / name.replace("test1", "test2")).write_text(text_)
+  for path in (tmp_path / "manual" / "images" / "test2").iterdir():
+    os.rename(path, path.with_name(path.name.replace("test1-", "test2-")))
+  data = read_all(build(Nlvr2, tmp_path / "manual", tmp_path / "data"))
+  assert set(data) == {"train", "dev", "test2"}
+  assert {text(r["identifier"]) for r in data["test2"]} == {i.replace("test1-", "test2-") for i in expected["test1"]}
 
 
 @pytest.mark.parametrize(
@@ -255,7 +333,7 @@ def test_nlvr2_malformed_record(tmp_path, edit, pattern):
 def test_jsonl_captions_one_split_per_file(tmp_path):
   expected = fx.write_jsonl_captions(str(tmp_path / "manual"))
   builder = build(Jsonl, tmp_path / "manual", tmp_path / "data", config="captions", max_bad_fraction=0.25)
-  data = read_all("jsonl/captions", tmp_path / "data")
+  data = read_all(builder)
   assert set(data) == {"train", "val"}
   for split in data:
     check_captions(data[split], {e["image_id"]: e for e in expected[split].values()})
@@ -264,8 +342,7 @@ def test_jsonl_captions_one_split_per_file(tmp_path):
 
 def test_jsonl_vqa_with_and_without_optional_keys(tmp_path):
   expected = fx.write_jsonl_vqa(str(tmp_path / "manual"))
-  build(Jsonl, tmp_path / "manual", tmp_path / "data", config="vqa")
-  data = read_all("jsonl/vqa", tmp_path / "data")
+  data = read_all(build(Jsonl, tmp_path / "manual", tmp_path / "data", config="vqa"))
   assert set(data) == {"train", "test"}
   for split, records in data.items():
     got = {r["question_id"]: r for r in records}
@@ -277,6 +354,22 @@ def test_jsonl_vqa_with_and_without_optional_keys(tmp_path):
       for key in ("image_id", "question", "question_type", "answer_type"):
         assert text(r[key]) == e[key], key
       assert (r["height"], r["width"], r["image"]) == (e["height"], e["width"], e["bytes"])
+
+
+def test_jsonl_file_named_like_the_image_table_is_refused(tmp_path):
+  fx.write_jsonl_captions(str(tmp_path / "manual"))
+  os.rename(tmp_path / "manual" / "val.jsonl", tmp_path / "manual" / "images.jsonl")
+  with pytest.raises(ValueError, match=r"images\.jsonl: .*'images' is the name of the build's image table"):
+    build(Jsonl, tmp_path / "manual", tmp_path / "data", config="captions", max_bad_fraction=0.25)
+
+
+def test_vqa2_only_test_files_says_how_to_build_them(tmp_path):
+  fx.write_vqa2(str(tmp_path / "manual"))
+  for split in ("train2014", "val2014"):
+    os.remove(tmp_path / "manual" / f"v2_OpenEnded_mscoco_{split}_questions.json")
+  with pytest.raises(FileNotFoundError, match=r"test question files are there: pass --include_test_splits"):
+    build(Vqa2, tmp_path / "manual", tmp_path / "data")
+  assert set(read_all(build(Vqa2, tmp_path / "manual", tmp_path / "d2", include_test_splits=True))) == {"test"}
 
 
 @pytest.mark.parametrize(
@@ -415,15 +508,18 @@ def test_prepare_cli_relative_manual_dir_and_tilde_data_dir(tmp_path, monkeypatc
 
 def test_data_source_reads_without_tensorflow_or_our_code(tmp_path):
   fx.write_nlvr2(str(tmp_path / "manual"))
-  build(Nlvr2, tmp_path / "manual", tmp_path / "data")
+  builder = build(Nlvr2, tmp_path / "manual", tmp_path / "data")
   # A fresh interpreter that never imports pixelbert_jax: the files alone describe the dataset.
+  # A record names its images by row of split 'images', which holds each file once.
   script = (
       "import sys, tensorflow_datasets as tfds\n"
-      f"src = tfds.data_source('nlvr2', data_dir={str(tmp_path / 'data')!r}, split='dev')\n"
-      "r = src[0]\n"
+      f"src = tfds.data_source('nlvr2', data_dir={str(tmp_path / 'data')!r})\n"
+      "r = src['dev'][0]\n"
+      "image = src['images'][int(r['image0_index'])]\n"
       "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
       "assert not any(m.startswith('pixelbert_jax') for m in sys.modules)\n"
-      "print(len(src), sorted(r), type(r['image0']).__name__)\n"
+      "print(len(src['dev']), r['image0_index'] >= 0, r['image_bytes'], type(image['image_bytes']).__name__)\n"
+      "print(image['image_file'].decode())\n"
   )
   out = subprocess.run(
       [sys.executable, "-c", script],
@@ -434,7 +530,8 @@ def test_data_source_reads_without_tensorflow_or_our_code(tmp_path):
       env={**os.environ, "PYTHONPATH": ""},
   )
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.split("\n")[0] == f"4 {sorted(NLVR2_KEYS)} bytes"
+  first = read_all(builder)["dev"][0]
+  assert out.stdout.split("\n")[:2] == ["4 True b'' bytes", f"images/dev/{text(first['identifier'])[:-2]}-img0.png"]
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,8 @@ def _cfg(tmp_path, name, **manual):
 def test_max_bad_fraction_reaches_the_builder_built_from_training(tmp_path):
   fx.write_coco_karpathy(str(tmp_path / "manual"))  # 1 of the 4 train images is truncated
   strict = _cfg(tmp_path, "coco_karpathy", manual_dir=str(tmp_path / "manual"))
-  with pytest.raises(TooManyBadRecordsError, match=r"1 of 4 records skipped.*max_bad_fraction=0.01"):
+  # train is the view karpathy_train + restval: the truncated image is 1 of karpathy_train's 3
+  with pytest.raises(TooManyBadRecordsError, match=r"karpathy_train: 1 of 3 records skipped.*max_bad_fraction=0.01"):
     pipeline.num_examples(strict, "train")
   lenient = _cfg(tmp_path, "coco_karpathy", manual_dir=str(tmp_path / "manual"))
   lenient.max_bad_fraction = 0.5

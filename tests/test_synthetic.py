@@ -8,6 +8,7 @@ import pytest
 
 from pixelbert_jax.data import synthetic as world
 from pixelbert_jax.data import text
+from pixelbert_jax.data.builders import layout
 from pixelbert_jax.data.builders import synthetic as builder
 from pixelbert_jax.data.preprocess import decode_image
 
@@ -121,17 +122,31 @@ def test_builder_fast_deterministic_and_reused(tmp_path):
   b = builder.prepare(cfg, str(tmp_path))
   took = time.time() - start
   assert took < 10, took  # ~1300 images/s here: a few thousand is well under a minute
-  src = b.as_data_source("train")
+  src = layout.open_split(b, "train", dataset="synthetic")[1]
   assert len(src) == 300 and len(b.as_data_source("val")) == 40
+  assert len(b.as_data_source(layout.IMAGES_SPLIT)) == 300 + 40 + 40  # each image once
   rec = src[0]
-  assert set(rec) == {"image", "image_id", "captions", "grounded_words", "cell_labels", "height", "width"}
-  index = int(rec["image_id"].decode().rsplit("-", 1)[1])  # tfds stores records shuffled
+  assert set(rec) == {
+      "image",
+      "image_index",
+      "image_id",
+      "captions",
+      "grounded_words",
+      "cell_labels",
+      "height",
+      "width",
+  }
+  index = int(rec["image_id"].decode().rsplit("-", 1)[1])  # records keep version 1.1.0's shuffled order
+  assert rec["image_index"] == index  # train's images are the table's first rows, in index order
   np.testing.assert_array_equal(rec["cell_labels"], world.cell_labels(world.make_scene(3, "train", index, 192)))
+  assert rec["image"] == world.encode_jpeg(
+      world.render(3, "train", index, world.make_scene(3, "train", index, 192), 192)
+  )
   assert decode_image(rec["image"], name="r").shape == (192, 192, 3)
   start = time.time()
   b2 = builder.prepare(cfg, str(tmp_path))
   assert time.time() - start < 2
-  assert b2.as_data_source("train")[7]["image"] == src[7]["image"]
+  assert layout.open_split(b2, "train", dataset="synthetic")[1][7]["image"] == src[7]["image"]
   other = builder.prepare(
       builder.synthetic_config("captions", seed=3, image_size=192, num_train=300, num_val=40, num_test=40),
       str(tmp_path / "again"),
@@ -144,7 +159,8 @@ def test_builder_other_schemas(tmp_path, schema):
   b = builder.prepare(
       builder.synthetic_config(schema, seed=0, image_size=96, num_train=20, num_val=4, num_test=4), str(tmp_path)
   )
-  rec = b.as_data_source("train")[0]
+  rec = layout.open_split(b, "train", dataset="synthetic")[1][0]
+  assert len(b.as_data_source(layout.IMAGES_SPLIT)) == 20 + 4 + 4  # each image once, however many records
   if schema == "vqa":
     assert len(b.as_data_source("train")) == 60 and len(rec["answers"]) == 10
     assert decode_image(rec["image"], name="q").shape == (96, 96, 3)

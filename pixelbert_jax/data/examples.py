@@ -60,6 +60,8 @@ class Examples:
 
   def __init__(self, opened, data_cfg: ml_collections.ConfigDict, vocab_path: str, *, seed: int, train: bool):
     self._source, self._index, self._name = opened.source, opened.index, opened.name
+    # the same records without image bytes, for reads that need only a record's text (ITM negatives)
+    self._records = getattr(opened.source, "records", opened.source)
     self._vocab_path = vocab_path
     self._seed, self._train = int(seed), train
     self._max_len = int(data_cfg.max_text_len)
@@ -169,9 +171,9 @@ class PretrainExamples(Examples):
     if not matched:
       ids, own = self._index.ids, self._index.ids[index]
       j = text.sample_other(
-          rng, len(self._source), index, lambda j: ids[j] == own or not self._captions(self._source[j], j)
+          rng, len(self._source), index, lambda j: ids[j] == own or not self._captions(self._records[j], j)
       )
-      negatives = self._captions(self._source[j], j)
+      negatives = self._captions(self._records[j], j)
       caption, grounded_words = negatives[int(rng.integers(len(negatives)))]
     tok = self.tokenizer
     ids_, text_mask, grounded = self.encode(caption, grounded_words)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import tensorflow_datasets as tfds
 
 from pixelbert_jax import cli_errors, paths
+from pixelbert_jax.data.builders import layout
 from pixelbert_jax.data.builders._common import (
     DEFAULT_MAX_BAD_FRACTION,
     VERIFY_MODES,
@@ -51,10 +52,12 @@ def prepare(
     verify_images: str = "decode",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     builder_config: str | None = None,
+    include_test_splits: bool = False,
     **builder_kwargs: Any,
 ) -> tfds.core.DatasetBuilder:
   """Builds `dataset` (a no-op when it is already built in data_dir) and returns its builder.
 
+  include_test_splits: also build the splits the builder only builds when asked (VQA's test, test_dev).
   builder_kwargs go to that builder only (e.g. visual_genome's exclude_coco_heldout).
   """
   # '~' and relative paths (paths.py): TFDS would make a folder literally named '~', and records the data_dir.
@@ -81,8 +84,16 @@ def prepare(
       max_bad_fraction=max_bad_fraction,
       verify_images=verify_images,
       max_pixels=max_pixels,
+      include_test_splits=include_test_splits,
       **builder_kwargs,
   )
+  if include_test_splits and builder.data_path.exists():
+    left_out = (builder.info.metadata or {}).get("left_out", {})
+    if left_out:  # a second run would reuse the build and silently not add them
+      raise ValueError(
+          f"{builder.data_dir} was built without its test splits {sorted(left_out)}: delete that folder to "
+          "rebuild with --include_test_splits"
+      )
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 
@@ -92,7 +103,13 @@ def summary(builder: tfds.core.DatasetBuilder) -> str:
   for split, info in sorted(builder.info.splits.items()):
     tally = getattr(builder, "tallies", {}).get(split)
     skipped = f", skipped {tally.skipped}, dropped empty texts {tally.dropped_texts}" if tally else ""
-    lines.append(f"  {split}: {info.num_examples} examples{skipped}")
+    what = "images (each stored once)" if split == layout.IMAGES_SPLIT else "examples"
+    lines.append(f"  {split}: {info.num_examples} {what}{skipped}")
+  meta = builder.info.metadata or {}
+  for split, parts in sorted(meta.get("views", {}).items()):
+    lines.append(f"  {split}: {layout.num_records(builder, split)} examples, read as {'+'.join(parts)} (not stored)")
+  for split, file in sorted(meta.get("left_out", {}).items()):
+    lines.append(f"  {split}: not built ({file} is there; --include_test_splits builds it)")
   name = f"{builder.name}/{builder.builder_config.name}" if builder.builder_config else builder.name
   lines.append(f"read with: tfds.data_source({name!r}, data_dir={builder._data_dir_root!r})")
   return "\n".join(lines)
@@ -127,6 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       help="images with more pixels are refused (decompression bombs)",
   )
   parser.add_argument(
+      "--include_test_splits",
+      action="store_true",
+      help="vqa2: also build test and test_dev (no answers; about 81k more images)",
+  )
+  parser.add_argument(
       "--exclude_coco_heldout",
       default=None,
       metavar="DATASET_COCO_JSON",
@@ -149,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verify_images=args.verify_images,
         max_pixels=args.max_pixels,
         builder_config=args.builder_config,
+        include_test_splits=args.include_test_splits,
         **extra,
     )
   except (RecordError, TooManyBadRecordsError, FileNotFoundError, ValueError) as e:

@@ -17,13 +17,25 @@ import ml_collections
 import numpy as np
 
 from pixelbert_jax.data import builders
+from pixelbert_jax.data.builders import layout
 from pixelbert_jax.data.config import check_name
 from pixelbert_jax.data.split_index import SplitIndex, load_index, sidecar_dir
 
+# stored record fields of each schema (images are joined in by row: builders/layout.py)
 _REQUIRED = {
-    "captions": {"image", "image_id", "captions", "height", "width"},
-    "vqa": {"image", "question_id", "question", "answers", "height", "width"},
-    "nlvr2": {"identifier", "sentence", "label", "image0", "image1", "height0", "width0", "height1", "width1"},
+    "captions": {"image_index", "image_id", "captions", "height", "width"},
+    "vqa": {"image_index", "question_id", "question", "answers", "height", "width"},
+    "nlvr2": {
+        "identifier",
+        "sentence",
+        "label",
+        "image0_index",
+        "image1_index",
+        "height0",
+        "width0",
+        "height1",
+        "width1",
+    },
 }
 
 
@@ -50,10 +62,15 @@ class ConcatSource:
   def __getitems__(self, indices):
     return [self[i] for i in indices]
 
+  @property
+  def records(self) -> "ConcatSource":
+    """The same records without their image bytes (each part's `records`)."""
+    return ConcatSource([getattr(s, "records", s) for s in self._sources])
+
 
 @dataclasses.dataclass
 class OpenSplit:
-  source: object  # len() and [i] -> record dict
+  source: object  # len() and [i] -> record dict with its image bytes; `source.records`: without them
   index: SplitIndex
   name: str  # for messages: 'dataset/split'
   schema: str
@@ -71,18 +88,22 @@ def _component_cfg(data_cfg: ml_collections.ConfigDict, name: str) -> ml_collect
 
 def _open_one(data_cfg: ml_collections.ConfigDict, schema: str, split: str, texts: bool):
   b = builders.builder(data_cfg, schema)
-  if split not in b.info.splits:
-    return None, sorted(b.info.splits)
+  layout.check_layout(b)
+  if split not in layout.record_splits(b):
+    left_out = layout.left_out_message(b, data_cfg.name, split)
+    if left_out:
+      raise ValueError(left_out)
+    return None, layout.record_splits(b)
   missing = _REQUIRED[schema] - set(b.info.features.keys())
   if missing:
     raise ValueError(
         f"dataset {data_cfg.name!r} ({b.data_dir}) has no {schema} fields {sorted(missing)}: "
         f"it cannot feed a task that reads the {schema} schema"
     )
-  source = b.as_data_source(split)
   name = f"{data_cfg.name}/{split}"
-  index = load_index(
-      source, schema=schema, directory=sidecar_dir(data_cfg.data_dir, b), split=split, name=name, texts=texts
+  records, source = layout.open_split(b, split, dataset=data_cfg.name)
+  index = load_index(  # from the records alone: indexing reads no image
+      records, schema=schema, directory=sidecar_dir(data_cfg.data_dir, b), split=split, name=name, texts=texts
   )
   return (source, index, name), None
 

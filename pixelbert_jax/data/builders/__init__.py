@@ -81,10 +81,10 @@ def builder(data_cfg: ml_collections.ConfigDict, schema: str) -> tfds.core.Datas
 
 
 def data_source(data_cfg: ml_collections.ConfigDict, task: str, split: str):
-  """Random-access source (len, [i]) of `split` in the schema `task` reads."""
+  """Random-access source (len, [i]) of `split` in the schema `task` reads, each record with its image bytes."""
   if task not in TASK_SCHEMA:
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_SCHEMA)}")
+  from pixelbert_jax.data.builders import layout
+
   b = builder(data_cfg, TASK_SCHEMA[task])
-  if split not in b.info.splits:
-    raise ValueError(f"dataset {data_cfg.name!r} has no split {split!r}; it has {sorted(b.info.splits)}")
-  return b.as_data_source(split)
+  return layout.open_split(b, split, dataset=data_cfg.name)[1]

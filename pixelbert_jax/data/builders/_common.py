@@ -1,8 +1,10 @@
-"""What every real-data builder shares: the three stored schemas, record validation, image checks, bad-data tally.
+"""What every real-data builder shares: the three stored schemas, record validation, image checks, the image
+table, bad-data tally, and a streaming reader for JSON files too large to load at once.
 
-Images are stored as the original encoded bytes (no TensorFlow needed to write or read them); decoding
-happens in the pipeline. Builders check each image once here so that an empty or broken file is skipped
-with a warning at build time instead of crashing a training worker later.
+Images are stored as the original encoded bytes (no TensorFlow needed to write or read them), each file once
+per build in split `images` (layout.py); decoding happens in the pipeline. Builders check each image once
+here so that an empty or broken file is skipped with a warning at build time instead of crashing a training
+worker later.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import io
 import json
 import logging
 import os
+import re
 import sys
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
+from pixelbert_jax.data.builders import layout
 from pixelbert_jax.data.preprocess import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 
 log = logging.getLogger(__name__)
@@ -39,16 +43,12 @@ class TooManyBadRecordsError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- schemas
-def image_bytes() -> tfds.features.FeatureConnector:
-  # tfds.features.Image fed bytes still round-trips through TensorFlow on read; a scalar object tensor
-  # stores the encoded file untouched and reads back as Python bytes.
-  return tfds.features.Tensor(shape=(), dtype=np.object_)
-
-
+# Each schema's record fields; a build's features are these plus the image table's (layout.py).
 def captions_features(**extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(
       {
-          "image": image_bytes(),
+          **layout.table_features(),
+          "image_index": layout.ref_feature(),
           "image_id": tfds.features.Text(),
           "captions": tfds.features.Sequence(tfds.features.Text()),
           "height": tfds.features.Scalar(dtype=np.int32),
@@ -61,7 +61,8 @@ def captions_features(**extra: tfds.features.FeatureConnector) -> tfds.features.
 def vqa_features(**extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(
       {
-          "image": image_bytes(),
+          **layout.table_features(),
+          "image_index": layout.ref_feature(),
           "image_id": tfds.features.Text(),
           "question_id": tfds.features.Scalar(dtype=np.int64),
           "question": tfds.features.Text(),
@@ -78,11 +79,12 @@ def vqa_features(**extra: tfds.features.FeatureConnector) -> tfds.features.Featu
 def nlvr2_features(**extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(
       {
+          **layout.table_features(),
           "identifier": tfds.features.Text(),
           "sentence": tfds.features.Text(),
           "label": tfds.features.Scalar(dtype=np.int32),
-          "image0": image_bytes(),
-          "image1": image_bytes(),
+          "image0_index": layout.ref_feature(),
+          "image1_index": layout.ref_feature(),
           "height0": tfds.features.Scalar(dtype=np.int32),
           "width0": tfds.features.Scalar(dtype=np.int32),
           "height1": tfds.features.Scalar(dtype=np.int32),
@@ -156,6 +158,79 @@ def iter_json_lines(path: str) -> Iterator[tuple[int, dict]]:
       yield line_no, record
 
 
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_NUMBER_CHARS = re.compile(r"[0-9eE.+-]*")
+_JSON_CHUNK = 1 << 20  # characters read at a time
+
+
+def iter_json_array(path: str, *, chunk: int = _JSON_CHUNK) -> Iterator[tuple[int, Any]]:
+  """(index, element) for each element of a file whose top level is a JSON list, read `chunk` characters at
+  a time: memory holds one element and one chunk, not the file (json.load of Visual Genome's 700 MB
+  region_descriptions.json peaks at several GB). Invalid JSON is a RecordError naming the file, the
+  element and the character offset.
+  """
+  decoder = json.JSONDecoder()
+  with open(path, "r", encoding="utf-8") as f:
+    buf, pos, offset, eof = "", 0, 0, False  # offset: characters of the file before buf
+
+    def fill() -> None:
+      nonlocal buf, pos, offset, eof
+      more = f.read(chunk)
+      eof = not more
+      buf, offset, pos = buf[pos:] + more, offset + pos, 0
+
+    def skip_space() -> str:
+      # The next non-whitespace character ('' at the end of the file), reading on as needed.
+      nonlocal pos
+      while True:
+        pos = _WHITESPACE.match(buf, pos).end()
+        if pos < len(buf) or eof:
+          return buf[pos] if pos < len(buf) else ""
+        fill()
+
+    def bad(what: str) -> RecordError:
+      return RecordError(f"{path}: not valid JSON at character {offset + pos}: {what}")
+
+    first = skip_space()
+    if first != "[":
+      got = {"{": "an object", "": "an empty file"}.get(first, f"{first!r}")
+      raise RecordError(f"{path}: expected a top-level list, got {got}")
+    pos += 1
+    index = 0
+    if skip_space() == "]":
+      pos += 1
+    else:
+      while True:
+        skip_space()
+        while True:
+          try:
+            value, end = decoder.raw_decode(buf, pos)
+          except json.JSONDecodeError as e:
+            if eof:
+              raise RecordError(
+                  f"{path}: not valid JSON in element [{index}] at character {offset + e.pos}: {e.msg}"
+              ) from e
+            fill()  # the element may continue in the next chunk
+            continue
+          cut_number = isinstance(value, (int, float)) and _NUMBER_CHARS.fullmatch(buf, end)
+          if not eof and (end == len(buf) or cut_number):  # "12" of "12.5" decodes too: read on
+            fill()
+            continue
+          break
+        pos = end
+        yield index, value
+        index += 1
+        sep = skip_space()
+        pos += 1
+        if sep == "]":
+          break
+        if sep != ",":
+          pos -= 1
+          raise bad(f"expected ',' or ']' after element [{index - 1}], got {sep or 'the end of the file'!r}")
+    if skip_space():
+      raise bad("extra data after the top-level list")
+
+
 def top_level(data: Any, key: str, *, file: str) -> list:
   """data[key] of a JSON file whose top level must be an object holding a list under `key`."""
   if not isinstance(data, dict) or key not in data:
@@ -215,6 +290,11 @@ class ImageChecker:
         raise
       self._cache[path] = cached
     return data, cached[0], cached[1]
+
+  def error(self, path: str) -> str | None:
+    """Why `path` was found unusable, or None if it was not (or not yet read)."""
+    cached = self._cache.get(path)
+    return cached if isinstance(cached, str) else None
 
   def _check(self, data: bytes, path: str) -> tuple[int, int]:
     if self.verify == "decode":
@@ -282,13 +362,18 @@ class BadRecordTally:
 
 
 def generate(
-    items: Iterable[tuple[str, Any]], make: Callable[[Any], tuple[str, dict] | None], tally: BadRecordTally
-) -> Iterator[tuple[str, dict]]:
+    items: Sequence[tuple[str, Any]],
+    make: Callable[[Any], dict | None],
+    tally: BadRecordTally,
+    blank: dict[str, Any],
+) -> Iterator[tuple[int, dict]]:
   """Runs `make` on each (name, payload); BadImageError skips that record (counted), RecordError stops.
 
-  `make` returns (key, example), or None for a record it skipped itself (having told the tally).
+  `make` returns the record's fields, or None for a record it skipped itself (having told the tally); the
+  image table's fields are added empty (`blank`). Keys keep the order of `items` (layout.ordered_key).
   """
-  for name, payload in items:
+  items = list(items)
+  for position, (name, payload) in enumerate(items):
     tally.total += 1
     try:
       made = make(payload)
@@ -296,8 +381,69 @@ def generate(
       tally.skip(name, str(e))
       continue
     if made is not None:
-      yield made
+      yield layout.ordered_key(position, len(items)), {**blank, **made}
   tally.finish()
+
+
+class ImageTable:
+  """The distinct image files a build's records name, each written once as split `images` (layout.py).
+
+  A builder `add`s every file a record names while it reads the annotations, returns `generate()` as its
+  first split, and takes each record's image row and stored size from `row(path)`. TFDS writes the splits
+  in the order `_split_generators` returns them, so the table is complete before any record split is
+  generated; `row` raises instead of guessing if that ever changes.
+  """
+
+  def __init__(self, checker: ImageChecker, root: str, features: tfds.features.FeaturesDict):
+    self._checker, self._root = checker, os.path.abspath(root)
+    self._blank = layout.blank_example(features, [k for k in features.keys() if k not in layout.TABLE_FIELDS])
+    self._paths: dict[str, None] = {}  # insertion-ordered set
+    self._rows: dict[str, tuple[int, int, int]] = {}
+    self._complete = False
+
+  def add(self, path: str) -> str:
+    self._paths.setdefault(path, None)
+    return path
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def file_name(self, path: str) -> str:
+    rel = os.path.relpath(os.path.abspath(path), self._root)
+    return path if rel.startswith(os.pardir) else rel
+
+  def generate(self, tally: BadRecordTally) -> Iterator[tuple[int, dict]]:
+    paths = list(self._paths)
+    for position, path in enumerate(paths):
+      tally.total += 1
+      try:
+        data, height, width = self._checker.read(path)
+      except BadImageError as e:
+        tally.skip(path, str(e))
+        continue
+      self._rows[path] = (len(self._rows), height, width)
+      yield layout.ordered_key(position, len(paths)), {
+          **self._blank,
+          "image_bytes": data,
+          "image_file": self.file_name(path),
+      }
+    self._complete = True
+    tally.finish()
+    if not self._rows:
+      raise TooManyBadRecordsError(
+          f"split {layout.IMAGES_SPLIT}: none of the {len(paths)} image files is usable; first: "
+          + "; ".join(tally.first)
+      )
+
+  def row(self, path: str) -> tuple[int, int, int]:
+    """(row in the table, height, width) of `path`'s image; BadImageError (its reason) if it was skipped."""
+    if not self._complete:
+      raise RuntimeError(f"a record split was generated before split {layout.IMAGES_SPLIT!r} was complete")
+    if path not in self._rows:
+      if path not in self._paths:
+        raise RuntimeError(f"{path}: not added to the image table before the splits were generated")
+      raise BadImageError(self._checker.error(path) or f"{path}: unusable image")
+    return self._rows[path]
 
 
 def check_unique(seen: set, key: Any, *, file: str, where: str, what: str) -> None:
@@ -322,7 +468,10 @@ def first_existing_dir(candidates: Iterable[str], *, what: str, hint: str) -> st
 
 # ---------------------------------------------------------------------------------------- the builder
 class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base of our builders: manual_dir input, ArrayRecord output, bad-data knobs, per-split tallies."""
+  """Base of our builders: manual_dir input, ArrayRecord output in layout 2 (an image table and record splits
+  pointing at it, layout.py), bad-data knobs, per-split tallies, test splits only when asked for."""
+
+  TEST_SPLITS: tuple[str, ...] = ()  # splits built only with include_test_splits (unannotated, large)
 
   def __init__(
       self,
@@ -330,12 +479,16 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
       verify_images: str = "decode",
       max_pixels: int = DEFAULT_MAX_PIXELS,
+      include_test_splits: bool = False,
       **kwargs: Any,
   ):
     kwargs.setdefault("file_format", "array_record")
     self.max_bad_fraction = max_bad_fraction
+    self.include_test_splits = bool(include_test_splits)
     self.images = ImageChecker(verify_images, max_pixels)
     self.tallies: dict[str, BadRecordTally] = {}
+    self.table: ImageTable | None = None
+    self._left_out: dict[str, str] = {}
     super().__init__(**kwargs)
 
   @tfds.core.utils.classproperty
@@ -344,9 +497,64 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # tfds's default resolves the path through `importlib_resources`, a package it does not install.
     return epath.Path(sys.modules[cls.__module__].__file__)
 
-  def tally(self, split: str) -> BadRecordTally:
-    self.tallies[split] = BadRecordTally(split, self.max_bad_fraction)
+  def dataset_info(self, features: tfds.features.FeaturesDict, **kwargs: Any) -> tfds.core.DatasetInfo:
+    # disable_shuffling: splits are written in the order generated, which is how records know image rows.
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=features,
+        description=self.__doc__,
+        disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(),
+        **kwargs,
+    )
+
+  def download_and_prepare(self, *, download_config: tfds.download.DownloadConfig | None = None, **kwargs: Any):
+    if not self.data_path.exists():
+      old = layout.build_folder_versions(self)
+      manual = download_config.manual_dir if download_config else None
+      if old and not (manual and os.path.isdir(manual) and os.listdir(manual)):
+        raise layout.OldLayoutError(
+            f"{old[-1]}: a build of {self.name} in an old layout (version {os.path.basename(old[-1])}; "
+            f"this code reads {self.version}, each image stored once): rebuild it from the downloaded files "
+            f"(python -m pixelbert_jax.data.prepare --dataset ... --manual_dir ..., or config.data.manual_dir), "
+            "then delete the old folder"
+        )
+      for path in old:
+        log.warning("%s: a build in an old layout, not read (this code builds %s); delete it", path, self.version)
+    return super().download_and_prepare(download_config=download_config, **kwargs)
+
+  def tally(self, split: str, max_fraction: float | None = None) -> BadRecordTally:
+    self.tallies[split] = BadRecordTally(split, self.max_bad_fraction if max_fraction is None else max_fraction)
     return self.tallies[split]
 
   def manual_path(self, dl_manager: tfds.download.DownloadManager) -> str:
     return os.fspath(dl_manager.manual_dir)
+
+  def start_table(self, root: str) -> ImageTable:
+    """A new image table; image paths inside `root` are stored relative to it."""
+    self.table = ImageTable(self.images, root, self.info.features)
+    return self.table
+
+  def wants(self, split: str, file: str) -> bool:
+    """Whether to build `split` (whose file is there): a test split only with include_test_splits."""
+    if split in self.TEST_SPLITS and not self.include_test_splits:
+      self._left_out[split] = file
+      log.info("not building split %s (%s): test splits are built with include_test_splits", split, file)
+      return False
+    return True
+
+  def with_table(self, splits: dict[str, Any], *, views: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Split `images` followed by the record splits, and the build's metadata (layout.metadata)."""
+    self.info.metadata.update(layout.metadata(views=views, left_out=self._left_out))
+    # Bad images are counted here and again in every split whose records name them; those splits'
+    # max_bad_fraction decides, so the table's own tally only fails when no image at all is usable.
+    table_tally = self.tally(layout.IMAGES_SPLIT, max_fraction=1.0)
+    return {layout.IMAGES_SPLIT: self.table.generate(table_tally), **splits}
+
+  def records(
+      self, split: str, items: Sequence[tuple[str, Any]], make: Callable[[Any, BadRecordTally], dict | None]
+  ) -> Iterator[tuple[int, dict]]:
+    """Split `split`'s records: `make(payload, tally)` on each (name, payload) of `items`, as `generate` does."""
+    tally = self.tally(split)
+    blank = layout.blank_example(self.info.features, layout.TABLE_FIELDS)
+    return generate(items, lambda payload: make(payload, tally), tally, blank)

@@ -1,8 +1,9 @@
 """Andrej Karpathy's caption split files (dataset_coco.json, dataset_flickr30k.json), shared by two builders.
 
 Format: {"images": [{"filepath"?, "filename", "split": train|restval|val|test, "sentences": [{"raw", ...}],
-"cocoid"?}]}. Splits written: each part that has images, plus 'train' = train + restval (the paper
-pre-trains on both); when there is a restval part, Karpathy's own train part is kept as 'karpathy_train'.
+"cocoid"?}]}. Splits written: each part that has images. When there is a restval part, Karpathy's own train
+part is stored as 'karpathy_train' and 'train' (what the paper pre-trains on) is the view
+'karpathy_train+restval' (layout.py): read as both, stored once.
 """
 
 from __future__ import annotations
@@ -46,13 +47,16 @@ def read_karpathy(json_path: str, builder: "KarpathyBuilder", manual_dir: str) -
   return images
 
 
-def karpathy_splits(images: list[KarpathyImage]) -> dict[str, list[KarpathyImage]]:
+def karpathy_splits(images: list[KarpathyImage]) -> tuple[dict[str, list[KarpathyImage]], dict[str, list[str]]]:
+  """(stored splits, views): with a restval part, 'train' is the view karpathy_train + restval."""
   parts = {p: [im for im in images if im.part == p] for p in KARPATHY_PARTS}
-  splits = {"train": parts["train"] + parts["restval"]}
   if parts["restval"]:
-    splits["karpathy_train"], splits["restval"] = parts["train"], parts["restval"]
-  splits["val"], splits["test"] = parts["val"], parts["test"]
-  return {name: split for name, split in splits.items() if split}
+    stored = {"karpathy_train": parts["train"], "restval": parts["restval"]}
+    views = {"train": [name for name, split in stored.items() if split]}
+  else:
+    stored, views = {"train": parts["train"]}, {}
+  stored.update(val=parts["val"], test=parts["test"])
+  return {name: split for name, split in stored.items() if split}, views
 
 
 class KarpathyBuilder(c.ManualBuilder, skip_registration=True):
@@ -70,9 +74,7 @@ class KarpathyBuilder(c.ManualBuilder, skip_registration=True):
     """Hook to locate image folders once, before records are read."""
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, features=c.captions_features(), homepage=self.HOMEPAGE, description=self.__doc__
-    )
+    return self.dataset_info(c.captions_features(), homepage=self.HOMEPAGE)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)
@@ -86,24 +88,22 @@ class KarpathyBuilder(c.ManualBuilder, skip_registration=True):
           f"{self.JSON_NAME} not found; looked for {candidates}. " f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
       )
     self.prepare_layout(manual_dir)
-    splits = karpathy_splits(read_karpathy(json_path, self, manual_dir))
-    return {name: self._generate_examples(name, images) for name, images in splits.items()}
+    splits, views = karpathy_splits(read_karpathy(json_path, self, manual_dir))
+    table = self.start_table(manual_dir)
+    for images in splits.values():
+      for im in images:
+        table.add(im.path)
+    return self.with_table(
+        {name: self._generate_examples(name, images) for name, images in splits.items()}, views=views
+    )
 
-  def _generate_examples(self, split: str, images: list[KarpathyImage]) -> Iterator[tuple[str, dict]]:
-    tally = self.tally(split)
-
-    def make(im: KarpathyImage) -> tuple[str, dict] | None:
+  def _generate_examples(self, split: str, images: list[KarpathyImage]) -> Iterator[tuple[int, dict]]:
+    def make(im: KarpathyImage, tally: c.BadRecordTally) -> dict | None:
       captions = c.clean_texts(im.captions, tally=tally, name=im.path)
       if not captions:
         tally.skip(im.path, "no non-empty caption")
         return None
-      data, height, width = self.images.read(im.path)
-      return im.image_id, {
-          "image": data,
-          "image_id": im.image_id,
-          "captions": captions,
-          "height": height,
-          "width": width,
-      }
+      row, height, width = self.table.row(im.path)
+      return {"image_index": row, "image_id": im.image_id, "captions": captions, "height": height, "width": width}
 
-    return c.generate(((im.path, im) for im in images), make, tally)
+    return self.records(split, [(im.path, im) for im in images], make)

@@ -16,8 +16,11 @@ from pixelbert_jax.data.builders._karpathy import KarpathyBuilder
 class CocoKarpathy(KarpathyBuilder):
   """MS-COCO 2014 captions, Karpathy split: train (= train + restval), karpathy_train, restval, val, test."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Original encoded images, raw captions, Karpathy split."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Original encoded images, raw captions, Karpathy split.",
+      "2.0.0": "Layout 2: each image stored once (split 'images'), records point at it; 'train' a view.",
+  }
   HOMEPAGE = "https://cocodataset.org"
   JSON_NAME = "dataset_coco.json"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """

@@ -9,20 +9,25 @@ import tensorflow_datasets as tfds
 from pixelbert_jax.data.builders import _common as c
 from pixelbert_jax.data.builders._karpathy import KarpathyBuilder
 
-IMAGE_FOLDERS = ("flickr30k-images", "flickr30k_images", "images")
+# Kaggle's copy unpacks to flickr30k_images/flickr30k_images/ (beside results.csv): the nested folder is
+# looked for before its parent, which holds no image.
+IMAGE_FOLDERS = ("flickr30k-images", "flickr30k_images/flickr30k_images", "flickr30k_images", "images")
 
 
 class Flickr30kKarpathy(KarpathyBuilder):
   """Flickr30K, Karpathy split: train (29000 images), val (1014), test (1000); image_id = file stem."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Original encoded images, raw captions, Karpathy split."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Original encoded images, raw captions, Karpathy split.",
+      "2.0.0": "Layout 2: each image stored once (split 'images'), records point at it.",
+  }
   HOMEPAGE = "https://shannon.cs.illinois.edu/DenotationGraph/"
   JSON_NAME = "dataset_flickr30k.json"
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Put into manual_dir:
     dataset_flickr30k.json   (from Karpathy's caption_datasets.zip)
-    flickr30k-images/*.jpg   (the folder may also be named one of {IMAGE_FOLDERS})
+    flickr30k-images/*.jpg   (or the first of {IMAGE_FOLDERS} that exists)
   """
 
   def prepare_layout(self, manual_dir: str) -> None:

@@ -14,7 +14,9 @@ or empty on every line. image_id may be a string or an integer (stored as its st
 
 Image paths are relative to the .jsonl file's folder, or absolute, and must lie inside that folder (link a
 folder of images kept elsewhere into it): a path that leaves it is most often one written relative to
-another folder. Mistakes stop the build with one line naming the file, the line and the key.
+another folder. Mistakes stop the build with one line naming the file, the line and the key. Each image
+file is stored once per build however many lines (and splits) name it (layout.py); a file named
+images.jsonl is refused, as `images` is the image table's split.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Iterator
 import tensorflow_datasets as tfds
 
 from pixelbert_jax.data.builders import _common as c
+from pixelbert_jax.data.builders import layout
 from pixelbert_jax.data.preprocess import BadImageError
 
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -44,6 +47,11 @@ def jsonl_splits(manual_dir: str, hint: str) -> dict[str, str]:
       raise ValueError(
           f"{path}: a split is named after its file, and {name!r} is not a valid split name "
           "(letters, digits and _ only)"
+      )
+    if name == layout.IMAGES_SPLIT:
+      raise ValueError(
+          f"{path}: a split is named after its file, and {name!r} is the name of the build's image table; "
+          "rename the file"
       )
     splits[name] = path
   return splits
@@ -67,8 +75,11 @@ INSTRUCTIONS = {
 class Jsonl(c.ManualBuilder):
   """Your own image-text data as JSON lines; config 'captions' or 'vqa' picks the schema."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Original encoded images, texts as given (stripped)."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Original encoded images, texts as given (stripped).",
+      "2.0.0": "Layout 2: each image stored once (split 'images'), records point at it.",
+  }
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="captions", description="captions schema"),
       tfds.core.BuilderConfig(name="vqa", description="vqa schema"),
@@ -77,18 +88,25 @@ class Jsonl(c.ManualBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = c.captions_features() if self.builder_config.name == "captions" else c.vqa_features()
-    return tfds.core.DatasetInfo(builder=self, features=features, description=self.__doc__)
+    return self.dataset_info(features)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    files = jsonl_splits(self.manual_path(dl_manager), INSTRUCTIONS[self.builder_config.name])
-    return {split: self._generate_examples(split, path) for split, path in files.items()}
+    manual_dir = self.manual_path(dl_manager)
+    files = jsonl_splits(manual_dir, INSTRUCTIONS[self.builder_config.name])
+    table = self.start_table(manual_dir)
+    splits = {}
+    for split, path in files.items():  # validate every file before writing anything
+      lines = self._read(path)
+      for _, image_path, _, _ in lines:
+        table.add(image_path)
+      splits[split] = self._generate_examples(split, path, lines)
+    return self.with_table(splits)
 
-  def _generate_examples(self, split: str, path: str) -> Iterator[tuple[str, dict]]:
+  def _read(self, path: str) -> list[tuple[int, str, str, dict]]:
     schema = self.builder_config.name
-    tally = self.tally(split)
     folder = os.path.dirname(path)
     lines = []
-    for line_no, rec in c.iter_json_lines(path):  # validate the whole file before writing anything
+    for line_no, rec in c.iter_json_lines(path):
       where = f"line {line_no}"
       image = c.field(rec, "image", str, file=path, where=where)
       image_path = image_inside(folder, image, file=path, where=where)
@@ -99,20 +117,24 @@ class Jsonl(c.ManualBuilder):
       check_vqa_file(lines, path)
     else:
       lines = merge_images(lines, path)
+    return lines
 
-    def make(line: tuple[int, str, str, dict]) -> tuple[str, dict] | None:
+  def _generate_examples(self, split: str, path: str, lines: list) -> Iterator[tuple[int, dict]]:
+    schema = self.builder_config.name
+
+    def make(line: tuple[int, str, str, dict], tally: c.BadRecordTally) -> dict | None:
       line_no, image_path, image_id, fields = line
       name = f"{path}: record line {line_no}"
       fields = finish_captions(fields, tally, name) if schema == "captions" else finish_vqa(fields, tally, name)
       if fields is None:
         return None
       try:
-        data, height, width = self.images.read(image_path)
+        row, height, width = self.table.row(image_path)
       except BadImageError as e:  # the skip warning names the key as well as the file and line
         raise BadImageError(f"key 'image': {e}") from e
-      return f"{line_no}", {"image": data, "image_id": image_id, "height": height, "width": width, **fields}
+      return {"image_index": row, "image_id": image_id, "height": height, "width": width, **fields}
 
-    return c.generate(((f"{path}: record line {line[0]}", line) for line in lines), make, tally)
+    return self.records(split, [(f"{path}: record line {line[0]}", line) for line in lines], make)
 
 
 def image_inside(folder: str, image: str, *, file: str, where: str) -> str:

@@ -13,33 +13,35 @@ import tensorflow_datasets as tfds
 
 from pixelbert_jax.data.builders import _common as c
 
-SPLITS = ("train", "dev", "test1")
+SPLITS = ("train", "dev", "test1", "test2")  # test2: released with labels after the paper
 _LABELS = {"True": 1, "true": 1, "False": 0, "false": 0, True: 1, False: 0}
 
 
 class Nlvr2(c.ManualBuilder):
-  """NLVR2 statements about image pairs: label 1 = True, 0 = False; splits train, dev, test1 as given."""
+  """NLVR2 statements about image pairs: label 1 = True, 0 = False; splits train, dev, test1, test2 as given.
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Original encoded image pairs (format sniffed), sentence, label."}
+  Each image file is stored once, however many statements name it (layout.py).
+  """
+
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Original encoded image pairs (format sniffed), sentence, label.",
+      "2.0.0": "Layout 2: each image stored once (split 'images'), statements point at both; test2 read.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  Put into manual_dir (any of the three splits; train is the usual minimum):
-    train.json, dev.json, test1.json      JSON lines: {"identifier": "split-set-pair-sentence", "sentence",
-                                          "label": "True"|"False", "left_url", "right_url", ...}
+  Put into manual_dir (any of the splits; train is the usual minimum):
+    train.json, dev.json, test1.json, test2.json   JSON lines: {"identifier": "split-set-pair-sentence",
+                                          "sentence", "label": "True"|"False", "left_url", "right_url", ...}
     images/train/**/train-<set>-<pair>-img0.png and -img1.png   (nested numbered folders are fine)
-    images/dev/..., images/test1/...      (the folders may also sit directly in manual_dir: train/, dev/, ...)
+    images/dev/..., images/test1/..., images/test2/...   (or directly in manual_dir: train/, dev/, ...)
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=c.nlvr2_features(),
-        homepage="https://lil.nlp.cornell.edu/nlvr/",
-        description=self.__doc__,
-    )
+    return self.dataset_info(c.nlvr2_features(), homepage="https://lil.nlp.cornell.edu/nlvr/")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)
+    table = self.start_table(manual_dir)
     splits = {}
     for split in SPLITS:
       json_path = os.path.join(manual_dir, f"{split}.json")
@@ -50,19 +52,22 @@ class Nlvr2(c.ManualBuilder):
           what=f"NLVR2 {split} image",
           hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS,
       )
-      splits[split] = self._generate_examples(split, read_statements(json_path), index_images(image_root))
+      statements, images = read_statements(json_path), index_images(image_root)
+      for st in statements:
+        for k in (0, 1):
+          if f"{st['pair']}-img{k}" in images:
+            table.add(images[f"{st['pair']}-img{k}"])
+      splits[split] = self._generate_examples(split, statements, images)
     if not splits:
       raise FileNotFoundError(
           f"none of {[s + '.json' for s in SPLITS]} found in {manual_dir}. " f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
       )
-    return splits
+    return self.with_table(splits)
 
   def _generate_examples(
       self, split: str, statements: list[dict], images: dict[str, str]
-  ) -> Iterator[tuple[str, dict]]:
-    tally = self.tally(split)
-
-    def make(st: dict) -> tuple[str, dict] | None:
+  ) -> Iterator[tuple[int, dict]]:
+    def make(st: dict, tally: c.BadRecordTally) -> dict | None:
       if not st["sentence"]:
         tally.skip(st["identifier"], "empty sentence")
         return None
@@ -71,11 +76,11 @@ class Nlvr2(c.ManualBuilder):
         name = f"{st['pair']}-img{k}"
         if name not in images:
           raise c.BadImageError(f"{name}.png: missing (no file with this name under the {split} images)")
-        data, height, width = self.images.read(images[name])
-        example.update({f"image{k}": data, f"height{k}": height, f"width{k}": width})
-      return st["identifier"], example
+        row, height, width = self.table.row(images[name])
+        example.update({f"image{k}_index": row, f"height{k}": height, f"width{k}": width})
+      return example
 
-    return c.generate(((st["identifier"], st) for st in statements), make, tally)
+    return self.records(split, [(st["identifier"], st) for st in statements], make)
 
 
 def read_statements(path: str) -> list[dict]:

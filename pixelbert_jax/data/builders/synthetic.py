@@ -1,7 +1,9 @@
 """TFDS builder for the embedded synthetic world (captions, vqa and nlvr2 schemas), written as ArrayRecord.
 
 Every generation parameter is part of the builder config's name, so changing a size or the seed builds a
-new dataset beside the old one instead of silently reusing it.
+new dataset beside the old one instead of silently reusing it. The layout is every build's (layout.py):
+each image once in split `images`, records pointing at it. Records keep the order version 1.1.0 stored
+them in (TFDS's hash of the old keys), so the demo reads the same records at the same indices as before.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import dataclasses
 import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import hashing
 
 from pixelbert_jax.data import synthetic as world
+from pixelbert_jax.data.builders import layout
 
-_BYTES = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)  # original encoded bytes; no TF needed
+SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,10 +71,12 @@ def synthetic_config(
 
 def _features(schema: str) -> tfds.features.FeaturesDict:
   f = tfds.features
+  table = layout.table_features()
   if schema == "captions":
     return f.FeaturesDict(
         {
-            "image": _BYTES(),
+            **table,
+            "image_index": layout.ref_feature(),
             "image_id": f.Text(),
             "captions": f.Sequence(f.Text()),
             # per caption: indices into caption.split() of its grounded words, padded with -1
@@ -84,7 +90,8 @@ def _features(schema: str) -> tfds.features.FeaturesDict:
   if schema == "vqa":
     return f.FeaturesDict(
         {
-            "image": _BYTES(),
+            **table,
+            "image_index": layout.ref_feature(),
             "image_id": f.Text(),
             "question_id": np.int64,
             "question": f.Text(),
@@ -97,11 +104,12 @@ def _features(schema: str) -> tfds.features.FeaturesDict:
     )
   return f.FeaturesDict(
       {
+          **table,
           "identifier": f.Text(),
           "sentence": f.Text(),
           "label": np.int32,
-          "image0": _BYTES(),
-          "image1": _BYTES(),
+          "image0_index": layout.ref_feature(),
+          "image1_index": layout.ref_feature(),
           "height0": np.int32,
           "width0": np.int32,
           "height1": np.int32,
@@ -113,8 +121,11 @@ def _features(schema: str) -> tfds.features.FeaturesDict:
 class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes on a 3x3 grid with captions, questions and pair statements; see data/synthetic.py."""
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.1.0": "Scene spec (objects per image, radii) in the config name; captions carry cell_labels."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.1.0": "Scene spec (objects per image, radii) in the config name; captions carry cell_labels.",
+      "2.0.0": "Layout 2: each image stored once (split 'images'), records point at it, in 1.1.0's order.",
+  }
   BUILDER_CONFIGS = [synthetic_config("captions", seed=0, image_size=192, num_train=4000, num_val=500, num_test=500)]
 
   @tfds.core.utils.classproperty
@@ -124,48 +135,73 @@ class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=__doc__, features=_features(self.builder_config.schema))
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=_features(self.builder_config.schema),
+        disable_shuffling=True,  # written in the order generated: image rows are known to the records
+        metadata=tfds.core.MetadataDict(),
+    )
 
   def _split_generators(self, dl_manager):
     c = self.builder_config
-    return {
-        "train": self._generate_examples("train", c.num_train),
-        "val": self._generate_examples("val", c.num_val),
-        "test": self._generate_examples("test", c.num_test),
-    }
+    sizes = {"train": c.num_train, "val": c.num_val, "test": c.num_test}
+    rows, start = {}, 0  # image (split, index) -> row of the image table: every split's images in order
+    for split in SPLITS:
+      rows[split], start = start, start + sizes[split]
+    self.info.metadata.update(layout.metadata())
+    records = {split: self._generate_examples(split, sizes[split], rows[split]) for split in SPLITS}
+    return {layout.IMAGES_SPLIT: self._generate_images(sizes), **records}
 
   def _scene(self, split: str, index: int):
     c = self.builder_config
-    objs = world.make_scene(c.seed, split, index, c.image_size, c.scene)
-    return objs, world.encode_jpeg(world.render(c.seed, split, index, objs, c.image_size))
+    return world.make_scene(c.seed, split, index, c.image_size, c.scene)
 
-  def _generate_examples(self, split: str, num: int):
+  def _generate_images(self, sizes: dict[str, int]):
+    c = self.builder_config
+    total = sum(sizes.values())
+    blank = layout.blank_example(
+        self.info.features, [k for k in self.info.features.keys() if k not in layout.TABLE_FIELDS]
+    )
+    row = 0
+    for split in SPLITS:
+      for i in range(sizes[split]):
+        image = world.encode_jpeg(world.render(c.seed, split, i, self._scene(split, i), c.image_size))
+        yield layout.ordered_key(row, total), {
+            **blank,
+            "image_bytes": image,
+            "image_file": f"synthetic-{split}-{i:06d}.jpg",
+        }
+        row += 1
+
+  def _records(self, split: str, num: int, first_row: int):
+    """(1.1.0's key, record) of every record of the split, in generation order."""
     c, size = self.builder_config, self.builder_config.image_size
     for i in range(num):
       image_id = f"synthetic-{split}-{i:06d}"
       if c.schema == "nlvr2":
         j = world.nlvr2_partner(c.seed, split, i, num)
-        (left, img0), (right, img1) = self._scene(split, i), self._scene(split, j)
+        left, right = self._scene(split, i), self._scene(split, j)
         text, truth = world.nlvr2_statement(c.seed, split, i, left, right)
         ident = f"synthetic-{split}-{i}-0"
         yield ident, {
             "identifier": ident,
             "sentence": text,
             "label": int(truth),
-            "image0": img0,
-            "image1": img1,
+            "image0_index": first_row + i,
+            "image1_index": first_row + j,
             "height0": size,
             "width0": size,
             "height1": size,
             "width1": size,
         }
         continue
-      objs, img = self._scene(split, i)
+      objs = self._scene(split, i)
       if c.schema == "captions":
         caps = world.captions(c.seed, split, i, objs, c.captions_per_image)
         grounded = [np.array(g + [-1] * (world.MAX_GROUNDED - len(g)), np.int32) for _, g in caps]
         yield image_id, {
-            "image": img,
+            "image_index": first_row + i,
             "image_id": image_id,
             "captions": [t for t, _ in caps],
             "grounded_words": grounded,
@@ -176,7 +212,18 @@ class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
       else:
         for k, q in enumerate(world.questions(c.seed, split, i, objs, c.questions_per_image)):
           qid = i * 1000 + k
-          yield f"{image_id}-q{k}", dict(q, image=img, image_id=image_id, question_id=qid, height=size, width=size)
+          yield f"{image_id}-q{k}", dict(
+              q, image_index=first_row + i, image_id=image_id, question_id=qid, height=size, width=size
+          )
+
+  def _generate_examples(self, split: str, num: int, first_row: int):
+    # Version 1.1.0 let TFDS order each split by the hash of these keys (salted with the split name); the
+    # same order here keeps every record at the index it had, so the demo's batches do not change.
+    hasher = hashing.Hasher(split)
+    made = sorted(self._records(split, num, first_row), key=lambda kv: hasher.hash_key(kv[0]))
+    blank = layout.blank_example(self.info.features, layout.TABLE_FIELDS)
+    for position, (_, record) in enumerate(made):
+      yield layout.ordered_key(position, len(made)), {**blank, **record}
 
 
 def prepare(config: SyntheticConfig, data_dir: str) -> SyntheticWorld:

@@ -1,4 +1,8 @@
-"""Visual Genome region descriptions as captions: one example per image, its region phrases as captions."""
+"""Visual Genome region descriptions as captions: one example per image, its region phrases as captions.
+
+region_descriptions.json is about 700 MB; it is read as a stream (one image's record at a time,
+_common.iter_json_array), since json.load of it peaks at several GB (bench/vg_memory.py).
+"""
 
 from __future__ import annotations
 
@@ -21,8 +25,11 @@ class VisualGenomeRegions(c.ManualBuilder):
   Captions are the image's region phrases, stripped, exact duplicates removed, order kept.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Original encoded images, region phrases as captions."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Original encoded images, region phrases as captions.",
+      "2.0.0": "Layout 2: images in split 'images', records point at them; JSON read as a stream.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Put into manual_dir:
     region_descriptions.json   [{{"id", "regions": [{{"image_id", "phrase", "x", "y", "width", "height"}}]}}]
@@ -40,12 +47,7 @@ class VisualGenomeRegions(c.ManualBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=c.captions_features(),
-        homepage="https://homes.cs.washington.edu/~ranjay/visualgenome/",
-        description=self.__doc__,
-    )
+    return self.dataset_info(c.captions_features(), homepage="https://homes.cs.washington.edu/~ranjay/visualgenome/")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)
@@ -63,12 +65,7 @@ class VisualGenomeRegions(c.ManualBuilder):
       self.excluded = len(images) - len(kept)
       log.info("excluded %d Visual Genome images that are COCO Karpathy val/test images", self.excluded)
       images = kept
-    return {"train": self._generate_examples(manual_dir, images, relpaths)}
-
-  def _generate_examples(
-      self, manual_dir: str, images: list[tuple[int, list[str]]], relpaths: dict[int, str]
-  ) -> Iterator[tuple[str, dict]]:
-    tally = self.tally("train")
+    table = self.start_table(manual_dir)
 
     def locate(image_id: int) -> str:
       if image_id in relpaths:
@@ -76,32 +73,26 @@ class VisualGenomeRegions(c.ManualBuilder):
       candidates = [os.path.join(manual_dir, d, f"{image_id}.jpg") for d in IMAGE_FOLDERS]
       return next((p for p in candidates if os.path.isfile(p)), candidates[0])
 
-    def make(item: tuple[int, list[str], str]) -> tuple[str, dict] | None:
+    items = [(image_id, phrases, table.add(locate(image_id))) for image_id, phrases in images]
+    return self.with_table({"train": self._generate_examples(items)})
+
+  def _generate_examples(self, items: list[tuple[int, list[str], str]]) -> Iterator[tuple[int, dict]]:
+    def make(item: tuple[int, list[str], str], tally: c.BadRecordTally) -> dict | None:
       image_id, phrases, path = item
       captions = c.clean_texts(phrases, tally=tally, name=path, dedupe=True)
       if not captions:
         tally.skip(path, "no non-empty region phrase")
         return None
-      data, height, width = self.images.read(path)
-      return str(image_id), {
-          "image": data,
-          "image_id": str(image_id),
-          "captions": captions,
-          "height": height,
-          "width": width,
-      }
+      row, height, width = self.table.row(path)
+      return {"image_index": row, "image_id": str(image_id), "captions": captions, "height": height, "width": width}
 
-    items = ((image_id, phrases, locate(image_id)) for image_id, phrases in images)
-    return c.generate(((item[2], item) for item in items), make, tally)
+    return self.records("train", [(item[2], item) for item in items], make)
 
 
 def read_regions(path: str) -> list[tuple[int, list[str]]]:
-  """[(image id, phrases)] from region_descriptions.json, validated."""
-  records = c.load_json(path)
-  if not isinstance(records, list):
-    raise c.RecordError(f"{path}: expected a top-level list, got {type(records).__name__}")
+  """[(image id, phrases)] from region_descriptions.json, validated, read one image's record at a time."""
   images, seen = [], set()
-  for i, rec in enumerate(records):
+  for i, rec in c.iter_json_array(path):
     key = "id" if isinstance(rec, dict) and "id" in rec else "image_id"  # v1.0 files say image_id
     image_id = c.field(rec, key, int, file=path, where=f"[{i}]")
     where = f"[{i}] (image {image_id})"
@@ -114,11 +105,8 @@ def read_regions(path: str) -> list[tuple[int, list[str]]]:
 
 def read_image_data(path: str) -> tuple[dict[int, str], dict[int, int]]:
   """(image id -> path relative to manual_dir, from the url's folder/file; image id -> COCO id)."""
-  records = c.load_json(path)
-  if not isinstance(records, list):
-    raise c.RecordError(f"{path}: expected a top-level list, got {type(records).__name__}")
   relpaths, coco_ids = {}, {}
-  for i, rec in enumerate(records):
+  for i, rec in c.iter_json_array(path):
     key = "image_id" if isinstance(rec, dict) and "image_id" in rec else "id"
     image_id = c.field(rec, key, int, file=path, where=f"[{i}]")
     url = c.field(rec, "url", str, file=path, where=f"[{i}] (image {image_id})")

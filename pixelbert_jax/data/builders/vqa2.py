@@ -30,13 +30,18 @@ ANSWERS_PER_QUESTION = 10
 
 
 class Vqa2(c.ManualBuilder):
-  """VQA v2: splits train, val, and test / test_dev when their question files are given (no answers)."""
+  """VQA v2: splits train, val, and with include_test_splits test / test_dev (no answers) when their question
+  files are given. Each COCO image is stored once however many questions (and splits) name it."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Original encoded COCO images, raw answers, question and answer types."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Original encoded COCO images, raw answers, question and answer types.",
+      "2.0.0": "Layout 2: each image stored once (split 'images'); test splits only with include_test_splits.",
+  }
+  TEST_SPLITS = ("test", "test_dev")
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Put into manual_dir (any subset of the splits; each split needs its questions file, train/val also their
-  annotations file):
+  annotations file; test and test_dev are built only with --include_test_splits):
     v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json
     v2_mscoco_{train2014,val2014}_annotations.json
     train2014/COCO_train2014_<12-digit id>.jpg, val2014/..., test2015/COCO_test2015_<12-digit id>.jpg
@@ -44,47 +49,40 @@ class Vqa2(c.ManualBuilder):
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, features=c.vqa_features(), homepage="https://visualqa.org", description=self.__doc__
-    )
+    return self.dataset_info(c.vqa_features(), homepage="https://visualqa.org")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)
+    table = self.start_table(manual_dir)
     splits = {}
     for split, (questions, annotations, folder, prefix) in SPLIT_FILES.items():
       q_path = os.path.join(manual_dir, questions)
-      if not os.path.isfile(q_path):
+      if not os.path.isfile(q_path) or not self.wants(split, questions):
         continue
       a_path = annotations and c.require_file(
           os.path.join(manual_dir, annotations), hint=f"split {split} needs it beside {questions}."
       )
-      records = read_vqa(q_path, a_path)
-      splits[split] = self._generate_examples(split, records, os.path.join(manual_dir, folder), prefix)
+      records, paths = read_vqa(q_path, a_path), {}
+      for r in records:  # an image has ~5 questions: look its file up once
+        if r["image_id"] not in paths:
+          paths[r["image_id"]] = table.add(locate(os.path.join(manual_dir, folder), prefix, r["image_id"]))
+        r["path"] = paths[r["image_id"]]
+      splits[split] = self._generate_examples(split, records)
     if not splits:
+      left_out = " (test question files are there: pass --include_test_splits)" if self._left_out else ""
       raise FileNotFoundError(
-          f"no VQA v2 questions file found in {manual_dir}. " f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+          f"no VQA v2 questions file found in {manual_dir}{left_out}. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
       )
-    return splits
+    return self.with_table(splits)
 
-  def _generate_examples(
-      self, split: str, records: list[dict], image_dir: str, prefix: str
-  ) -> Iterator[tuple[str, dict]]:
-    tally = self.tally(split)
-
-    def locate(image_id: int) -> str:
-      path = os.path.join(image_dir, f"{prefix}{image_id:012d}.jpg")
-      if os.path.isfile(path):
-        return path
-      plain = os.path.join(image_dir, f"{image_id:012d}.jpg")  # COCO 2017-style names
-      return plain if os.path.isfile(plain) else path
-
-    def make(rec: dict) -> tuple[str, dict] | None:
+  def _generate_examples(self, split: str, records: list[dict]) -> Iterator[tuple[int, dict]]:
+    def make(rec: dict, tally: c.BadRecordTally) -> dict | None:
       if not rec["question"].strip():
         tally.skip(f"question {rec['question_id']}", "empty question")
         return None
-      data, height, width = self.images.read(locate(rec["image_id"]))
-      return str(rec["question_id"]), {
-          "image": data,
+      row, height, width = self.table.row(rec["path"])
+      return {
+          "image_index": row,
           "image_id": str(rec["image_id"]),
           "question_id": rec["question_id"],
           "question": rec["question"],
@@ -95,7 +93,15 @@ class Vqa2(c.ManualBuilder):
           "width": width,
       }
 
-    return c.generate(((f"question {r['question_id']}", r) for r in records), make, tally)
+    return self.records(split, [(f"question {r['question_id']}", r) for r in records], make)
+
+
+def locate(image_dir: str, prefix: str, image_id: int) -> str:
+  path = os.path.join(image_dir, f"{prefix}{image_id:012d}.jpg")
+  if os.path.isfile(path):
+    return path
+  plain = os.path.join(image_dir, f"{image_id:012d}.jpg")  # COCO 2017-style names
+  return plain if os.path.isfile(plain) else path
 
 
 def read_vqa(questions_path: str, annotations_path: str | None) -> list[dict]:
