@@ -16,6 +16,7 @@ reads, are not counted; measured peaks are train_step.py's. The CNN is traced as
 
 import argparse
 import collections
+import functools
 import os
 import sys
 
@@ -143,6 +144,8 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
 
+  from pixelbert_jax import tasks
+  from pixelbert_jax import train_step as train_step_lib
   from pixelbert_jax.models.build import build_model
 
   w, cfg = train_step.workload_cfg(args)
@@ -150,10 +153,11 @@ def main(argv=None):
   abstract = jax.eval_shape(lambda: common.init_flax(model, w["task"]))
   stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract.get("batch_stats", {}))
   batch = train_step.synthetic_batch(w, cfg, args.batch)
-  loss_fn = train_step.jax_loss_fn(model, w["task"], update_bn=cfg.cnn.norm == "bn")
-  residuals = saved_residuals(
-      lambda p, *a: loss_fn(p, *a)[0], abstract["params"], stats, batch, jax.random.key(0), jax.random.key(1)
+  loss_fn = functools.partial(
+      train_step_lib.loss_fn, model=model, task=tasks.get_task(w["task"]), update_batch_stats=cfg.cnn.norm == "bn"
   )
+  rngs = {"dropout": jax.random.key(0), "sample": jax.random.key(1)}
+  residuals = saved_residuals(lambda p, *a: loss_fn(p, *a)[0], abstract["params"], stats, batch, rngs)
   print(report(args, cfg, residuals))
   common.write_json(
       args.json,

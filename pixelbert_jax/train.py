@@ -39,6 +39,9 @@ class Trainer:
   """Builds everything that depends on the config once; `train_and_evaluate` drives it."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    # -1 in the config = from the data (vocab size, answers), filled in place: train_and_evaluate writes
+    # config.json and the checkpoint's meta after this, so that predict and fine-tuning build the same model.
+    pipeline.resolve_from_data(config)
     self.config, self.mesh = config, mesh
     self.task = tasks.get_task(config.task)
     self._evaluate = tasks.get_evaluate(config.task)
@@ -237,9 +240,6 @@ def _lock_workdir(workdir: epath.Path) -> run_lock.RunLock | run_lock.NoLock:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, float]:
-  # -1 in the config = from the data (vocab size, answers); set before config.json and the checkpoint's meta
-  # are written, so that predict and fine-tuning build the same model.
-  pipeline.resolve_from_data(config)
   mesh = partitioning.make_mesh(config.mesh_shape)
   partitioning.log_mesh(mesh)
   pc, pi = jax.process_count(), jax.process_index()

@@ -7,6 +7,7 @@ optax transformation are keyword arguments, bound with functools.partial before 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -38,6 +39,28 @@ def init_state(rng: jax.Array, *, model, task_name: str, tx: optax.GradientTrans
   }
 
 
+def loss_fn(
+    params,
+    batch_stats,
+    batch: Mapping[str, jax.Array],
+    rngs: Mapping[str, jax.Array],
+    *,
+    model,
+    task,
+    loss_weights: Mapping[str, Any] | None = None,
+    update_batch_stats: bool = False,
+) -> tuple[jax.Array, tuple[dict, Any]]:
+  """The step's forward pass in training mode and the task's loss: (loss, (metrics, new batch_stats)).
+  `rngs`: the `dropout` and `sample` keys. Differentiated with respect to `params` by `train_step`."""
+  mutable = ["batch_stats"] if update_batch_stats else False
+  out = model.apply(
+      variables(params, batch_stats), **task.model_inputs(batch), train=True, rngs=dict(rngs), mutable=mutable
+  )
+  outputs, new_vars = out if mutable else (out, {})
+  loss, metrics = task.loss_and_metrics(outputs, batch, **(loss_weights or {}))
+  return loss, (metrics, new_vars.get("batch_stats", batch_stats))
+
+
 def train_step(
     state: State,
     batch: Mapping[str, jax.Array],
@@ -53,21 +76,12 @@ def train_step(
   `update_batch_stats`: a batch-norm CNN that trains updates its running statistics (config.model.cnn.norm
   'bn'); otherwise they stay as they are."""
   k_drop, k_sample = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
-  mutable = ["batch_stats"] if update_batch_stats else False
-
-  def loss_fn(params):
-    out = model.apply(
-        variables(params, state["batch_stats"]),
-        **task.model_inputs(batch),
-        train=True,
-        rngs={"dropout": k_drop, "sample": k_sample},
-        mutable=mutable,
-    )
-    outputs, new_vars = out if mutable else (out, {})
-    loss, metrics = task.loss_and_metrics(outputs, batch, **(loss_weights or {}))
-    return loss, (metrics, new_vars.get("batch_stats", state["batch_stats"]))
-
-  (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  objective = functools.partial(
+      loss_fn, model=model, task=task, loss_weights=loss_weights, update_batch_stats=update_batch_stats
+  )
+  (_, (metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+      state["params"], state["batch_stats"], batch, {"dropout": k_drop, "sample": k_sample}
+  )
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   metrics["grad_norm"] = (optim.global_norm(grads), jnp.ones(()))
   new_state = {

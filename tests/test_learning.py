@@ -165,6 +165,7 @@ def test_finetune_fits_a_tiny_set(task, data_dir):
   from flax import traverse_util
   from pixelbert_jax import partitioning, train
   from pixelbert_jax.data import pipeline
+  from pixelbert_jax.models.build import variables
   from tests import finetune_helpers as fh
 
   config = fh.tiny_finetune_config(
@@ -188,9 +189,9 @@ def test_finetune_fits_a_tiny_set(task, data_dir):
 
   def loss_fn(params):
     outputs = trainer.model.apply(
-        trainer._variables(params, state["batch_stats"]), **trainer.task.model_inputs(batch), train=False
+        variables(params, state["batch_stats"]), **trainer.task.model_inputs(batch), train=False
     )
-    return trainer.task.loss_and_metrics(outputs, batch, **trainer._loss_weights())[0]
+    return trainer.task.loss_and_metrics(outputs, batch, **dict(config.loss))[0]
 
   grads = traverse_util.flatten_dict(jax.device_get(jax.grad(loss_fn)(state["params"])), sep="/")
   frozen = bool(config.model.cnn.frozen)

@@ -236,7 +236,7 @@ def test_cnn_impls_agree_in_training(norm):
 def test_first_max_pool_gradient_matches_torch():
   """The explicit max-pool backward routes each window's gradient to its first maximum, as torch does:
   checked on integer-valued inputs where most windows tie."""
-  from pixelbert_jax.models.resnet import max_pool_first_max
+  from pixelbert_jax.models.cpu_kernels import max_pool_first_max
 
   rng = np.random.default_rng(9)
   x = rng.integers(0, 3, (2, 9, 10, 4)).astype(np.float32)
@@ -263,7 +263,7 @@ def test_cnn_impl_is_validated():
 
 def test_batch_norm_gradient_includes_the_statistics():
   """The closed-form backward also carries gradients that reach x through the returned mean and var."""
-  from pixelbert_jax.models.resnet import batch_norm_train
+  from pixelbert_jax.models.cpu_kernels import batch_norm_train
 
   rng = np.random.default_rng(10)
   x = jnp.asarray(rng.standard_normal((2, 3, 4, 5)) * 2 + 1, jnp.float32)

@@ -140,7 +140,7 @@ def own_vqa_config(manual_dir: str, data_dir: str, vocab_path: str, total_steps:
       "data.manual_dir": manual_dir,
       "data.vocab_path": vocab_path,
       "data.vqa_min_answer_count": 1,
-      "model.num_answers": 0,
+      "model.num_answers": -1,
       "model.vocab_size": len(open(vocab_path).read().split()),
       "batch_size": 4,
       "eval_batch_size": 4,

@@ -128,6 +128,8 @@ def from_torch(
   cnn_sd = read_tensor_file(cnn_path)
   cnn = cnn_from_torchvision(cnn_sd, cfg.cnn)
   hf_config, bert_sd = read_hf_folder(bert_dir)
+  if int(cfg.vocab_size) == -1:  # the config reads it off the data; here the BERT being converted fixes it
+    cfg.vocab_size = int(hf_config.get("vocab_size", -1))
   check_hf_config(hf_config, cfg, os.path.join(bert_dir, "config.json"))
   bert = bert_from_hf(bert_sd, cfg)
   model = build_model(cfg, task)
