@@ -29,6 +29,7 @@ from pixelbert_jax.data import synthetic as world
 from pixelbert_jax.data.preprocess import decode_image
 from pixelbert_jax.data.sources import open_split
 from pixelbert_jax.models.bert import compute_dtype
+from pixelbert_jax.models.build import variables
 from pixelbert_jax.models.pixel_bert import normalize_image
 from pixelbert_jax.models.resnet import resnet_from_config
 
@@ -134,8 +135,8 @@ def train_cnn(
   model = CellClassifier(ml_collections.FrozenConfigDict(config.model))
   size = train_data.size
   dummy = (jnp.zeros((1, size, size, 3), jnp.uint8), jnp.ones((1, size, size), bool))
-  variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), *dummy))  # eager init takes seconds
-  grid = jax.eval_shape(model.apply, variables, *dummy)[0]
+  initial = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), *dummy))  # eager init takes seconds
+  grid = jax.eval_shape(model.apply, initial, *dummy)[0]
   if grid.shape[1] != world.GRID * world.GRID:
     raise ValueError(
         f"config.cnn_warm_start: the CNN makes {grid.shape[1]} feature pixels of a "
@@ -146,22 +147,25 @@ def train_cnn(
   replicated = partitioning.replicated(mesh)
   state = jax.device_put(
       {
-          "params": variables["params"],
-          "batch_stats": variables.get("batch_stats", {}),
-          "opt": tx.init(variables["params"]),
+          "params": initial["params"],
+          "batch_stats": initial.get("batch_stats", {}),
+          "opt": tx.init(initial["params"]),
       },
       replicated,
   )
-  has_stats = bool(variables.get("batch_stats"))
+  has_stats = bool(initial.get("batch_stats"))
 
   @functools.partial(
       jax.jit, donate_argnums=0, compiler_options=xla_options.compiler_options(mesh.devices.flat[0].platform)
   )
   def step(state, batch):
     def loss_fn(params):
-      vs = {"params": params, **({"batch_stats": state["batch_stats"]} if has_stats else {})}
       out = model.apply(
-          vs, batch["image"], batch["image_mask"], train=True, mutable=["batch_stats"] if has_stats else False
+          variables(params, state["batch_stats"]),
+          batch["image"],
+          batch["image_mask"],
+          train=True,
+          mutable=["batch_stats"] if has_stats else False,
       )
       (colour, shape), new_vars = out if has_stats else (out, {})
       loss, metrics = _loss_and_accuracy(colour, shape, batch)
@@ -209,8 +213,9 @@ def evaluate(
   """Per-cell colour and shape accuracy (cells with an object) on the eval split, inference-mode CNN."""
   data = _CellImages(config.data, config.data.eval_split)
   n = min(len(data), max_images)
-  vs = {"params": state["params"], **({"batch_stats": state["batch_stats"]} if state["batch_stats"] else {})}
   batch = data.batch(np.arange(n))
-  colour, shape = jax.jit(model.apply)(vs, batch["image"], batch["image_mask"])
+  colour, shape = jax.jit(model.apply)(
+      variables(state["params"], state["batch_stats"]), batch["image"], batch["image_mask"]
+  )
   _, metrics = _loss_and_accuracy(colour, shape, batch)
   return {f"warm_start/{k}": float(v) for k, v in metrics.items()}

@@ -103,3 +103,19 @@ def test_no_import_cycle_inside_the_package():
   graph = {name: imported_modules(name, path, set(files)) for name, path in files.items()}
   assert sum(map(len, graph.values())) > 100, "the walk found too few imports"
   assert import_cycles(graph) == [], "import cycles inside pixelbert_jax"
+
+
+def test_the_train_step_and_the_task_losses_import_without_the_data_pipeline():
+  """What bench/ and a bare accelerator host import: the step, the tasks' losses, the model, the configs."""
+  import subprocess
+  import sys
+
+  code = (
+      "import sys; import pixelbert_jax.train_step, pixelbert_jax.tasks.pretrain, pixelbert_jax.tasks.vqa, "
+      "pixelbert_jax.tasks.nlvr2, pixelbert_jax.tasks.retrieval, pixelbert_jax.models.build; "
+      "print(sorted(m for m in sys.modules if m in ('grain', 'tensorflow_datasets', 'transformers') "
+      "or m.startswith('pixelbert_jax.data')))"
+  )
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.strip() == "[]", run.stdout

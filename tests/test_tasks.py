@@ -214,3 +214,40 @@ def test_cached_evaluation_full_and_first_stage(tiny_retrieval):
       model, variables, list(images), list(masks), ids, tmask, cap_img, first_stage_k=1, pair_batch_size=7
   )
   assert small["pairs_scored"] < 32 and small["pairs_per_s"] > 0
+
+
+def test_train_step_is_a_pure_function_of_the_state_and_the_batch():
+  """train_step.train_step called directly, as the trainer and bench/ call it: one update with dropout and
+  pixel sampling on, keyed by (state.rng, state.step), so the same state and batch give the same new state
+  bit for bit, and a state one step on draws other keys."""
+  import functools
+
+  import optax
+  from pixelbert_jax import tasks, train_step
+
+  cfg = model_config("tiny", "tiny", 30)
+  model = build_model(cfg, "pretrain")
+  tx = optax.adam(1e-3)
+  state = jax.jit(lambda r: nn.unbox(train_step.init_state(r, model=model, task_name="pretrain", tx=tx, text_len=6)))(
+      jax.random.PRNGKey(0)
+  )
+  rng = np.random.default_rng(0)
+  batch = dict(dummy_inputs("pretrain", batch_size=4, text_len=6))
+  batch["image"] = jnp.asarray(rng.integers(0, 256, batch["image"].shape), jnp.uint8)
+  batch["input_ids"] = jnp.asarray(rng.integers(4, 30, (4, 6)), jnp.int32)
+  batch.update(
+      mlm_labels=jnp.asarray(rng.integers(4, 30, (4, 6)), jnp.int32),
+      mlm_weights=jnp.asarray([[0, 1, 0, 1, 0, 0]] * 4, jnp.float32),
+      itm_label=jnp.asarray([1, 0, 1, 0], jnp.int32),
+      example_mask=jnp.ones((4,), jnp.float32),
+  )
+  step = jax.jit(functools.partial(train_step.train_step, model=model, task=tasks.get_task("pretrain"), tx=tx))
+  new, metrics = step(state, batch)
+  again, _ = step(state, batch)
+  assert int(new["step"]) == 1 and float(metrics["grad_norm"][0]) > 0
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(new["params"]))]
+  assert all(moved), "every parameter gets an Adam update"
+  _, later = step(new, batch)  # other dropout / sampling keys: another loss on the same batch
+  assert float(later["loss"][0]) != float(metrics["loss"][0])
