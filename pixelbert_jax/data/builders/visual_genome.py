@@ -6,6 +6,7 @@ _common.iter_json_array), since json.load of it peaks at several GB (bench/vg_me
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Iterator
@@ -76,10 +77,10 @@ class VisualGenomeRegions(c.ManualBuilder):
     items = [(image_id, phrases, table.add(locate(image_id))) for image_id, phrases in images]
     return self.with_table({"train": self._generate_examples(items)})
 
-  def _generate_examples(self, items: list[tuple[int, list[str], str]]) -> Iterator[tuple[int, dict]]:
-    def make(item: tuple[int, list[str], str], tally: c.BadRecordTally) -> dict | None:
+  def _generate_examples(self, items: list[tuple[int, str, str]]) -> Iterator[tuple[int, dict]]:
+    def make(item: tuple[int, str, str], tally: c.BadRecordTally) -> dict | None:
       image_id, phrases, path = item
-      captions = c.clean_texts(phrases, tally=tally, name=path, dedupe=True)
+      captions = c.clean_texts(json.loads(phrases), tally=tally, name=path, dedupe=True)
       if not captions:
         tally.skip(path, "no non-empty region phrase")
         return None
@@ -89,8 +90,10 @@ class VisualGenomeRegions(c.ManualBuilder):
     return self.records("train", [(item[2], item) for item in items], make)
 
 
-def read_regions(path: str) -> list[tuple[int, list[str]]]:
-  """[(image id, phrases)] from region_descriptions.json, validated, read one image's record at a time."""
+def read_regions(path: str) -> list[tuple[int, str]]:
+  """[(image id, its phrases as one JSON list)] from region_descriptions.json, validated, read one image's
+  record at a time. One string per image instead of a list of 50: 5.4M string objects would hold ~350 MB
+  more until the records are written (bench/vg_memory.py)."""
   images, seen = [], set()
   for i, rec in c.iter_json_array(path):
     key = "id" if isinstance(rec, dict) and "id" in rec else "image_id"  # v1.0 files say image_id
@@ -99,7 +102,7 @@ def read_regions(path: str) -> list[tuple[int, list[str]]]:
     c.check_unique(seen, image_id, file=path, where=where, what="image id")
     regions = c.field(rec, "regions", list, file=path, where=where)
     phrases = [c.field(r, "phrase", str, file=path, where=f"{where} regions[{j}]") for j, r in enumerate(regions)]
-    images.append((image_id, phrases))
+    images.append((image_id, json.dumps(phrases, ensure_ascii=False)))
   return images
 
 
