@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 from pixelbert_jax.data import prepare as prepare_lib
 from pixelbert_jax.data.builders import _common, layout
 from pixelbert_jax.data.builders.coco_karpathy import CocoKarpathy
+from pixelbert_jax.data.builders.jsonl import Jsonl
 from pixelbert_jax.data.builders.nlvr2 import Nlvr2
 from pixelbert_jax.data.builders.vqa2 import Vqa2
 from tests import fixtures_real as fx
@@ -147,3 +148,10 @@ def test_the_table_is_complete_before_any_record_asks_for_a_row(tmp_path):
   table.add(str(tmp_path / "a.jpg"))
   with pytest.raises(RuntimeError, match="before split 'images' was complete"):
     table.row(str(tmp_path / "a.jpg"))
+
+
+def test_a_build_whose_records_name_no_image_says_so(tmp_path):
+  (tmp_path / "manual").mkdir()
+  (tmp_path / "manual" / "train.jsonl").write_text("\n\n")
+  with pytest.raises(_common.TooManyBadRecordsError, match="split images: no record of any split names an image"):
+    build(Jsonl, tmp_path / "manual", tmp_path / "data", config="captions")

@@ -414,6 +414,10 @@ class ImageTable:
 
   def generate(self, tally: BadRecordTally) -> Iterator[tuple[int, dict]]:
     paths = list(self._paths)
+    if not paths:
+      raise TooManyBadRecordsError(
+          f"split {layout.IMAGES_SPLIT}: no record of any split names an image (are the annotation files empty?)"
+      )
     for position, path in enumerate(paths):
       tally.total += 1
       try:
