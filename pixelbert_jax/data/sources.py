@@ -16,6 +16,7 @@ import logging
 import ml_collections
 import numpy as np
 
+from pixelbert_jax import task_table
 from pixelbert_jax.data import builders
 from pixelbert_jax.data.builders import layout
 from pixelbert_jax.data.config import check_name
@@ -125,9 +126,7 @@ def _concat_index(indices: list[SplitIndex]) -> SplitIndex:
 
 def open_split(data_cfg: ml_collections.ConfigDict, task: str, split: str, *, texts: bool = False) -> OpenSplit:
   """The split's records and index for `task` (its schema); texts=True also loads captions / answers."""
-  if task not in builders.TASK_SCHEMA:
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(builders.TASK_SCHEMA)}")
-  schema = builders.TASK_SCHEMA[task]
+  schema = task_table.spec(task).schema
   names = check_name(data_cfg.name)
   if len(names) == 1:
     opened, have = _open_one(data_cfg, schema, split, texts)

@@ -11,8 +11,8 @@ import importlib
 import ml_collections
 import tensorflow_datasets as tfds
 
-# schema each pipeline task reads
-TASK_SCHEMA = {"pretrain": "captions", "retrieval": "captions", "vqa": "vqa", "nlvr2": "nlvr2"}
+from pixelbert_jax import task_table
+
 REAL_DATASETS = ("coco_karpathy", "flickr30k", "visual_genome", "vqa2", "nlvr2", "jsonl")
 
 
@@ -82,9 +82,7 @@ def builder(data_cfg: ml_collections.ConfigDict, schema: str) -> tfds.core.Datas
 
 def data_source(data_cfg: ml_collections.ConfigDict, task: str, split: str):
   """Random-access source (len, [i]) of `split` in the schema `task` reads, each record with its image bytes."""
-  if task not in TASK_SCHEMA:
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_SCHEMA)}")
   from pixelbert_jax.data.builders import layout
 
-  b = builder(data_cfg, TASK_SCHEMA[task])
+  b = builder(data_cfg, task_table.spec(task).schema)
   return layout.open_split(b, split, dataset=data_cfg.name)[1]
