@@ -43,7 +43,9 @@ def demo_config():
   spec = importlib.util.spec_from_file_location("pretrain_config", ROOT / "configs" / "pretrain.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config("demo")
+  config = module.get_config("demo")
+  pipeline.resolve_from_data(config)  # the world's vocabulary size
+  return config
 
 
 def scenes(n: int, objects: int, size: int, split: str = "train"):

@@ -33,3 +33,9 @@ def tiny_pretrained(data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_pretrained")
   train.train_and_evaluate(th.tiny_config(data_dir, total_steps=1), str(workdir))
   return workdir
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow tests first: pytest-xdist hands tests out in collection order, so a slow one collected last
+  would run alone on one worker while the other idles, at the end of every CI run."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -21,6 +21,7 @@ import residuals  # noqa: E402
 import train_step  # noqa: E402
 
 
+@pytest.mark.slow
 def test_train_step_bench_demo(tmp_path):
   out = tmp_path / "train.json"
   train_step.main(
@@ -50,6 +51,7 @@ def test_train_step_bench_demo(tmp_path):
   assert all(r["cpu_user_ms"] > 0 and r["minflt"] >= 0 for r in results.values())
 
 
+@pytest.mark.slow
 def test_inference_bench_demo(tmp_path, capsys):
   out = tmp_path / "inference.json"
   inference.main(
@@ -94,6 +96,7 @@ def test_inference_bench_refuses_cudnn_attention_without_gpu_and_bf16(capsys):
   assert "--attention cudnn needs a CUDA GPU and --dtype bfloat16" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_residuals_bench_attributes_what_the_backward_keeps(tmp_path, capsys):
   """The demo step in bf16: the parts add up, the CNN's activations are kept in bf16 (frozen batch norm,
   no float32 copies), and remat leaves the transformer only its layer inputs while the CNN is untouched."""
@@ -128,6 +131,7 @@ def _in_process_then_two_cpu_devices(tmp_path, module, flags):
   return [json.loads(f.read_text())["results"][0] for f in (one, two)], done.stdout
 
 
+@pytest.mark.slow
 def test_train_step_bench_on_two_cpu_devices_computes_the_same_step(tmp_path):
   """--jax-cpu-devices 2 (the CPU default, as the demo configs' cpu_devices) splits the batch over a
   data-parallel mesh; its first loss is the one-device loss of the same batch."""
@@ -153,6 +157,7 @@ def test_train_step_bench_on_two_cpu_devices_computes_the_same_step(tmp_path):
   assert abs(results[0]["first_loss"] - results[1]["first_loss"]) < 1e-5, results
 
 
+@pytest.mark.slow
 def test_inference_bench_on_two_cpu_devices_scores_as_one(tmp_path):
   """--jax-cpu-devices 2 splits encoding and pair scoring over a data axis; the scores are those of one
   device."""

@@ -53,6 +53,7 @@ def _state_dict(model):
   return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size,length", [("tiny", 12), ("base", 10)])
 def test_encoder_matches_hf_bert_model(size, length):
   cfg = model_config(size, "tiny", vocab_size=97)
@@ -130,6 +131,7 @@ def _loss_and_grads(cfg, params, ids, mask):
   return jax.jit(jax.value_and_grad(loss))(params) + (str(jax.make_jaxpr(loss)(params)),)
 
 
+@pytest.mark.slow
 def test_remat_gives_same_outputs_and_grads():
   cfg = model_config("tiny", "tiny", vocab_size=97)
   ids, mask = (jnp.asarray(a) for a in _inputs(cfg, 2, 10, seed=8))

@@ -441,6 +441,7 @@ def test_truncated_jpeg_is_caught_by_decode_not_by_header(tmp_path):
   assert _common.ImageChecker("header").read(path)[1:] == (96, 128)  # the documented price of 'header'
 
 
+@pytest.mark.slow
 def test_prepare_cli_builds_and_reports(tmp_path, capsys):
   fx.write_jsonl_vqa(str(tmp_path / "manual"))
   rc = prepare_lib.main(
@@ -506,6 +507,7 @@ def test_prepare_cli_relative_manual_dir_and_tilde_data_dir(tmp_path, monkeypatc
   assert not (tmp_path / "~").exists()
 
 
+@pytest.mark.slow
 def test_data_source_reads_without_tensorflow_or_our_code(tmp_path):
   fx.write_nlvr2(str(tmp_path / "manual"))
   builder = build(Nlvr2, tmp_path / "manual", tmp_path / "data")

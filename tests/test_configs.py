@@ -26,6 +26,7 @@ def _count(config):
   }
 
 
+@pytest.mark.slow
 def test_paper_configs_parameter_counts():
   """What we count, against the real peers: the CNN equals torchvision's ResNet-50 trunk (no fc), the
   transformer equals HF's BERT-base `BertModel` (incl. pooler), plus the visual embedder and heads.
@@ -121,6 +122,7 @@ print(json.dumps({"sizes": sizes, "heavy": heavy}))
 """
 
 
+@pytest.mark.slow
 def test_every_config_variant_loads_without_io_or_heavy_imports(tmp_path):
   """Loading a config reads nothing and creates nothing (overrides such as --config.data.data_dir apply
   before any data is opened) and imports no JAX, data pipeline or deep learning framework. The default

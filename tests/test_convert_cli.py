@@ -53,6 +53,7 @@ def _cli(*args):
   )
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_to_torch_gives_the_same_itm_scores(trained, tmp_path):
   workdir, config = trained
   out = tmp_path / "out"
@@ -89,6 +90,7 @@ def test_trained_checkpoint_to_torch_gives_the_same_itm_scores(trained, tmp_path
   assert np.array_equal(flax_itm.argmax(-1), torch_itm.argmax(-1))
 
 
+@pytest.mark.slow
 def test_from_torch_then_one_training_step(data_dir, tmp_path):
   cnn_path = tmp_path / "resnet50.pth"
   torch.manual_seed(0)
@@ -152,6 +154,7 @@ def test_missing_checkpoint_dir(capsys, tmp_path):
   assert str(tmp_path / "nope") in err
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_config(trained, capsys, tmp_path):
   workdir, config = trained
   variables, meta, _ = ckpt_lib.load_model_variables(workdir)
@@ -261,6 +264,7 @@ def test_missing_bert_dir_and_wrong_sizes(capsys, tmp_path):
   assert "vocab_size=30" in err and "config.json" in err
 
 
+@pytest.mark.slow
 def test_no_verify_says_so_loudly(trained, capsys, tmp_path):
   workdir, _ = trained
   assert main(["to-torch", "--checkpoint", str(workdir), "--out", str(tmp_path / "o"), "--no-verify"]) == 0
@@ -277,6 +281,7 @@ def home(tmp_path, monkeypatch):
   return tmp_path / "home"
 
 
+@pytest.mark.slow
 def test_to_torch_tilde_checkpoint_relative_out(trained, home, tmp_path):
   workdir, _ = trained
   (home / "run").symlink_to(workdir)
@@ -286,6 +291,7 @@ def test_to_torch_tilde_checkpoint_relative_out(trained, home, tmp_path):
   assert (tmp_path / "converted" / "cnn.safetensors").is_file() and not (tmp_path / "~").exists()
 
 
+@pytest.mark.slow
 def test_from_torch_tilde_inputs_relative_out(home, tmp_path):
   # torchvision's widths (stem and planes 64) with one bottleneck per stage: the R50 layout, cheaply.
   shape = {

@@ -51,6 +51,7 @@ def _cfg(size, cnn, norm, task):
   return cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_round_trip_flax_torch_flax_is_bit_identical(task):
   cfg = _cfg("tiny", "tiny", "bn", task)
@@ -63,6 +64,7 @@ def test_round_trip_flax_torch_flax_is_bit_identical(task):
     assert flat_b[k].dtype == flat_v[k].dtype and np.array_equal(flat_b[k], flat_v[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
 def test_tiny_parity_all_outputs(task, norm):
@@ -74,6 +76,7 @@ def test_tiny_parity_all_outputs(task, norm):
   assert report.ok and {"sequence", "pooled", "pixel_mask"} <= set(report.diffs)
 
 
+@pytest.mark.slow
 def test_demo_parity():
   cfg = _cfg("demo", "demo", "bn", "pretrain")
   v = _random_variables(cfg, "pretrain", seed=2)
@@ -83,6 +86,7 @@ def test_demo_parity():
   assert report.diffs["mlm_logits"] <= 1e-4 and report.diffs["itm_logits"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_group_norm_parity_unpadded():
   # GN over heavily padded maps is float32-sensitive on both sides (see docs/readme_convert.md);
   # unpadded images check the GN mapping itself at the usual tolerance.
@@ -100,6 +104,7 @@ def test_group_norm_parity_unpadded():
   assert report.ok, report.lines()
 
 
+@pytest.mark.slow
 def test_verification_catches_a_wrong_tensor():
   cfg = _cfg("tiny", "tiny", "bn", "pretrain")
   v = _random_variables(cfg, "pretrain", seed=4)
@@ -110,6 +115,7 @@ def test_verification_catches_a_wrong_tensor():
     verify.verify(cfg, "pretrain", v, tmodel)
 
 
+@pytest.mark.slow
 def test_pieces_load_into_real_resnet50_and_bert_model(tmp_path):
   cfg = model_config("tiny", "r50", vocab_size=97)  # a resnet50-shaped CNN under a tiny BERT
   v = _random_variables(cfg, "pretrain", seed=5)

@@ -65,6 +65,7 @@ def _spawn(env: dict, timeout_s: int) -> subprocess.Popen:
   )
 
 
+@pytest.mark.slow
 def test_multiprocess_two_cpu_processes_sum_across_processes():
   address = f"127.0.0.1:{_free_port()}"
   # Process 1 starts first: it must wait for the coordinator instead of failing.
@@ -87,6 +88,7 @@ def test_multiprocess_two_cpu_processes_sum_across_processes():
     assert [float(v) for v in total] == [6.0, 22.0, 6.0]
 
 
+@pytest.mark.slow
 def test_multiprocess_unreachable_coordinator_fails_fast_naming_address():
   address = f"127.0.0.1:{_free_port()}"  # nothing listens there
   start = time.monotonic()
@@ -101,6 +103,7 @@ def test_multiprocess_unreachable_coordinator_fails_fast_naming_address():
   assert elapsed < 3 + 15, elapsed  # the timeout plus interpreter start-up, not gRPC's minutes
 
 
+@pytest.mark.slow
 def test_multiprocess_coordinator_without_peers_exits_within_timeout():
   address = f"127.0.0.1:{_free_port()}"
   start = time.monotonic()

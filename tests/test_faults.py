@@ -54,6 +54,7 @@ def _copy(reference, tmp_path):
 # -- checkpoints -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_at_a_saved_step_is_never_saved_and_a_rerun_resumes_from_the_last_finite_step(
     data_dir, reference, tmp_path, caplog
 ):
@@ -85,6 +86,7 @@ def _flat(variables):
   return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_0_is_refused_and_deletes_nothing(data_dir, reference, tmp_path):
   workdir = _copy(reference, tmp_path)
   with pytest.raises(ValueError, match=r"config.keep_checkpoints=0 must be >= 1"):
@@ -98,6 +100,7 @@ def _truncate(step_dir):
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
 
 
+@pytest.mark.slow
 def test_truncated_newest_step_of_a_finished_run_is_healed_by_a_rerun(
     data_dir, reference, tmp_path, image, capsys, caplog
 ):
@@ -128,6 +131,7 @@ def test_truncated_newest_step_of_a_finished_run_is_healed_by_a_rerun(
   train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6), str(workdir))  # and again: nothing to do
 
 
+@pytest.mark.slow
 def test_init_from_and_convert_use_the_newest_good_step_and_say_which(data_dir, reference, tmp_path, caplog, capsys):
   from pixelbert_jax.convert.__main__ import main as convert_main
 
@@ -142,6 +146,7 @@ def test_init_from_and_convert_use_the_newest_good_step_and_say_which(data_dir, 
   assert "(step 4)" in (tmp_path / "pt" / "README.md").read_text().splitlines()[0]
 
 
+@pytest.mark.slow
 def test_running_out_of_memory_while_restoring_moves_no_step_aside(data_dir, reference, tmp_path, monkeypatch):
   """Only a step that cannot be read is moved aside; an allocation failure says nothing about the files."""
   import orbax.checkpoint as ocp
@@ -157,6 +162,7 @@ def test_running_out_of_memory_while_restoring_moves_no_step_aside(data_dir, ref
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
 
 
+@pytest.mark.slow
 def test_unfinished_checkpoint_folders_are_removed_at_start(data_dir, reference, tmp_path):
   workdir = _copy(reference, tmp_path)
   leftover = workdir / "checkpoints" / "8.orbax-checkpoint-tmp-1764500000"
@@ -213,6 +219,7 @@ def _one_error_line(stderr: str) -> str:
   return errors[0]
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_is_refused_in_one_line(data_dir, long_run):
   proc, workdir = long_run()
   second = th.run_main(str(workdir), th.tiny_overrides(data_dir, total_steps=500))
@@ -223,6 +230,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_in_one_line(data_dir, long_ru
   assert not (workdir / "error.log").exists(), "the refused run writes nothing into the other run's workdir"
 
 
+@pytest.mark.slow
 def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(data_dir, reference, tmp_path, caplog):
   workdir = _copy(reference, tmp_path)
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -246,6 +254,7 @@ def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
   run_lock.acquire(str(tmp_path / "free")).release()
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_has_no_duplicate_steps_after_a_resume(data_dir, reference, tmp_path):
   """A run killed after logging steps 5 and 6 but before saving 6 resumes from 4 and logs 5 and 6 again."""
   workdir = _copy(reference, tmp_path)
@@ -259,6 +268,7 @@ def test_metrics_jsonl_has_no_duplicate_steps_after_a_resume(data_dir, reference
 # -- config.json ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_rejected_rerun_leaves_config_json_unchanged(data_dir, reference, tmp_path):
   """predict reads config.json (max_text_len among others): a rerun refused with another model and text length
   used to overwrite it, and predict then scored the same checkpoint differently."""
@@ -271,6 +281,7 @@ def test_a_rejected_rerun_leaves_config_json_unchanged(data_dir, reference, tmp_
   assert sorted(p.name for p in workdir.glob("config*.json")) == ["config.json"]
 
 
+@pytest.mark.slow
 def test_an_accepted_rerun_with_another_config_keeps_the_earlier_one(data_dir, reference, tmp_path):
   workdir = _copy(reference, tmp_path)
   before = (workdir / "config.json").read_text()
@@ -285,6 +296,7 @@ def test_an_accepted_rerun_with_another_config_keeps_the_earlier_one(data_dir, r
 # -- signals -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_zero(long_run):
   """SIGINT used to exit 130 with a traceback and lose every step since the last checkpoint."""
   proc, workdir = long_run()
@@ -314,6 +326,7 @@ def test_a_second_ctrl_c_aborts_without_saving():
 # -- clean failures: one `error:` line ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_the_previous_step_restores_bit_exact(data_dir, reference, tmp_path):
   """Writes under checkpoints/4 fail with ENOSPC (tests/fault_main.py). Before: 451 Orbax tracebacks, the
   unfinished 4.orbax-checkpoint-tmp left to keep the disk full, and no `error:` line."""
@@ -386,6 +399,7 @@ def main_errors(data_dir, tmp_path_factory):
   return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(MAIN_ERRORS))
 def test_main_ends_bad_input_with_one_error_line(main_errors, case):
   workdir, (_, err), rc = main_errors[case]
@@ -396,6 +410,7 @@ def test_main_ends_bad_input_with_one_error_line(main_errors, case):
     assert not workdir.exists(), "nothing may be written before the config is checked"
 
 
+@pytest.mark.slow
 def test_predict_given_a_file_as_checkpoint_is_one_line(reference, image, capsys):
   rc = predict.main(["--checkpoint", str(reference / "config.json"), "--image", str(image), "--caption", "a star"])
   err = capsys.readouterr().err
@@ -405,6 +420,7 @@ def test_predict_given_a_file_as_checkpoint_is_one_line(reference, image, capsys
   )
 
 
+@pytest.mark.slow
 def test_convert_to_torch_without_torch_is_one_line_before_any_output(reference, tmp_path, capsys, monkeypatch):
   from pixelbert_jax.convert.__main__ import main as convert_main
 
@@ -416,6 +432,7 @@ def test_convert_to_torch_without_torch_is_one_line_before_any_output(reference,
   assert "--no-verify" in err and not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state", ["missing", "empty"])
 def test_prepare_without_manual_dir_files_is_one_line(tmp_path, capsys, state):
   from pixelbert_jax.data import prepare

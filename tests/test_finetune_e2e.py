@@ -31,6 +31,7 @@ def _finetune(task, data_dir, pretrained, tmp_path):
   return final, results[0]
 
 
+@pytest.mark.slow
 def test_vqa_finetune_writes_the_server_result_file(data_dir, pretrained, tmp_path):
   final, result = _finetune("vqa", data_dir, pretrained, tmp_path)
   assert 0.0 <= final["eval/vqa_acc"] <= 1.0 and np.isfinite(final["eval/loss"])
@@ -44,6 +45,7 @@ def test_vqa_finetune_writes_the_server_result_file(data_dir, pretrained, tmp_pa
   assert any(k.startswith("params/vqa_head") for k in meta_task)
 
 
+@pytest.mark.slow
 def test_nlvr2_finetune_writes_identifier_csv(data_dir, pretrained, tmp_path):
   final, result = _finetune("nlvr2", data_dir, pretrained, tmp_path)
   assert 0.0 <= final["eval/consistency"] <= final["eval/acc"] + 1e-9 <= 1.0 + 1e-9
@@ -52,6 +54,7 @@ def test_nlvr2_finetune_writes_identifier_csv(data_dir, pretrained, tmp_path):
   assert all(r[0].startswith("synthetic-val-") for r in rows)
 
 
+@pytest.mark.slow
 def test_retrieval_finetune_keeps_the_pretrained_cnn_and_writes_ranks(data_dir, pretrained, tmp_path):
   final, result = _finetune("retrieval", data_dir, pretrained, tmp_path)
   for key in ("eval/tr_r1", "eval/ir_r1", "eval/tr_r10", "eval/pairs_per_s"):
@@ -69,6 +72,7 @@ def test_retrieval_finetune_keeps_the_pretrained_cnn_and_writes_ranks(data_dir, 
   assert moved, "the transformer must have been fine-tuned"
 
 
+@pytest.mark.slow
 def test_predict_from_the_pretrained_and_a_vqa_checkpoint(data_dir, pretrained, tmp_path):
   objs = synthetic.make_scene(0, "test", 3, 192)
   image = tmp_path / "scene.png"
@@ -88,6 +92,7 @@ def test_predict_from_the_pretrained_and_a_vqa_checkpoint(data_dir, pretrained, 
   assert answers[0][1] >= answers[1][1] >= answers[2][1]
 
 
+@pytest.mark.slow
 def test_tilde_init_from_data_dir_and_relative_workdir(data_dir, pretrained, tmp_path, monkeypatch):
   """config.init_from='~/pre' (bash leaves a `~` after `=`) and a relative workdir, resolved where the
   config enters train_and_evaluate: the pre-trained CNN arrives, and config.json records absolute paths."""

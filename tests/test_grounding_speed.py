@@ -36,6 +36,7 @@ def test_cell_labels_name_each_object():
     assert (cells[k, empty] == 8).all(), (k, cells[k])
 
 
+@pytest.mark.slow
 def test_probe_runs_with_backbone_control(capsys):
   grounding_speed.main(
       [
@@ -62,6 +63,7 @@ def test_probe_runs_with_backbone_control(capsys):
   assert all(math.isfinite(float(x)) for x in backbone + probe), out
 
 
+@pytest.mark.slow
 def test_cached_features_probe_reports_held_out_accuracy(capsys):
   grounding_speed.main(
       [
@@ -89,6 +91,7 @@ def test_cached_features_probe_reports_held_out_accuracy(capsys):
   assert all(math.isfinite(float(x)) for x in probe), out
 
 
+@pytest.mark.slow
 def test_cached_features_need_a_frozen_cnn():
   with pytest.raises(SystemExit):
     grounding_speed.main(["--steps", "1", "--cache_features", "--cnn_lr", "1e-3"])

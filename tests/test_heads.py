@@ -35,6 +35,7 @@ def _inputs(task, seed=0, b=2, hw=(128, 192), text_len=7):
   return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "task,key,shape",
     [
@@ -56,6 +57,7 @@ def test_output_contract(task, key, shape):
   assert out["pixel_mask"].shape == (2, 4 if task == "pretrain" else 6)
 
 
+@pytest.mark.slow
 def test_parameter_trees():
   cfg = _cfg()
   heads = {
@@ -75,6 +77,7 @@ def test_parameter_trees():
   assert set(pre["mlm_head"]) == {"dense", "LayerNorm", "bias"}
 
 
+@pytest.mark.slow
 def test_nlvr2_concatenates_both_pooled_vectors_in_order():
   cfg = _cfg()
   model = build_model(cfg, "nlvr2")
@@ -97,6 +100,7 @@ def test_nlvr2_concatenates_both_pooled_vectors_in_order():
   np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mlm_logits_are_tied_to_word_embeddings():
   cfg = _cfg()
   model = build_model(cfg, "pretrain")
@@ -113,6 +117,7 @@ def test_mlm_logits_are_tied_to_word_embeddings():
   assert changed[unused] and changed.sum() == 1
 
 
+@pytest.mark.slow
 def test_vqa_and_retrieval_never_sample_pixels():
   cfg = _cfg()
   for task in ("vqa", "retrieval"):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import pathlib
 
+import pytest
+
 import pixelbert_jax
 
 PACKAGE_DIR = pathlib.Path(pixelbert_jax.__file__).parent
@@ -105,6 +107,7 @@ def test_no_import_cycle_inside_the_package():
   assert import_cycles(graph) == [], "import cycles inside pixelbert_jax"
 
 
+@pytest.mark.slow
 def test_the_train_step_and_the_task_losses_import_without_the_data_pipeline():
   """What bench/ and a bare accelerator host import: the step, the tasks' losses, the model, the configs."""
   import subprocess

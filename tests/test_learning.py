@@ -45,6 +45,7 @@ _RECIPE = {
 }
 
 
+@pytest.mark.slow
 def test_pixels_are_used(data_dir, tmp_path):
   config = th.tiny_config(data_dir, total_steps=250, variant="demo", **_RECIPE)
   from pixelbert_jax import train
@@ -61,6 +62,7 @@ def test_pixels_are_used(data_dir, tmp_path):
   assert warm and warm[0]["step"] == 0 and warm[0]["warm_start/colour_acc"] > 0.5, warm
 
 
+@pytest.mark.slow
 def test_pretraining_overfits_one_batch(data_dir):
   """8 fixed examples (fixed masking, no dropout, every pixel): MLM + ITM loss must fall below 0.05."""
   from pixelbert_jax import partitioning, train
@@ -104,6 +106,7 @@ def _count_convs(fn, *args) -> int:
   return str(jax.make_jaxpr(fn)(*args)).count("conv_general_dilated")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [False, True])
 def test_frozen_cnn_has_no_backward_pass(frozen):
   """model.cnn.frozen: no gradient reaches the CNN, batch norm keeps its statistics, and the gradient
@@ -157,6 +160,7 @@ def _binary_entropy_sum(targets: np.ndarray) -> float:
   return float(np.mean(np.sum(np.where((targets > 0) & (targets < 1), h, 0.0), axis=-1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", sorted(_FIT))
 def test_finetune_fits_a_tiny_set(task, data_dir):
   """8 fixed examples, the demo fine-tune config at test size: every trainable parameter gets gradient, and

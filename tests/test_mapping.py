@@ -67,6 +67,7 @@ def test_bert_table_matches_the_flax_tree(tiny_model):
   assert got == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cnn,norm", [("r50", "frozen_bn"), ("x152", "bn"), ("tiny", "gn")])
 def test_cnn_round_trip(cnn, norm):
   cfg = cnn_config(cnn)

@@ -191,6 +191,7 @@ def _run(command: str, root, vocab_size: int) -> tuple[int, str]:
   return proc.returncode, proc.stdout
 
 
+@pytest.mark.slow
 def test_every_command_of_the_guide_runs(tmp_path, monkeypatch):
   root = tmp_path / "home"
   root.mkdir()

@@ -83,6 +83,7 @@ def test_train_epoch_covers_split_once_across_processes(cfg):
   assert len(set(seen[0])) == len(set(seen[1])) == 24 and not set(seen[0]) & set(seen[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_after_n_batches_is_exact(cfg, workers):
   cfg = cfg.copy_and_resolve_references()

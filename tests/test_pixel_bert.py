@@ -112,6 +112,7 @@ def _apply(model, variables, batch, train, sample_key=0):
   )
 
 
+@pytest.mark.slow
 def test_padding_content_does_not_change_real_outputs(tiny):
   cfg, model, variables = tiny
   batch = _batch(0)
@@ -141,6 +142,7 @@ def test_padding_pixels_are_masked_and_counted_right(tiny):
   np.testing.assert_array_equal(mask[1].reshape(3, 4), np.tile([True, True, False, False], (3, 1)))
 
 
+@pytest.mark.slow
 def test_sampling_only_in_training_and_keyed(tiny):
   cfg, model, variables = tiny
   batch = _batch(3)
@@ -173,6 +175,7 @@ def test_bn_statistics_update_only_when_mutable(tiny):
   assert any(not np.allclose(a, b) for a, b in zip(after, before))
 
 
+@pytest.mark.slow
 def test_cached_image_features_give_the_same_scores():
   cfg = model_config("tiny", "tiny", vocab_size=61)
   model = build_model(cfg, "retrieval")

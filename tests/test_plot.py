@@ -122,6 +122,7 @@ def test_nice_ticks():
   )
 
 
+@pytest.mark.slow
 def test_errors_are_one_line(tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   _write(tmp_path / "blank", [], extra="\n")
@@ -137,6 +138,7 @@ def test_errors_are_one_line(tmp_path, capsys):
   assert not (tmp_path / "c.png").exists()
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
   wd = _write(tmp_path / "run", LINES)
   proc = subprocess.run(

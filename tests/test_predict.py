@@ -38,6 +38,7 @@ def _cli(*args):
   return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad,needle", [("missing", "does not exist"), ("text", "unreadable")])
 def test_bad_images_are_named(workdir, tmp_path, bad, needle):
   path = tmp_path / "nope.jpg"
@@ -48,6 +49,7 @@ def test_bad_images_are_named(workdir, tmp_path, bad, needle):
   assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_empty_text_and_wrong_task(workdir, image):
   p = predict.Predictor(str(workdir))
   assert p.task == "pretrain"
@@ -62,6 +64,7 @@ def test_missing_checkpoint(tmp_path):
     predict.Predictor(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 def test_cli_ranks_captions_and_reports_errors_in_one_line(workdir, image):
   rc, out, err = _cli("--checkpoint", workdir, "--image", image, "--captions", "a red star", "a blue ring")
   assert rc == 0, err[-2000:]
@@ -74,6 +77,7 @@ def test_cli_ranks_captions_and_reports_errors_in_one_line(workdir, image):
   assert rc == 2 and err.strip().splitlines()[-1] == "error: image /no/such.png does not exist"
 
 
+@pytest.mark.slow
 def test_tilde_and_relative_checkpoint_and_image(workdir, image, tmp_path, monkeypatch):
   """`--checkpoint=~/run` arrives with its `~` (bash expands none after `=`); relative paths are from the cwd."""
   home = tmp_path / "home"

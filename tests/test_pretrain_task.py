@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
+import pytest
 from pixelbert_jax.tasks import pretrain, pretrain_eval
 
 MASK = 4
@@ -52,6 +53,7 @@ def test_shuffle_images_pairs_each_caption_with_another_image():
   np.testing.assert_array_equal(s["input_ids"], b["input_ids"])
 
 
+@pytest.mark.slow
 def test_losses_count_only_masked_tokens_and_real_examples():
   b = _batch()
   vocab = 40

@@ -44,6 +44,7 @@ def test_readme_command_parses():
   assert any(a.startswith("--config=") for a in argv) and any(a.startswith("--workdir=") for a in argv), argv
 
 
+@pytest.mark.slow
 def test_readme_command_runs_then_reruns_on_the_finished_workdir(data_dir, tmp_path):
   argv = readme_command()
   workdir = next(a for a in argv if a.startswith("--workdir=")).split("=", 1)[1]

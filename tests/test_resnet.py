@@ -58,11 +58,13 @@ def _compare(tv_model, cnn_cfg, size=(64, 96), seed=0):
   return rel
 
 
+@pytest.mark.slow
 def test_resnet50_matches_torchvision():
   cfg = cnn_config("r50")
   assert _compare(torchvision.models.resnet50(), cfg) <= 1e-4
 
 
+@pytest.mark.slow
 def test_small_resnext_matches_torchvision():
   from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -72,6 +74,7 @@ def test_small_resnext_matches_torchvision():
   assert _compare(tv, cfg, size=(96, 64), seed=1) <= 1e-4
 
 
+@pytest.mark.slow
 def test_trainable_bn_matches_torchvision_in_train_mode_and_updates_stats():
   from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -93,6 +96,7 @@ def test_trainable_bn_matches_torchvision_in_train_mode_and_updates_stats():
     np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_frozen_bn_is_constant():
   cfg = cnn_config("tiny")
   cfg.norm = "frozen_bn"
@@ -124,6 +128,7 @@ def test_group_norm_matches_torch():
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_r50_800x1344_gives_12x21_pixel_grid():
   cfg = model_config("base", "r50", vocab_size=30522)
   model = build_model(cfg, "pretrain")
@@ -187,6 +192,7 @@ def _float32_bounds(impl: str, x, norm: str) -> tuple[float, float]:
   return fwd * U, (fwd + bwd) * U
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["bn", "gn"])
 def test_cnn_impls_agree_in_training(norm):
   """`cpu` (1x1 convs as matmuls, explicit max-pool and batch-norm gradients) is a way of writing the
@@ -233,6 +239,7 @@ def test_cnn_impls_agree_in_training(norm):
     )
 
 
+@pytest.mark.slow
 def test_first_max_pool_gradient_matches_torch():
   """The explicit max-pool backward routes each window's gradient to its first maximum, as torch does:
   checked on integer-valued inputs where most windows tie."""
@@ -261,6 +268,7 @@ def test_cnn_impl_is_validated():
     resolve_impl("cudnn")
 
 
+@pytest.mark.slow
 def test_batch_norm_gradient_includes_the_statistics():
   """The closed-form backward also carries gradients that reach x through the returned mean and var."""
   from pixelbert_jax.models.cpu_kernels import batch_norm_train

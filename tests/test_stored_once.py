@@ -41,6 +41,7 @@ def joined(builder, split):
   return [src[i] for i in range(len(src))]
 
 
+@pytest.mark.slow
 def test_vqa2_stores_each_image_once_and_test_splits_only_when_asked(tmp_path):
   written = fx.write_vqa2_scaled(str(tmp_path / "manual"), train_images=200, val_images=20, test_images=20, questions=5)
   builder = build(Vqa2, tmp_path / "manual", tmp_path / "data")
@@ -62,6 +63,7 @@ def test_vqa2_stores_each_image_once_and_test_splits_only_when_asked(tmp_path):
   assert len(with_tests.as_data_source("images")) == 240
 
 
+@pytest.mark.slow
 def test_coco_train_is_a_view_and_each_image_is_stored_once(tmp_path):
   parts = {"train": 134, "restval": 50, "val": 8, "test": 8}  # Karpathy's COCO proportions
   written = fx.write_coco_karpathy_scaled(str(tmp_path / "manual"), parts=parts)
@@ -75,6 +77,7 @@ def test_coco_train_is_a_view_and_each_image_is_stored_once(tmp_path):
   assert [r["image"] for r in train] == expected
 
 
+@pytest.mark.slow
 def test_nlvr2_stores_each_image_once(tmp_path):
   written = fx.write_nlvr2_scaled(str(tmp_path / "manual"), pairs={"train": 80, "dev": 20}, statements=3)
   builder = build(Nlvr2, tmp_path / "manual", tmp_path / "data")
@@ -91,6 +94,7 @@ def test_nlvr2_stores_each_image_once(tmp_path):
 
 
 # --------------------------------------------------------------------------------- an older layout
+@pytest.mark.slow
 def test_a_build_in_the_old_layout_is_refused_with_a_message_to_rebuild(tmp_path):
   fx.write_nlvr2(str(tmp_path / "manual"))
   build(Nlvr2, tmp_path / "manual", tmp_path / "data")

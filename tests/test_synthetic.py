@@ -116,6 +116,7 @@ def test_nlvr2_labels_balanced_and_true():
   assert sum(labels) == 200
 
 
+@pytest.mark.slow
 def test_builder_fast_deterministic_and_reused(tmp_path):
   cfg = builder.synthetic_config("captions", seed=3, image_size=192, num_train=300, num_val=40, num_test=40)
   start = time.time()

@@ -63,6 +63,7 @@ def test_nlvr2_loss_accuracy_consistency_and_csv():
     nlvr2_eval.group_of("dev-1-0-x")
 
 
+@pytest.mark.slow
 def test_hard_negatives_only_they_and_the_positive_get_gradient():
   scores = jnp.array([[0.5, 3.0, -1.0, 2.0, 0.1, 1.0]])  # negatives 3.0, 2.0 are the 2 hardest
   batch = {"example_mask": np.ones(1, np.float32)}
@@ -145,6 +146,7 @@ def _images(n, seed=0):
   return rng.integers(0, 255, (n, 128, 128, 3), dtype=np.uint8), np.ones((n, 128, 128), bool)
 
 
+@pytest.mark.slow
 def test_score_groups_equals_pairwise_scores_and_freezes_the_cnn(tiny_retrieval):
   model, variables = tiny_retrieval
   images, masks = _images(2)
@@ -177,6 +179,7 @@ def test_score_groups_equals_pairwise_scores_and_freezes_the_cnn(tiny_retrieval)
   assert cnn_norm == 0.0 and visual_norm > 0.0
 
 
+@pytest.mark.slow
 def test_cached_evaluation_full_and_first_stage(tiny_retrieval):
   model, variables = tiny_retrieval
   images, masks = _images(4, seed=2)
@@ -216,6 +219,7 @@ def test_cached_evaluation_full_and_first_stage(tiny_retrieval):
   assert small["pairs_scored"] < 32 and small["pairs_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_train_step_is_a_pure_function_of_the_state_and_the_batch():
   """train_step.train_step called directly, as the trainer and bench/ call it: one update with dropout and
   pixel sampling on, keyed by (state.rng, state.step), so the same state and batch give the same new state

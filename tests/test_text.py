@@ -33,6 +33,7 @@ def test_encode_truncates_keeping_sep(tok):
   assert mask.sum() == 40 and ids[-1] == tok.sep_token_id
 
 
+@pytest.mark.slow
 def test_mlm_statistics(tok):
   rng = np.random.default_rng(0)
   special = tok.all_special_ids

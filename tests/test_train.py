@@ -27,6 +27,7 @@ def reference(data_dir, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_workdir_has_config_metrics_checkpoints(reference):
   assert (reference / "config.json").exists()
   assert list((reference / "tensorboard").iterdir())
@@ -47,6 +48,7 @@ def test_workdir_has_config_metrics_checkpoints(reference):
   assert sorted(int(p.name) for p in (reference / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_matches_an_uninterrupted_run(data_dir, reference, tmp_path):
   train.train_and_evaluate(th.tiny_config(data_dir, total_steps=3), str(tmp_path))
   # total_steps is part of the schedule only through warm-up (2 steps), so 3 then 6 equals 6.
@@ -56,6 +58,7 @@ def test_rerun_resumes_and_matches_an_uninterrupted_run(data_dir, reference, tmp
   th.assert_same_params(th.final_params(tmp_path), th.final_params(reference))
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_same_parameters(data_dir, reference, tmp_path):
   overrides = th.tiny_overrides(data_dir, total_steps=6)
   kill_at = random.Random().randint(2, 5)
@@ -74,6 +77,7 @@ def test_kill_9_then_rerun_gives_the_same_parameters(data_dir, reference, tmp_pa
   th.assert_same_params(th.final_params(tmp_path), th.final_params(reference))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
   overrides = {**th.tiny_overrides(data_dir, total_steps=200), "checkpoint_every_steps": 1000}
   proc = subprocess.Popen(
@@ -95,6 +99,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
   assert "SIGTERM" in err
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_is_named_and_skipped(data_dir, reference, tmp_path, caplog):
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
@@ -109,6 +114,7 @@ def test_corrupted_latest_checkpoint_is_named_and_skipped(data_dir, reference, t
   th.assert_same_params(th.final_params(workdir), th.final_params(reference))
 
 
+@pytest.mark.slow
 def test_config_that_does_not_fit_the_checkpoint_names_the_parameter(data_dir, reference, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
@@ -117,6 +123,7 @@ def test_config_that_does_not_fit_the_checkpoint_names_the_parameter(data_dir, r
     train.train_and_evaluate(config, str(workdir))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_metric(data_dir, tmp_path):
   """A NaN loss at step 1 (Orbax saves a fresh run's first step) stops the run before that step is saved."""
   config = th.tiny_config(data_dir, total_steps=4, **{"loss.itm_weight": float("nan")})
@@ -125,6 +132,7 @@ def test_nan_loss_stops_with_step_and_metric(data_dir, tmp_path):
   assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
 
 
+@pytest.mark.slow
 def test_init_from_copies_the_encoder(data_dir, reference, tmp_path):
   config = th.tiny_config(
       data_dir, total_steps=1, **{"init_from": str(reference), "optim.transformer.lr": 0.0, "optim.cnn.lr": 0.0}
@@ -136,6 +144,7 @@ def test_init_from_copies_the_encoder(data_dir, reference, tmp_path):
       assert (got[k] == want[k]).all(), k
 
 
+@pytest.mark.slow
 def test_one_step_is_the_same_on_1_device_and_on_sharded_meshes(data_dir, tmp_path):
   """8 forced CPU devices: mesh data=4 x tensor=2 and data=2 x fsdp=4 against one device (float32)."""
   import numpy as np
@@ -162,6 +171,7 @@ def test_one_step_is_the_same_on_1_device_and_on_sharded_meshes(data_dir, tmp_pa
       )
 
 
+@pytest.mark.slow
 def test_two_processes_reach_the_parameters_of_one(data_dir, reference, tmp_path):
   """Two CPU processes joined through the PIXELBERT_* variables (the launch scripts' path) see the same
   global batches as one process, so after 6 steps they hold the same parameters."""
@@ -191,6 +201,7 @@ def test_two_processes_reach_the_parameters_of_one(data_dir, reference, tmp_path
   th.assert_same_params(th.final_params(tmp_path), th.final_params(reference), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_cpu_devices_reach_the_parameters_of_one(data_dir, reference, tmp_path):
   """config.cpu_devices=2 (the demo's setting): main splits the CPU into two data-parallel devices, and
   6 steps end where the single-device run does (the BN statistics are the global batch's on both)."""
@@ -208,6 +219,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_relative_workdir_and_tilde_paths(data_dir, tmp_path):
   """The README passes `--workdir=workdirs/demo`; Orbax refuses relative paths unless they are resolved. A `~`
   after `=` reaches main unexpanded (bash leaves it), in `--config=` and in `--config.data.data_dir=` alike."""

@@ -134,6 +134,7 @@ def _inputs(batch=2, size=(128, 192), length=6):
   return image, mask, ids, tmask
 
 
+@pytest.mark.slow
 def test_sown_attention_changes_no_output_and_no_parameter():
   cfg = _tiny_cfg()
   model = build_model(cfg, "pretrain")
@@ -153,6 +154,7 @@ def test_sown_attention_changes_no_output_and_no_parameter():
   assert probs[0][..., [4, 5, 9, 10, 11]].min() > 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["pretrain", "vqa", "nlvr2", "retrieval"])
 def test_every_task_model_gives_maps(task):
   cfg = _tiny_cfg(dtype="bfloat16")  # maps come back float32 whatever the compute dtype
@@ -164,6 +166,7 @@ def test_every_task_model_gives_maps(task):
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_real_size_model_traces_with_fused_attention_and_remat():
   """BERT-base + ResNet-50 as configured for pre-training (bfloat16, remat, cuDNN attention): the runner's
   model (einsum, no remat) traces to float32 [B, 12, 12, T, T] on an 800x1344 bucket (shapes only)."""
@@ -225,6 +228,7 @@ def image(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 def test_pictures_have_the_images_aspect_ratio_and_the_files_agree(predictor, image, tmp_path):
   summary = visualize.visualize(
       predictor, str(image), "a red star is left of a blue ring", str(tmp_path), words=["red", "ring"]
@@ -265,6 +269,7 @@ def test_layer_head_and_rollout_choose_other_maps(predictor, image, tmp_path):
   assert sorted(p.name for p in (tmp_path / "h").glob("*_*.png")) == ["00_a.png", "01_blue.png", "02_ring.png"]
 
 
+@pytest.mark.slow
 def test_grounding_check_on_the_tiny_checkpoint(predictor):
   report = visualize.grounding_check(predictor, num_images=3, captions_per_image=2)
   # demo_hard scenes have 1-3 objects, one cell each: the other words' control is against all of them.
@@ -321,6 +326,7 @@ def _main(capsys, *args):
   return rc, out, err
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(workdir, image, tmp_path, capsys):
   cases = [
       (
@@ -373,6 +379,7 @@ def test_cli_errors_are_one_line(workdir, image, tmp_path, capsys):
   assert not (tmp_path / "o").exists()  # nothing written on bad input
 
 
+@pytest.mark.slow
 def test_cli_writes_the_pictures(workdir, image, tmp_path):
   proc = subprocess.run(
       [

@@ -151,6 +151,7 @@ def own_vqa_config(manual_dir: str, data_dir: str, vocab_path: str, total_steps:
   return config
 
 
+@pytest.mark.slow
 def test_finetune_on_one_and_three_answer_questions_evaluates_and_predicts(tmp_path):
   """The issue's case: a user's file with 1- and 3-answer questions (and a few with 10) fine-tunes, evaluates
   under the documented keys and answers a question; before, the first evaluation raised."""

@@ -82,6 +82,7 @@ def test_a_jaxlib_without_the_option_gets_none_and_a_warning(monkeypatch, caplog
     xla_options._cpu_accepts_heap_option.cache_clear()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Error writing persistent compilation cache entry")
 def test_a_train_step_with_heaps_is_bit_identical(data_dir):
   """The tiny demo step (192x192 images) has 31 MiB of temporaries (checked below), so the heaps split them."""

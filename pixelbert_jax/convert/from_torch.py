@@ -23,6 +23,7 @@ from pixelbert_jax import checkpoint as ckpt_lib
 from pixelbert_jax import paths
 from pixelbert_jax.convert.mapping import bert_from_hf, cnn_from_torchvision, merge_into
 from pixelbert_jax.convert.safetensors_io import TensorFileError, read_safetensors, read_tensor_file
+from pixelbert_jax.data import pipeline
 from pixelbert_jax.models.build import build_model, init_variables
 
 # HF config.json key -> model config key; each must agree.
@@ -128,8 +129,9 @@ def from_torch(
   cnn_sd = read_tensor_file(cnn_path)
   cnn = cnn_from_torchvision(cnn_sd, cfg.cnn)
   hf_config, bert_sd = read_hf_folder(bert_dir)
-  if int(cfg.vocab_size) == -1:  # the config reads it off the data; here the BERT being converted fixes it
-    cfg.vocab_size = int(hf_config.get("vocab_size", -1))
+  # A config's -1 sizes come from its data, as in training, so that a BERT that does not fit the data's
+  # tokenizer is refused here rather than when the checkpoint is trained.
+  pipeline.resolve_from_data(config)
   check_hf_config(hf_config, cfg, os.path.join(bert_dir, "config.json"))
   bert = bert_from_hf(bert_sd, cfg)
   model = build_model(cfg, task)
