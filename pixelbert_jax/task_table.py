@@ -17,8 +17,9 @@ from typing import Any
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   """One task. `schema` is the TFDS builder family its splits come from (data/builders: `captions`, `vqa`,
-  `nlvr2`); `record` is what one record of a split is (what `num_examples` counts); `model`, `examples` are
-  "module:Class" paths; `module` is the task module's import path."""
+  `nlvr2`); `record` is what one record of a split is (what `num_examples` counts); `model` and `examples`
+  are "module:Class" paths; `module` is the training module (tasks.Task: pure JAX, no data pipeline) and
+  `evaluate` the "module:function" path of its evaluation (tasks.Evaluate)."""
 
   name: str
   schema: str
