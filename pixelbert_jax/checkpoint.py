@@ -79,19 +79,30 @@ def _out_of_memory(e: BaseException) -> bool:
   return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
 
 
-def remove_tmp_dirs(directory: epath.Path) -> list[str]:
+def remove_tmp_dirs(directory: epath.Path, *, settle_s: float = 1.0, timeout_s: float = 60.0) -> list[str]:
   """Deletes the unfinished `*.orbax-checkpoint-tmp*` step folders in `directory` (a save that was killed or
-  ran out of disk): they are never read, and a full disk stays full while they are there. Returns their names."""
-  removed = []
+  ran out of disk): they are never read, and a full disk stays full while they are there. Returns their names.
+
+  After a failed async save, Orbax stops waiting at the first item that failed while the other items' array
+  writes are still in flight, and those writes recreate folders under the tmp folder. So a folder counts as
+  removed only once it has stayed absent for `settle_s`; one still there after `timeout_s` is logged as an
+  error that names it."""
   if not directory.is_dir():
-    return removed
-  for p in sorted(directory.iterdir()):
-    if TMP_MARKER in p.name:
-      shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-      removed.append(p.name)
-  if removed:
-    logging.warning("Removed unfinished checkpoint folders in %s: %s", directory, ", ".join(removed))
-  return removed
+    return []
+  found = [p for p in sorted(directory.iterdir()) if TMP_MARKER in p.name]
+  if not found:
+    return []
+  logging.warning("Removing unfinished checkpoint folders in %s: %s", directory, ", ".join(p.name for p in found))
+  pending, deadline = found, time.monotonic() + timeout_s
+  while pending:
+    for p in pending:
+      shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    time.sleep(settle_s)
+    pending = [p for p in pending if p.exists()]
+    if pending and time.monotonic() > deadline:
+      logging.error("Could not remove unfinished checkpoint folders (delete them by hand): %s", pending)
+      break
+  return [p.name for p in found if p not in pending]
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -172,6 +172,25 @@ def test_unfinished_checkpoint_folders_are_removed_at_start(data_dir, reference,
   assert not leftover.exists() and _steps(workdir) == [2, 4, 6]
 
 
+def test_a_tmp_folder_recreated_by_a_late_write_is_removed_too(tmp_path, monkeypatch):
+  """After a failed async save, array writes still in flight recreate folders under the tmp folder once it has
+  been removed, and the disk-full test found `4.orbax-checkpoint-tmp` left behind. Here the first removal is followed by such a
+  write; the folder must be gone at the end all the same."""
+  leftover = tmp_path / "4.orbax-checkpoint-tmp"
+  (leftover / "params").mkdir(parents=True)
+  real_rmtree, calls = shutil.rmtree, []
+
+  def rmtree_then_late_write(path, *args, **kwargs):
+    real_rmtree(path, *args, **kwargs)
+    if not calls:
+      (leftover / "params" / "late").mkdir(parents=True)
+    calls.append(path)
+
+  monkeypatch.setattr(ckpt_lib.shutil, "rmtree", rmtree_then_late_write)
+  removed = ckpt_lib.remove_tmp_dirs(ckpt_lib.epath.Path(tmp_path), settle_s=0.0)
+  assert removed == [leftover.name] and not leftover.exists() and len(calls) == 2
+
+
 # -- one run per workdir -------------------------------------------------------------------------------------------
 
 
