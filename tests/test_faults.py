@@ -174,8 +174,8 @@ def test_unfinished_checkpoint_folders_are_removed_at_start(data_dir, reference,
 
 def test_a_tmp_folder_recreated_by_a_late_write_is_removed_too(tmp_path, monkeypatch):
   """After a failed async save, array writes still in flight recreate folders under the tmp folder once it has
-  been removed, and the disk-full test found `4.orbax-checkpoint-tmp` left behind. Here the first removal is followed by such a
-  write; the folder must be gone at the end all the same."""
+  been removed: the disk-full test below found `4.orbax-checkpoint-tmp` left behind. Here the first removal is
+  followed by such a write; the folder must be gone at the end all the same."""
   leftover = tmp_path / "4.orbax-checkpoint-tmp"
   (leftover / "params").mkdir(parents=True)
   real_rmtree, calls = shutil.rmtree, []
