@@ -3,6 +3,13 @@
 The persistent compilation cache lets the many subprocess runs of the same tiny model (resume, SIGTERM,
 two processes, conversion CLIs) reuse compiled programs instead of compiling again: on these 2-core
 machines that is most of their time. It changes nothing about what is computed.
+
+Most of what is left is XLA compiling the many small programs once each (a cold suite spent about 60% of
+its time there), so the tests compile with `JAX_DISABLE_MOST_OPTIMIZATIONS` (LLVM at -O0 and no expensive
+passes): that cuts the compile time by about a third (tests that mostly run, not compile, are marked
+`optimized`). The tests compare programs built the same way (runs
+bit for bit) or against PyTorch within tolerances derived from the arithmetic, neither of which depends on
+how much the compiler optimised; the README's demo command and bench/ run fully optimised.
 """
 
 import os
@@ -12,6 +19,7 @@ _CACHE = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_co
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # inherited by the tests' subprocesses
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -33,6 +41,24 @@ def tiny_pretrained(data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_pretrained")
   train.train_and_evaluate(th.tiny_config(data_dir, total_steps=1), str(workdir))
   return workdir
+
+
+@pytest.fixture(autouse=True)
+def _optimized_compile_when_marked(request):
+  """`@pytest.mark.optimized`: this test's in-process programs compile fully optimised; for the few tests
+  whose time goes into running many steps rather than into compiling (test_pixels_are_used: 98 s optimised,
+  180 s at -O0)."""
+  if request.node.get_closest_marker("optimized") is None:
+    yield
+    return
+  import jax
+
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -46,6 +46,7 @@ _RECIPE = {
 
 
 @pytest.mark.slow
+@pytest.mark.optimized  # 250 steps: the time goes into running them, not into compiling
 def test_pixels_are_used(data_dir, tmp_path):
   config = th.tiny_config(data_dir, total_steps=250, variant="demo", **_RECIPE)
   from pixelbert_jax import train
@@ -130,7 +131,7 @@ def test_frozen_cnn_has_no_backward_pass(frozen):
     return jnp.sum(out["mlm_logits"]) + jnp.sum(out["itm_logits"]), new
 
   params = variables["params"]
-  grads, new = jax.grad(loss, has_aux=True)(params)
+  grads, new = jax.jit(jax.grad(loss, has_aux=True))(params)  # one program: op by op, each op compiles alone
   cnn_grads = traverse_util.flatten_dict(grads["encoder"]["cnn"])
   forward = _count_convs(lambda p: loss(p)[0], params)
   backward = _count_convs(jax.grad(lambda p: loss(p)[0]), params)
