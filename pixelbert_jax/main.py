@@ -2,8 +2,9 @@
 
 Thin on purpose: flags, config checks, multi-host initialisation, then train.train_and_evaluate. A rerun with
 the same workdir resumes; `--config.KEY=VALUE` overrides any config value (unknown keys are an error).
-A failure ends with one `error: ...` line and exit status 1 (2 for bad flags or config values, 130 for a
-second Ctrl-C); the traceback goes to WORKDIR/error.log, or to stderr with --verbose (cli_errors.py).
+A failure ends with one `error: ...` line and exit status 1 (130 for a second Ctrl-C); the traceback goes to
+WORKDIR/error.log, or to stderr with --verbose (cli_errors.py). Bad flags and config values end with exit
+status 2 and one line per bad value, before anything is written into the workdir (config_checks.py).
 """
 
 from __future__ import annotations
@@ -106,21 +107,23 @@ def main(argv):
       config = _CONFIG.value
     except Exception as e:  # noqa: BLE001 - ml_collections defers a config file's load failure to here
       _usage_error(f"--config: {cli_errors.message(e.__cause__ or e)}")
-    try:
-      config_checks.validate(config)
-    except config_checks.ConfigError as e:
-      cli_errors.report(e, verbose=_VERBOSE.value)
-      sys.exit(USAGE)
+    config_checks.validate(config)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       _usage_error(f"--workdir {workdir} is a file, not a folder")
     info = distributed.initialize_from_env(cpu_devices=config.get("cpu_devices", 0))
     if info.process_index:
       log_name = f"error.process{info.process_index}.log"
+    # What needs the device count (mesh shape, batches over the data-parallel devices), still before the
+    # workdir is touched.
+    config_checks.validate_devices(config, info.device_count, info.process_count)
     # Imported after initialisation: nothing may touch the JAX backend before jax.distributed is set up.
     from pixelbert_jax import train
 
     logging.info("Process %d/%d (%s)", info.process_index, info.process_count, info.detected_by)
     train.train_and_evaluate(config, workdir)
+  except config_checks.ConfigError as e:  # a bad value, also one found later: status 2, no error.log
+    cli_errors.report(e, verbose=_VERBOSE.value)
+    cli_errors.exit_now(USAGE)
   except KeyboardInterrupt:  # the second Ctrl-C (the first saves and stops, train.py)
     cli_errors.exit_now(cli_errors.interrupted())
   except Exception as e:  # noqa: BLE001 - every failure ends as one line; the traceback goes to error.log

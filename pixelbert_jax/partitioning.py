@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pixelbert_jax import config_checks
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Parameters: FSDP shards the hidden ("embed") and conv output dims; tensor parallelism the wide ones.
@@ -48,20 +50,22 @@ def mesh_shape(requested: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Resolves -1 entries (at most one) so that the product equals `num_devices`."""
   requested = tuple(int(s) for s in requested)
   if len(requested) != len(MESH_AXES):
-    raise ValueError(f"config.mesh_shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {requested}")
+    raise config_checks.ConfigError(
+        f"config.mesh_shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {requested}"
+    )
   if sum(s == -1 for s in requested) > 1:
-    raise ValueError(f"config.mesh_shape may contain at most one -1, got {requested}")
+    raise config_checks.ConfigError(f"config.mesh_shape may contain at most one -1, got {requested}")
   if any(s == 0 or s < -1 for s in requested):
-    raise ValueError(f"config.mesh_shape entries must be positive or -1, got {requested}")
+    raise config_checks.ConfigError(f"config.mesh_shape entries must be positive or -1, got {requested}")
   fixed = math.prod(s for s in requested if s != -1)
   if num_devices % fixed:
-    raise ValueError(
+    raise config_checks.ConfigError(
         f"config.mesh_shape {dict(zip(MESH_AXES, requested))} needs a multiple of {fixed} devices, "
         f"but {num_devices} are available"
     )
   shape = tuple(num_devices // fixed if s == -1 else s for s in requested)
   if math.prod(shape) != num_devices:
-    raise ValueError(
+    raise config_checks.ConfigError(
         f"config.mesh_shape {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices, "
         f"but {num_devices} are available"
     )

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from pixelbert_jax import partitioning, xla_options
+from pixelbert_jax import config_checks, partitioning, xla_options
 from pixelbert_jax.data import synthetic as world
 from pixelbert_jax.data.preprocess import decode_image
 from pixelbert_jax.data.sources import open_split
@@ -126,8 +126,8 @@ def train_cnn(
   ws = config.cnn_warm_start
   steps, batch_size = int(ws.steps), int(ws.batch_size)
   pc, pi = jax.process_count(), jax.process_index()
-  if batch_size % (partitioning.data_parallel_size(mesh) * pc):
-    raise ValueError(
+  if batch_size % (partitioning.data_parallel_size(mesh) * pc):  # main.py checks it before the run starts
+    raise config_checks.ConfigError(
         f"config.cnn_warm_start.batch_size={batch_size} must be divisible by the data-parallel "
         f"mesh size {partitioning.data_parallel_size(mesh)} and the process count {pc}"
     )

@@ -277,6 +277,23 @@ def captions(seed: int, split: str, index: int, objs: list[Obj], num: int) -> li
   return out
 
 
+def longest_text_words(schema: str, max_objects: int) -> int:
+  """Words of the longest text the templates below can write for `schema` ('captions', 'vqa', 'nlvr2') in a
+  world of at most `max_objects` objects per image; every word is one token of the world's vocab."""
+  obj = 4  # "a large red circle"
+  if schema == "captions":
+    there_is = 2 + obj + 2 + 2  # "there is" OBJ "in the" "bottom left"
+    relation = 2 * obj + len("is to the right of".split()) if max_objects >= 2 else 0
+    shows = len("the picture shows".split()) + obj * max_objects + (max_objects - 1)  # OBJ "and" OBJ ...
+    return max(there_is, relation, shows)
+  if schema == "vqa":
+    # "what shape is the red object" or, with two objects, "is the red circle to the left of the blue star"
+    return 11 if max_objects >= 2 else 6
+  if schema == "nlvr2":
+    return len("there are more objects in the left image than in the right image".split())
+  raise ValueError(f"synthetic schema must be captions, vqa or nlvr2, got {schema!r}")
+
+
 def _answers(rng: np.random.Generator, truth: str, distractors: list[str]) -> list[str]:
   """10 annotator answers; 30% of questions get 1-4 dissenting annotators so soft scores matter."""
   answers = [truth] * 10
