@@ -295,6 +295,11 @@ def _mesh_entries(config, bad) -> list[str]:
 
 def _model_relations(config, bad, have, get) -> list[str]:
   found = []
+  if have("model.num_answers", "task") and get("model.num_answers") == -1 and get("task") != "vqa":
+    found.append(
+        f"config.model.num_answers=-1 must be > 0 for task {get('task')!r}: only vqa reads it off the data "
+        "(pipeline.resolve_from_data)"
+    )
   if have("model.hidden_size", "model.num_heads") and get("model.hidden_size") % get("model.num_heads"):
     found.append(
         f"config.model.hidden_size={get('model.hidden_size')} must be divisible by "
