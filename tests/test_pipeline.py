@@ -281,3 +281,34 @@ def test_eval_batches_carry_the_unmasked_caption(cfg):
     matched = b["itm_label"] == 1
     np.testing.assert_array_equal(b["text_ids"][matched], restored[matched])
     assert (b["text_ids"][b["example_mask"] == 0] == 0).all()
+
+
+def test_itm_negatives_are_captions_of_other_images(cfg):
+  """PretrainExamples draws the caption of an ITM negative from another image's record: each image's two
+  captions spell its own number in digits, so the number read back from `text_ids` (the caption before
+  masking) is the image's own for matched pairs and another image's for negatives. Drawing the negative from
+  the image's own record (`self._records[index]`) makes every negative spell its own number."""
+  n = 30
+  records = [
+      {
+          "image": _png(64, 128, i),
+          "image_id": f"img{i}".encode(),
+          "captions": [" ".join(f"{i:02d}") + " a", " ".join(f"{i:02d}") + " the"],
+          "height": 64,
+          "width": 128,
+      }
+      for i in range(n)
+  ]
+  index = SplitIndex(schema="captions", sizes=np.array([(64, 128)] * n, np.int32), ids=[f"img{i}" for i in range(n)])
+  opened = OpenSplit(records, index, "mem/train", "captions")
+  c = _mem_cfg(cfg)
+  examples = PretrainExamples(opened, c, pipeline.vocab_path(c), seed=0, train=False)
+  tok = examples.tokenizer
+  labels = []
+  for i in range(n):
+    ex = examples(i, i, 0)
+    tokens = tok.convert_ids_to_tokens([t for t in ex["text_ids"].tolist() if t not in tok.all_special_ids])
+    spelled = int(tokens[0] + tokens[1])
+    labels.append(int(ex["itm_label"]))
+    assert (spelled == i) == bool(ex["itm_label"]), (i, tokens, int(ex["itm_label"]))
+  assert 0 < sum(labels) < n  # both kinds drawn (itm_neg_prob 0.5, fixed per record in evaluation)

@@ -63,6 +63,30 @@ def test_mlm_statistics(tok):
   assert abs(replaced_random / chosen - 0.1) < 0.015
 
 
+def test_mlm_split_80_10_10(tok):
+  """BERT's split of the chosen tokens, fast: one sequence of 2000 words with prob=1 chooses all of them,
+  each an independent draw, so each share lies within 5 standard deviations, sqrt(p (1 - p) / 2000)
+  (<= 0.045), of 0.8 [MASK], 0.1 a random word and 0.1 kept (plus the random draws of the same word,
+  1 in the vocab's normal words). An 80/20/0 split is 0.1 off in two shares, 11 deviations and more."""
+  words = [w for w in tok.get_vocab() if w not in text.SPECIAL_TOKENS]
+  rng = np.random.default_rng(0)
+  n = 2000
+  ids, mask, _ = text.encode(tok, " ".join(rng.choice(words, n - 2)), n)
+  special = tok.all_special_ids
+  out, labels, weights = text.mlm_mask(
+      ids, mask, rng, prob=1.0, mask_id=tok.mask_token_id, special_ids=special, vocab_size=len(tok)
+  )
+  chosen = weights > 0
+  assert chosen.sum() == n - 2 and (labels[chosen] == ids[chosen]).all()
+  k = chosen.sum()
+  masked = (out[chosen] == tok.mask_token_id).mean()
+  kept = (out[chosen] == ids[chosen]).mean()
+  randomised = ((out[chosen] != ids[chosen]) & (out[chosen] != tok.mask_token_id)).mean()
+  same_word = 0.1 / (len(tok) - len(special))
+  for share, p in ((masked, 0.8), (kept, 0.1 + same_word), (randomised, 0.1 - same_word)):
+    assert abs(share - p) < 5 * np.sqrt(p * (1 - p) / k), (masked, kept, randomised)
+
+
 def test_mlm_short_caption_masks_at_least_one(tok):
   ids, mask, _ = text.encode(tok, "red circle", 8)
   rng = np.random.default_rng(1)
