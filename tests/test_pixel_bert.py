@@ -132,6 +132,34 @@ def test_padding_content_does_not_change_real_outputs(tiny):
     assert np.abs(np.asarray(a["itm_logits"]) - np.asarray(b["itm_logits"])).max() <= 1e-6
 
 
+def test_padding_pixel_tokens_are_not_attended(tiny):
+  """fuse masks the padding pixels out of attention: changing the pixel tokens at padded positions (after the
+  CNN, where normalize_image's zeroing cannot hide them) leaves every real position and the pooled vector as
+  they were. Masked keys get a float32-min bias, so their softmax weight underflows to exactly 0: the real
+  outputs agree to rounding (1e-6). The same change at real pixels moves them, so the test sees attention."""
+  cfg, model, variables = tiny
+  batch = {k: jnp.asarray(v) for k, v in _batch(0).items()}
+  # pixel tokens as encode_image gives them for _batch's images: 3x4 cells, the second image's last 2 columns
+  # padding (test_padding_pixels_are_masked_and_counted_right)
+  pixel_mask = jnp.asarray(np.stack([np.ones(12, bool), np.tile([True, True, False, False], 3)]))
+  pixels = jax.random.normal(jax.random.key(2), (2, 12, cfg.hidden_size))
+  fuse = jax.jit(
+      lambda px: model.apply(
+          variables, batch["input_ids"], batch["text_mask"], px, pixel_mask, method=lambda m, *a: m.encoder.fuse(*a)
+      )
+  )
+  pad = ~np.asarray(pixel_mask)
+  assert pad.any() and not pad.all()
+  noise = 10.0 * jax.random.normal(jax.random.key(3), pixels.shape)
+  seq, pooled = fuse(pixels)
+  seq_pad, pooled_pad = fuse(jnp.where(pad[..., None], pixels + noise, pixels))
+  seq_real, pooled_real = fuse(jnp.where(pad[..., None], pixels, pixels + noise))
+  real = np.concatenate([np.asarray(batch["text_mask"], bool), ~pad], axis=1)
+  assert np.abs(np.asarray(seq_pad - seq))[real].max() <= 1e-6
+  assert np.abs(np.asarray(pooled_pad - pooled)).max() <= 1e-6
+  assert np.abs(np.asarray(pooled_real - pooled)).max() > 1e-3
+
+
 def test_padding_pixels_are_masked_and_counted_right(tiny):
   cfg, model, variables = tiny
   out = _apply(model, variables, _batch(2), train=False)
