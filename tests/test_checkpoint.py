@@ -68,3 +68,16 @@ def test_resolve_checkpoint_dir_errors(tmp_path):
   (tmp_path / "checkpoints" / "100" / "params").mkdir(parents=True)
   assert ckpt.resolve_checkpoint_dir(tmp_path) == (tmp_path / "checkpoints", 100)
   assert ckpt.resolve_checkpoint_dir(tmp_path / "checkpoints" / "20") == (tmp_path / "checkpoints", 20)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_all_finite_refuses_inf_and_nan(bad):
+  """The check before every save and after every restore: inf is as bad as NaN (an `~isnan` check lets a
+  diverged run save and resume), integer leaves are not looked at, and the bad leaf is named."""
+  good = {"params": {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}, "step": np.int32(7)}
+  assert bool(ckpt._all_finite(good)) and ckpt.nonfinite_leaves(good) == []
+  w = good["params"]["w"].copy()
+  w[1, 2] = bad
+  tree = {**good, "params": {**good["params"], "w": w}}
+  assert not bool(ckpt._all_finite(tree))
+  assert ckpt.nonfinite_leaves(tree) == ["params/w"]
