@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -554,3 +555,29 @@ def test_pipeline_data_source_finds_each_builder(tmp_path, name, builder_config,
   cfg = data_config(name)
   cfg.data_dir, cfg.manual_dir, cfg.builder_config = str(tmp_path / "data"), str(tmp_path / "manual"), builder_config
   assert len(builders.data_source(cfg, task, split)) == count
+
+
+def test_user_text_files_that_are_not_utf8_name_the_file_and_the_line(tmp_path):
+  """JSON lines, whole-file JSON, a JSON list read in chunks (with a character cut between two chunks) and a
+  vocab: a byte that is not UTF-8 is an error naming the file and the line, not the codec's position."""
+  from pixelbert_jax.data import text
+
+  lines = tmp_path / "a.jsonl"
+  lines.write_bytes(b'{"x": 1}\n\n{"x": "\xc3\xa9"}\n{"x": "\xff"}\n')
+  with pytest.raises(_common.RecordError, match=rf"^{re.escape(str(lines))}: line 4: not valid UTF-8 \(byte 0xff"):
+    list(_common.iter_json_lines(str(lines)))
+  whole = tmp_path / "a.json"
+  whole.write_bytes(b'{"images": [\n  "\xc3\xa9",\n  "\xfe"\n]}\n')
+  with pytest.raises(_common.RecordError, match=rf"^{re.escape(str(whole))}: line 3: not valid UTF-8 \(byte 0xfe"):
+    _common.load_json(str(whole))
+  array = tmp_path / "list.json"
+  good = '[\n"\u00e9\u00e9\u00e9",\n"\u20ac"\n]'.encode()
+  array.write_bytes(good)
+  assert [v for _, v in _common.iter_json_array(str(array), chunk=3)] == ["\u00e9\u00e9\u00e9", "\u20ac"]
+  array.write_bytes(good[:-2] + b',\n"\xe2\x82"\n]')  # a euro sign without its last byte, on line 4
+  with pytest.raises(_common.RecordError, match=rf"^{re.escape(str(array))}: line 4: not valid UTF-8 \(byte 0xe2"):
+    list(_common.iter_json_array(str(array), chunk=3))
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_bytes(b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nred\nbl\xffue\n")
+  with pytest.raises(ValueError, match=rf"^vocab file {re.escape(str(vocab))}: line 7: not valid UTF-8"):
+    text.load_tokenizer(str(vocab))

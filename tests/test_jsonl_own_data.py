@@ -167,3 +167,14 @@ def test_training_reports_a_missing_image_file_on_one_line(tmp_path):
   cfg.data_dir, cfg.manual_dir = str(tmp_path / "tfds"), manual
   with pytest.raises(ValueError, match=r"train\.jsonl: record line 3: key 'image': .*absent\.jpg"):
     builders.data_source(cfg, "vqa", "train")
+
+
+def test_invalid_utf8_is_one_line_naming_file_and_line(tmp_path, capsys):
+  """A byte that is not UTF-8 in a user's jsonl said "'utf-8' codec can't decode byte 0xff in position 238",
+  naming neither the file nor the line."""
+  manual = od.write_vqa_folder(str(tmp_path / "mine"), train_counts=[1, 3] * 4, val_counts=[1, 3])
+  with open(os.path.join(manual, "train.jsonl"), "ab") as f:
+    f.write(b'{"image": "images/0.jpg", "question": "what \xff?", "answers": ["red"]}\n')
+  assert _prepare(manual, tmp_path / "tfds") == 1
+  line = _one_error_line(capsys)
+  assert f"{os.path.join(manual, 'train.jsonl')}: line 9: not valid UTF-8 (byte 0xff at byte" in line, line

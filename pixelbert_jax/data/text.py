@@ -38,6 +38,15 @@ def load_tokenizer(vocab_path: str) -> BertTokenizerFast:
   """BertTokenizerFast from a local vocab.txt; rejects a vocab without BERT's special tokens."""
   if not os.path.isfile(vocab_path):
     raise FileNotFoundError(f"vocab file {vocab_path!r} does not exist")
+  with open(vocab_path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):  # the tokenizer's own error names neither file nor line
+      try:
+        raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(
+            f"vocab file {vocab_path}: line {line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x}: {e.reason}); "
+            "save the file as UTF-8"
+        ) from None
   # Positional: `BertTokenizerFast(vocab_file=p)` silently ignores the file in transformers 5.
   tok = BertTokenizerFast(vocab_path, do_lower_case=True)
   vocab = tok.get_vocab()

@@ -9,6 +9,7 @@ worker later.
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
@@ -134,19 +135,39 @@ def _short(value: Any, limit: int = 60) -> str:
   return text if len(text) <= limit else text[:limit] + "..."
 
 
+def not_utf8(path: str, data: bytes, e: UnicodeDecodeError, *, line: int | None = None, offset: int = 0) -> RecordError:
+  """'FILE: line N: not valid UTF-8 ...' for a decode error at e.start of `data` (bytes `offset`.. of the
+  file); the line is counted from `data` unless the caller knows it."""
+  if line is None:
+    line = data.count(b"\n", 0, e.start) + 1
+  return RecordError(
+      f"{path}: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte {offset + e.start} of the "
+      f"file: {e.reason}); save the file as UTF-8"
+  )
+
+
 def load_json(path: str) -> Any:
   """Whole-file JSON, with the file named in the error (json's own errors only give line/column)."""
+  with open(path, "rb") as f:
+    data = f.read()
   try:
-    with open(path, "rb") as f:
-      return json.load(f)
+    return json.loads(data)
+  except UnicodeDecodeError as e:  # json.loads decodes bytes as UTF-8 (or UTF-16/32 after a BOM)
+    raise not_utf8(path, data, e) from None
   except json.JSONDecodeError as e:
     raise RecordError(f"{path}: not valid JSON ({e})") from e
 
 
 def iter_json_lines(path: str) -> Iterator[tuple[int, dict]]:
   """(1-based line number, object) for each non-blank line of a JSON-lines file."""
-  with open(path, "r", encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
+  offset = 0
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise not_utf8(path, raw, e, line=line_no, offset=offset) from None
+      offset += len(raw)
       if not line.strip():
         continue
       try:
@@ -170,13 +191,20 @@ def iter_json_array(path: str, *, chunk: int = _JSON_CHUNK) -> Iterator[tuple[in
   element and the character offset.
   """
   decoder = json.JSONDecoder()
-  with open(path, "r", encoding="utf-8") as f:
+  with open(path, "rb") as f:
     buf, pos, offset, eof = "", 0, 0, False  # offset: characters of the file before buf
+    pending, done_bytes, done_lines = b"", 0, 0  # undecoded bytes (a cut character); bytes, lines decoded
 
     def fill() -> None:
-      nonlocal buf, pos, offset, eof
-      more = f.read(chunk)
-      eof = not more
+      nonlocal buf, pos, offset, eof, pending, done_bytes, done_lines
+      raw = f.read(chunk)
+      data = pending + raw
+      try:
+        more, used = codecs.utf_8_decode(data, "strict", not raw)
+      except UnicodeDecodeError as e:
+        raise not_utf8(path, data, e, line=done_lines + data.count(b"\n", 0, e.start) + 1, offset=done_bytes) from None
+      pending, done_bytes, done_lines = data[used:], done_bytes + used, done_lines + data.count(b"\n", 0, used)
+      eof = not raw
       buf, offset, pos = buf[pos:] + more, offset + pos, 0
 
     def skip_space() -> str:
