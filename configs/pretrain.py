@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = -1  # > 0 overrides num_epochs
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
   c.cpu_devices = 0  # CPU-only runs: N data-parallel CPU devices; 0: JAX's default (1)
+  c.device_memory_gib = 0.0  # for optim.grad_accum_steps=-1: > 0 overrides the memory the device reports
   c.log_every_steps = 50
   c.eval_every_steps = 5000  # 0: evaluate only at the end
   c.eval_steps = -1  # batches per evaluation; -1 = the whole held-out split
@@ -46,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
           decay_epochs=(25.0, 35.0),  # paper: lr x0.1 at epochs 25 and 35
           decay_factor=0.1,
           grad_clip_norm=0.0,  # ours: off
-          grad_accum_steps=1,
+          grad_accum_steps=1,  # micro-batches per step (batch_size is per step); -1: the fewest that fit
       )
   )
   return c

@@ -17,7 +17,6 @@ import logging
 import sys
 from typing import Sequence
 
-import jax
 import ml_collections
 
 from pixelbert_jax import checkpoint as ckpt_lib
@@ -46,30 +45,24 @@ def load_run_config(checkpoint: str) -> tuple[ml_collections.ConfigDict, str]:
 
 
 def evaluate(checkpoint: str, split: str | None = None, step: int | None = None) -> dict[str, float]:
-  """The task's evaluation of `checkpoint` (newest step, or `step`) on `split`; writes its result file."""
-  from pixelbert_jax import train  # after argument parsing: imports the model and the data pipeline
+  """The task's evaluation of `checkpoint` (newest step, or `step`) on `split`; writes its result file.
+
+  Builds the model context only (model_context.py): no optimizer, and no split opened but the evaluated one.
+  The run's config.json holds every size the data gave it, so nothing is read off the training data."""
+  from pixelbert_jax import model_context, tasks  # after argument parsing: imports the model and the data
 
   config, workdir = load_run_config(checkpoint)
   config.data.eval_split = split or config.data.eval_split
   config.eval_steps = -1  # a training run may cap its periodic evaluations; this one is the whole split
-  mesh = partitioning.make_mesh(config.mesh_shape)
-  trainer = train.Trainer(config, mesh)
+  context = model_context.ModelContext(config, partitioning.make_mesh(config.mesh_shape))
   try:
-    variables, _, found = ckpt_lib.load_model_variables(paths.resolve(checkpoint), step)
+    state, found = context.restore_variables(paths.resolve(checkpoint), step)
   except FileNotFoundError as e:
     raise EvaluateError(str(e)) from e
-  state = {"step": found}
-  for collection in ("params", "batch_stats"):
-    ckpt_lib.compare_shapes(
-        trainer.abstract_state[collection],
-        variables.get(collection, {}),
-        what=f"checkpoint {checkpoint} ({collection})",
-    )
-    state[collection] = jax.device_put(variables.get(collection, {}), trainer.state_shardings[collection])
   logging.info(
       "Evaluating %s step %d (task %s) on %s/%s", workdir, found, config.task, config.data.name, config.data.eval_split
   )
-  return {"step": found, **trainer.evaluate(state, workdir)}
+  return {"step": found, **tasks.get_evaluate(config.task)(context, state, workdir)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

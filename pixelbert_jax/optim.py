@@ -97,8 +97,6 @@ def make_optimizer(
   )
   if o.grad_clip_norm and o.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
-  if o.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
   return tx, sched
 
 

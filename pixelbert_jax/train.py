@@ -7,7 +7,6 @@ own slice of each global batch.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -16,18 +15,15 @@ import threading
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import config_checks, metrics_writer, optim, partitioning, paths, run_lock, tasks, xla_options
-from pixelbert_jax import train_step as train_step_lib
+from pixelbert_jax import accumulation, config_checks, metrics_writer, model_context, partitioning, paths, run_lock
+from pixelbert_jax import tasks
 from pixelbert_jax.data import pipeline
-from pixelbert_jax.models.build import build_model
 from pixelbert_jax.train_step import State
 
 
@@ -35,17 +31,14 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-class Trainer:
-  """Builds everything that depends on the config once; `train_and_evaluate` drives it."""
+class Trainer(model_context.StepContext):
+  """The step context (model_context.py) of a training run, with its data: the -1 sizes read off the
+  data, the run's length in steps, the micro-batches per step, and the task's evaluation."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     # -1 in the config = from the data (vocab size, answers), filled in place: train_and_evaluate writes
     # config.json and the checkpoint's meta after this, so that predict and fine-tuning build the same model.
     pipeline.resolve_from_data(config)
-    self.config, self.mesh = config, mesh
-    self.task = tasks.get_task(config.task)
-    self._evaluate = tasks.get_evaluate(config.task)
-    self.model = build_model(config.model, config.task)
     n_train = pipeline.num_examples(config.data, config.data.train_split, config.task)
     self.steps_per_epoch = max(1, n_train // config.batch_size)
     self.total_steps = (
@@ -53,46 +46,9 @@ class Trainer:
         if config.get("total_steps", 0) > 0
         else int(math.ceil(config.num_epochs * self.steps_per_epoch))
     )
-
-    # The optimizer needs the parameter tree (its per-group masks), the state needs the optimizer: shapes
-    # first, from a state built with a placeholder optimizer that has no state of its own.
-    init = functools.partial(
-        train_step_lib.init_state, model=self.model, task_name=config.task, text_len=config.data.max_text_len
-    )
-    abstract_params = nn.unbox(jax.eval_shape(lambda r: init(r, tx=optax.identity()), jax.random.PRNGKey(0)))["params"]
-    accum = max(1, int(config.optim.grad_accum_steps))
-    self.tx, self.schedules = optim.make_optimizer(
-        config, abstract_params, steps_per_epoch=max(1, self.steps_per_epoch // accum)
-    )
-    init = functools.partial(init, tx=self.tx)
-    abstract_boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-    specs = nn.get_partition_spec(abstract_boxed)
-    self.abstract_state = nn.unbox(abstract_boxed)
-    self.state_shardings = partitioning.logical_to_shardings(self.abstract_state, specs, mesh)
-    self._init_state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=self.state_shardings)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, self.state_shardings
-    )
-    self.compiler_options = xla_options.compiler_options(mesh.devices.flat[0].platform)
-    step = functools.partial(
-        train_step_lib.train_step,
-        model=self.model,
-        task=self.task,
-        tx=self.tx,
-        loss_weights=dict(config.get("loss", {})),
-        update_batch_stats=config.model.cnn.norm == "bn",
-    )
-    self.train_step = jax.jit(
-        step,
-        in_shardings=(self.state_shardings, None),
-        out_shardings=(self.state_shardings, partitioning.replicated(mesh)),
-        donate_argnums=0,
-        compiler_options=self.compiler_options,
-    )
-
-  def init_state(self, seed: int) -> State:
-    with partitioning.activate(self.mesh):
-      return self._init_state(jax.random.PRNGKey(seed))
+    accum = accumulation.resolve(config, mesh, steps_per_epoch=self.steps_per_epoch)
+    super().__init__(config, mesh, steps_per_epoch=self.steps_per_epoch, accum_steps=accum)
+    self._evaluate = tasks.get_evaluate(config.task)
 
   def evaluate(self, state: State, workdir: epath.Path) -> dict[str, float]:
     """The task's evaluation (task_table.py): official metrics and result files where the task has them."""
@@ -321,8 +277,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
         _accumulate(sums, pending[1], step)
         pending = None
         logged = {f"train/{k}": v for k, v in _reduce(sums).items()}
-        logged["train/lr"] = float(trainer.schedules["transformer"](step // max(1, config.optim.grad_accum_steps)))
-        logged["train/lr_cnn"] = float(trainer.schedules["cnn"](step // max(1, config.optim.grad_accum_steps)))
+        logged["train/lr"] = float(trainer.schedules["transformer"](step))
+        logged["train/lr_cnn"] = float(trainer.schedules["cnn"](step))
         elapsed = time.monotonic() - t_log
         logged["perf/examples_per_s"] = n_log * config.batch_size / max(elapsed, 1e-9)
         logged["perf/step_time_s"] = elapsed / max(n_log, 1)

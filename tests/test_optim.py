@@ -98,19 +98,3 @@ def test_frozen_cnn_does_not_move():
   new = optax.apply_updates(p, tx.update(g, tx.init(p), p)[0])
   np.testing.assert_array_equal(new["encoder"]["cnn"]["conv1"]["kernel"], p["encoder"]["cnn"]["conv1"]["kernel"])
   assert not np.allclose(new["itm_head"]["kernel"], p["itm_head"]["kernel"])
-
-
-@pytest.mark.parametrize("k", [2, 3])
-def test_gradient_accumulation_averages(k):
-  cfg = _config(warmup_steps=0, grad_accum_steps=k)
-  p = _params()
-  tx, _ = optim.make_optimizer(cfg, p, steps_per_epoch=10)
-  state = tx.init(p)
-  for i in range(k):
-    upd, state = tx.update(jax.tree.map(lambda x: jnp.full_like(x, float(i)), p), state, p)
-    if i < k - 1:
-      assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(upd))
-  tx1, _ = optim.make_optimizer(_config(warmup_steps=0), p, steps_per_epoch=10)
-  mean_g = jax.tree.map(lambda x: jnp.full_like(x, (k - 1) / 2), p)
-  ref, _ = tx1.update(mean_g, tx1.init(p), p)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), upd, ref)

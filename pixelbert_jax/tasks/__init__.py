@@ -32,6 +32,10 @@ class Task(Protocol):
     """The scalar loss (mean over real examples, weighted by example_mask) and (sum, count) metrics;
     `loss_weights` are `config.loss`, and a task takes the ones it knows."""
 
+  def batch_spec(self, config: Any, batch_size: int, image_hw: tuple[int, int]) -> dict[str, Any]:
+    """The keys, shapes and dtypes (jax.ShapeDtypeStruct) of a training batch as the data pipeline delivers
+    it, from the config alone: what a compile-only plan (aot.py) feeds the step."""
+
 
 # evaluate(trainer, state, workdir) -> {"eval/<name>": value}: runs the held-out split, writes result files
 # under WORKDIR/results/ (process 0), returns the metrics that train.py logs.
@@ -42,7 +46,7 @@ def get_task(name: str) -> Task:
   """The training module of task `name` (task_table.py)."""
   module = task_table.resolve(task_table.spec(name).module)
   if not isinstance(module, Task):
-    raise TypeError(f"{module.__name__} does not define the Task interface (model_inputs, loss_and_metrics)")
+    raise TypeError(f"{module.__name__} does not define the Task interface (model_inputs, loss_and_metrics, batch_spec)")
   return module
 
 

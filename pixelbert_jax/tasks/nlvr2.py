@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pixelbert_jax.tasks import specs
+
 INPUT_KEYS = ("image", "image_mask", "input_ids", "text_mask", "image1", "image1_mask")
 
 
@@ -23,3 +25,10 @@ def loss_and_metrics(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
   loss = jnp.sum(xent * mask) / jnp.maximum(n, 1.0)
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
   return loss, {"loss": (loss, jnp.ones(())), "acc": (jnp.sum(correct * mask), n)}
+
+
+def batch_spec(config, batch_size: int, image_hw: tuple[int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+  b = batch_size
+  out = {**specs.image(b, image_hw), **specs.image(b, image_hw, "1"), **specs.examples(b)}
+  out.update(specs.text((b,), config.data.max_text_len), label=specs.struct((b,), jnp.int32))
+  return out

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pixelbert_jax.tasks import specs
+
 INPUT_KEYS = ("image", "image_mask", "input_ids", "text_mask")
 MetricSums = dict[str, tuple[jax.Array, jax.Array]]
 
@@ -82,3 +84,14 @@ def grounded_probe(
 def shuffle_images(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Pairs every caption with the next example's image (a derangement for batches larger than one)."""
   return {**batch, "image": jnp.roll(batch["image"], 1, axis=0), "image_mask": jnp.roll(batch["image_mask"], 1, axis=0)}
+
+
+def batch_spec(config, batch_size: int, image_hw: tuple[int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+  b, length = batch_size, config.data.max_text_len
+  out = {**specs.image(b, image_hw), **specs.text((b,), length), **specs.examples(b)}
+  out.update(
+      mlm_labels=specs.struct((b, length), jnp.int32),
+      mlm_weights=specs.struct((b, length), jnp.float32),
+      itm_label=specs.struct((b,), jnp.int32),
+  )
+  return out

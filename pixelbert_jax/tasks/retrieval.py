@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pixelbert_jax.tasks import specs
+
 IMAGE_KEYS = ("image", "image_mask")
 
 
@@ -67,3 +69,9 @@ def loss_and_metrics(
   loss = jnp.sum(xent * mask) / jnp.maximum(n, 1.0)
   top1 = (jnp.argmax(scores, -1) == 0).astype(jnp.float32)
   return loss, {"loss": (loss, jnp.ones(())), "acc": (jnp.sum(top1 * mask), n)}
+
+
+def batch_spec(config, batch_size: int, image_hw: tuple[int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+  """Each image with its caption and `data.retrieval_negatives` others: text [B,1+N,L]."""
+  b, group = batch_size, 1 + int(config.data.retrieval_negatives)
+  return {**specs.image(b, image_hw), **specs.text((b, group), config.data.max_text_len), **specs.examples(b)}

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pixelbert_jax.tasks import specs
+
 INPUT_KEYS = ("image", "image_mask", "input_ids", "text_mask")
 
 
@@ -41,3 +43,10 @@ def loss_and_metrics(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
   n = jnp.sum(mask)
   loss = jnp.sum(ex["loss"] * mask) / jnp.maximum(n, 1.0)
   return loss, {"loss": (loss, jnp.ones(())), "vqa_score": (jnp.sum(ex["vqa_score"] * mask), n)}
+
+
+def batch_spec(config, batch_size: int, image_hw: tuple[int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+  b = batch_size
+  out = {**specs.image(b, image_hw), **specs.text((b,), config.data.max_text_len), **specs.examples(b)}
+  out["vqa_targets"] = specs.struct((b, config.model.num_answers), jnp.float32)
+  return out

@@ -1,0 +1,355 @@
+"""Plans a run on a TPU slice from a laptop: compiles the trainer's step for a slice that is not attached.
+
+  python -m pixelbert_jax.aot --config=configs/pretrain.py:r50 --topology=v4-32 [--find_max_batch]
+
+The step is the trainer's own (model_context.StepContext: model, logical sharding rules, mesh, optimizer,
+jitted step), built without opening any data, and compiled by libtpu for the slice's topology (deviceless
+ahead-of-time compilation, as MaxText's train_compile.py does). It prints, per device, XLA's memory account
+against the chip's memory, the FLOPs of one step, whether the config fits, the micro-batches
+(`optim.grad_accum_steps`) that would make `batch_size` fit when it does not, and an estimate of images/s
+and of the config's wall time at a stated utilisation. Memory is XLA's (measured); time is an estimate of a
+machine we do not have: peak FLOP/s x utilisation. Sizes the trainer reads off the data (config -1) come
+from --vocab_size / --num_answers. Needs libtpu: `pip install "jax[tpu]==<your jax version>"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:r50")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as its accelerator type: v4-32, v5litepod-64, v5p-8...")
+_FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Search the largest per-device batch that fits")
+_UTIL = flags.DEFINE_float(
+    "utilization", 0.18, "Assumed model FLOPs utilisation for the time estimate (docs/tpu_planning.md)"
+)
+_VOCAB = flags.DEFINE_integer("vocab_size", 30522, "Vocabulary size where the config reads it off the data (-1)")
+_ANSWERS = flags.DEFINE_integer("num_answers", 3129, "VQA answer count where the config reads it off the data")
+_EXAMPLES = flags.DEFINE_integer("train_examples", 0, "Training records per epoch (0: the known size of data.name)")
+_JSON = flags.DEFINE_string("json_out", "", "Also write the plan as JSON to this file")
+flags.mark_flags_as_required(["config", "topology"])
+
+USAGE = 2
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU generation: its topology family, how JAX sees a chip, and its dense bf16 peak per chip."""
+
+  family: str  # jax.experimental.topologies' name prefix
+  cores_in_name: bool  # the accelerator type counts TensorCores (v4-8 = 4 chips), not chips
+  chip_config: str | None  # "megacore": one JAX device per chip, as on the real slice
+  peak_flops: float  # bf16, per chip (the vendor's figure)
+  hbm_gib: int  # per chip (the vendor's figure; the usable amount is libtpu's, printed)
+  dims: int  # 3D torus (v4, v5p) or 2D (v5e, v6e)
+
+
+CHIPS = {
+    "v4": Chip("v4", True, "megacore", 275e12, 32, 3),
+    "v5p": Chip("v5p", True, "megacore", 459e12, 95, 3),
+    "v5litepod": Chip("v5e", False, None, 197e12, 16, 2),
+    "v5e": Chip("v5e", False, None, 197e12, 16, 2),
+    "v6e": Chip("v6e", False, None, 918e12, 32, 2),
+}
+
+# Training records per epoch of the paper's data, as counted by the trainer (task_table's `record`):
+# pre-training counts images, VQA questions, NLVR2 statements, retrieval images.
+KNOWN_TRAIN_SIZES = {
+    ("pretrain", "coco_karpathy+visual_genome"): 113_287 + 108_077,  # Karpathy train+restval; VG images
+    ("vqa", "vqa2"): 443_757,  # VQA v2 train questions
+    ("nlvr2", "nlvr2"): 86_373,  # NLVR2 train statements
+    ("retrieval", "flickr30k"): 29_000,  # Karpathy train images
+    ("retrieval", "coco_karpathy"): 113_287,
+}
+
+
+class PlanError(ValueError):
+  """Bad input to the plan; one line naming the flag or key."""
+
+
+def parse_slice(name: str) -> tuple[Chip, str, int]:
+  """'v4-32' -> (chip, 'v4:2x2x4', 16 chips)."""
+  m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name.strip().lower())
+  if not m:
+    raise PlanError(f"--topology={name!r}: expected an accelerator type like v4-32, v5litepod-16, v5p-8, v6e-16")
+  chip, n = CHIPS[m.group(1)], int(m.group(2))
+  chips = n // 2 if chip.cores_in_name else n
+  smallest = 4 if chip.dims == 3 else 1
+  if chips < smallest or chips & (chips - 1) or (chip.cores_in_name and n % 2):
+    raise PlanError(
+        f"--topology={name!r}: {chips} chips is not a slice of {m.group(1)} (a power of two, at least {smallest})"
+    )
+  return chip, f"{chip.family}:{'x'.join(map(str, slice_shape(chips, chip.dims)))}", chips
+
+
+def slice_shape(chips: int, dims: int) -> list[int]:
+  """The box a slice's chips form: v4/v5p 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ...; v5e/v6e 1x1, 1x2, 2x2,
+  2x4, 4x4, 4x8, ... (the smallest axis doubles, the last of equals first)."""
+  shape = [2, 2, 1] if dims == 3 else [1, 1]
+  while math.prod(shape) < chips:
+    smallest = min(shape)
+    shape[max(i for i, s in enumerate(shape) if s == smallest)] *= 2
+  return shape
+
+
+def _libtpu_or_exit() -> None:
+  if importlib.util.find_spec("libtpu") is None:
+    version = importlib.metadata.version("jax")
+    print(f'error: compiling for a TPU needs libtpu: pip install "jax[tpu]=={version}"', file=sys.stderr)
+    sys.exit(USAGE)
+
+
+def _quiet_libtpu(accelerator_type: str) -> None:
+  """This machine is no TPU VM: JAX stays on the CPU, and libtpu is told what it would otherwise probe for
+  (without these it prints start-up warnings about missing TPU metadata)."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
+def usable_hbm(devices) -> float | None:
+  """The bytes libtpu lets one program use on one device, read off its refusal of a 1 TiB program."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from pixelbert_jax import partitioning
+
+  mesh = partitioning.make_mesh((-1, 1, 1), devices[:1])
+  one = NamedSharding(mesh, P())
+  try:
+    jax.jit(lambda x: jnp.zeros((1 << 40,), jnp.int8) + x, out_shardings=one).lower(
+        jax.ShapeDtypeStruct((), jnp.int8, sharding=one)
+    ).compile()
+  except Exception as e:  # noqa: BLE001 - XLA's runtime error
+    m = re.search(r"available HBM \(([\d.]+)([KMGT])\)", str(e))
+    if m:
+      return float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024
+  return None
+
+
+@dataclasses.dataclass
+class Attempt:
+  per_device: int  # examples per device per micro-batch
+  accum: int
+  fits: bool
+  compile_s: float
+  memory: dict | None = None  # accumulation.StepMemory as a dict (GiB), None when refused
+  flops: float = 0.0  # per device per optimizer step
+  refusal: str = ""
+
+
+def compile_once(config, mesh, per_device: int, accum: int) -> Attempt:
+  """Compiles the trainer's step for `per_device` x `accum` examples per device and optimizer step."""
+  from pixelbert_jax import accumulation, model_context, partitioning
+
+  dp = partitioning.data_parallel_size(mesh)
+  context = model_context.StepContext(config, mesh, steps_per_epoch=1000, accum_steps=accum)
+  t = time.monotonic()
+  try:
+    compiled = context.compile_step(per_device * accum * dp, model_context.largest_bucket(config))
+  except Exception as e:  # noqa: BLE001 - XLA's runtime error
+    if not accumulation.out_of_memory(e):
+      raise
+    line = next((s for s in str(e).splitlines() if "RESOURCE_EXHAUSTED" in s), str(e).splitlines()[0])
+    return Attempt(per_device, accum, False, time.monotonic() - t, refusal=line.strip())
+  seconds = time.monotonic() - t
+  memory = accumulation.step_memory(compiled)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  # XLA counts a loop's body once: the micro-batch scan runs it `accum` times (the optimizer update,
+  # outside the loop, is a few FLOPs per parameter and is counted k times too: negligible).
+  flops = float(cost.get("flops", 0.0)) * accum
+  mem = {k: v / GIB for k, v in dataclasses.asdict(memory).items()} | {"total": memory.total / GIB}
+  return Attempt(per_device, accum, True, seconds, mem, flops)
+
+
+def find_max_batch(config, mesh, start: int, log) -> tuple[Attempt | None, list[Attempt]]:
+  """The largest per-device batch (one micro-batch) that compiles. From above, halving: a program too large
+  is refused in seconds, one that fits takes minutes to compile. Then one bisection step between the
+  largest fit and the smallest refusal, at a quarter of the gap, twice."""
+  tried, best, refused = [], None, None
+  b = max(1, start)
+  while b >= 1:
+    a = compile_once(config, mesh, b, 1)
+    tried.append(a)
+    log(a)
+    if a.fits:
+      best = a
+      break
+    refused, b = b, b // 2
+  if best is None or refused is None:
+    return best, tried
+  lo, hi = best.per_device, refused
+  for _ in range(2):
+    mid = lo + (hi - lo) // 2
+    if mid in (lo, hi):
+      break
+    a = compile_once(config, mesh, mid, 1)
+    tried.append(a)
+    log(a)
+    lo, hi = (mid, hi) if a.fits else (lo, mid)
+    best = a if a.fits else best
+  return best, tried
+
+
+def fewest_micro_batches(global_batch: int, dp: int, max_per_device: int) -> int | None:
+  """The fewest k such that global_batch splits into k micro-batches of at most `max_per_device` each."""
+  from pixelbert_jax import accumulation
+
+  for k in accumulation.candidates(global_batch, dp):
+    if global_batch // (dp * k) <= max_per_device:
+      return k
+  return None
+
+
+def _fill_sizes(config) -> None:
+  if int(config.model.get("vocab_size", 1)) == -1:
+    config.model.vocab_size = _VOCAB.value
+  if int(config.model.get("num_answers", 1)) == -1:
+    config.model.num_answers = _ANSWERS.value
+
+
+def _describe(a: Attempt) -> str:
+  if not a.fits:
+    return f"  {a.per_device:>4} per device x {a.accum}: does not fit ({a.compile_s:.0f} s): {a.refusal[:160]}"
+  m = a.memory
+  return (
+      f"  {a.per_device:>4} per device x {a.accum}: fits, {m['total']:.2f} GiB ({a.compile_s:.0f} s to compile)"
+  )
+
+
+def plan(config, topology: str, *, find_max: bool, utilization: float, train_examples: int) -> dict:
+  from jax.experimental import topologies
+
+  from pixelbert_jax import accumulation, model_context, partitioning
+
+  chip, topo, chips = parse_slice(topology)
+  kwargs = {"chip_config_name": chip.chip_config} if chip.chip_config else {}
+  devices = topologies.get_topology_desc(topology_name=topo, platform="tpu", **kwargs).devices
+  mesh = partitioning.make_mesh(config.mesh_shape, devices)
+  dp = partitioning.data_parallel_size(mesh)
+  hbm = usable_hbm(devices)
+  peak = chip.peak_flops * chips / len(devices)
+  bucket = model_context.largest_bucket(config)
+  print(
+      f"{topology}: {topo}, {len(devices)} devices, mesh {dict(mesh.shape)}, "
+      f"{(hbm or 0) / GIB:.2f} GiB usable per device, peak {peak / 1e12:.0f} TFLOP/s (bf16) per device"
+  )
+  print(f"config: task {config.task}, batch {config.batch_size}, largest bucket {bucket[0]}x{bucket[1]}, "
+        f"remat {bool(config.model.get('remat', False))}, dtype {config.model.get('dtype', 'float32')}")
+  out = {"topology": topology, "tpu_topology": topo, "devices": len(devices), "mesh": dict(mesh.shape),
+         "usable_hbm_gib": (hbm or 0) / GIB, "peak_flops_per_device": peak, "utilization": utilization,
+         "bucket": bucket, "batch_size": int(config.batch_size)}
+  tried = []
+  if find_max:
+    start = max(1, config.batch_size // dp)
+    start = 1 << math.ceil(math.log2(start)) if start > 1 else 1
+    best, tried = find_max_batch(config, mesh, start, lambda a: print(_describe(a), flush=True))
+    out["max_per_device"] = best.per_device if best else 0
+    k = fewest_micro_batches(config.batch_size, dp, best.per_device) if best else None
+    out["accum_for_batch"] = k
+    print(f"largest per-device batch that fits: {out['max_per_device']}; "
+          f"batch {config.batch_size} needs optim.grad_accum_steps={k if k else 'none fits'}")
+    chosen = None
+    if k is not None:
+      chosen = next((a for a in tried if a.fits and a.per_device * k * dp == config.batch_size), None)
+      chosen = chosen or compile_once(config, mesh, config.batch_size // (dp * k), k)
+  else:
+    # The config as written; when it does not fit (or asks for -1), the fewest micro-batches that do.
+    written = int(config.optim.grad_accum_steps)
+    if written != -1:
+      accumulation.check(config, mesh, written)
+    chosen = None
+    for k in accumulation.candidates(config.batch_size, dp):
+      if written != -1 and k < written:
+        continue
+      a = compile_once(config, mesh, config.batch_size // (dp * k), k)
+      tried.append(a)
+      print(_describe(a), flush=True)
+      if a.fits:
+        chosen = a
+        break
+    out["fits_as_written"] = bool(tried and tried[0].fits and written != -1)
+  out["tried"] = [dataclasses.asdict(a) for a in tried]
+  if chosen is None or not chosen.fits:
+    print(f"verdict: batch {config.batch_size} does NOT fit {topology} with this config"
+          + ("" if find_max else "; --find_max_batch finds the largest per-device batch"))
+    out["fits"] = False
+    return out
+  m = chosen.memory
+  step_s = chosen.flops / (utilization * peak)
+  images_per_s = config.batch_size / step_s
+  out.update(fits=True, accum=chosen.accum, per_device=chosen.per_device, memory_gib=m, flops_per_device=chosen.flops,
+             est_step_s=step_s, est_images_per_s=images_per_s)
+  print(f"memory per device (XLA): arguments {m['arguments']:.2f} GiB, temporaries {m['temporaries']:.2f} GiB, "
+        f"outputs {m['outputs']:.2f} GiB (of which {m['aliased']:.2f} reuse donated arguments), "
+        f"code {m['code']:.2f} GiB; total {m['total']:.2f} of {(hbm or 0) / GIB:.2f} GiB")
+  print(f"FLOPs per device per step: {chosen.flops:.3g} ({chosen.flops / (chosen.per_device * chosen.accum) / 1e9:.0f} "
+        f"GFLOPs per example, forward and backward)")
+  size = train_examples or KNOWN_TRAIN_SIZES.get((config.task, config.data.name), 0)
+  if config.get("total_steps", -1) > 0:
+    steps, length = int(config.total_steps), f"{int(config.total_steps):,} steps (config.total_steps)"
+  elif size:
+    steps = int(math.ceil(config.num_epochs * max(1, size // config.batch_size)))
+    length = f"{steps:,} steps ({config.num_epochs:g} epochs of {size:,} records)"
+  else:
+    steps, length = 0, "(the wall time needs --train_examples)"
+  hours = steps * step_s / 3600 if steps else None
+  out.update(train_examples=size, steps=steps, est_hours=hours)
+  print(f"estimate at {utilization:.0%} utilisation: {step_s * 1e3:,.1f} ms per step, {images_per_s:,.0f} "
+        f"examples/s; {length}" + (f": {hours:.2f} h" if hours is not None else ""))
+  as_written = "as written" if out.get("fits_as_written") else "NOT as written"
+  print(f"verdict: batch {config.batch_size} fits {topology} {as_written}" if not find_max else "verdict:", end="")
+  print(f"{'' if not find_max else f' batch {config.batch_size} fits {topology}'} with {chosen.accum} "
+        f"micro-batch(es) of {chosen.per_device} per device (optim.grad_accum_steps={chosen.accum})")
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+    return USAGE
+  _libtpu_or_exit()
+  try:
+    chip, _, _ = parse_slice(_TOPOLOGY.value)
+  except PlanError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return USAGE
+  _quiet_libtpu(_TOPOLOGY.value)
+  config = _CONFIG.value
+  _fill_sizes(config)
+  from pixelbert_jax import config_checks
+
+  # A plan opens no data and restores nothing: the paths the trainer would read are not its business.
+  unused = ("config.data.vocab_path=", "config.data.data_dir=", "config.data.manual_dir", "config.init_from")
+  found = [p for p in config_checks.problems(config) if not p.startswith(unused)]
+  if found:
+    print(f"error: {found[0]}", file=sys.stderr)
+    return USAGE
+  try:
+    out = plan(
+        config, _TOPOLOGY.value, find_max=_FIND_MAX.value, utilization=_UTIL.value, train_examples=_EXAMPLES.value
+    )
+  except (PlanError, ValueError) as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return USAGE
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(out, f, indent=2, default=str)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
