@@ -325,3 +325,23 @@ def test_from_torch_tilde_inputs_relative_out(home, tmp_path):
       variables["params"]["encoder"]["cnn"]["layer4"]["0"]["conv2"]["kernel"],
       tv.state_dict()["layer4.0.conv2.weight"].numpy().transpose(2, 3, 1, 0),
   )
+
+
+def test_to_torch_into_a_non_empty_folder_refuses_unless_overwrite(capsys, tmp_path):
+  """An export into a folder that holds anything is refused before the checkpoint is read (it was written
+  over without a word); --overwrite lets it through (here to the missing checkpoint's error)."""
+  out = tmp_path / "export"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  argv = ["to-torch", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)]
+  err = _error_line(capsys, argv)
+  assert err == (
+      f"error: --out {out} is not empty (1 entries, e.g. notes.txt): choose a new folder, or pass --overwrite to "
+      "write this export's files over it"
+  )
+  assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+  err = _error_line(capsys, argv + ["--overwrite"])
+  assert str(tmp_path / "nope") in err and "not empty" not in err
+  (tmp_path / "file").write_text("x")
+  err = _error_line(capsys, ["to-torch", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "file")])
+  assert err == f"error: --out {tmp_path / 'file'} is a file, not a folder"

@@ -1,6 +1,6 @@
 """`python -m pixelbert_jax.convert to-torch|from-torch ...`: PyTorch interop, verified every time.
 
-  to-torch   --checkpoint WORKDIR_OR_STEP_DIR [--step N] --out OUT [--no-verify]
+  to-torch   --checkpoint WORKDIR_OR_STEP_DIR [--step N] --out OUT [--overwrite] [--no-verify]
   from-torch --cnn RESNET.pth|.safetensors --bert HF_BERT_DIR --out INIT_DIR [--config FILE.py:VARIANT]
              [--set model.hidden_size=32 ...] [--seed N] [--no-verify]
 
@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
   t = sub.add_parser("to-torch", help="Orbax checkpoint -> torchvision / HF / whole-model PyTorch files")
   t.add_argument("--checkpoint", required=True, help="a workdir, its checkpoints/ folder or a step folder")
   t.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-  t.add_argument("--out", required=True)
+  t.add_argument("--out", required=True, help="a new or empty folder (see --overwrite)")
+  t.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing the export's files")
   t.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff per output (float32)")
   t.add_argument("--no-verify", action="store_true", help="skip the Flax vs PyTorch check (machines without torch)")
   f = sub.add_parser("from-torch", help="torchvision ResNet + HF BERT -> INIT_DIR for config.init_from_torch")
@@ -81,7 +82,14 @@ def main(argv=None) -> int:
     if args.command == "to-torch":
       from pixelbert_jax.convert.to_torch import to_torch
 
-      to_torch(args.checkpoint, args.out, step=args.step, verify=not args.no_verify, tolerance=args.tolerance)
+      to_torch(
+          args.checkpoint,
+          args.out,
+          step=args.step,
+          verify=not args.no_verify,
+          tolerance=args.tolerance,
+          overwrite=args.overwrite,
+      )
     else:
       from pixelbert_jax.convert.from_torch import from_torch
 

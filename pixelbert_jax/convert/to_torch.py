@@ -184,11 +184,32 @@ def check_pieces(out: str, torch_model) -> list:
   return problems
 
 
+def check_out(out: str, overwrite: bool) -> None:
+  """OUT must be a new or empty folder, unless `overwrite`: an export written over another would mix the two
+  (a README of one beside the weights of the other, if the second run fails half-way)."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out {out} is a file, not a folder")
+  entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+  if entries and not overwrite:
+    raise ValueError(
+        f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0]}): choose a new folder, or pass "
+        "--overwrite to write this export's files over it"
+    )
+
+
 def to_torch(
-    checkpoint: str, out: str, step: int | None = None, verify: bool = True, tolerance: float = 1e-4, log=print
+    checkpoint: str,
+    out: str,
+    step: int | None = None,
+    verify: bool = True,
+    tolerance: float = 1e-4,
+    log=print,
+    overwrite: bool = False,
 ):
-  """Writes OUT and (unless verify=False) checks it; returns the verification Report or None."""
+  """Writes OUT (a new or empty folder unless `overwrite`) and (unless verify=False) checks it; returns the
+  verification Report or None."""
   checkpoint, out = paths.resolve(checkpoint), paths.resolve(out)  # '~' and relative paths (paths.py)
+  check_out(out, overwrite)
   variables, cfg, task, step, meta = load_checkpoint(checkpoint, step)
   os.makedirs(out, exist_ok=True)
   info = {
