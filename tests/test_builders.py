@@ -581,3 +581,30 @@ def test_user_text_files_that_are_not_utf8_name_the_file_and_the_line(tmp_path):
   vocab.write_bytes(b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nred\nbl\xffue\n")
   with pytest.raises(ValueError, match=rf"^vocab file {re.escape(str(vocab))}: line 7: not valid UTF-8"):
     text.load_tokenizer(str(vocab))
+
+
+def test_an_unfinished_build_left_behind_is_named_with_its_size(tmp_path, caplog):
+  """A build killed half-way leaves TFDS's incomplete.* folder, and the next build writes another beside it:
+  the next build names each one with its size (it is not deleted: another process may be writing it)."""
+  from pixelbert_jax.data import synthetic as world
+  from pixelbert_jax.data.builders import synthetic
+
+  config = synthetic.synthetic_config(
+      "captions", seed=0, image_size=48, num_train=2, num_val=2, num_test=2, scene=world.SceneSpec(1, 1)
+  )
+  builder = synthetic.SyntheticWorld(config=config, data_dir=str(tmp_path), file_format="array_record")
+  left = os.path.join(os.path.dirname(os.fspath(builder.data_dir)), f"incomplete.AB12CD_{builder.version}")
+  os.makedirs(left)
+  with open(os.path.join(left, "part"), "wb") as f:
+    f.write(b"\0" * 3 * 2**20)
+  with caplog.at_level(logging.WARNING):
+    synthetic.prepare(config, str(tmp_path))
+  named = [r.getMessage() for r in caplog.records if left in r.getMessage()]
+  assert named == [
+      f"{left}: an unfinished build of synthetic_world (3.0 MB), left by a build that was stopped; delete it "
+      "unless another process is building this dataset now"
+  ]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    synthetic.prepare(config, str(tmp_path))  # built: reused, nothing to say
+  assert not [r for r in caplog.records if "unfinished" in r.getMessage()]

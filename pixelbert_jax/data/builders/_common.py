@@ -553,6 +553,7 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         )
       for path in old:
         log.warning("%s: a build in an old layout, not read (this code builds %s); delete it", path, self.version)
+      layout.warn_unfinished_builds(self)
     return super().download_and_prepare(download_config=download_config, **kwargs)
 
   def tally(self, split: str, max_fraction: float | None = None) -> BadRecordTally:

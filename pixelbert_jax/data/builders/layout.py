@@ -18,6 +18,7 @@ stored (`image`, or `image0` / `image1`); `tfds.data_source` alone reads the sam
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
@@ -199,4 +200,27 @@ def build_folder_versions(builder: tfds.core.DatasetBuilder) -> list[str]:
     except ValueError:
       continue
     found.append(path)
+  return found
+
+
+def warn_unfinished_builds(builder: tfds.core.DatasetBuilder) -> list[str]:
+  """Names, with their size, the `incomplete.*` folders TFDS left beside this builder's version folder: a
+  build killed half-way leaves one, and each new build writes a new one beside it. They are named, not
+  deleted: another process may be building the same dataset into one of them right now."""
+  parent = os.path.dirname(os.fspath(builder.data_dir))
+  if not os.path.isdir(parent):
+    return []
+  found = []
+  for entry in sorted(os.listdir(parent)):
+    path = os.path.join(parent, entry)
+    if entry.startswith("incomplete.") and os.path.isdir(path):
+      size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+      logging.warning(
+          "%s: an unfinished build of %s (%.1f MB), left by a build that was stopped; delete it unless "
+          "another process is building this dataset now",
+          path,
+          builder.name,
+          size / 2**20,
+      )
+      found.append(path)
   return found

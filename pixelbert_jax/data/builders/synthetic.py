@@ -232,6 +232,8 @@ def prepare(config: SyntheticConfig, data_dir: str) -> SyntheticWorld:
   builder = SyntheticWorld(
       config=config.name if config.name in builtin else config, data_dir=data_dir, file_format="array_record"
   )
+  if not builder.data_path.exists():
+    layout.warn_unfinished_builds(builder)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
           verify_ssl=False, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
