@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import predict, run_lock, train
+from pixelbert_jax import config_checks, predict, run_lock, train
 from tests import train_helpers as th
 
 
@@ -56,7 +56,7 @@ def _copy(reference, tmp_path):
 
 @pytest.mark.slow
 def test_nan_at_a_saved_step_is_never_saved_and_a_rerun_resumes_from_the_last_finite_step(
-    data_dir, reference, tmp_path, caplog
+    data_dir, reference, tmp_path, caplog, monkeypatch
 ):
   """The issue's run: a checkpoint every step, a log line every 10, a learning rate that blows up. Step 3's
   update makes the parameters infinite while its loss is still finite, and step 4's loss was checked only at
@@ -64,6 +64,9 @@ def test_nan_at_a_saved_step_is_never_saved_and_a_rerun_resumes_from_the_last_fi
   every_step = {"checkpoint_every_steps": 1, "log_every_steps": 10, "keep_checkpoints": 2}
   train.train_and_evaluate(th.tiny_config(data_dir, total_steps=2, **every_step), str(tmp_path))
   blow_up = th.tiny_config(data_dir, total_steps=6, **every_step, **{"optim.transformer.lr": float("inf")})
+  with pytest.raises(config_checks.ConfigError, match=r"config.optim.transformer.lr=inf must be >= 0 and <= 10"):
+    train.train_and_evaluate(blow_up, str(tmp_path))  # refused before anything runs; the check behind it:
+  monkeypatch.setattr(config_checks, "validate", lambda config: None)
   with pytest.raises(
       train.NonFiniteLossError,
       match=r"Step 3: \d+ parameter arrays hold NaN/Inf.*not saving it" r".*checkpoints/2, holds finite parameters",
