@@ -110,12 +110,14 @@ def _libtpu_or_exit() -> None:
     sys.exit(USAGE)
 
 
-def _quiet_libtpu(accelerator_type: str) -> None:
+def quiet_libtpu(accelerator_type: str) -> None:
   """This machine is no TPU VM: JAX stays on the CPU, and libtpu is told what it would otherwise probe for
   (without these it prints start-up warnings about missing TPU metadata)."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # libtpu takes a lock file per machine; compiling needs no TPU, so several planners may run at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def usable_hbm(devices) -> float | None:
@@ -225,19 +227,55 @@ def _describe(a: Attempt) -> str:
   if not a.fits:
     return f"  {a.per_device:>4} per device x {a.accum}: does not fit ({a.compile_s:.0f} s): {a.refusal[:160]}"
   m = a.memory
-  return (
-      f"  {a.per_device:>4} per device x {a.accum}: fits, {m['total']:.2f} GiB ({a.compile_s:.0f} s to compile)"
-  )
+  return f"  {a.per_device:>4} per device x {a.accum}: fits, {m['total']:.2f} GiB ({a.compile_s:.0f} s to compile)"
+
+
+def batch_input_bytes(config, mesh, batch_size: int) -> int:
+  """Bytes per device of one batch's inputs: an accumulated step holds all its micro-batches' inputs."""
+  from pixelbert_jax import model_context, partitioning, tasks
+
+  spec = tasks.get_task(config.task).batch_spec(config, batch_size, model_context.largest_bucket(config))
+  return sum(math.prod(s.shape) * s.dtype.itemsize for s in spec.values()) // partitioning.data_parallel_size(mesh)
+
+
+def _search_accumulation(config, mesh, hbm: float | None) -> tuple[Attempt | None, list[Attempt]]:
+  """The config as written; when it does not fit (or asks for -1), the fewest micro-batches that do. A k
+  whose batch inputs alone exceed the device is not compiled: no micro-batch size can make it fit."""
+  from pixelbert_jax import accumulation, partitioning
+
+  dp = partitioning.data_parallel_size(mesh)
+  written = int(config.optim.grad_accum_steps)
+  tried = []
+  for k in accumulation.candidates(config.batch_size, dp):
+    if written != -1 and k < written:
+      continue
+    if tried and hbm and batch_input_bytes(config, mesh, config.batch_size) > hbm:
+      print(
+          f"  the batch's inputs alone take {batch_input_bytes(config, mesh, config.batch_size) / GIB:.1f} GiB "
+          f"per device: no grad_accum_steps fits",
+          flush=True,
+      )
+      break
+    a = compile_once(config, mesh, config.batch_size // (dp * k), k)
+    tried.append(a)
+    print(_describe(a), flush=True)
+    if a.fits:
+      return a, tried
+  return None, tried
 
 
 def plan(config, topology: str, *, find_max: bool, utilization: float, train_examples: int) -> dict:
+  """Compiles the config's step for `topology` and prints the report; returns it as a dict (--json_out)."""
   from jax.experimental import topologies
 
-  from pixelbert_jax import accumulation, model_context, partitioning
+  from pixelbert_jax import config_checks, model_context, partitioning
 
   chip, topo, chips = parse_slice(topology)
   kwargs = {"chip_config_name": chip.chip_config} if chip.chip_config else {}
   devices = topologies.get_topology_desc(topology_name=topo, platform="tpu", **kwargs).devices
+  problems = config_checks.device_problems(config, len(devices), 1)
+  if problems:
+    raise PlanError(problems[0])
   mesh = partitioning.make_mesh(config.mesh_shape, devices)
   dp = partitioning.data_parallel_size(mesh)
   hbm = usable_hbm(devices)
@@ -247,57 +285,65 @@ def plan(config, topology: str, *, find_max: bool, utilization: float, train_exa
       f"{topology}: {topo}, {len(devices)} devices, mesh {dict(mesh.shape)}, "
       f"{(hbm or 0) / GIB:.2f} GiB usable per device, peak {peak / 1e12:.0f} TFLOP/s (bf16) per device"
   )
-  print(f"config: task {config.task}, batch {config.batch_size}, largest bucket {bucket[0]}x{bucket[1]}, "
-        f"remat {bool(config.model.get('remat', False))}, dtype {config.model.get('dtype', 'float32')}")
-  out = {"topology": topology, "tpu_topology": topo, "devices": len(devices), "mesh": dict(mesh.shape),
-         "usable_hbm_gib": (hbm or 0) / GIB, "peak_flops_per_device": peak, "utilization": utilization,
-         "bucket": bucket, "batch_size": int(config.batch_size)}
-  tried = []
+  print(
+      f"config: task {config.task}, batch {config.batch_size} ({config.batch_size // dp} per device), largest "
+      f"bucket {bucket[0]}x{bucket[1]}, remat {bool(config.model.get('remat', False))}, "
+      f"dtype {config.model.get('dtype', 'float32')}"
+  )
+  out = dict(
+      topology=topology,
+      tpu_topology=topo,
+      devices=len(devices),
+      mesh=dict(mesh.shape),
+      usable_hbm_gib=(hbm or 0) / GIB,
+      peak_flops_per_device=peak,
+      utilization=utilization,
+      bucket=bucket,
+      batch_size=int(config.batch_size),
+      remat=bool(config.model.get("remat", False)),
+  )
   if find_max:
     start = max(1, config.batch_size // dp)
     start = 1 << math.ceil(math.log2(start)) if start > 1 else 1
     best, tried = find_max_batch(config, mesh, start, lambda a: print(_describe(a), flush=True))
-    out["max_per_device"] = best.per_device if best else 0
     k = fewest_micro_batches(config.batch_size, dp, best.per_device) if best else None
-    out["accum_for_batch"] = k
-    print(f"largest per-device batch that fits: {out['max_per_device']}; "
-          f"batch {config.batch_size} needs optim.grad_accum_steps={k if k else 'none fits'}")
-    chosen = None
-    if k is not None:
-      chosen = next((a for a in tried if a.fits and a.per_device * k * dp == config.batch_size), None)
-      chosen = chosen or compile_once(config, mesh, config.batch_size // (dp * k), k)
+    out.update(max_per_device=best.per_device if best else 0, accum_for_batch=k)
+    print(
+        f"largest per-device batch that fits: {out['max_per_device']}; batch {config.batch_size} would need "
+        f"optim.grad_accum_steps={k or '(none fits)'} (its inputs add "
+        f"{batch_input_bytes(config, mesh, config.batch_size) / GIB:.2f} GiB per device: plan it to check)"
+    )
+    chosen = best
   else:
-    # The config as written; when it does not fit (or asks for -1), the fewest micro-batches that do.
-    written = int(config.optim.grad_accum_steps)
-    if written != -1:
-      accumulation.check(config, mesh, written)
-    chosen = None
-    for k in accumulation.candidates(config.batch_size, dp):
-      if written != -1 and k < written:
-        continue
-      a = compile_once(config, mesh, config.batch_size // (dp * k), k)
-      tried.append(a)
-      print(_describe(a), flush=True)
-      if a.fits:
-        chosen = a
-        break
-    out["fits_as_written"] = bool(tried and tried[0].fits and written != -1)
+    chosen, tried = _search_accumulation(config, mesh, hbm)
+    out["fits_as_written"] = bool(tried and tried[0].fits and int(config.optim.grad_accum_steps) != -1)
   out["tried"] = [dataclasses.asdict(a) for a in tried]
-  if chosen is None or not chosen.fits:
-    print(f"verdict: batch {config.batch_size} does NOT fit {topology} with this config"
-          + ("" if find_max else "; --find_max_batch finds the largest per-device batch"))
-    out["fits"] = False
+  out["fits"] = chosen is not None
+  if chosen is None:
+    print(f"verdict: batch {config.batch_size} does NOT fit {topology}")
     return out
   m = chosen.memory
-  step_s = chosen.flops / (utilization * peak)
+  examples = chosen.per_device * chosen.accum  # per device per step of `chosen`
+  step_s = chosen.flops / (utilization * peak) * (config.batch_size / dp) / examples  # at the config's batch
   images_per_s = config.batch_size / step_s
-  out.update(fits=True, accum=chosen.accum, per_device=chosen.per_device, memory_gib=m, flops_per_device=chosen.flops,
-             est_step_s=step_s, est_images_per_s=images_per_s)
-  print(f"memory per device (XLA): arguments {m['arguments']:.2f} GiB, temporaries {m['temporaries']:.2f} GiB, "
-        f"outputs {m['outputs']:.2f} GiB (of which {m['aliased']:.2f} reuse donated arguments), "
-        f"code {m['code']:.2f} GiB; total {m['total']:.2f} of {(hbm or 0) / GIB:.2f} GiB")
-  print(f"FLOPs per device per step: {chosen.flops:.3g} ({chosen.flops / (chosen.per_device * chosen.accum) / 1e9:.0f} "
-        f"GFLOPs per example, forward and backward)")
+  out.update(
+      accum=chosen.accum,
+      per_device=chosen.per_device,
+      memory_gib=m,
+      flops_per_device=chosen.flops,
+      flops_per_example=chosen.flops / examples,
+      est_step_s=step_s,
+      est_images_per_s=images_per_s,
+  )
+  print(
+      f"memory per device (XLA, measured): arguments {m['arguments']:.2f} GiB, temporaries {m['temporaries']:.2f} "
+      f"GiB, outputs {m['outputs']:.2f} GiB ({m['aliased']:.2f} of them in donated arguments), code "
+      f"{m['code']:.2f} GiB; total {m['total']:.2f} of {(hbm or 0) / GIB:.2f} GiB"
+  )
+  print(
+      f"FLOPs per device per step (XLA): {chosen.flops:.3g} for {examples} examples "
+      f"({chosen.flops / examples / 1e9:.0f} GFLOPs per example, forward and backward)"
+  )
   size = train_examples or KNOWN_TRAIN_SIZES.get((config.task, config.data.name), 0)
   if config.get("total_steps", -1) > 0:
     steps, length = int(config.total_steps), f"{int(config.total_steps):,} steps (config.total_steps)"
@@ -305,15 +351,21 @@ def plan(config, topology: str, *, find_max: bool, utilization: float, train_exa
     steps = int(math.ceil(config.num_epochs * max(1, size // config.batch_size)))
     length = f"{steps:,} steps ({config.num_epochs:g} epochs of {size:,} records)"
   else:
-    steps, length = 0, "(the wall time needs --train_examples)"
+    steps, length = 0, "the wall time needs --train_examples"
   hours = steps * step_s / 3600 if steps else None
   out.update(train_examples=size, steps=steps, est_hours=hours)
-  print(f"estimate at {utilization:.0%} utilisation: {step_s * 1e3:,.1f} ms per step, {images_per_s:,.0f} "
-        f"examples/s; {length}" + (f": {hours:.2f} h" if hours is not None else ""))
-  as_written = "as written" if out.get("fits_as_written") else "NOT as written"
-  print(f"verdict: batch {config.batch_size} fits {topology} {as_written}" if not find_max else "verdict:", end="")
-  print(f"{'' if not find_max else f' batch {config.batch_size} fits {topology}'} with {chosen.accum} "
-        f"micro-batch(es) of {chosen.per_device} per device (optim.grad_accum_steps={chosen.accum})")
+  print(
+      f"estimate at {utilization:.0%} utilisation: {step_s * 1e3:,.1f} ms per step of {config.batch_size}, "
+      f"{images_per_s:,.0f} examples/s; {length}" + (f": {hours:.2f} h" if hours is not None else "")
+  )
+  if find_max:
+    print(f"verdict: at most {chosen.per_device} examples per device per micro-batch on {topology}")
+  else:
+    how = "as written" if out["fits_as_written"] else f"only with optim.grad_accum_steps={chosen.accum}"
+    print(
+        f"verdict: batch {config.batch_size} fits {topology} {how}: {chosen.accum} micro-batch(es) of "
+        f"{chosen.per_device} per device"
+    )
   return out
 
 
@@ -322,12 +374,16 @@ def main(argv):
     print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
     return USAGE
   _libtpu_or_exit()
+  import jax
+
+  # A deviceless executable cannot be stored in or read from the persistent compilation cache.
+  jax.config.update("jax_enable_compilation_cache", False)
   try:
     chip, _, _ = parse_slice(_TOPOLOGY.value)
   except PlanError as e:
     print(f"error: {e}", file=sys.stderr)
     return USAGE
-  _quiet_libtpu(_TOPOLOGY.value)
+  quiet_libtpu(_TOPOLOGY.value)
   config = _CONFIG.value
   _fill_sizes(config)
   from pixelbert_jax import config_checks
@@ -342,7 +398,7 @@ def main(argv):
     out = plan(
         config, _TOPOLOGY.value, find_max=_FIND_MAX.value, utilization=_UTIL.value, train_examples=_EXAMPLES.value
     )
-  except (PlanError, ValueError) as e:
+  except ValueError as e:  # PlanError, ConfigError, a bad mesh: each one line naming its key
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return USAGE
   if _JSON.value:

@@ -46,7 +46,9 @@ def get_task(name: str) -> Task:
   """The training module of task `name` (task_table.py)."""
   module = task_table.resolve(task_table.spec(name).module)
   if not isinstance(module, Task):
-    raise TypeError(f"{module.__name__} does not define the Task interface (model_inputs, loss_and_metrics, batch_spec)")
+    raise TypeError(
+        f"{module.__name__} does not define the Task interface (model_inputs, loss_and_metrics, batch_spec)"
+    )
   return module
 
 

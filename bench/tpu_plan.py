@@ -1,0 +1,123 @@
+"""The TPU planning table (docs/tpu_planning.md): `python -m pixelbert_jax.aot` over configs and slices.
+
+  python bench/tpu_plan.py run [--only NAME ...]     # compile each job, one JSON each in --out (resumable)
+  python bench/tpu_plan.py table                     # the markdown table from the JSON files
+
+Each job is one run of the planner in its own process (libtpu, no TPU needed). A paper-size step takes
+minutes to compile on a laptop CPU, and a refusal (too large) tens of seconds, so `run` skips jobs whose
+JSON exists and can be stopped and restarted; `table` marks what was not compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "results" / "tpu_plan"
+
+CONFIGS = {
+    "pretrain r50": "configs/pretrain.py:r50",
+    "pretrain x152": "configs/pretrain.py:x152",
+    "vqa r50": "configs/vqa.py:r50",
+    "retrieval r50": "configs/retrieval.py:r50",
+}
+SLICES = ("v4-8", "v4-32", "v5litepod-16", "v5litepod-64", "v5p-8")
+
+
+def jobs() -> dict[str, list[str]]:
+  """name -> planner arguments. `plan`: the config as written (its batch, remat on), searching the fewest
+  micro-batches that fit; `max`: the largest per-device batch, with remat on and off, from `start` down."""
+  out = {}
+  for config_name, config in CONFIGS.items():
+    key = config_name.replace(" ", "_")
+    for topology in SLICES:
+      out[f"{key}__{topology}__plan"] = [f"--config={config}", f"--topology={topology}"]
+      for remat in ("on", "off"):
+        out[f"{key}__{topology}__max_remat_{remat}"] = [
+            f"--config={config}",
+            f"--topology={topology}",
+            "--find_max_batch",
+            f"--config.model.remat={remat == 'on'}",
+        ]
+  return out
+
+
+def run(names: list[str], out: pathlib.Path, timeout_s: int) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  known = jobs()
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise SystemExit(f"error: unknown job {unknown[0]!r} (python bench/tpu_plan.py list)")
+  for name in names or list(known):
+    args = known[name]
+    target = out / f"{name}.json"
+    if target.exists():
+      continue
+    t = time.monotonic()
+    print(f"{name}: {' '.join(args)}", flush=True)
+    cmd = [sys.executable, "-m", "pixelbert_jax.aot", *args, f"--json_out={target}"]
+    try:
+      result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+      print(f"  stopped after {timeout_s} s", flush=True)
+      continue
+    (out / f"{name}.log").write_text(result.stdout + result.stderr[-4000:])
+    lines = [s for s in result.stdout.splitlines() if s.startswith(("verdict", "largest", "estimate"))]
+    print("  " + "\n  ".join(lines or [result.stderr.strip().splitlines()[-1]]), f"({time.monotonic() - t:.0f} s)")
+
+
+def _plans(out: pathlib.Path) -> dict[str, dict]:
+  return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+
+
+def table(out: pathlib.Path) -> str:
+  plans = _plans(out)
+  rows = [
+      "| config | slice | devices | fits the paper's batch (XLA) | micro-batches x per device | memory per device "
+      "(XLA) | largest per-device batch, remat on / off (XLA) | est. hours, paper schedule |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for config_name in CONFIGS:
+    key = config_name.replace(" ", "_")
+    for topology in SLICES:
+      plan = plans.get(f"{key}__{topology}__plan")
+      maxes = [plans.get(f"{key}__{topology}__max_remat_{r}") for r in ("on", "off")]
+      if plan is None and not any(maxes):
+        continue
+      devices = (plan or next(m for m in maxes if m))["devices"]
+      if plan is None:
+        fit, split, mem, hours = "not compiled", "-", "-", "-"
+      elif plan["fits"]:
+        fit = "yes" if plan.get("fits_as_written") else f"with grad_accum_steps={plan['accum']}"
+        split = f"{plan['accum']} x {plan['per_device']}"
+        mem = f"{plan['memory_gib']['total']:.1f} of {plan['usable_hbm_gib']:.2f} GiB"
+        hours = f"{plan['est_hours']:.1f}" if plan.get("est_hours") else "-"
+      else:
+        fit, split, mem, hours = "no", "-", "-", "-"
+      largest = " / ".join(str(m["max_per_device"]) if m else "not compiled" for m in maxes)
+      rows.append(f"| {config_name} | {topology} | {devices} | {fit} | {split} | {mem} | {largest} | {hours} |")
+  return "\n".join(rows)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("command", choices=("run", "table", "list"))
+  parser.add_argument("--only", nargs="*", default=[], help="job names, run in this order (see `list`)")
+  parser.add_argument("--out", type=pathlib.Path, default=OUT)
+  parser.add_argument("--timeout_s", type=int, default=3600, help="per job")
+  args = parser.parse_args()
+  if args.command == "list":
+    print("\n".join(jobs()))
+  elif args.command == "run":
+    run(args.only, args.out, args.timeout_s)
+  else:
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,137 @@
+"""Compiling the trainer's step for a TPU slice that is not attached (pixelbert_jax/aot.py), with libtpu.
+
+These compile a small model for a 2x2 v5e slice (v5litepod-4: 4 devices of 16 GiB) on the CPU. They fail if
+the step stops compiling for TPU, if the logical sharding rules stop applying (parameters replicated where
+FSDP and tensor parallelism should shard them), or if a batch far too large is not reported in one line.
+CI installs libtpu (`.[tpu]`); elsewhere the tests are skipped unless CI is set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pixelbert_jax import aot
+from tests import train_helpers as th
+
+if importlib.util.find_spec("libtpu") is None:
+  if os.environ.get("CI"):
+    raise RuntimeError("CI must install libtpu (pip install '.[tpu]'): tests/test_aot.py needs it")
+  pytest.skip("libtpu is not installed (pip install '.[tpu]')", allow_module_level=True)
+
+SLICE = "v5litepod-4"
+
+
+def test_slice_names_map_to_topologies():
+  expected = {
+      "v4-8": ("v4:2x2x1", 4),
+      "v4-32": ("v4:2x2x4", 16),
+      "v4-128": ("v4:4x4x4", 64),
+      "v5p-8": ("v5p:2x2x1", 4),
+      "v5p-128": ("v5p:4x4x4", 64),
+      "v5litepod-16": ("v5e:4x4", 16),
+      "v5litepod-64": ("v5e:8x8", 64),
+      "v6e-16": ("v6e:4x4", 16),
+      "v6e-8": ("v6e:2x4", 8),
+  }
+  for name, (topology, chips) in expected.items():
+    assert aot.parse_slice(name)[1:] == (topology, chips), name
+  for bad in ("v4-6", "v3-8", "v5p-4", "tpu"):
+    with pytest.raises(aot.PlanError, match="--topology"):
+      aot.parse_slice(bad)
+
+
+def _tiny(mesh_shape, batch_size=16):
+  """The demo recipe at test size on 64x64 images, with a 128-wide transformer: TPU memory holds arrays in
+  tiles of 8 x 128, so narrower layers would be mostly padding, which no sharding reduces. The vocabulary is
+  given as the planner's flag gives it."""
+  overrides = {
+      "model.vocab_size": 512,
+      "model.hidden_size": 128,
+      "model.intermediate_size": 512,
+      "data.buckets": ((64, 64),),
+      "batch_size": batch_size,
+  }
+  config = th.tiny_config("/nonexistent", variant="demo", **overrides)
+  config.mesh_shape = mesh_shape
+  return config
+
+
+def _devices():
+  from jax.experimental import topologies
+
+  aot.quiet_libtpu(SLICE)
+  chip, topology, _ = aot.parse_slice(SLICE)
+  return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+
+
+def _state_bytes_per_device(mesh_shape) -> tuple[aot.Attempt, float]:
+  """A compile of 4 examples per device, and the argument bytes per device less the batch's."""
+  from pixelbert_jax import partitioning
+
+  config = _tiny(mesh_shape)
+  mesh = partitioning.make_mesh(config.mesh_shape, _devices())
+  attempt = aot.compile_once(config, mesh, 4, 1)
+  assert attempt.fits, attempt.refusal
+  batch_gib = aot.batch_input_bytes(config, mesh, 4 * partitioning.data_parallel_size(mesh)) / aot.GIB
+  return attempt, attempt.memory["arguments"] - batch_gib
+
+
+def test_fsdp_and_tensor_axes_shard_the_state():
+  """The train state (parameters and Adam's two moments) per device: with data parallelism all of it on
+  every device; with fsdp 2 x tensor 2 most of it in halves or quarters. The rules shard 71% of this
+  model's state bytes: matrices with an `embed` axis (fsdp) in halves, those that also have an `mlp`, `kv`
+  or `vocab` axis (tensor) in quarters, the CNN's `conv_out` in halves; by the rules 29% of the replicated
+  bytes stay per device (XLA measured 38% with its tile padding). Half is the bound: without the FSDP rule
+  only the tensor-parallel matrices would shrink."""
+  replicated, data_only = _state_bytes_per_device((4, 1, 1))
+  sharded, fsdp_tensor = _state_bytes_per_device((1, 2, 2))
+  assert fsdp_tensor < 0.5 * data_only, (fsdp_tensor, data_only)
+  for attempt in (replicated, sharded):
+    m = attempt.memory
+    assert m["total"] == pytest.approx(m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] + m["code"])
+    # (temporaries may be 0: a program this small keeps its scratch space in the core's own memory)
+    assert m["arguments"] > 0 and m["code"] > 0 and attempt.flops > 0
+    # the donated state comes back in its own buffers: outputs beyond it are the metrics (a few scalars)
+    assert m["outputs"] - m["aliased"] < 1e-3
+
+
+def test_plan_report_and_an_absurd_batch(capsys):
+  """The planner's report for a batch that fits as written, then one line for a batch that cannot fit."""
+  config = _tiny((2, 2, 1), batch_size=16)
+  aot.quiet_libtpu(SLICE)
+  out = aot.plan(config, SLICE, find_max=False, utilization=0.2, train_examples=1000)
+  text = capsys.readouterr().out
+  assert out["fits"] and out["fits_as_written"] and out["accum"] == 1, out
+  assert "memory per device (XLA, measured): arguments" in text and "of 15.75 GiB" in text, text
+  assert "verdict: batch 16 fits v5litepod-4 as written" in text, text
+  assert out["steps"] == config.total_steps and out["est_hours"] > 0, out
+
+
+def test_cli_says_in_one_line_that_an_absurd_batch_does_not_fit(tmp_path):
+  """a million images of 192x192 (a quarter million per device): refused by the compiler, and no micro-batching can help (the
+  inputs alone exceed the device), so the search stops after one compile."""
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "pixelbert_jax.aot",
+          "--config=configs/pretrain.py:demo",
+          f"--topology={SLICE}",
+          "--vocab_size=64",
+          f"--config.batch_size={1 << 20}",
+          f"--json_out={tmp_path / 'plan.json'}",
+      ],
+      cwd=th.REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  verdicts = [line for line in result.stdout.splitlines() if line.startswith("verdict:")]
+  assert verdicts == [f"verdict: batch {1 << 20} does NOT fit {SLICE}"], result.stdout
+  assert result.stdout.count("does not fit") == 1, result.stdout  # one compile, then the inputs' bound
