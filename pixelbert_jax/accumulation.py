@@ -21,7 +21,7 @@ import logging
 import jax
 import ml_collections
 
-from pixelbert_jax import partitioning
+from pixelbert_jax import config_checks, partitioning
 
 GIB = 1 << 30
 
@@ -80,10 +80,10 @@ def device_memory_bytes(config: ml_collections.ConfigDict, device: jax.Device) -
 
 
 def check(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, k: int) -> None:
-  """A ValueError naming the keys when `batch_size` does not split into k micro-batches on the devices."""
+  """A ConfigError naming the keys when `batch_size` does not split into k micro-batches on the devices."""
   dp = partitioning.data_parallel_size(mesh)
   if k < 1 or config.batch_size % (dp * k):
-    raise ValueError(
+    raise config_checks.ConfigError(
         f"config.batch_size={config.batch_size} must be divisible by the data-parallel devices ({dp}) times "
         f"config.optim.grad_accum_steps={k}: each device takes a whole number of examples per micro-batch"
     )

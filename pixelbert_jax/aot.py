@@ -149,7 +149,8 @@ class Attempt:
   compile_s: float
   memory: dict | None = None  # accumulation.StepMemory as a dict (GiB), None when refused
   flops: float = 0.0  # per device per optimizer step
-  refusal: str = ""
+  refusal: str = ""  # the compiler's one-line reason, when refused
+  detail: str = ""  # the start of its message (which buffers, which fusion)
 
 
 def compile_once(config, mesh, per_device: int, accum: int) -> Attempt:
@@ -164,8 +165,9 @@ def compile_once(config, mesh, per_device: int, accum: int) -> Attempt:
   except Exception as e:  # noqa: BLE001 - XLA's runtime error
     if not accumulation.out_of_memory(e):
       raise
-    line = next((s for s in str(e).splitlines() if "RESOURCE_EXHAUSTED" in s), str(e).splitlines()[0])
-    return Attempt(per_device, accum, False, time.monotonic() - t, refusal=line.strip())
+    text = str(e)
+    line = next((s for s in text.splitlines() if "RESOURCE_EXHAUSTED" in s), text.splitlines()[0])
+    return Attempt(per_device, accum, False, time.monotonic() - t, refusal=line.strip(), detail=text[:4000])
   seconds = time.monotonic() - t
   memory = accumulation.step_memory(compiled)
   cost = compiled.cost_analysis()

@@ -32,12 +32,11 @@ class ModelContext:
     self.task = tasks.get_task(config.task)
     self.model = build_model(config.model, config.task)
     self.compiler_options = xla_options.compiler_options(mesh.devices.flat[0].platform)
-    # Variables alone (no optimizer): what evaluation, prediction and conversion restore.
-    init = functools.partial(
+    self._init = functools.partial(
         train_step_lib.init_state, model=self.model, task_name=config.task, text_len=config.data.max_text_len
     )
-    self._init = init
-    boxed = jax.eval_shape(lambda r: init(r, tx=optax.identity()), jax.random.PRNGKey(0))
+    # Variables alone (no optimizer): what evaluation, prediction and conversion restore.
+    boxed = jax.eval_shape(lambda r: self._init(r, tx=optax.identity()), jax.random.PRNGKey(0))
     variables = {k: boxed[k] for k in ("params", "batch_stats")}
     self.abstract_variables = nn.unbox(variables)
     self.variable_shardings = partitioning.logical_to_shardings(
