@@ -61,14 +61,14 @@ def run(names: list[str], out: pathlib.Path, timeout_s: int) -> None:
     t = time.monotonic()
     print(f"{name}: {' '.join(args)}", flush=True)
     cmd = [sys.executable, "-m", "pixelbert_jax.aot", *args, f"--json_out={target}"]
-    try:
-      result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-      print(f"  stopped after {timeout_s} s", flush=True)
-      continue
-    (out / f"{name}.log").write_text(result.stdout + result.stderr[-4000:])
-    lines = [s for s in result.stdout.splitlines() if s.startswith(("verdict", "largest", "estimate"))]
-    print("  " + "\n  ".join(lines or [result.stderr.strip().splitlines()[-1]]), f"({time.monotonic() - t:.0f} s)")
+    with open(out / f"{name}.log", "w") as log:  # the planner's progress, line by line
+      try:
+        subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
+      except subprocess.TimeoutExpired:
+        print(f"  stopped after {timeout_s} s", flush=True)
+        continue
+    lines = [s for s in (out / f"{name}.log").read_text().splitlines() if s.startswith(("verdict", "largest", "error"))]
+    print("  " + "\n  ".join(lines), f"({time.monotonic() - t:.0f} s)", flush=True)
 
 
 def _plans(out: pathlib.Path) -> dict[str, dict]:
