@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pixelbert_jax.data import pipeline, vqa_answers
+from pixelbert_jax.data.builders import layout
 from pixelbert_jax.data.config import data_config
 
 B, L = 4, 40
@@ -45,7 +46,7 @@ def test_answer_vocab_built_once_from_train_and_cheap_after(cfg, monkeypatch):
   assert set(vocab) == {a for a, c in counts.items() if c >= cfg.vqa_min_answer_count}
   assert [counts[a] for a in vocab] == sorted((counts[a] for a in vocab), reverse=True)
   # the second call reads the saved file only: opening the split would fail now
-  monkeypatch.setattr(pipeline, "open_split", lambda *a, **k: pytest.fail("answer_vocab re-read the split"))
+  monkeypatch.setattr(layout, "open_split", lambda *a, **k: pytest.fail("answer_vocab re-read the split"))
   assert pipeline.answer_vocab(cfg) == vocab
   strict = cfg.copy_and_resolve_references()
   strict.vqa_min_answer_count = max(counts.values()) + 1

@@ -69,6 +69,12 @@ class Examples:
     self._buckets = validate_buckets(data_cfg.buckets)
     self._max_pixels = int(data_cfg.max_image_pixels)
 
+  @classmethod
+  def from_data(cls, data, opened, *, seed: int, train: bool) -> "Examples":
+    """The examples of `opened`, a split of `data` (data/task_data.py's TaskData), with what they need from
+    it (the vocabulary file; VQA: the answer vocabulary, built once per run)."""
+    return cls(opened, data.config, data.vocab_path, seed=seed, train=train)
+
   @property
   def tokenizer(self):
     return text.load_tokenizer(self._vocab_path)

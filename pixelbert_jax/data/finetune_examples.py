@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from pixelbert_jax.data import text, vqa_answers
@@ -11,9 +13,14 @@ from pixelbert_jax.data.examples import BadRecordError, Examples, as_str
 class VqaExamples(Examples):
   """image + question; `vqa_targets` soft scores over the answer vocabulary, `question_id` int64."""
 
-  def __init__(self, opened, data_cfg, vocab_path, *, seed, train):
+  def __init__(self, opened, data_cfg, vocab_path, *, seed, train, answer_vocab: Sequence[str] | None = None):
     super().__init__(opened, data_cfg, vocab_path, seed=seed, train=train)
-    self._answer_index = {a: k for k, a in enumerate(vqa_answers.answer_vocab(data_cfg))}
+    vocab = vqa_answers.answer_vocab(data_cfg) if answer_vocab is None else answer_vocab
+    self._answer_index = {a: k for k, a in enumerate(vocab)}
+
+  @classmethod
+  def from_data(cls, data, opened, *, seed, train):
+    return cls(opened, data.config, data.vocab_path, seed=seed, train=train, answer_vocab=data.answer_vocab())
 
   def _padding_extra(self, h, w):
     return {"vqa_targets": np.zeros(len(self._answer_index), np.float32), "question_id": np.int64(-1)}
@@ -81,10 +88,12 @@ class RetrievalExamples(Examples):
   def __init__(self, opened, data_cfg, vocab_path, *, seed, train):
     super().__init__(opened, data_cfg, vocab_path, seed=seed, train=train)
     negatives = data_cfg.retrieval_negatives
-    if opened.index.captions is None:
-      raise ValueError("RetrievalExamples needs the split's captions: open it with texts=True")
+    captions = opened.with_texts().captions
+    if captions is None:
+      raise ValueError(f"{opened.name}: RetrievalExamples needs the split's captions: open it with texts=True")
+    self._index = opened.index  # the index with the captions
     self._negatives = int(negatives)
-    self._captions = [[c.strip() for c in caps if c.strip()] for caps in opened.index.captions]
+    self._captions = [[c.strip() for c in caps if c.strip()] for caps in captions]
     if len(self._source) <= self._negatives:
       raise ValueError(f"{opened.name}: {len(self._source)} images cannot give {self._negatives} negatives each")
 

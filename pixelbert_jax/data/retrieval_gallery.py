@@ -16,7 +16,7 @@ import numpy as np
 from pixelbert_jax.data import text
 from pixelbert_jax.data.batches import planned_iterator
 from pixelbert_jax.data.examples import Examples
-from pixelbert_jax.data.sources import open_split
+from pixelbert_jax.data.sources import OpenSplit, open_split
 
 
 class ImageExamples(Examples):
@@ -39,10 +39,11 @@ class RetrievalGallery:
   """Attributes: `num_images`, `image_ids` (list[str]), `captions` (list[str]), `caption_image_index`
   (int64 [C]), `input_ids` / `text_mask` (int32 [C, L]); `image_batches(...)` yields the images."""
 
-  def __init__(self, data_cfg: ml_collections.ConfigDict, split: str):
+  def __init__(self, data_cfg: ml_collections.ConfigDict, split: str, opened: OpenSplit | None = None):
+    """`opened`: the split opened already (data/task_data.py); by default it is opened here."""
     self._cfg, self._split = data_cfg, split
-    self._opened = open_split(data_cfg, "retrieval", split, texts=True)
-    index = self._opened.index
+    self._opened = opened if opened is not None else open_split(data_cfg, "retrieval", split, texts=True)
+    index = self._opened.with_texts()
     self.image_ids = list(index.ids)
     self.num_images = len(self.image_ids)
     self.captions, owners = [], []

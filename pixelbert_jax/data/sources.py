@@ -69,12 +69,36 @@ class ConcatSource:
     return ConcatSource([getattr(s, "records", s) for s in self._sources])
 
 
+@dataclasses.dataclass(frozen=True)
+class _Part:
+  """One component's split as opened: what its texts sidecar is loaded from."""
+
+  records: object
+  directory: str
+  split: str
+  name: str
+
+
 @dataclasses.dataclass
 class OpenSplit:
   source: object  # len() and [i] -> record dict with its image bytes; `source.records`: without them
   index: SplitIndex
   name: str  # for messages: 'dataset/split'
   schema: str
+  parts: tuple[_Part, ...] = ()  # empty for a split built in memory (tests)
+
+  def with_texts(self) -> SplitIndex:
+    """The index with its texts (captions or VQA answers), loaded on first use from the texts sidecar of the
+    records opened already (scanned once if it is missing), and kept: the split is not opened again."""
+    has_texts = {"captions": "captions", "vqa": "answers"}.get(self.schema)
+    if has_texts is None or getattr(self.index, has_texts) is not None or not self.parts:
+      return self.index
+    indices = [
+        load_index(p.records, schema=self.schema, directory=p.directory, split=p.split, name=p.name, texts=True)
+        for p in self.parts
+    ]
+    self.index = indices[0] if len(indices) == 1 else _concat_index(indices)
+    return self.index
 
 
 def _component_cfg(data_cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -103,10 +127,11 @@ def _open_one(data_cfg: ml_collections.ConfigDict, schema: str, split: str, text
     )
   name = f"{data_cfg.name}/{split}"
   records, source = layout.open_split(b, split, dataset=data_cfg.name)
+  part = _Part(records, sidecar_dir(data_cfg.data_dir, b), split, name)
   index = load_index(  # from the records alone: indexing reads no image
-      records, schema=schema, directory=sidecar_dir(data_cfg.data_dir, b), split=split, name=name, texts=texts
+      records, schema=schema, directory=part.directory, split=split, name=name, texts=texts
   )
-  return (source, index, name), None
+  return (source, index, name, part), None
 
 
 def _concat_index(indices: list[SplitIndex]) -> SplitIndex:
@@ -125,14 +150,16 @@ def _concat_index(indices: list[SplitIndex]) -> SplitIndex:
 
 
 def open_split(data_cfg: ml_collections.ConfigDict, task: str, split: str, *, texts: bool = False) -> OpenSplit:
-  """The split's records and index for `task` (its schema); texts=True also loads captions / answers."""
+  """The split's records and index for `task` (its schema); texts=True also loads captions / answers (or
+  later: `OpenSplit.with_texts`). A run opens each split once, through data/task_data.py."""
   schema = task_table.spec(task).schema
   names = check_name(data_cfg.name)
   if len(names) == 1:
     opened, have = _open_one(data_cfg, schema, split, texts)
     if opened is None:
       raise ValueError(f"dataset {data_cfg.name!r} has no split {split!r}; it has {have}")
-    return OpenSplit(*opened, schema=schema)
+    source, index, name, part = opened
+    return OpenSplit(source, index, name, schema, (part,))
   if schema != "captions":
     raise ValueError(
         f"mixture {data_cfg.name!r}: only caption datasets mix (tasks pretrain, retrieval), " f"not task {task!r}"
@@ -154,5 +181,9 @@ def open_split(data_cfg: ml_collections.ConfigDict, task: str, split: str, *, te
         "%s/%s: taken from %s (%s have no such split)", data_cfg.name, split, [o[2] for o in opened], sorted(absent)
     )
   return OpenSplit(
-      ConcatSource([o[0] for o in opened]), _concat_index([o[1] for o in opened]), f"{data_cfg.name}/{split}", schema
+      ConcatSource([o[0] for o in opened]),
+      _concat_index([o[1] for o in opened]),
+      f"{data_cfg.name}/{split}",
+      schema,
+      tuple(o[3] for o in opened),
   )

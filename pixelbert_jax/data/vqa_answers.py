@@ -12,7 +12,7 @@ import collections
 import json
 import logging
 import os
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import ml_collections
 import numpy as np
@@ -20,7 +20,7 @@ import numpy as np
 from pixelbert_jax import task_table
 from pixelbert_jax.data import builders
 from pixelbert_jax.data.sources import open_split
-from pixelbert_jax.data.split_index import sidecar_dir
+from pixelbert_jax.data.split_index import SplitIndex, sidecar_dir
 
 
 def soft_score(count: int) -> float:
@@ -117,10 +117,12 @@ def _train_split(data_cfg: ml_collections.ConfigDict) -> str:
   return data_cfg.get("train_split", "train") or "train"
 
 
-def answer_vocab(data_cfg: ml_collections.ConfigDict) -> list[str]:
+def answer_vocab(data_cfg: ml_collections.ConfigDict, train_index: Callable[[], SplitIndex] | None = None) -> list[str]:
   """VQA answers given at least `vqa_min_answer_count` times in the train split, most frequent first.
 
-  Built once and saved beside the split's index; later calls read that small JSON file.
+  Built once and saved beside the split's index; later calls read that small JSON file. `train_index`
+  gives the train split's index with its answers when the vocabulary must be built (data/task_data.py
+  passes its opened split; by default the split is opened here).
   """
   split, min_count = _train_split(data_cfg), int(data_cfg.vqa_min_answer_count)
   b = builders.builder(data_cfg, task_table.spec("vqa").schema)
@@ -135,7 +137,7 @@ def answer_vocab(data_cfg: ml_collections.ConfigDict) -> list[str]:
     vocab = load_vocab_file(path, min_count=min_count, num_records=n)
     if vocab is not None:
       return vocab
-  index = open_split(data_cfg, "vqa", split, texts=True).index
+  index = train_index() if train_index is not None else open_split(data_cfg, "vqa", split, texts=True).index
   vocab = build_answer_vocab(index.answers, min_count)
   if not vocab:
     raise ValueError(
