@@ -27,6 +27,9 @@ CONFIGS = {
     "retrieval r50": "configs/retrieval.py:r50",
 }
 SLICES = ("v4-8", "v4-32", "v5litepod-16", "v5litepod-64", "v5p-8")
+# Where --find_max_batch starts, per device: a paper-size step this large is refused by each chip (a refusal
+# takes about a minute to compile; every batch that fits takes ten), so the search halves from there.
+MAX_BATCH_START = {"v4": 64, "v5litepod": 32, "v5p": 256}
 
 
 def jobs() -> dict[str, list[str]]:
@@ -42,6 +45,7 @@ def jobs() -> dict[str, list[str]]:
             f"--config={config}",
             f"--topology={topology}",
             "--find_max_batch",
+            f"--max_batch_start={MAX_BATCH_START[topology.split('-')[0]]}",
             f"--config.model.remat={remat == 'on'}",
         ]
   return out

@@ -30,6 +30,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:r50")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as its accelerator type: v4-32, v5litepod-64, v5p-8...")
 _FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Search the largest per-device batch that fits")
+_START = flags.DEFINE_integer(
+    "max_batch_start", 0, "--find_max_batch starts at this per-device batch (0: the config's, to a power of 2)"
+)
 _UTIL = flags.DEFINE_float(
     "utilization", 0.18, "Assumed model FLOPs utilisation for the time estimate (docs/tpu_planning.md)"
 )
@@ -266,7 +269,9 @@ def _search_accumulation(config, mesh, hbm: float | None) -> tuple[Attempt | Non
   return None, tried
 
 
-def plan(config, topology: str, *, find_max: bool, utilization: float, train_examples: int) -> dict:
+def plan(
+    config, topology: str, *, find_max: bool, utilization: float, train_examples: int, max_batch_start: int = 0
+) -> dict:
   """Compiles the config's step for `topology` and prints the report; returns it as a dict (--json_out)."""
   from jax.experimental import topologies
 
@@ -305,8 +310,8 @@ def plan(config, topology: str, *, find_max: bool, utilization: float, train_exa
       remat=bool(config.model.get("remat", False)),
   )
   if find_max:
-    start = max(1, config.batch_size // dp)
-    start = 1 << math.ceil(math.log2(start)) if start > 1 else 1
+    start = max(1, max_batch_start or config.batch_size // dp)
+    start = start if max_batch_start else 1 << math.ceil(math.log2(start))
     best, tried = find_max_batch(config, mesh, start, lambda a: print(_describe(a), flush=True))
     k = fewest_micro_batches(config.batch_size, dp, best.per_device) if best else None
     out.update(max_per_device=best.per_device if best else 0, accum_for_batch=k)
@@ -398,7 +403,12 @@ def main(argv):
     return USAGE
   try:
     out = plan(
-        config, _TOPOLOGY.value, find_max=_FIND_MAX.value, utilization=_UTIL.value, train_examples=_EXAMPLES.value
+        config,
+        _TOPOLOGY.value,
+        find_max=_FIND_MAX.value,
+        utilization=_UTIL.value,
+        train_examples=_EXAMPLES.value,
+        max_batch_start=_START.value,
     )
   except ValueError as e:  # PlanError, ConfigError, a bad mesh: each one line naming its key
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)

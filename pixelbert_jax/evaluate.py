@@ -50,6 +50,7 @@ def evaluate(checkpoint: str, split: str | None = None, step: int | None = None)
   Builds the model context only (model_context.py): no optimizer, and no split opened but the evaluated one.
   The run's config.json holds every size the data gave it, so nothing is read off the training data."""
   from pixelbert_jax import model_context, tasks  # after argument parsing: imports the model and the data
+  from pixelbert_jax.data.task_data import TaskData
 
   config, workdir = load_run_config(checkpoint)
   config.data.eval_split = split or config.data.eval_split
@@ -62,7 +63,8 @@ def evaluate(checkpoint: str, split: str | None = None, step: int | None = None)
   logging.info(
       "Evaluating %s step %d (task %s) on %s/%s", workdir, found, config.task, config.data.name, config.data.eval_split
   )
-  return {"step": found, **tasks.get_evaluate(config.task)(context, state, workdir)}
+  data = TaskData(config.data, config.task)  # opens the evaluated split when the evaluation reads it
+  return {"step": found, **tasks.get_evaluate(config.task)(context, data, state, workdir)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

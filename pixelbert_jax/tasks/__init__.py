@@ -37,9 +37,10 @@ class Task(Protocol):
     it, from the config alone: what a compile-only plan (aot.py) feeds the step."""
 
 
-# evaluate(trainer, state, workdir) -> {"eval/<name>": value}: runs the held-out split, writes result files
-# under WORKDIR/results/ (process 0), returns the metrics that train.py logs.
-Evaluate = Callable[[Any, dict, "epath.Path"], dict[str, float]]
+# evaluate(context, data, state, workdir) -> {"eval/<name>": value}: runs the held-out split of `data` (the
+# run's data/task_data.py TaskData) with the model of `context` (model_context.ModelContext), writes result
+# files under WORKDIR/results/ (process 0), returns the metrics that train.py logs.
+Evaluate = Callable[[Any, Any, dict, "epath.Path"], dict[str, float]]
 
 
 def get_task(name: str) -> Task:

@@ -1,5 +1,6 @@
 """Shared by the task evaluators: metrics summed over a held-out split (`metric_sums`), per-example
-predictions (`collect`), and result files.
+predictions (`collect`), and result files. Batches come from the run's data (data/task_data.py's
+`TaskData`), whose splits are opened once per run.
 
 Official metrics need every example's prediction joined to its id, so those evaluators `collect`. Ids stay
 on the host (question ids are int64 and JAX
@@ -18,7 +19,6 @@ import numpy as np
 from etils import epath
 
 from pixelbert_jax import partitioning
-from pixelbert_jax.data import pipeline
 from pixelbert_jax.models import build
 
 PredictFn = Callable[[Callable, dict], dict]  # (apply, device batch) -> {name: [B, ...]}
@@ -26,32 +26,30 @@ MetricsFn = Callable[[Callable, dict, Any], dict]  # (apply, device batch, confi
 _JITTED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def _jitted(trainer, fn: Callable, *extra):
-  """`fn(apply, batch, *extra)` jitted once per trainer (`extra`: trace-time constants such as the config)."""
-  cache = _JITTED.setdefault(trainer, {})
+def _jitted(context, fn: Callable, *extra):
+  """`fn(apply, batch, *extra)` jitted once per context (`extra`: trace-time constants such as the config)."""
+  cache = _JITTED.setdefault(context, {})
   if fn not in cache:
 
     def run(params, batch_stats, batch):
       bound = build.variables(params, batch_stats)
-      apply = lambda **kw: trainer.model.apply(bound, train=False, **kw)
+      apply = lambda **kw: context.model.apply(bound, train=False, **kw)
       return fn(apply, batch, *extra)
 
     cache[fn] = jax.jit(
-        run, out_shardings=partitioning.replicated(trainer.mesh), compiler_options=trainer.compiler_options
+        run, out_shardings=partitioning.replicated(context.mesh), compiler_options=context.compiler_options
     )
   return cache[fn]
 
 
-def mesh_context(trainer):
+def mesh_context(context):
   """The mesh and logical rules that model calls are traced in."""
-  return partitioning.activate(trainer.mesh)
+  return partitioning.activate(context.mesh)
 
 
-def _eval_batches(trainer, split: str):
-  cfg = trainer.config
-  it = pipeline.make_iterator(
-      cfg.data,
-      cfg.task,
+def _eval_batches(context, data, split: str):
+  cfg = context.config
+  it = data.iterator(
       split,
       batch_size=cfg.eval_batch_size // jax.process_count(),
       seed=cfg.seed,
@@ -65,18 +63,18 @@ def _eval_batches(trainer, split: str):
     yield batch
 
 
-def metric_sums(trainer, state, split: str, metrics_fn: MetricsFn) -> dict[str, Any]:
+def metric_sums(context, data, state, split: str, metrics_fn: MetricsFn) -> dict[str, Any]:
   """`metrics_fn` over `split` (one pass, eval mode), its values summed over the batches: (sum, count)
   pairs stay pairs, arrays (histograms) are added. `config.eval_steps` > 0 caps the batches."""
-  fn = _jitted(trainer, metrics_fn, trainer.config)
+  fn = _jitted(context, metrics_fn, context.config)
   sums: dict[str, Any] = {}
-  for batch in _eval_batches(trainer, split):
-    with mesh_context(trainer):
-      m = fn(state["params"], state["batch_stats"], partitioning.global_batch(batch, trainer.mesh))
+  for batch in _eval_batches(context, data, split):
+    with mesh_context(context):
+      m = fn(state["params"], state["batch_stats"], partitioning.global_batch(batch, context.mesh))
     for k, v in jax.device_get(m).items():
       sums[k] = v if k not in sums else jax.tree.map(np.add, sums[k], v)
   if not sums:
-    raise ValueError(f"split {split!r} of {trainer.config.data.name!r} gave no evaluation batches")
+    raise ValueError(f"split {split!r} of {context.config.data.name!r} gave no evaluation batches")
   return sums
 
 
@@ -92,17 +90,24 @@ def _gather_host(x: np.ndarray) -> np.ndarray:
 
 
 def collect(
-    trainer, state, split: str, predict_fn: PredictFn, *, device_keys: Sequence[str], host_keys: Sequence[str] = ()
+    context,
+    data,
+    state,
+    split: str,
+    predict_fn: PredictFn,
+    *,
+    device_keys: Sequence[str],
+    host_keys: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
   """Runs `predict_fn` over `split` (one pass, eval mode) and concatenates its outputs and the
   `host_keys` of the batches, real examples only (example_mask > 0). `config.eval_steps` > 0 caps it."""
-  fn = _jitted(trainer, predict_fn)
+  fn = _jitted(context, predict_fn)
   parts: dict[str, list] = {}
-  for batch in _eval_batches(trainer, split):
+  for batch in _eval_batches(context, data, split):
     device_batch = {k: batch[k] for k in device_keys}
-    with mesh_context(trainer):
+    with mesh_context(context):
       out = jax.device_get(
-          fn(state["params"], state["batch_stats"], partitioning.global_batch(device_batch, trainer.mesh))
+          fn(state["params"], state["batch_stats"], partitioning.global_batch(device_batch, context.mesh))
       )
     keep = _gather_host(np.asarray(batch["example_mask"])) > 0
     for k in host_keys:
@@ -110,7 +115,7 @@ def collect(
     for k, v in out.items():
       parts.setdefault(k, []).append(np.asarray(v)[keep])
   if not parts:
-    raise ValueError(f"split {split!r} of {trainer.config.data.name!r} gave no evaluation batches")
+    raise ValueError(f"split {split!r} of {context.config.data.name!r} gave no evaluation batches")
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pixelbert_jax.data import pipeline
 from pixelbert_jax.tasks import eval_loop, nlvr2
 
 
@@ -59,13 +58,18 @@ def result_csv(identifiers: Sequence[str], predictions: Sequence[int]) -> str:
   return "".join(f"{i},{'True' if int(p) else 'False'}\n" for i, p in zip(identifiers, predictions))
 
 
-def evaluate(trainer, state, workdir) -> dict[str, float]:
-  cfg = trainer.config
-  split = cfg.data.eval_split
+def evaluate(context, data, state, workdir) -> dict[str, float]:
+  split = context.config.data.eval_split
   got = eval_loop.collect(
-      trainer, state, split, _predict, device_keys=nlvr2.INPUT_KEYS + ("label",), host_keys=("example_index", "label")
+      context,
+      data,
+      state,
+      split,
+      _predict,
+      device_keys=nlvr2.INPUT_KEYS + ("label",),
+      host_keys=("example_index", "label"),
   )
-  all_ids = pipeline.nlvr2_identifiers(cfg.data, split)
+  all_ids = data.nlvr2_identifiers(split)
   identifiers = [all_ids[int(i)] for i in got["example_index"]]
   metrics = accuracy_and_consistency(identifiers, got["prediction"], got["label"])
   metrics["loss"] = float(np.mean(got["loss"]))

@@ -14,10 +14,10 @@ from pixelbert_jax.data import pipeline
 from pixelbert_jax.tasks import eval_loop, pretrain
 
 
-def evaluate(trainer, state, workdir) -> dict[str, float]:
+def evaluate(context, data, state, workdir) -> dict[str, float]:
   """The mean of every metric over `config.data.eval_split` (`config.eval_steps` > 0 caps the batches)."""
   del workdir  # no result file: the metrics are the result
-  sums = eval_loop.metric_sums(trainer, state, trainer.config.data.eval_split, eval_metrics)
+  sums = eval_loop.metric_sums(context, data, state, context.config.data.eval_split, eval_metrics)
   return {f"eval/{k}": v for k, v in summarize_eval(sums).items()}
 
 

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixelbert_jax import xla_options
-from pixelbert_jax.data import pipeline
 from pixelbert_jax.models import build
 from pixelbert_jax.tasks import eval_loop
 
@@ -192,15 +191,15 @@ def ranks_json(rank: dict, image_ids: Sequence, caption_image: Sequence[int]) ->
   }
 
 
-def evaluate(trainer, state, workdir) -> dict[str, float]:
-  cfg = trainer.config
+def evaluate(context, data, state, workdir) -> dict[str, float]:
+  cfg = context.config
   split = cfg.data.eval_split
-  data = pipeline.retrieval_gallery(cfg.data, split)
-  images, masks, ids, tmask, cap_img, image_ids = _take(data, int(cfg.retrieval_eval.num_images))
+  gallery = data.retrieval_gallery(split)
+  images, masks, ids, tmask, cap_img, image_ids = _take(gallery, int(cfg.retrieval_eval.num_images))
   variables = build.variables(state["params"], state["batch_stats"])
-  with eval_loop.mesh_context(trainer):
+  with eval_loop.mesh_context(context):
     metrics, rank = rank_and_recall(
-        trainer.model,
+        context.model,
         variables,
         images,
         masks,
@@ -217,7 +216,8 @@ def evaluate(trainer, state, workdir) -> dict[str, float]:
 
 
 def _take(data, num_images: int):
-  """The first `num_images` images (0 = all) of `pipeline.retrieval_gallery` and their captions."""
+  """The first `num_images` images (0 = all) of a retrieval gallery (`TaskData.retrieval_gallery`) and their
+  captions."""
   images, masks = list(data["image"]), list(data["image_mask"])
   cap_img = np.asarray(data["caption_image"])
   image_ids = list(data.get("image_id", range(len(images))))

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from pixelbert_jax.data import pipeline
 from pixelbert_jax.data.vqa_answers import custom_score
 from pixelbert_jax.tasks import eval_loop, vqa
 
@@ -359,19 +358,24 @@ def official_metrics(records: Sequence[dict], ground_truth: Mapping[int, dict] |
   return out
 
 
-def evaluate(trainer, state, workdir) -> dict[str, float]:
+def evaluate(context, data, state, workdir) -> dict[str, float]:
   """Eval-split predictions -> result file, official accuracy, mean loss and top-answer soft score."""
-  cfg = trainer.config
-  split = cfg.data.eval_split
-  vocab = pipeline.answer_vocab(cfg.data)
+  split = context.config.data.eval_split
+  vocab = data.answer_vocab()
   got = eval_loop.collect(
-      trainer, state, split, _predict, device_keys=vqa.INPUT_KEYS + ("vqa_targets",), host_keys=("question_id",)
+      context,
+      data,
+      state,
+      split,
+      _predict,
+      device_keys=vqa.INPUT_KEYS + ("vqa_targets",),
+      host_keys=("question_id",),
   )
   records = result_records(got["question_id"], got["answer"], vocab)
   eval_loop.write_json(epath.Path(workdir) / ANSWER_VOCAB_FILE, list(vocab))  # for predict.py
   eval_loop.write_json(eval_loop.result_path(workdir, "vqa", split, eval_loop.step_of(state), "json"), records)
   metrics = {"loss": float(np.mean(got["loss"])), "vqa_score": float(np.mean(got["vqa_score"]))}
-  accuracy = official_metrics(records, pipeline.vqa_ground_truth(cfg.data, split))
+  accuracy = official_metrics(records, data.vqa_ground_truth(split))
   if accuracy:
     logging.info(
         "VQA %s: %d questions with 10 answers -> eval/vqa_acc (official metric); %d with another "
