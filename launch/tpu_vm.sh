@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Cloud TPU VM launcher for pixelbert_jax: the same `python -m pixelbert_jax.main` on every worker of a
-# slice; jax.distributed finds the other workers by itself (pixelbert_jax/distributed.py, TPU branch).
+# slice; jax.distributed finds the other workers by itself (pixelbert_jax/distributed.py leaves it to JAX).
 #
 #   launch/tpu_vm.sh [FLAGS] create|setup|run|logs|stop|delete|status [FLAGS] [-- MAIN_ARGS...]
 #

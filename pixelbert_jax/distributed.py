@@ -1,27 +1,26 @@
 """Multi-host initialisation from the environment, called first thing in main.
 
-One entry point, `initialize_from_env`, decides how this process joins a multi-process JAX run and does it
-through `jax.distributed.initialize`. Detection, first match wins:
+`initialize_from_env` decides whether this process joins a multi-process run and hands the rest to
+`jax.distributed.initialize`, which has its own cluster detection (SLURM, Open MPI, Cloud TPU on GCE and
+GKE, Kubernetes). What is left here is what jax 0.10.2 does not do, or does wrongly for our launches; each
+part says why, with the measurement behind it (docs/experiments/2026-12-07-jax-cluster-detection.md).
+First match wins:
 
-1. `PIXELBERT_DISTRIBUTED=none` forces a single process (other values: `auto`, the default, or one of
-   `explicit`, `slurm`, `tpu` to insist on that method and fail if its variables are missing).
+1. `PIXELBERT_DISTRIBUTED`: `auto` (default), `none` (one process whatever else is set), or `explicit`,
+   `slurm`, `jax` to insist on that method and fail if it does not apply. JAX has no switch for its
+   detection in the environment.
 2. explicit: `PIXELBERT_COORDINATOR_ADDRESS` (host:port of process 0), `PIXELBERT_NUM_PROCESSES`,
-   `PIXELBERT_PROCESS_ID`, optionally `PIXELBERT_LOCAL_DEVICE_IDS` ("0,1"). The launch scripts set these.
-3. SLURM: a job step with more than one task (`SLURM_STEP_NUM_TASKS` or `SLURM_NTASKS`, plus
-   `SLURM_PROCID`). The coordinator is the first node of the step's node list; the port is
-   `PIXELBERT_COORDINATOR_PORT` or derived from the job id the way jax does.
-4. TPU VM: TPU chips on the PCI bus or the TPU worker variables; jax finds the rest from the metadata server
-   (`jax.distributed.initialize()` with no arguments).
-5. otherwise a single process: no initialize call.
-
-A process that cannot reach the coordinator raises within `timeout_s` naming the address, instead of
-blocking in gRPC: jax's own failure there is a C++ abort that does not say which address it tried.
+   `PIXELBERT_PROCESS_ID`, optionally `PIXELBERT_LOCAL_DEVICE_IDS` ("0,1"); what `launch/` sets. JAX reads
+   an address (`JAX_COORDINATOR_ADDRESS`) and device ids from the environment, but no process count or id.
+3. a SLURM job step (the variables JAX's own SLURM detection needs): one task is one process; more go to
+   JAX's detection with the visible devices corrected.
+4. anything else: `jax.distributed.initialize()` with its own detection; when it finds no cluster, one
+   process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import re
 import socket
@@ -36,31 +35,37 @@ ENV_ADDRESS = "PIXELBERT_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "PIXELBERT_NUM_PROCESSES"
 ENV_PROCESS_ID = "PIXELBERT_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "PIXELBERT_LOCAL_DEVICE_IDS"
-ENV_PORT = "PIXELBERT_COORDINATOR_PORT"
 _EXPLICIT_REQUIRED = (ENV_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
-_MODES = ("auto", "none", "explicit", "slurm", "tpu")
-_TPU_ENV_MARKERS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
-_GOOGLE_PCI_VENDOR = "0x1ae0"
-# PCI device ids of TPU v3 .. v7 chips (same table as jax._src.hardware_utils, kept here to stay off private API).
-_TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
+_MODES = ("auto", "none", "explicit", "slurm", "jax")
+# jax._src.clusters.SlurmCluster.is_env_present: a job step (srun) sets all of them, a batch script not
+# SLURM_STEP_NODELIST. Ours is the same test, so that JAX never sees a SLURM step this module let pass.
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+# What jax.distributed.initialize() raises when its detection finds no cluster (jax 0.10.2); any other
+# error is a cluster it found and failed to join, and stops the run.
+_JAX_FOUND_NO_CLUSTER = "coordinator_address should be defined"
 
 
 @dataclasses.dataclass(frozen=True)
 class InitPlan:
-  """What `initialize_from_env` will do; built from the environment alone, without touching JAX."""
+  """What `initialize_from_env` will do; built from the environment alone, without touching JAX.
 
-  method: str  # 'explicit' | 'slurm' | 'tpu' | 'single'
+  `local_device_ids`: None leaves JAX's default, () makes every local device visible.
+  `required`: for 'jax', fail when JAX finds no cluster instead of running one process.
+  """
+
+  method: str  # 'explicit' | 'slurm' | 'jax' | 'single'
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
   local_device_ids: tuple[int, ...] | None = None
+  required: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class DistributedInfo:
   """Where this process stands after initialisation."""
 
-  detected_by: str  # 'explicit' | 'slurm' | 'tpu' | 'single' | 'preinitialized'
+  detected_by: str  # 'explicit' | 'slurm' | 'jax' | 'single' | 'preinitialized'
   process_index: int
   process_count: int
   local_devices: tuple
@@ -114,7 +119,7 @@ def _explicit_plan(environ: Mapping[str, str]) -> InitPlan:
   missing = [name for name in _EXPLICIT_REQUIRED if not environ.get(name)]
   if missing:
     raise ValueError(
-        f"explicit multi-process setup needs {', '.join(_EXPLICIT_REQUIRED)}; " f"missing: {', '.join(missing)}"
+        f"explicit multi-process setup needs {', '.join(_EXPLICIT_REQUIRED)}; missing: {', '.join(missing)}"
     )
   address = environ[ENV_ADDRESS].strip()
   parse_address(address, ENV_ADDRESS)
@@ -128,102 +133,44 @@ def _explicit_plan(environ: Mapping[str, str]) -> InitPlan:
   )
 
 
-def first_slurm_host(nodelist: str) -> str:
-  """First host of a SLURM hostlist: 'gpu[003-010,12],cpu1' -> 'gpu003', 'r[1-2]-n[07-08]' -> 'r1-n07'."""
-  out, i = [], 0
-  while i < len(nodelist) and nodelist[i] != ",":
-    if nodelist[i] == "[":
-      end = nodelist.find("]", i)
-      if end < 0:
-        raise ValueError(f"SLURM node list {nodelist!r} has an unclosed '['")
-      out.append(re.split(r"[,-]", nodelist[i + 1 : end])[0])
-      i = end + 1
-    else:
-      out.append(nodelist[i])
-      i += 1
-  host = "".join(out).strip()
-  if not host:
-    raise ValueError(f"SLURM node list {nodelist!r} names no host")
-  return host
-
-
-def _slurm_task_count(environ: Mapping[str, str]) -> int | None:
-  for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
-    if environ.get(name):
-      return _int_var(environ, name, 1)
-  return None
-
-
 def _slurm_plan(environ: Mapping[str, str]) -> InitPlan:
-  count = _slurm_task_count(environ)
-  nodelist_var = next(
-      (n for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if environ.get(n)), None
-  )
-  missing = [
-      n
-      for n, ok in (
-          ("SLURM_NTASKS", count),
-          ("SLURM_PROCID", environ.get("SLURM_PROCID")),
-          ("SLURM_JOB_ID", environ.get("SLURM_JOB_ID")),
-          ("SLURM_JOB_NODELIST", nodelist_var),
-      )
-      if not ok
-  ]
+  """JAX finds the coordinator, the count and the id of a SLURM step; two things it gets wrong stay here.
+
+  - One task: JAX still starts a one-process coordinator (on 61440 + job id % 4096) and shows the process
+    only GPU SLURM_LOCALID, so `srun -n1 --gpus=8` would train on one GPU. Here it is one plain process.
+  - Visible GPUs: JAX shows each process only GPU SLURM_LOCALID. Right for one task per GPU on a node
+    that sees all GPUs; wrong with one task per node (our sbatch default: each node would use GPU 0 only)
+    and with --gpus-per-task=1 (SLURM already left one GPU, device 0, visible). Those get every device.
+
+  The coordinator host is JAX's: its parser reads 'rack[2-3]-n[07,09]' as 'rack2', and a coordinator it
+  cannot reach ends in a C++ abort without the address. launch/gpu_slurm.sbatch avoids both: it asks
+  scontrol for the host and sets the explicit variables.
+  """
+  missing = [name for name in _SLURM_STEP if name not in environ]
   if missing:
-    raise ValueError(f"SLURM multi-process setup is missing {', '.join(missing)}")
-  process_id = _int_var(environ, "SLURM_PROCID", 0)
-  if process_id >= count:
-    raise ValueError(f"SLURM_PROCID={process_id} must be < the task count {count}")
-  if environ.get(ENV_PORT):
-    port = _int_var(environ, ENV_PORT, 1)
-  else:  # jax's choice, so that a job mixing both agrees: one port per job in the top 4096.
-    port = _int_var(environ, "SLURM_JOB_ID", 0) % 4096 + 65535 - 4095
-  address = f"{first_slurm_host(environ[nodelist_var])}:{port}"
-  parse_address(address, f"coordinator from {nodelist_var}")
-  local = None
+    raise ValueError(f"a SLURM job step (srun) sets {', '.join(_SLURM_STEP)}; missing: {', '.join(missing)}")
+  count = _int_var(environ, "SLURM_NTASKS", 1)
+  _int_var(environ, "SLURM_PROCID", 0)
+  if count == 1:
+    return InitPlan("single")
   if environ.get(ENV_LOCAL_DEVICE_IDS):
-    local = _device_ids(environ[ENV_LOCAL_DEVICE_IDS], ENV_LOCAL_DEVICE_IDS)
-  else:
-    nodes = next(
-        (
-            int(environ[n])
-            for n in ("SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES")
-            if environ.get(n, "").isdigit()
-        ),
-        count,
-    )
-    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    # Several tasks per node means one GPU each; when SLURM already bound one GPU per task
-    # (--gpus-per-task) the process sees it as device 0 and needs no restriction.
-    if count > nodes and environ.get("SLURM_LOCALID", "").isdigit() and len(visible) != 1:
-      local = (int(environ["SLURM_LOCALID"]),)
-  return InitPlan("slurm", address, count, process_id, local)
+    return InitPlan("slurm", local_device_ids=_device_ids(environ[ENV_LOCAL_DEVICE_IDS], ENV_LOCAL_DEVICE_IDS))
+  nodes = next(
+      (
+          int(environ[n])
+          for n in ("SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES")
+          if environ.get(n, "").isdigit()
+      ),
+      count,
+  )
+  visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  if count > nodes and len(visible) != 1:
+    return InitPlan("slurm", local_device_ids=(_int_var(environ, "SLURM_LOCALID", 0),))
+  return InitPlan("slurm", local_device_ids=())
 
 
-def _tpu_chips_on_pci(sys_root: str) -> int:
-  chips = 0
-  for vendor_path in glob.glob(os.path.join(sys_root, "bus/pci/devices/*/vendor")):
-    device_path = os.path.join(os.path.dirname(vendor_path), "device")
-    try:
-      with open(vendor_path) as v, open(device_path) as d:
-        if v.read().strip() == _GOOGLE_PCI_VENDOR and d.read().strip() in _TPU_PCI_DEVICES:
-          chips += 1
-    except OSError:
-      continue
-  return chips
-
-
-def _is_tpu_vm(environ: Mapping[str, str], sys_root: str) -> bool:
-  return any(environ.get(n) for n in _TPU_ENV_MARKERS) or _tpu_chips_on_pci(sys_root) > 0
-
-
-def _single_tpu_host(environ: Mapping[str, str]) -> bool:
-  hosts = environ.get("TPU_WORKER_HOSTNAMES") or environ.get("TPU_PROCESS_ADDRESSES")
-  return bool(hosts) and "," not in hosts and not environ.get("MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def plan_from_env(environ: Mapping[str, str] | None = None, *, sys_root: str = "/sys") -> InitPlan:
-  """Decides the initialisation method from environment variables (and the PCI bus for TPUs)."""
+def plan_from_env(environ: Mapping[str, str] | None = None) -> InitPlan:
+  """Decides the initialisation method from environment variables."""
   environ = os.environ if environ is None else environ
   mode = environ.get(ENV_MODE, "auto").strip().lower() or "auto"
   if mode not in _MODES:
@@ -232,17 +179,17 @@ def plan_from_env(environ: Mapping[str, str] | None = None, *, sys_root: str = "
     return InitPlan("single")
   if mode == "explicit" or (mode == "auto" and any(environ.get(n) for n in _EXPLICIT_REQUIRED)):
     return _explicit_plan(environ)
-  if mode == "slurm" or (mode == "auto" and (_slurm_task_count(environ) or 0) > 1):
+  if mode == "slurm" or (mode == "auto" and all(n in environ for n in _SLURM_STEP)):
     return _slurm_plan(environ)
-  if mode == "tpu" or (mode == "auto" and _is_tpu_vm(environ, sys_root) and not _single_tpu_host(environ)):
-    return InitPlan("tpu")
-  return InitPlan("single")
+  return InitPlan("jax", required=mode == "jax")
 
 
 def wait_for_coordinator(address: str, timeout_s: float, source: str = ENV_ADDRESS) -> float:
   """Polls a TCP connection to the coordinator until it answers; returns the seconds left of `timeout_s`.
 
-  Process 0 may start later than the others, so refusals are retried until the deadline.
+  JAX's own wait for an unreachable coordinator ends in a C++ abort (SIGABRT) after its timeout, saying
+  "DEADLINE_EXCEEDED" and that "another task died", without the address. Process 0 may start later than
+  the others, so refusals are retried until the deadline.
   """
   host, port = parse_address(address, source)
   deadline = time.monotonic() + timeout_s
@@ -264,8 +211,15 @@ def wait_for_coordinator(address: str, timeout_s: float, source: str = ENV_ADDRE
   )
 
 
+def _say(message: str) -> None:
+  # stderr, unbuffered: if the runtime aborts in C++ this line is what tells the user what was tried.
+  print(f"pixelbert_jax.distributed: {message}", file=sys.stderr, flush=True)
+
+
 def _check_port_free(address: str) -> None:
-  """Process 0 binds the coordinator on all interfaces: a busy port would otherwise be a C++ abort."""
+  """Process 0 serves the coordinator on [::]:PORT. On a port in use, JAX crashed with SIGSEGV in 12 of
+  26 runs (after a C++ log line "Failed to add port to server") and raised "UNKNOWN: Failed to start RPC
+  server", naming no port, in the others. Checked here first, so that it is always this one line."""
   _, port = parse_address(address, ENV_ADDRESS)
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -273,70 +227,65 @@ def _check_port_free(address: str) -> None:
       probe.bind(("", port))
     except OSError as error:
       raise RuntimeError(
-          f"process 0 cannot serve the JAX coordinator on {address}: port {port} is "
-          f"in use on this host ({error}); pick another port"
+          f"process 0 cannot serve the JAX coordinator on {address}: port {port} is in use on this host "
+          f"({error}); pick another port"
       ) from None
 
 
-def _ensure_cpu_collectives() -> None:
-  """Cross-process computations on CPU need a collectives library; gloo is jax 0.10's default, set it
-  when a jax leaves it unset so the two-process CPU run (tests, laptops) works on every version."""
-  try:
-    if not jax.config.jax_cpu_collectives_implementation:
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  except AttributeError:  # a jax without the option decides by itself
-    pass
-
-
-def _say(message: str) -> None:
-  # stderr, unbuffered: if the runtime aborts in C++ this line is what tells the user what was tried.
-  print(f"pixelbert_jax.distributed: {message}", file=sys.stderr, flush=True)
-
-
-def _run_plan(plan: InitPlan, timeout_s: int) -> None:
-  if plan.method == "single":
-    return
-  _ensure_cpu_collectives()
-  if plan.method == "tpu":
-    _say(f"TPU VM detected; jax.distributed.initialize() from the TPU metadata (timeout {timeout_s} s)")
-    try:
-      jax.distributed.initialize(initialization_timeout=timeout_s)
-    except Exception as error:
-      raise RuntimeError(
-          f"TPU multi-host initialisation failed: {error}. Set {ENV_MODE}=none for a "
-          "single-host run or the PIXELBERT_* variables for an explicit one."
-      ) from error
-    return
+def _run_explicit(plan: InitPlan, timeout_s: int) -> None:
   address = plan.coordinator_address
   assert address is not None and plan.num_processes is not None and plan.process_id is not None
   left = float(timeout_s)
-  if plan.process_id == 0:
-    _check_port_free(address)
+  if plan.process_id:
+    left = wait_for_coordinator(address, timeout_s)
   else:
-    left = wait_for_coordinator(address, timeout_s, source=f"{plan.method} coordinator address")
-  _say(
-      f"process {plan.process_id}/{plan.num_processes} joining coordinator {address} "
-      f"({plan.method}, timeout {int(left)} s)"
-  )
+    _check_port_free(address)
+  _say(f"process {plan.process_id}/{plan.num_processes} joining coordinator {address} (timeout {int(left)} s)")
   try:
     jax.distributed.initialize(
         coordinator_address=address,
         num_processes=plan.num_processes,
         process_id=plan.process_id,
         local_device_ids=list(plan.local_device_ids) if plan.local_device_ids is not None else None,
+        # Off: inside a SLURM step JAX's detection would still fill the device ids from SLURM_LOCALID and
+        # show a one-process-per-node task only GPU 0, although every other argument is given.
         cluster_detection_method="deactivate",
         initialization_timeout=max(int(left), 1),
     )
   except Exception as error:
     raise RuntimeError(
-        f"joining the JAX coordinator at {address} as process {plan.process_id} of "
-        f"{plan.num_processes} failed: {error}"
+        f"joining the JAX coordinator at {address} as process {plan.process_id} of {plan.num_processes} "
+        f"failed: {error}"
     ) from error
 
 
-def initialize_from_env(
-    timeout_s: int = 300, *, cpu_devices: int = 0, environ: Mapping[str, str] | None = None, sys_root: str = "/sys"
-) -> DistributedInfo:
+def _run_jax_detection(plan: InitPlan, timeout_s: int) -> str:
+  """JAX's own detection; returns 'single' when it found no cluster and none was required."""
+  if plan.method == "slurm":
+    _say(
+        f"SLURM step: process {os.environ['SLURM_PROCID']}/{os.environ['SLURM_NTASKS']}, coordinator on the "
+        f"first host of SLURM_STEP_NODELIST={os.environ['SLURM_STEP_NODELIST']!r}, port JAX_COORDINATOR_PORT or "
+        f"61440 + job id % 4096 (timeout {timeout_s} s)"
+    )
+  try:
+    jax.distributed.initialize(
+        # [] is "no restriction" to JAX (it restricts only on a non-empty list) and stops it filling them in.
+        local_device_ids=list(plan.local_device_ids) if plan.local_device_ids is not None else None,
+        cluster_detection_method="slurm" if plan.method == "slurm" else None,
+        initialization_timeout=timeout_s,
+    )
+  except Exception as error:
+    no_cluster = isinstance(error, ValueError) and str(error).startswith(_JAX_FOUND_NO_CLUSTER)
+    if no_cluster and plan.method == "jax" and not plan.required:
+      return "single"
+    raise RuntimeError(
+        f"jax.distributed.initialize() from the {plan.method} environment failed: {error}. Set "
+        f"{ENV_MODE}=none for one process or the PIXELBERT_* variables for an explicit setup."
+    ) from error
+  return plan.method
+
+
+def initialize_from_env(timeout_s: int = 300, *, cpu_devices: int = 0) -> DistributedInfo:
   """Joins the multi-process run the environment describes (see the module docstring); idempotent.
 
   `cpu_devices` > 0 splits the CPU backend into that many devices (config.cpu_devices); 0 keeps JAX's
@@ -346,14 +295,20 @@ def initialize_from_env(
   if _INFO is not None:
     return _INFO
   set_cpu_devices(cpu_devices)
-  if jax.distributed.is_initialized():
-    plan = InitPlan("preinitialized")  # someone called jax.distributed.initialize already: respect it
-  else:
-    plan = plan_from_env(environ, sys_root=sys_root)
-    _run_plan(plan, timeout_s)
+  plan = InitPlan("preinitialized")  # someone called jax.distributed.initialize already: respect it
+  detected_by = plan.method
+  if not jax.distributed.is_initialized():
+    plan = plan_from_env()
+    if plan.method == "explicit":
+      _run_explicit(plan, timeout_s)
+      detected_by = "explicit"
+    elif plan.method in ("slurm", "jax"):
+      detected_by = _run_jax_detection(plan, timeout_s)
+    else:
+      detected_by = "single"
   local = tuple(jax.local_devices())
   _INFO = DistributedInfo(
-      detected_by=plan.method,
+      detected_by=detected_by,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       local_devices=local,
