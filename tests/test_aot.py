@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from pixelbert_jax import aot
+from pixelbert_jax import aot, tpu_slices
 from tests import train_helpers as th
 
 if importlib.util.find_spec("libtpu") is None:
@@ -39,10 +39,10 @@ def test_slice_names_map_to_topologies():
       "v6e-8": ("v6e:2x4", 8),
   }
   for name, (topology, chips) in expected.items():
-    assert aot.parse_slice(name)[1:] == (topology, chips), name
+    assert tpu_slices.parse_slice(name)[1:] == (topology, chips), name
   for bad in ("v4-6", "v3-8", "v5p-4", "tpu"):
-    with pytest.raises(aot.PlanError, match="--topology"):
-      aot.parse_slice(bad)
+    with pytest.raises(tpu_slices.PlanError, match="--topology"):
+      tpu_slices.parse_slice(bad)
 
 
 def _tiny(mesh_shape, batch_size=16):
@@ -64,8 +64,8 @@ def _tiny(mesh_shape, batch_size=16):
 def _devices():
   from jax.experimental import topologies
 
-  aot.quiet_libtpu(SLICE)
-  chip, topology, _ = aot.parse_slice(SLICE)
+  tpu_slices.quiet_libtpu(SLICE)
+  chip, topology, _ = tpu_slices.parse_slice(SLICE)
   return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
 
 
@@ -103,7 +103,7 @@ def test_fsdp_and_tensor_axes_shard_the_state():
 def test_plan_report_and_an_absurd_batch(capsys):
   """The planner's report for a batch that fits as written, then one line for a batch that cannot fit."""
   config = _tiny((2, 2, 1), batch_size=16)
-  aot.quiet_libtpu(SLICE)
+  tpu_slices.quiet_libtpu(SLICE)
   out = aot.plan(config, SLICE, find_max=False, utilization=0.2, train_examples=1000)
   text = capsys.readouterr().out
   assert out["fits"] and out["fits_as_written"] and out["accum"] == 1, out
