@@ -5,8 +5,8 @@ abstract variables with their shardings; `evaluate` restores a checkpoint into i
 `StepContext` adds the optimizer, the abstract train state and its shardings, and the jitted step:
 `train.Trainer` and `aot.py` (compiling for a TPU that is not attached) build exactly this object, so
 the program that is planned is the one that trains. Neither opens a dataset: the config's sizes must be
-resolved already (`-1` vocabulary or answer counts are read off the data by `data.pipeline`, or set by
-the caller).
+resolved already (`-1` vocabulary or answer counts are read off the run's data by
+`data.task_data.TaskData.resolve_sizes`, or set by the caller, as aot.py does from its flags).
 """
 
 from __future__ import annotations
