@@ -4,7 +4,10 @@ Only process 0 writes; the other processes get a writer that does nothing, so ca
 tensorboardX rather than clu: clu's writers pull in TensorFlow.
 
 A resumed run passes `resume_step`: the rows a killed or preempted run wrote after that checkpoint are
-dropped (they are written again), so no step appears twice; TensorBoard purges those events the same way.
+dropped (they are written again), so no step appears twice; TensorBoard purges its events after that step
+the same way. Each row goes to TensorBoard first and to `metrics.jsonl` last, so a row in `metrics.jsonl`
+means TensorBoard has it too: train.py reruns a resumed step's evaluation when its row is missing
+(`has_row`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._rows_dropped = 0
+    self._keys: dict[int, set[str]] = {}  # step -> keys of its rows, read at resume or written since
     if not self.enabled:
       return
     workdir = epath.Path(workdir)
@@ -42,8 +46,11 @@ class MetricWriter:
     try:
       from tensorboardX import SummaryWriter
 
-      purge = {"purge_step": resume_step + 1} if resume_step is not None and self._rows_dropped else {}
-      self._tb = SummaryWriter(str(workdir / "tensorboard"), **purge)
+      # Always on resume: a run killed between TensorBoard and metrics.jsonl left events with no row.
+      purge = {"purge_step": resume_step + 1 if resume_step > 0 else 0} if resume_step is not None else {}
+      # The suffix: tensorboardX names a file by the second and opens it with "wb", so a writer started in
+      # the same second as the previous one erased its events.
+      self._tb = SummaryWriter(str(workdir / "tensorboard"), filename_suffix=f".{time.time_ns()}", **purge)
     except ImportError:  # tensorboardX is an install requirement; a stripped environment still logs JSONL.
       logging.warning("tensorboardX is not installed: no TensorBoard events will be written")
 
@@ -58,6 +65,7 @@ class MetricWriter:
         continue
       if 0 < step and row_step <= step:
         kept.append(line)
+        self._keys.setdefault(row_step, set()).update(json.loads(line))
     self._rows_dropped = len(self._rows) - len(kept)
     if self._rows_dropped:
       where = f"after step {step}, where this run resumes" if step else "by a run that saved no checkpoint"
@@ -76,17 +84,23 @@ class MetricWriter:
       return
     clean = {k: float(v) for k, v in metrics.items()}
     row = json.dumps({"step": int(step), **clean})
+    if self._tb is not None:
+      for k, v in clean.items():
+        if math.isfinite(v):
+          self._tb.add_scalar(k, v, int(step))
+      self._tb.flush()
     if self._rewrite:
       self._rows.append(row)
       self._path.write_text("\n".join(self._rows) + "\n")
     else:
       self._jsonl.write(row + "\n")
       self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in clean.items():
-        if math.isfinite(v):
-          self._tb.add_scalar(k, v, int(step))
-      self._tb.flush()
+    self._keys.setdefault(int(step), set()).update(clean)
+
+  def has_row(self, step: int, prefix: str) -> bool:
+    """Whether a readable row at `step` has a key starting with `prefix`, among the rows kept at resume and
+    those written since (False on a writer that is not enabled)."""
+    return any(k.startswith(prefix) for k in self._keys.get(int(step), ()))
 
   def close(self) -> None:
     if self.enabled:
@@ -94,6 +108,21 @@ class MetricWriter:
         self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def has_row(workdir: str | epath.Path, step: int, prefix: str) -> bool:
+  """MetricWriter.has_row without a writer (which would drop and purge): reads `metrics.jsonl` as it is."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if jax.process_index() != 0 or not path.exists():
+    return False
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+      if int(row["step"]) == int(step) and any(k.startswith(prefix) for k in row):
+        return True
+    except (ValueError, KeyError, TypeError):
+      continue
+  return False
 
 
 class ProgressLine:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import struct
 import subprocess
 import sys
 
@@ -99,6 +100,30 @@ def final_params(workdir: str | pathlib.Path) -> dict[str, np.ndarray]:
 def metrics(workdir: str | pathlib.Path) -> list[dict]:
   path = pathlib.Path(workdir) / "metrics.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def without_perf(rows: list[dict]) -> list[dict]:
+  """metrics.jsonl rows without perf/* (timings), the part that a resumed run must reproduce exactly."""
+  return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+
+
+def tensorboard_scalars(workdir: str | pathlib.Path) -> list[tuple[str, int, float]]:
+  """(tag, step, value) of the scalars TensorBoard shows for WORKDIR/tensorboard: its event files in order,
+  each purge (a SessionLog START at step s, written by a resumed writer) hiding the earlier events at s or
+  later, as TensorBoard does."""
+  from tensorboardX.proto import event_pb2
+
+  shown: list[tuple[str, int, float]] = []
+  for path in sorted((pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos + 12 <= len(data):  # TFRecord: length (8 bytes), its crc (4), the record, its crc (4)
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+      pos += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        shown = [s for s in shown if s[1] < event.step]
+      shown += [(v.tag, int(event.step), v.simple_value) for v in event.summary.value]
+  return shown
 
 
 def assert_same_params(a: dict, b: dict, atol: float = 0.0) -> None:
