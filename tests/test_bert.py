@@ -12,23 +12,10 @@ transformers = pytest.importorskip("transformers")
 from pixelbert_jax.convert import bert_from_hf
 from pixelbert_jax.models.build import build_model
 from pixelbert_jax.models.presets import model_config
+from pixelbert_jax.convert.model_mapping import hf_bert_config
 from pixelbert_jax.models.bert import BertModel
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-
-def _hf_config(cfg):
-  return transformers.BertConfig(
-      vocab_size=cfg.vocab_size,
-      hidden_size=cfg.hidden_size,
-      num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads,
-      intermediate_size=cfg.intermediate_size,
-      max_position_embeddings=cfg.max_position_embeddings,
-      type_vocab_size=cfg.type_vocab_size,
-      layer_norm_eps=cfg.layer_norm_eps,
-      hidden_act="gelu",
-  )
 
 
 def _randomized(hf_model, seed):
@@ -58,7 +45,7 @@ def _state_dict(model):
 def test_encoder_matches_hf_bert_model(size, length):
   cfg = model_config(size, "tiny", vocab_size=97)
   torch.manual_seed(0)
-  hf = _randomized(transformers.BertModel(_hf_config(cfg)), seed=1)
+  hf = _randomized(transformers.BertModel(hf_bert_config(cfg)), seed=1)
   params = bert_from_hf(_state_dict(hf), cfg)["encoder"]["bert"]
   ids, mask = _inputs(cfg, 3, length, seed=2)
   with torch.no_grad():
@@ -76,7 +63,7 @@ def test_encoder_matches_hf_bert_model(size, length):
 def test_mlm_logits_match_hf_bert_for_masked_lm():
   cfg = model_config("tiny", "tiny", vocab_size=97)
   torch.manual_seed(3)
-  hf = _randomized(transformers.BertForMaskedLM(_hf_config(cfg)), seed=4)
+  hf = _randomized(transformers.BertForMaskedLM(hf_bert_config(cfg)), seed=4)
   params = bert_from_hf(_state_dict(hf), cfg)
   assert set(params) == {"encoder", "mlm_head"}  # BertForMaskedLM has no pooler
   ids, mask = _inputs(cfg, 3, 12, seed=5)
@@ -105,7 +92,7 @@ def test_mlm_logits_match_hf_bert_for_masked_lm():
 
 def test_padded_text_tokens_do_not_change_real_positions():
   cfg = model_config("tiny", "tiny", vocab_size=97)
-  hf = _randomized(transformers.BertModel(_hf_config(cfg)), seed=6)
+  hf = _randomized(transformers.BertModel(hf_bert_config(cfg)), seed=6)
   params = bert_from_hf(_state_dict(hf), cfg)["encoder"]["bert"]
   ids, mask = _inputs(cfg, 4, 12, seed=7)
   ids2 = np.where(mask.astype(bool), ids, (ids * 7 + 3) % cfg.vocab_size)

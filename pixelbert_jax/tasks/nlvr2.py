@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from pixelbert_jax.tasks import specs
+from pixelbert_jax.tasks.reduce import masked_mean
 
 INPUT_KEYS = ("image", "image_mask", "input_ids", "text_mask", "image1", "image1_mask")
 
@@ -21,8 +22,7 @@ def loss_and_metrics(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
   logits = outputs["nlvr2_logits"].astype(jnp.float32)
   mask = batch["example_mask"].astype(jnp.float32)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  n = jnp.sum(mask)
-  loss = jnp.sum(xent * mask) / jnp.maximum(n, 1.0)
+  loss, n = masked_mean(xent, mask)
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
   return loss, {"loss": (loss, jnp.ones(())), "acc": (jnp.sum(correct * mask), n)}
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from pixelbert_jax.tasks import specs
+from pixelbert_jax.tasks.reduce import masked_mean
 
 INPUT_KEYS = ("image", "image_mask", "input_ids", "text_mask")
 MetricSums = dict[str, tuple[jax.Array, jax.Array]]
@@ -20,10 +21,6 @@ MetricSums = dict[str, tuple[jax.Array, jax.Array]]
 
 def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {k: batch[k] for k in INPUT_KEYS}
-
-
-def _safe_div(a, b):
-  return a / jnp.maximum(b, 1e-9)
 
 
 def loss_and_metrics(
@@ -35,13 +32,11 @@ def loss_and_metrics(
 
   mlm_w = batch["mlm_weights"].astype(jnp.float32) * example_mask[:, None]
   mlm_xent = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["mlm_labels"])
-  mlm_n = jnp.sum(mlm_w)
-  mlm_loss = _safe_div(jnp.sum(mlm_xent * mlm_w), mlm_n)
+  mlm_loss, mlm_n = masked_mean(mlm_xent, mlm_w)
   mlm_correct = (jnp.argmax(mlm_logits, -1) == batch["mlm_labels"]).astype(jnp.float32)
 
   itm_xent = optax.softmax_cross_entropy_with_integer_labels(itm_logits, batch["itm_label"])
-  itm_n = jnp.sum(example_mask)
-  itm_loss = _safe_div(jnp.sum(itm_xent * example_mask), itm_n)
+  itm_loss, itm_n = masked_mean(itm_xent, example_mask)
   itm_correct = (jnp.argmax(itm_logits, -1) == batch["itm_label"]).astype(jnp.float32)
 
   loss = mlm_weight * mlm_loss + itm_weight * itm_loss

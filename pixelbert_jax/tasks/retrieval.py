@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from pixelbert_jax.tasks import specs
+from pixelbert_jax.tasks.reduce import masked_mean
 
 IMAGE_KEYS = ("image", "image_mask")
 
@@ -65,8 +66,7 @@ def loss_and_metrics(
   mask = batch["example_mask"].astype(jnp.float32)
   logits = hard_negative_logits(scores, hard_negatives)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.zeros(scores.shape[0], jnp.int32))
-  n = jnp.sum(mask)
-  loss = jnp.sum(xent * mask) / jnp.maximum(n, 1.0)
+  loss, n = masked_mean(xent, mask)
   top1 = (jnp.argmax(scores, -1) == 0).astype(jnp.float32)
   return loss, {"loss": (loss, jnp.ones(())), "acc": (jnp.sum(top1 * mask), n)}
 

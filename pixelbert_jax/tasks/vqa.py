@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from pixelbert_jax.tasks import specs
+from pixelbert_jax.tasks.reduce import masked_mean
 
 INPUT_KEYS = ("image", "image_mask", "input_ids", "text_mask")
 
@@ -40,8 +41,7 @@ def loss_and_metrics(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
     )
   mask = batch["example_mask"].astype(jnp.float32)
   ex = per_example(outputs["vqa_logits"], targets)
-  n = jnp.sum(mask)
-  loss = jnp.sum(ex["loss"] * mask) / jnp.maximum(n, 1.0)
+  loss, n = masked_mean(ex["loss"], mask)
   return loss, {"loss": (loss, jnp.ones(())), "vqa_score": (jnp.sum(ex["vqa_score"] * mask), n)}
 
 

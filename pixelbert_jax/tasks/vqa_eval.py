@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from pixelbert_jax.data.vqa_answers import custom_score
+from pixelbert_jax.data.vqa_answers import OFFICIAL_NUM_ANSWERS, custom_score
 from pixelbert_jax.tasks import eval_loop, vqa
 
 ANSWER_VOCAB_FILE = "answer_vocab.json"  # beside the checkpoints, for predict.py
@@ -179,7 +179,6 @@ PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", 
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 _PERIOD_COUNT = int(re.UNICODE)  # the reference passes re.UNICODE (32) as sub()'s count
-NUM_HUMAN_ANSWERS = 10
 
 
 def process_punctuation(text: str) -> str:
@@ -209,9 +208,9 @@ def normalize(text: str) -> str:
 
 def question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
   """Official accuracy in [0, 1] of one prediction against the 10 human answers of one question."""
-  if len(human_answers) != NUM_HUMAN_ANSWERS:
+  if len(human_answers) != OFFICIAL_NUM_ANSWERS:
     raise ValueError(
-        f"VQA needs {NUM_HUMAN_ANSWERS} human answers per question, got {len(human_answers)}: "
+        f"VQA needs {OFFICIAL_NUM_ANSWERS} human answers per question, got {len(human_answers)}: "
         f"{list(human_answers)!r}"
     )
   gts = [_clean_whitespace(a) for a in human_answers]
@@ -248,8 +247,8 @@ def vqa_report(predictions: Mapping[int, str], ground_truth: Mapping[int, dict])
     raise ValueError(
         f"{len(missing)} of {len(ground_truth)} questions have no prediction, e.g. question_id " f"{missing[:5]}"
     )
-  official = {q: gt for q, gt in ground_truth.items() if len(gt["answers"]) == NUM_HUMAN_ANSWERS}
-  custom = {q: gt for q, gt in ground_truth.items() if len(gt["answers"]) not in (0, NUM_HUMAN_ANSWERS)}
+  official = {q: gt for q, gt in ground_truth.items() if len(gt["answers"]) == OFFICIAL_NUM_ANSWERS}
+  custom = {q: gt for q, gt in ground_truth.items() if len(gt["answers"]) not in (0, OFFICIAL_NUM_ANSWERS)}
   out: dict[str, object] = {
       "official": None,
       "custom": None,
