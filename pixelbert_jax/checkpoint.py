@@ -1,23 +1,28 @@
 """Orbax checkpoints of a training run: save, resume, partial restore for fine-tuning.
 
-One checkpoint step holds four items, so that each reader takes only what it needs:
+One checkpoint step holds five items, so that each reader takes only what it needs:
   `params` — {'params', 'batch_stats'}: the model (what fine-tuning and PyTorch export read),
   `train`  — {'step', 'opt_state', 'rng'}: the rest of the train state,
   `data`   — the input pipeline's iterator state (JSON), so a resumed run sees exactly the next batch,
-  `meta`   — task, model config and vocabulary size (JSON), so a checkpoint describes itself.
+  `meta`   — task, model config and vocabulary size (JSON), so a checkpoint describes itself,
+  `log`    — the metric sums of the steps since the last logged one (JSON), so that a resumed run's next
+             `metrics.jsonl` row averages the same steps as an uninterrupted run's (absent before it existed).
 
 Only finite parameters are saved (train.py checks before each save). A step that cannot be read, or whose
 parameters are not finite (written before that check existed), is skipped: training moves it aside to
 `STEP.corrupt-<time>` so that a rerun retrains that step; the read-only readers (predict, convert,
-init_from) use the newest good step and log which.
+init_from) use the newest good step and log which. A step that a running job's rotation deletes while
+one of those readers reads it is told apart from a corrupt one, and the reader retries with the newest step
+left (`load_model_variables`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
-ITEMS = ("params", "train", "data", "meta")
+ITEMS = ("params", "train", "data", "meta", "log")
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -36,6 +41,7 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
       "train": ocp.StandardCheckpointHandler(),
       "data": ocp.JsonCheckpointHandler(),
       "meta": ocp.JsonCheckpointHandler(),
+      "log": ocp.JsonCheckpointHandler(),
   }
 
 
@@ -45,6 +51,15 @@ class CheckpointMismatchError(ValueError):
 
 class UnreadableCheckpointError(FileNotFoundError):
   """No step of the checkpoint can be read (or the one asked for cannot); the message names it."""
+
+
+class Restored(NamedTuple):
+  """What a resumed run gets back: the train state, the data iterator's state, the step and the log window."""
+
+  state: dict[str, Any]
+  data_state: dict
+  step: int
+  log_window: dict
 
 
 TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix of a step (or item) folder that was never finalised
@@ -148,12 +163,23 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
 
-  def save(self, step: int, state: dict[str, Any], data_state: dict | None, meta: dict, *, force: bool = False) -> bool:
+  def save(
+      self,
+      step: int,
+      state: dict[str, Any],
+      data_state: dict | None,
+      meta: dict,
+      *,
+      log_window: dict | None = None,
+      force: bool = False,
+  ) -> bool:
+    """`log_window`: JSON, train.py's metric sums since the last logged step (copied: the save is async)."""
     args = ocp.args.Composite(
         params=ocp.args.StandardSave({"params": state["params"], "batch_stats": state["batch_stats"]}),
         train=ocp.args.StandardSave({k: state[k] for k in ("step", "opt_state", "rng")}),
         data=ocp.args.JsonSave(data_state or {}),
         meta=ocp.args.JsonSave(meta),
+        log=ocp.args.JsonSave(json.loads(json.dumps(log_window or {}))),
     )
     return self.manager.save(step, args=args, force=force)
 
@@ -169,11 +195,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def restore_latest(self, abstract_state: dict[str, Any]) -> tuple[dict, dict, int] | None:
+  def restore_latest(self, abstract_state: dict[str, Any]) -> Restored | None:
     """Restores the newest good step into `abstract_state`'s shapes and shardings, or None if there
     is none. Shape mismatches are config errors and raise; a step that cannot be read or holds non-finite
     parameters is moved aside (named in the log), so that the rerun retrains it instead of finding it in
-    the way when it saves that step again."""
+    the way when it saves that step again. A step saved before the `log` item existed restores with an
+    empty log window."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     moved = False
     try:
@@ -189,15 +216,15 @@ class Checkpointer:
           continue
         expected = {"params": abstract_state["params"], "batch_stats": abstract_state["batch_stats"]}
         compare_shapes(expected, dict(found), what=f"Checkpoint {step_dir}")
+        items = dict(
+            params=ocp.args.StandardRestore(expected),
+            train=ocp.args.StandardRestore({k: abstract_state[k] for k in ("step", "opt_state", "rng")}),
+            data=ocp.args.JsonRestore(),
+        )
+        if (step_dir / "log").exists():
+          items["log"] = ocp.args.JsonRestore()
         try:
-          restored = self.manager.restore(
-              step,
-              args=ocp.args.Composite(
-                  params=ocp.args.StandardRestore(expected),
-                  train=ocp.args.StandardRestore({k: abstract_state[k] for k in ("step", "opt_state", "rng")}),
-                  data=ocp.args.JsonRestore(),
-              ),
-          )
+          restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001
           if _out_of_memory(e):  # says nothing about the files: keep the step where it is
             raise
@@ -208,7 +235,8 @@ class Checkpointer:
           moved = self._move_aside(step, f"holds NaN/Inf in {len(bad)} parameter arrays (first: {bad[0]})")
           continue
         state = {**restored["params"], **restored["train"]}
-        return state, dict(restored["data"] or {}), step
+        log_window = dict(restored["log"] or {}) if "log" in items else {}
+        return Restored(state, dict(restored["data"] or {}), step, log_window)
     finally:
       if moved:
         self.manager.reload()  # forget the moved steps: their numbers are saved afresh
@@ -270,47 +298,111 @@ def _steps(directory: epath.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if _is_step_dir(p))
 
 
-def load_model_variables(path: str | epath.Path, step: int | None = None) -> tuple[dict, dict, int]:
+def load_model_variables(
+    path: str | epath.Path, step: int | None = None, *, deleted_wait_s: float = 2.0, max_rounds: int = 5
+) -> tuple[dict, dict, int]:
   """Reads only the `params` and `meta` items of a checkpoint, as host numpy arrays.
 
   Given a workdir or its checkpoints/ folder and no `step`: the newest step that can be read and holds
   finite parameters; a newer one that cannot is named in a warning with the step used instead (a run
-  killed while saving, a truncated copy). A step folder or `step` means that step, or an error."""
+  killed while saving, a truncated copy). A step folder or `step` means that step, or an error.
+
+  Beside a live run, its rotation (`keep_checkpoints`) may delete the step being read. A step whose folder
+  is gone after a failed read (within `deleted_wait_s`: Orbax deletes file by file), or gone once it was
+  read, counts as deleted by a running job, not as corrupt: the steps are listed again and the newest one
+  left is read, with a warning saying so, up to `max_rounds` times. An explicit step that is deleted is an
+  error saying so."""
   directory, newest = resolve_checkpoint_dir(path)
   explicit = step is not None or _is_step_dir(epath.Path(path))
   if step is None:
     step = newest
-  candidates = [step] if explicit else [s for s in reversed(_steps(directory)) if s <= newest]
   if explicit and not (directory / str(step) / "params").is_dir():
     raise FileNotFoundError(f"{directory} has no step {step} (steps: {_steps(directory)})")
-  manager = ocp.CheckpointManager(
-      directory, item_handlers=_handlers(), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
-  )
   skipped: list[str] = []  # "step N <why>", newest first
-  try:
-    for step in candidates:
-      try:
-        variables, meta = _read_model_variables(manager, directory, step)
-        bad = [
-            k
-            for k, v in traverse_util.flatten_dict(variables, sep="/").items()
-            if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()
-        ]
-        why = f"holds NaN/Inf in {len(bad)} parameter arrays (first: {bad[0]})" if bad else ""
-      except Exception as e:  # noqa: BLE001 - any failure to read makes the step unusable
-        why = f"is unreadable ({_first_line(e)})"
-      if not why:
-        break
-      if explicit:
-        raise UnreadableCheckpointError(f"Checkpoint {directory / str(step)} {why}")
-      skipped.append(f"step {step} {why}")
-    else:
-      raise UnreadableCheckpointError(f"No usable checkpoint in {directory}: {'; '.join(skipped)}")
-  finally:
-    manager.close()
+  bad: set[int] = set()
+  deleted: list[int] = []
+  found = None
+  for _ in range(max_rounds):
+    # The newest step first; after a deletion the steps are listed again (the running job saved a newer one).
+    candidates = [step] if explicit else [s for s in reversed(_steps(directory)) if s not in bad]
+    relist = False
+    manager = ocp.CheckpointManager(
+        directory, item_handlers=_handlers(), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+    )
+    try:
+      for candidate in candidates:
+        why = ""
+        try:
+          variables, meta = _read_model_variables(manager, directory, candidate)
+          flat = traverse_util.flatten_dict(variables, sep="/").items()
+          nonfinite = [k for k, v in flat if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()]
+          if nonfinite:
+            why = f"holds NaN/Inf in {len(nonfinite)} parameter arrays (first: {nonfinite[0]})"
+          failure = None
+        except Exception as e:  # noqa: BLE001 - any failure to read makes the step unusable
+          failure = e
+        step_dir = directory / str(candidate)
+        if _vanished(step_dir, deleted_wait_s if failure is not None else 0.0):
+          deleted.append(candidate)
+          if explicit:
+            raise UnreadableCheckpointError(
+                f"Checkpoint {step_dir} was deleted while it was read, by a running job "
+                f"({_running_job(directory)}); read a step it keeps, or give no step for the newest"
+            )
+          logging.warning(
+              "Checkpoint %s was deleted while it was read, by a running job (%s); retrying with the newest "
+              "step left.",
+              step_dir,
+              _running_job(directory),
+          )
+          relist = True
+          break
+        if failure is not None:
+          why = f"is unreadable (corrupt or incomplete: {_first_line(failure)})"
+        if not why:
+          found = candidate
+          break
+        if explicit:
+          raise UnreadableCheckpointError(f"Checkpoint {step_dir} {why}")
+        bad.add(candidate)
+        skipped.append(f"step {candidate} {why}")
+    finally:
+      manager.close()
+    if not relist:
+      break
+  if found is None:
+    why = skipped + [f"step {s} was deleted while it was read, by a running job" for s in deleted]
+    if deleted:
+      why.append(
+          f"the job ({_running_job(directory)}) deletes steps faster than they are read: raise its "
+          "keep_checkpoints, or copy a step folder and read the copy"
+      )
+    raise UnreadableCheckpointError(f"No usable checkpoint in {directory}: {'; '.join(why) or 'no step is left'}")
   if skipped:
-    logging.warning("Checkpoint %s: %s; using step %d.", directory, "; ".join(skipped), step)
-  return variables, meta, step
+    logging.warning("Checkpoint %s: %s; using step %d.", directory, "; ".join(skipped), found)
+  elif deleted:
+    logging.warning("Checkpoint %s: using step %d (step %s deleted by a running job).", directory, found, deleted)
+  return variables, meta, found
+
+
+def _vanished(step_dir: epath.Path, wait_s: float) -> bool:
+  """Whether `step_dir` is gone, or goes within `wait_s` (a deletion in progress)."""
+  deadline = time.monotonic() + wait_s
+  while step_dir.exists():
+    if time.monotonic() >= deadline:
+      return False
+    time.sleep(0.05)
+  return True
+
+
+def _running_job(directory: epath.Path) -> str:
+  """Which job rotates `directory`'s steps, as far as this host can tell: the workdir's run.lock names it."""
+  lock = directory.parent / "run.lock"
+  try:
+    holder = json.loads(lock.read_text())
+    return f"pid {holder['pid']} on {holder['host']}, {lock}"
+  except Exception:  # noqa: BLE001 - no lock (gs://, or it ended meanwhile), or one being written
+    return "its checkpoint rotation"
 
 
 def _read_model_variables(manager: ocp.CheckpointManager, directory: epath.Path, step: int) -> tuple[dict, dict]:

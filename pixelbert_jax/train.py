@@ -23,7 +23,7 @@ from etils import epath
 from pixelbert_jax import checkpoint as ckpt_lib
 from pixelbert_jax import accumulation, config_checks, metrics_writer, model_context, partitioning, paths, run_lock
 from pixelbert_jax import tasks
-from pixelbert_jax.data.task_data import TaskData
+from pixelbert_jax.data import pipeline
 from pixelbert_jax.train_step import State
 
 
@@ -32,16 +32,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Trainer(model_context.StepContext):
-  """The step context (model_context.py) of a training run, with its data (`data`: the run's one TaskData,
-  data/task_data.py, built here unless given): the -1 sizes read off the data, the run's length in steps, the
-  micro-batches per step, and the task's evaluation."""
+  """The step context (model_context.py) of a training run, with its data: the -1 sizes read off the
+  data, the run's length in steps, the micro-batches per step, and the task's evaluation."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, data: TaskData | None = None):
-    self.data = data if data is not None else TaskData(config.data, config.task)
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     # -1 in the config = from the data (vocab size, answers), filled in place: train_and_evaluate writes
     # config.json and the checkpoint's meta after this, so that predict and fine-tuning build the same model.
-    self.data.resolve_sizes(config)
-    n_train = self.data.num_examples(config.data.train_split)
+    pipeline.resolve_from_data(config)
+    n_train = pipeline.num_examples(config.data, config.data.train_split, config.task)
     self.steps_per_epoch = max(1, n_train // config.batch_size)
     self.total_steps = (
         int(config.total_steps)
@@ -54,7 +52,7 @@ class Trainer(model_context.StepContext):
 
   def evaluate(self, state: State, workdir: epath.Path) -> dict[str, float]:
     """The task's evaluation (task_table.py): official metrics and result files where the task has them."""
-    return self._evaluate(self, self.data, state, workdir)
+    return self._evaluate(self, state, workdir)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -143,8 +141,16 @@ def load_init(trainer: Trainer, state: State) -> State:
   return state
 
 
-def _warm_start_cnn(trainer: Trainer, state: State, writer: metrics_writer.MetricWriter) -> State:
-  """`config.cnn_warm_start`: train the CNN as a per-cell classifier first (warm_start.py)."""
+class _WarmStartStopped(Exception):
+
+  def __init__(self, done: int, steps: int):
+    super().__init__(f"stopped after {done} of {steps} warm-start steps")
+    self.done, self.steps = done, steps
+
+
+def _warm_start_cnn(trainer: Trainer, state: State, writer: metrics_writer.MetricWriter, stop: _StopFlag) -> State:
+  """`config.cnn_warm_start`: train the CNN as a per-cell classifier first (warm_start.py). Raises
+  _WarmStartStopped when `stop` is raised during it (nothing of it is kept)."""
   cfg = trainer.config
   if cfg.get("cnn_warm_start", {}).get("steps", 0) <= 0:
     return state
@@ -153,7 +159,10 @@ def _warm_start_cnn(trainer: Trainer, state: State, writer: metrics_writer.Metri
     return state
   from pixelbert_jax import warm_start
 
-  params, batch_stats, held_out = warm_start.train_cnn(cfg, trainer.mesh, cfg.seed, data=trainer.data)
+  try:
+    params, batch_stats, held_out = warm_start.train_cnn(cfg, trainer.mesh, cfg.seed, should_stop=lambda: stop.raised)
+  except warm_start.Stopped as e:
+    raise _WarmStartStopped(e.done, e.steps) from None
   writer.write(0, held_out)
   for collection, tree in (("params", params), ("batch_stats", batch_stats)):
     if tree:
@@ -220,7 +229,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
       "vocab_size": int(config.model.vocab_size),
   }
 
-  train_iter = trainer.data.iterator(
+  train_iter = pipeline.make_iterator(
+      config.data,
+      config.task,
       config.data.train_split,
       batch_size=config.batch_size // pc,
       seed=config.seed,
@@ -232,14 +243,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
       workdir / "checkpoints", every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
   )
   restored = checkpointer.restore_latest(trainer.abstract_state)
+  sums: dict[str, Any] = {}  # the log window: metric sums of the steps since the last logged one
   if restored is not None:
-    state, data_state, start = restored
-    if data_state:
-      train_iter.set_state(data_state)
+    state, start = restored.state, restored.step
+    if restored.data_state:
+      train_iter.set_state(restored.data_state)
+    sums = _window_from_json(restored.log_window)
     logging.info("Resumed from %s at step %d", workdir / "checkpoints" / str(start), start)
     if start >= trainer.total_steps:
       # The README's command run twice: say so rather than log nothing and exit.
       checkpointer.close()
+      final = _evaluation_left_over(trainer, state, workdir, start) if start == trainer.total_steps else {}
       logging.info(
           "Run already finished: %s holds step %d of %d; nothing to train (raise "
           "--config.total_steps to train further).",
@@ -247,23 +261,34 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
           start,
           trainer.total_steps,
       )
-      return {}
+      return final
   else:
     state, start = trainer.init_state(config.seed), 0
     state = load_init(trainer, state)
   _write_config(config, workdir)
 
   writer = metrics_writer.MetricWriter(workdir, resume_step=start)
-  if start == 0:
-    state = _warm_start_cnn(trainer, state, writer)
   progress = metrics_writer.ProgressLine(trainer.total_steps, start)
-  stop = _StopFlag()
-  sums: dict[str, Any] = {}
+  stop = _StopFlag()  # before the warm start: a SIGTERM there stops cleanly too
   pending: tuple[int, dict] | None = None  # the previous step's metrics, fetched one step late
-  t_log, n_log = time.monotonic(), 0
   final: dict[str, float] = {}
   step = start
   try:
+    if start == 0:
+      try:
+        state = _warm_start_cnn(trainer, state, writer, stop)
+      except _WarmStartStopped as e:
+        logging.warning(
+            "Stopped during the CNN warm start (after %d of its %d steps): nothing was saved (the warm start "
+            "keeps no checkpoint, and no training step had run); a rerun starts from scratch, warm start included.",
+            e.done,
+            e.steps,
+        )
+        return {"preempted_at_step": 0.0}
+    elif _eval_due(trainer, start) and not _agreed(writer.has_row(start, "eval/")):
+      logging.info("Step %d's evaluation is missing from metrics.jsonl (the run stopped during it): running it", start)
+      final = _evaluate_and_write(trainer, state, workdir, writer, start)
+    t_log, n_log = time.monotonic(), 0
     while step < trainer.total_steps:
       batch = partitioning.global_batch(next(train_iter), mesh)
       with partitioning.activate(mesh):
@@ -298,15 +323,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
           raise NonFiniteLossError(
               f"Step {step}: {len(bad)} parameter arrays hold NaN/Inf (first: " f"{bad[0]}); not saving it"
           )
-        checkpointer.save(step, state, data_state, meta, force=preempted or step == trainer.total_steps)
+        checkpointer.save(
+            step,
+            state,
+            data_state,
+            meta,
+            log_window=_window_to_json(sums),
+            force=preempted or step == trainer.total_steps,
+        )
       if preempted:
         checkpointer.wait()
         logging.warning("Stopped at step %d after saving a checkpoint; rerun to resume.", step)
         return {"preempted_at_step": float(step)}
-      if step == trainer.total_steps or (config.eval_every_steps > 0 and step % config.eval_every_steps == 0):
-        final = trainer.evaluate(state, workdir)
-        writer.write(step, final)
-        logging.info("eval @ %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
+      if _eval_due(trainer, step):
+        final = _evaluate_and_write(trainer, state, workdir, writer, step)
     if pending is not None:
       _accumulate(sums, pending[1], pending[0])
   except NonFiniteLossError as e:
@@ -325,6 +355,52 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
     checkpointer.close()
     writer.close()
   return final
+
+
+def _window_to_json(sums: dict) -> dict:
+  """The log window as the checkpoint's `log` item: {'sums': {metric: [sum, count]}}."""
+  return {"sums": {k: [float(s), float(c)] for k, (s, c) in sums.items()}}
+
+
+def _window_from_json(log_window: dict) -> dict:
+  return {k: (float(s), float(c)) for k, (s, c) in log_window.get("sums", {}).items()}
+
+
+def _eval_due(trainer: Trainer, step: int) -> bool:
+  every = trainer.config.eval_every_steps
+  return step == trainer.total_steps or (every > 0 and step % every == 0)
+
+
+def _evaluate_and_write(
+    trainer: Trainer, state: State, workdir: epath.Path, writer: metrics_writer.MetricWriter, step: int
+) -> dict[str, float]:
+  """The evaluation of `step`, part of that step: a run that stops before its row is in metrics.jsonl runs it
+  again when it resumes at `step` (the row is written last, after TensorBoard's scalars)."""
+  final = trainer.evaluate(state, workdir)
+  writer.write(step, final)
+  logging.info("eval @ %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
+  return final
+
+
+def _evaluation_left_over(trainer: Trainer, state: State, workdir: epath.Path, step: int) -> dict[str, float]:
+  """A finished run killed during its final evaluation: that evaluation, if metrics.jsonl lacks it."""
+  if _agreed(metrics_writer.has_row(workdir, step, "eval/")):
+    return {}
+  logging.info("Step %d's evaluation is missing from metrics.jsonl (the run stopped during it): running it", step)
+  writer = metrics_writer.MetricWriter(workdir, resume_step=step)
+  try:
+    return _evaluate_and_write(trainer, state, workdir, writer, step)
+  finally:
+    writer.close()
+
+
+def _agreed(flag: bool) -> bool:
+  """Process 0's `flag` on every process (only process 0 reads metrics.jsonl; an evaluation is collective)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(int(multihost_utils.broadcast_one_to_all(np.int32(flag))))
 
 
 def _accumulate(sums: dict, metrics: dict, step: int) -> None:

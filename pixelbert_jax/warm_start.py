@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -66,15 +66,13 @@ def _targets(cell_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class _CellImages:
   """Decoded images and per-cell targets of one split of the synthetic world (captions schema)."""
 
-  def __init__(self, data_cfg: ml_collections.ConfigDict, split: str, data=None):
+  def __init__(self, data_cfg: ml_collections.ConfigDict, split: str):
     if data_cfg.name != "synthetic":
       raise ValueError(
           f"config.cnn_warm_start needs the synthetic world's cell labels; config.data.name is "
           f"{data_cfg.name!r} (set config.cnn_warm_start.steps=0)"
       )
-    # the run's splits (data/task_data.py) when its task reads the same captions; else opened here
-    captions = data is not None and data.spec.schema == "captions"
-    opened = data.split(split) if captions else open_split(data_cfg, "pretrain", split)
+    opened = open_split(data_cfg, "pretrain", split)
     self.source, self.name = opened.source, opened.name
     self.size = int(data_cfg.synthetic.image_size)
 
@@ -116,16 +114,25 @@ def _loss_and_accuracy(colour_logits, shape_logits, batch):
   }
 
 
+class Stopped(Exception):
+  """`should_stop` said so after `done` of the warm start's `steps`: nothing of the warm start is kept."""
+
+  def __init__(self, done: int, steps: int):
+    super().__init__(f"cnn warm start stopped after {done} of {steps} steps")
+    self.done, self.steps = done, steps
+
+
 def train_cnn(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     seed: int,
-    data=None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[dict, dict, dict[str, float]]:
   """Trains the CNN as a per-cell classifier -> (cnn params, cnn batch_stats, held-out metrics).
 
-  Deterministic in (config, seed). Each process reads its own rows of every global batch. `data`: the run's
-  TaskData (data/task_data.py), whose splits it reads if they are captions.
+  Deterministic in (config, seed). Each process reads its own rows of every global batch. `should_stop` is
+  asked before every step and before the held-out evaluation (train.py's SIGTERM flag); when it answers
+  True, raises Stopped.
   """
   ws = config.cnn_warm_start
   steps, batch_size = int(ws.steps), int(ws.batch_size)
@@ -135,7 +142,7 @@ def train_cnn(
         f"config.cnn_warm_start.batch_size={batch_size} must be divisible by the data-parallel "
         f"mesh size {partitioning.data_parallel_size(mesh)} and the process count {pc}"
     )
-  train_data = _CellImages(config.data, config.data.train_split, data)
+  train_data = _CellImages(config.data, config.data.train_split)
   model = CellClassifier(ml_collections.FrozenConfigDict(config.model))
   size = train_data.size
   dummy = (jnp.zeros((1, size, size, 3), jnp.uint8), jnp.ones((1, size, size), bool))
@@ -183,6 +190,8 @@ def train_cnn(
   local = batch_size // pc
   order, pos, t0 = rng.permutation(len(train_data)), 0, time.monotonic()
   for i in range(1, steps + 1):
+    if should_stop():
+      raise Stopped(i - 1, steps)
     if pos + batch_size > len(order):
       order, pos = rng.permutation(len(train_data)), 0
     rows = order[pos : pos + batch_size][pi * local : (pi + 1) * local]
@@ -201,7 +210,9 @@ def train_cnn(
           m["shape_acc"],
           time.monotonic() - t0,
       )
-  held_out = evaluate(model, state, config, data=data)
+  if should_stop():
+    raise Stopped(steps, steps)
+  held_out = evaluate(model, state, config)
   logging.info(
       "cnn warm start, held-out %s cells: %s",
       config.data.eval_split,
@@ -212,12 +223,12 @@ def train_cnn(
 
 
 def evaluate(
-    model: CellClassifier, state: dict, config: ml_collections.ConfigDict, max_images: int = 256, data=None
+    model: CellClassifier, state: dict, config: ml_collections.ConfigDict, max_images: int = 256
 ) -> dict[str, float]:
   """Per-cell colour and shape accuracy (cells with an object) on the eval split, inference-mode CNN."""
-  images = _CellImages(config.data, config.data.eval_split, data)
-  n = min(len(images), max_images)
-  batch = images.batch(np.arange(n))
+  data = _CellImages(config.data, config.data.eval_split)
+  n = min(len(data), max_images)
+  batch = data.batch(np.arange(n))
   colour, shape = jax.jit(model.apply)(
       variables(state["params"], state["batch_stats"]), batch["image"], batch["image_mask"]
   )

@@ -1,6 +1,12 @@
-"""Checkpoint shape checks and partial restore (the pieces resume and fine-tuning rely on)."""
+"""Checkpoint shape checks and partial restore (the pieces resume and fine-tuning rely on), and the readers
+beside a live run whose rotation deletes the step being read."""
+
+import json
+import logging
+import shutil
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from pixelbert_jax import checkpoint as ckpt
@@ -81,3 +87,82 @@ def test_all_finite_refuses_inf_and_nan(bad):
   tree = {**good, "params": {**good["params"], "w": w}}
   assert not bool(ckpt._all_finite(tree))
   assert ckpt.nonfinite_leaves(tree) == ["params/w"]
+
+
+# -- a step deleted while it is read (a live run's rotation) -------------------------------------------------------
+
+
+def _step(checkpoints, step: int, value: float, tmp_path):
+  """A model-only checkpoint step `step` holding w = `value`, written elsewhere and moved into `checkpoints`."""
+  scratch = tmp_path / f"scratch{step}"
+  ckpt.save_model_variables(scratch, {"params": {"w": np.full(3, value, np.float32)}}, {"task": "pretrain"})
+  return shutil.move(str(scratch / "0"), str(checkpoints / str(step)))
+
+
+@pytest.fixture
+def live_run(tmp_path, monkeypatch):
+  """A workdir whose only step, 4, a running job (its run.lock) rotates out while it is read: Orbax's restore
+  finds the folder gone, as `evaluate` did beside a run with keep_checkpoints=1. `rotations[step]` = the step
+  the job saves before deleting `step`; None deletes it without saving another."""
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "run.lock").write_text(json.dumps({"host": "trainer-0", "pid": 4242, "started": "x"}))
+  _step(workdir / "checkpoints", 4, 4.0, tmp_path)
+  rotations: dict[int, int | None] = {4: 6}
+  real_restore = ocp.CheckpointManager.restore
+
+  def restore(self, step, *args, **kwargs):
+    if step in rotations:
+      newer = rotations.pop(step)
+      if newer is not None:
+        _step(workdir / "checkpoints", newer, float(newer), tmp_path)
+      shutil.rmtree(workdir / "checkpoints" / str(step))
+    return real_restore(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+  return workdir, rotations
+
+
+def test_a_step_deleted_while_read_is_retried_with_the_newest_step_left(live_run, caplog):
+  workdir, _ = live_run
+  with caplog.at_level(logging.WARNING):
+    variables, _, step = ckpt.load_model_variables(workdir)
+  assert step == 6 and (variables["params"]["w"] == 6.0).all()
+  assert (
+      f"Checkpoint {workdir / 'checkpoints' / '4'} was deleted while it was read, by a running job "
+      f"(pid 4242 on trainer-0, {workdir / 'run.lock'}); retrying with the newest step left" in caplog.text
+  )
+  assert "corrupt" not in caplog.text
+
+
+def test_a_step_asked_for_and_deleted_while_read_says_so(live_run):
+  workdir, _ = live_run
+  with pytest.raises(ckpt.UnreadableCheckpointError, match=r"checkpoints/4 was deleted while it was read, by a "):
+    ckpt.load_model_variables(workdir, 4)
+
+
+def test_a_job_that_deletes_every_step_before_it_is_read_is_named(live_run):
+  workdir, rotations = live_run
+  rotations.update({6: 8, 8: 10, 10: None})
+  with pytest.raises(ckpt.UnreadableCheckpointError) as e:
+    ckpt.load_model_variables(workdir)
+  message = str(e.value)
+  assert "step 4 was deleted while it was read, by a running job; step 6 was" in message, message
+  assert "the job (pid 4242 on trainer-0" in message and "deletes steps faster than they are read" in message
+  assert "\n" not in message
+
+
+def test_a_corrupt_step_is_called_corrupt_not_deleted(tmp_path, caplog):
+  checkpoints = tmp_path / "run" / "checkpoints"
+  checkpoints.mkdir(parents=True)
+  _step(checkpoints, 2, 2.0, tmp_path)
+  _step(checkpoints, 4, 4.0, tmp_path)
+  for f in (checkpoints / "4" / "params").rglob("*"):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+  with caplog.at_level(logging.WARNING):
+    _, _, step = ckpt.load_model_variables(tmp_path / "run", deleted_wait_s=0.1)
+  assert step == 2
+  assert "step 4 is unreadable (corrupt or incomplete: " in caplog.text and "deleted" not in caplog.text
+  with pytest.raises(ckpt.UnreadableCheckpointError, match=r"checkpoints/4 is unreadable \(corrupt or incomplete"):
+    ckpt.load_model_variables(tmp_path / "run", 4, deleted_wait_s=0.1)

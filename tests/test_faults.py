@@ -287,6 +287,122 @@ def test_metrics_jsonl_has_no_duplicate_steps_after_a_resume(data_dir, reference
   assert [r["step"] for r in rows if "eval/itm_acc" in r] == [6]
 
 
+# -- metrics across interruptions ---------------------------------------------------------------------------------
+
+# Rows at steps 3 and 6, each the mean of 3 steps; evaluations at 2, 4 and 6, each on a checkpoint step (every
+# 2), as every evaluation of the demo config is.
+WINDOW = {"log_every_steps": 3, "eval_every_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def reference_with_evaluations(data_dir, tmp_path_factory):
+  """An uninterrupted 6-step run with WINDOW: its metrics.jsonl rows (steps 2, 3, 4, 6, 6), TensorBoard
+  scalars and parameters are what an interrupted and resumed run must reproduce, perf/* apart."""
+  workdir = tmp_path_factory.mktemp("reference_evaluations")
+  train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6, **WINDOW), str(workdir))
+  return workdir
+
+
+def _faulted_run(data_dir, workdir, fault: dict) -> subprocess.CompletedProcess:
+  """The reference's run as `python -m pixelbert_jax.main` with a fault of tests/fault_main.py."""
+  command = th.main_command(str(workdir), {**th.tiny_overrides(data_dir, total_steps=6), **WINDOW})
+  command[2] = "tests.fault_main"
+  return subprocess.run(command, cwd=th.REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **fault})
+
+
+def _assert_same_run(workdir, reference):
+  assert th.without_perf(th.metrics(workdir)) == th.without_perf(th.metrics(reference))
+  scalars = lambda w: sorted(s for s in th.tensorboard_scalars(w) if not s[0].startswith("perf/"))
+  assert scalars(workdir) == scalars(reference)  # each step once, the evaluations' included
+  th.assert_same_params(th.final_params(workdir), th.final_params(reference))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [4, 6])
+def test_kill_9_during_an_evaluation_then_rerun_gives_the_uninterrupted_metrics(
+    data_dir, reference_with_evaluations, tmp_path, step
+):
+  """The issue's run: kill -9 during the evaluation of a step whose checkpoint is saved (4; 6, the last).
+  Before, the rerun resumed there and never evaluated that step (no eval row in metrics.jsonl or TensorBoard;
+  at 6 it said 'Run already finished'), and its row at 6 averaged steps 5-6 where the uninterrupted run's
+  averages 4-6."""
+  done = _faulted_run(data_dir, tmp_path, {"PIXELBERT_TEST_KILL_IN_EVAL": str(step)})
+  assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+  assert _steps(tmp_path)[-1] == step  # the checkpoint of the step being evaluated is complete
+  assert [r["step"] for r in th.metrics(tmp_path)] == [2, 3, 4, 6][: step - 2]
+  train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6, **WINDOW), str(tmp_path))
+  _assert_same_run(tmp_path, reference_with_evaluations)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sent_during, saved, logged",
+    [(4, [2, 4, 5], [2, 3, 4]), (3, [1, 2, 4], [2, 3])],
+    ids=["stopped_at_5", "stopped_at_4_before_its_evaluation"],
+)
+def test_sigterm_between_logged_steps_then_rerun_gives_the_uninterrupted_metrics(
+    data_dir, reference_with_evaluations, tmp_path, sent_during, saved, logged
+):
+  """SIGTERM during step 4 stops the run at 5, between the logged steps 3 and 6: before, the rerun's row at 6
+  averaged step 6 alone (4 and 5 were never logged). Sent during step 3, it stops at 4, an evaluation step,
+  before evaluating it: before, the rerun never did."""
+  done = _faulted_run(data_dir, tmp_path, {"PIXELBERT_TEST_SIGTERM_AT": str(sent_during)})
+  assert done.returncode == 0 and "SIGTERM received" in done.stderr, done.stderr[-3000:]
+  assert _steps(tmp_path) == saved and [r["step"] for r in th.metrics(tmp_path)] == logged
+  train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6, **WINDOW), str(tmp_path))
+  _assert_same_run(tmp_path, reference_with_evaluations)
+
+
+@pytest.mark.slow
+def test_evaluate_predict_and_convert_retry_when_a_running_job_deletes_the_step_they_read(
+    reference, tmp_path, image, caplog, capsys, monkeypatch
+):
+  """A run with keep_checkpoints=1 saves step 8 and deletes step 6 while each tool reads 6 (its rotation,
+  through Orbax's restore). Before, each failed: 'No usable checkpoint ...: step 6 is unreadable'."""
+  import orbax.checkpoint as ocp
+
+  from pixelbert_jax import evaluate
+  from pixelbert_jax.convert.__main__ import main as convert_main
+
+  real_restore = ocp.CheckpointManager.restore
+  workdir = tmp_path / "run"
+
+  def rotate_while_read(self, step, *args, **kwargs):
+    if step == 6 and (workdir / "checkpoints" / "6").exists():
+      shutil.copytree(reference / "checkpoints" / "4", workdir / "checkpoints" / "8")  # the job's next save
+      shutil.rmtree(workdir / "checkpoints" / "6")
+    return real_restore(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", rotate_while_read)
+  expected = predict.Predictor(str(reference), step=4).score(str(image), "a red star")
+  tools = {
+      "evaluate": lambda: evaluate.main(["--checkpoint", str(workdir)]),
+      "predict": lambda: predict.main(["--checkpoint", str(workdir), "--image", str(image), "--caption", "a red star"]),
+      "convert": lambda: convert_main(
+          ["to-torch", "--checkpoint", str(workdir), "--out", str(tmp_path / "pt"), "--no-verify", "--overwrite"]
+      ),
+  }
+  for tool, run in tools.items():
+    if workdir.exists():
+      shutil.rmtree(workdir)
+    (workdir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / "6", workdir / "checkpoints" / "6")
+    shutil.copy(reference / "config.json", workdir / "config.json")
+    caplog.clear()
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+      assert run() == 0, (tool, capsys.readouterr().err)
+    assert f"{workdir / 'checkpoints' / '6'} was deleted while it was read, by a running job" in caplog.text, tool
+    assert "corrupt" not in caplog.text, tool
+    out = capsys.readouterr().out
+    if tool == "evaluate":
+      assert json.loads(out)["step"] == 8
+    elif tool == "predict":
+      assert json.loads(out) == expected
+    else:
+      assert "(step 8)" in (tmp_path / "pt" / "README.md").read_text().splitlines()[0]
+
+
 # -- config.json ---------------------------------------------------------------------------------------------------
 
 
@@ -330,6 +446,37 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_zero(long_run):
   last_logged = max(r["step"] for r in th.metrics(workdir))
   assert _steps(workdir)[-1] == last_logged < 500
   assert not (workdir / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_cnn_warm_start_stops_cleanly(data_dir, tmp_path):
+  """Before: exit status 143, no message, run.lock left behind."""
+  workdir = tmp_path / "run"
+  overrides = {
+      **th.tiny_overrides(data_dir, total_steps=4),
+      "cnn_warm_start.steps": 100000,
+      "cnn_warm_start.batch_size": 8,
+  }
+  log = tmp_path / "stderr.txt"
+  with log.open("w") as err:
+    proc = subprocess.Popen(
+        th.main_command(str(workdir), overrides), cwd=th.REPO, stdout=subprocess.DEVNULL, stderr=err
+    )
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and proc.poll() is None and "cnn warm start 50/100000" not in log.read_text():
+    time.sleep(0.1)
+  assert proc.poll() is None, log.read_text()[-3000:]
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  text = log.read_text()
+  assert proc.returncode == 0, text[-3000:]
+  assert (
+      "Stopped during the CNN warm start (after " in text
+      and "of its 100000 steps): nothing was saved" in text
+      and "a rerun starts from scratch" in text
+  ), text[-3000:]
+  assert not (workdir / "run.lock").exists()
+  assert not [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
 
 
 def test_a_second_ctrl_c_aborts_without_saving():
