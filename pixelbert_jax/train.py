@@ -23,7 +23,7 @@ from etils import epath
 from pixelbert_jax import checkpoint as ckpt_lib
 from pixelbert_jax import accumulation, config_checks, metrics_writer, model_context, partitioning, paths, run_lock
 from pixelbert_jax import tasks
-from pixelbert_jax.data import pipeline
+from pixelbert_jax.data.task_data import TaskData
 from pixelbert_jax.train_step import State
 
 
@@ -32,14 +32,16 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Trainer(model_context.StepContext):
-  """The step context (model_context.py) of a training run, with its data: the -1 sizes read off the
-  data, the run's length in steps, the micro-batches per step, and the task's evaluation."""
+  """The step context (model_context.py) of a training run, with its data (`data`: the run's one TaskData,
+  data/task_data.py, built here unless given): the -1 sizes read off the data, the run's length in steps, the
+  micro-batches per step, and the task's evaluation."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, data: TaskData | None = None):
+    self.data = data if data is not None else TaskData(config.data, config.task)
     # -1 in the config = from the data (vocab size, answers), filled in place: train_and_evaluate writes
     # config.json and the checkpoint's meta after this, so that predict and fine-tuning build the same model.
-    pipeline.resolve_from_data(config)
-    n_train = pipeline.num_examples(config.data, config.data.train_split, config.task)
+    self.data.resolve_sizes(config)
+    n_train = self.data.num_examples(config.data.train_split)
     self.steps_per_epoch = max(1, n_train // config.batch_size)
     self.total_steps = (
         int(config.total_steps)
@@ -52,7 +54,7 @@ class Trainer(model_context.StepContext):
 
   def evaluate(self, state: State, workdir: epath.Path) -> dict[str, float]:
     """The task's evaluation (task_table.py): official metrics and result files where the task has them."""
-    return self._evaluate(self, state, workdir)
+    return self._evaluate(self, self.data, state, workdir)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -160,7 +162,9 @@ def _warm_start_cnn(trainer: Trainer, state: State, writer: metrics_writer.Metri
   from pixelbert_jax import warm_start
 
   try:
-    params, batch_stats, held_out = warm_start.train_cnn(cfg, trainer.mesh, cfg.seed, should_stop=lambda: stop.raised)
+    params, batch_stats, held_out = warm_start.train_cnn(
+        cfg, trainer.mesh, cfg.seed, should_stop=lambda: stop.raised, data=trainer.data
+    )
   except warm_start.Stopped as e:
     raise _WarmStartStopped(e.done, e.steps) from None
   writer.write(0, held_out)
@@ -229,9 +233,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
       "vocab_size": int(config.model.vocab_size),
   }
 
-  train_iter = pipeline.make_iterator(
-      config.data,
-      config.task,
+  train_iter = trainer.data.iterator(
       config.data.train_split,
       batch_size=config.batch_size // pc,
       seed=config.seed,

@@ -66,13 +66,15 @@ def _targets(cell_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class _CellImages:
   """Decoded images and per-cell targets of one split of the synthetic world (captions schema)."""
 
-  def __init__(self, data_cfg: ml_collections.ConfigDict, split: str):
+  def __init__(self, data_cfg: ml_collections.ConfigDict, split: str, data=None):
     if data_cfg.name != "synthetic":
       raise ValueError(
           f"config.cnn_warm_start needs the synthetic world's cell labels; config.data.name is "
           f"{data_cfg.name!r} (set config.cnn_warm_start.steps=0)"
       )
-    opened = open_split(data_cfg, "pretrain", split)
+    # the run's splits (data/task_data.py) when its task reads the same captions; else opened here
+    captions = data is not None and data.spec.schema == "captions"
+    opened = data.split(split) if captions else open_split(data_cfg, "pretrain", split)
     self.source, self.name = opened.source, opened.name
     self.size = int(data_cfg.synthetic.image_size)
 
@@ -127,12 +129,14 @@ def train_cnn(
     mesh: jax.sharding.Mesh,
     seed: int,
     should_stop: Callable[[], bool] = lambda: False,
+    data=None,
 ) -> tuple[dict, dict, dict[str, float]]:
   """Trains the CNN as a per-cell classifier -> (cnn params, cnn batch_stats, held-out metrics).
 
   Deterministic in (config, seed). Each process reads its own rows of every global batch. `should_stop` is
   asked before every step and before the held-out evaluation (train.py's SIGTERM flag); when it answers
-  True, raises Stopped.
+  True, raises Stopped. `data`: the run's TaskData (data/task_data.py), whose splits it reads if they are
+  captions.
   """
   ws = config.cnn_warm_start
   steps, batch_size = int(ws.steps), int(ws.batch_size)
@@ -142,7 +146,7 @@ def train_cnn(
         f"config.cnn_warm_start.batch_size={batch_size} must be divisible by the data-parallel "
         f"mesh size {partitioning.data_parallel_size(mesh)} and the process count {pc}"
     )
-  train_data = _CellImages(config.data, config.data.train_split)
+  train_data = _CellImages(config.data, config.data.train_split, data)
   model = CellClassifier(ml_collections.FrozenConfigDict(config.model))
   size = train_data.size
   dummy = (jnp.zeros((1, size, size, 3), jnp.uint8), jnp.ones((1, size, size), bool))
@@ -212,7 +216,7 @@ def train_cnn(
       )
   if should_stop():
     raise Stopped(steps, steps)
-  held_out = evaluate(model, state, config)
+  held_out = evaluate(model, state, config, data=data)
   logging.info(
       "cnn warm start, held-out %s cells: %s",
       config.data.eval_split,
@@ -223,12 +227,12 @@ def train_cnn(
 
 
 def evaluate(
-    model: CellClassifier, state: dict, config: ml_collections.ConfigDict, max_images: int = 256
+    model: CellClassifier, state: dict, config: ml_collections.ConfigDict, max_images: int = 256, data=None
 ) -> dict[str, float]:
   """Per-cell colour and shape accuracy (cells with an object) on the eval split, inference-mode CNN."""
-  data = _CellImages(config.data, config.data.eval_split)
-  n = min(len(data), max_images)
-  batch = data.batch(np.arange(n))
+  images = _CellImages(config.data, config.data.eval_split, data)
+  n = min(len(images), max_images)
+  batch = images.batch(np.arange(n))
   colour, shape = jax.jit(model.apply)(
       variables(state["params"], state["batch_stats"]), batch["image"], batch["image_mask"]
   )
