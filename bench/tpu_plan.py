@@ -79,33 +79,73 @@ def _plans(out: pathlib.Path) -> dict[str, dict]:
   return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
 
 
+def _bounds(plan: dict | None) -> str:
+  """What a plan's own tries say of the largest micro-batch: the largest that fit and the smallest refused."""
+  if not plan:
+    return ""
+  fit = [t["per_device"] for t in plan["tried"] if t["fits"]]
+  refused = [t for t in plan["tried"] if not t["fits"] and (not fit or t["per_device"] > max(fit))]
+  if not fit:
+    return ""
+  smallest = min(refused, key=lambda t: t["per_device"]) if refused else None
+  why = "" if not smallest else " (VMEM)" if "vmem" in smallest["refusal"] else ""
+  return f">= {max(fit)}" + (f", {smallest['per_device']} refused{why}" if smallest else "")
+
+
+def _largest(found: dict | None) -> str:
+  if not found:
+    return ""
+  refused = [t["per_device"] for t in found["tried"] if not t["fits"] and t["per_device"] > found["max_per_device"]]
+  return f"{found['max_per_device']}" + (f" ({min(refused)} refused)" if refused else "")
+
+
 def table(out: pathlib.Path) -> str:
+  """One row per config and slice. Memory and fit are XLA's (compiled); hours are estimates. A slice that
+  was not compiled gets hours derived from a compiled slice of the same chip and config (marked *): the
+  same FLOPs per example over more or fewer devices."""
   plans = _plans(out)
   rows = [
-      "| config | slice | devices | fits the paper's batch (XLA) | micro-batches x per device | memory per device "
-      "(XLA) | largest per-device batch, remat on / off (XLA) | est. hours, paper schedule |",
-      "|---|---|---|---|---|---|---|---|",
+      "| config | slice | chips | the paper's batch: fits? (XLA) | micro-batches x per device | memory per device "
+      "(XLA) | largest per-device batch, remat on / off (XLA) | est. hours, paper schedule | est. chip-hours |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   for config_name in CONFIGS:
     key = config_name.replace(" ", "_")
     for topology in SLICES:
+      family, n = topology.split("-")
       plan = plans.get(f"{key}__{topology}__plan")
-      maxes = [plans.get(f"{key}__{topology}__max_remat_{r}") for r in ("on", "off")]
-      if plan is None and not any(maxes):
-        continue
-      devices = (plan or next(m for m in maxes if m))["devices"]
-      if plan is None:
-        fit, split, mem, hours = "not compiled", "-", "-", "-"
-      elif plan["fits"]:
-        fit = "yes" if plan.get("fits_as_written") else f"with grad_accum_steps={plan['accum']}"
+      found = [plans.get(f"{key}__{topology}__max_remat_{r}") for r in ("on", "off")]
+      chips = int(n) // (2 if family in ("v4", "v5p") else 1)
+      hours, mark = None, ""
+      if plan and plan["fits"]:
+        fit = "as written" if plan.get("fits_as_written") else f"with grad_accum_steps={plan['accum']}"
         split = f"{plan['accum']} x {plan['per_device']}"
         mem = f"{plan['memory_gib']['total']:.1f} of {plan['usable_hbm_gib']:.2f} GiB"
-        hours = f"{plan['est_hours']:.1f}" if plan.get("est_hours") else "-"
+        hours = plan.get("est_hours")
       else:
-        fit, split, mem, hours = "no", "-", "-", "-"
-      largest = " / ".join(str(m["max_per_device"]) if m else "not compiled" for m in maxes)
-      rows.append(f"| {config_name} | {topology} | {devices} | {fit} | {split} | {mem} | {largest} | {hours} |")
+        fit = "no" if plan else "not compiled"
+        split = mem = "-"
+        sibling = next(
+            (q for t in SLICES if t.startswith(family + "-") and (q := plans.get(f"{key}__{t}__plan")) and q["fits"]),
+            None,
+        )
+        if sibling and sibling.get("est_hours"):
+          hours, mark = (
+              sibling["est_hours"] * sibling["devices"] / (chips * (sibling["devices"] // _chips(sibling))),
+              "*",
+          )
+      largest = " / ".join(
+          _largest(f) or (_bounds(plan) if i == 0 else "") or "not compiled" for i, f in enumerate(found)
+      )
+      h = f"{hours:.1f}{mark}" if hours else "-"
+      ch = f"{hours * chips:.0f}{mark}" if hours else "-"
+      rows.append(f"| {config_name} | {topology} | {chips} | {fit} | {split} | {mem} | {largest} | {h} | {ch} |")
   return "\n".join(rows)
+
+
+def _chips(plan: dict) -> int:
+  family, n = plan["topology"].split("-")
+  return int(n) // (2 if family in ("v4", "v5p") else 1)
 
 
 def main() -> None:
