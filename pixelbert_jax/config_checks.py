@@ -254,6 +254,13 @@ def _line(key: str, value: Any, text: str) -> str:
   return f"config.{key}={value!r} must be {text}"
 
 
+def _at_most(have, get, small: str, large: str, why: str = "") -> list[str]:
+  """The relation `small <= large` between two keys whose values are each fine, as a one-line problem."""
+  if have(small, large) and get(small) > get(large):
+    return [f"config.{small}={get(small)} must be <= config.{large}={get(large)}{why}"]
+  return []
+
+
 def problems(config: ml_collections.ConfigDict) -> list[str]:
   """One line per bad value, then one per broken relation between values that are each fine."""
   found, bad = [], set()
@@ -305,12 +312,7 @@ def _model_relations(config, bad, have, get) -> list[str]:
         f"config.model.hidden_size={get('model.hidden_size')} must be divisible by "
         f"config.model.num_heads={get('model.num_heads')}"
     )
-  if have("data.max_text_len", "model.max_position_embeddings"):
-    if get("data.max_text_len") > get("model.max_position_embeddings"):
-      found.append(
-          f"config.data.max_text_len={get('data.max_text_len')} must be <= "
-          f"config.model.max_position_embeddings={get('model.max_position_embeddings')} (one position each)"
-      )
+  found += _at_most(have, get, "data.max_text_len", "model.max_position_embeddings", " (one position each)")
   if have("model.attention_impl", "model.attention_dropout") and get("model.attention_impl") != "einsum":
     if get("model.attention_dropout") > 0:
       found.append(
@@ -369,12 +371,7 @@ def _data_relations(config, bad, have, get) -> list[str]:
     check_name(name)
   except ValueError as e:  # before any complaint that depends on the dataset (its vocabulary, its splits)
     return [f"config.data.name={name!r} must be a known dataset: {e}"]
-  if have("data.image_short_side", "data.image_long_side"):
-    if get("data.image_short_side") > get("data.image_long_side"):
-      found.append(
-          f"config.data.image_short_side={get('data.image_short_side')} must be <= "
-          f"config.data.image_long_side={get('data.image_long_side')}"
-      )
+  found += _at_most(have, get, "data.image_short_side", "data.image_long_side")
   vocab = get("data.vocab_path")
   if vocab is not None and "data.vocab_path" not in bad:
     if not vocab and name != "synthetic":
@@ -395,18 +392,8 @@ def _synthetic_relations(config, bad, have, get) -> list[str]:
   for key in ("data.train_split", "data.eval_split"):
     if have(key) and get(key) not in synthetic.SPLITS:
       found.append(_line(key, get(key), f"one of {', '.join(map(repr, synthetic.SPLITS))} for the synthetic world"))
-  if have("data.synthetic.min_objects", "data.synthetic.max_objects"):
-    if get("data.synthetic.min_objects") > get("data.synthetic.max_objects"):
-      found.append(
-          f"config.data.synthetic.min_objects={get('data.synthetic.min_objects')} must be <= "
-          f"config.data.synthetic.max_objects={get('data.synthetic.max_objects')}"
-      )
-  if have("data.synthetic.radius_small", "data.synthetic.radius_large"):
-    if get("data.synthetic.radius_small") > get("data.synthetic.radius_large"):
-      found.append(
-          f"config.data.synthetic.radius_small={get('data.synthetic.radius_small')} must be <= "
-          f"config.data.synthetic.radius_large={get('data.synthetic.radius_large')}"
-      )
+  found += _at_most(have, get, "data.synthetic.min_objects", "data.synthetic.max_objects")
+  found += _at_most(have, get, "data.synthetic.radius_small", "data.synthetic.radius_large")
   if have("data.max_text_len", "task", "data.synthetic.max_objects"):
     longest = longest_text_tokens(config)
     if longest is not None and get("data.max_text_len") < longest:
@@ -445,12 +432,9 @@ def _warm_start_relations(config, bad, have, get, name) -> list[str]:
         f"with config.cnn_warm_start.steps > 0 (one feature pixel per cell of the {synthetic.GRID}x"
         f"{synthetic.GRID} world)"
     )
-  if have("cnn_warm_start.batch_size", "data.synthetic.num_train"):
-    if get("cnn_warm_start.batch_size") > get("data.synthetic.num_train"):
-      found.append(
-          f"config.cnn_warm_start.batch_size={get('cnn_warm_start.batch_size')} must be <= "
-          f"config.data.synthetic.num_train={get('data.synthetic.num_train')} (one batch of distinct images)"
-      )
+  found += _at_most(
+      have, get, "cnn_warm_start.batch_size", "data.synthetic.num_train", " (one batch of distinct images)"
+  )
   return found
 
 
