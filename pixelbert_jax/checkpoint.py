@@ -18,6 +18,8 @@ left (`load_model_variables`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import shutil
@@ -51,6 +53,26 @@ class CheckpointMismatchError(ValueError):
 
 class UnreadableCheckpointError(FileNotFoundError):
   """No step of the checkpoint can be read (or the one asked for cannot); the message names it."""
+
+
+class CheckpointSaveError(OSError):
+  """A save that ran out of disk (its ENOSPC error is the cause): `step_dir` is the step folder it was
+  writing, `free_bytes` the free space when the failure was seen, before the unfinished folder was removed
+  (None where unknown, e.g. gs://)."""
+
+  def __init__(self, step: int, step_dir: epath.Path, free_bytes: int | None, cause: BaseException):
+    super().__init__(errno.ENOSPC, f"Saving checkpoint step {step} failed: {_first_line(cause)}")
+    self.step, self.step_dir, self.free_bytes = step, step_dir, free_bytes
+
+
+def _no_space(e: BaseException) -> bool:
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 class Restored(NamedTuple):
@@ -162,6 +184,7 @@ class Checkpointer:
         enable_async_checkpointing=use_async,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+    self._saving: int | None = None  # the step of the newest save started (async: it may still be in flight)
 
   def save(
       self,
@@ -181,7 +204,44 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta),
         log=ocp.args.JsonSave(json.loads(json.dumps(log_window or {}))),
     )
-    return self.manager.save(step, args=args, force=force)
+    with self._failures():  # Orbax raises the previous async save's failure here
+      saved = self.manager.save(step, args=args, force=force)
+    if saved:
+      self._saving = step
+    return saved
+
+  def check(self) -> None:
+    """Raises the failure of a background save that has ended (a full disk), without waiting for one still in
+    flight: cheap enough for every step, so that a run stops at the step after a failed save rather than
+    training on to the next save (or to its end)."""
+    holder = getattr(self.manager, "_finalize_thread", None)  # Orbax's save in flight (private, hence getattr)
+    thread = holder.get() if hasattr(holder, "get") else None
+    if thread is not None and not thread.is_alive() and getattr(thread, "exception", None) is not None:
+      self.wait()  # raises the thread's exception
+    elif holder is None:  # another Orbax: its public check (which may wait for a metadata write)
+      with self._failures():
+        self.manager.check_for_errors()
+
+  @contextlib.contextmanager
+  def _failures(self):
+    """A save's ENOSPC, re-raised as CheckpointSaveError naming the step folder and the free space now
+    (before close() removes the unfinished folder)."""
+    try:
+      yield
+    except CheckpointSaveError:
+      raise
+    except Exception as e:
+      if not _no_space(e) or self._saving is None:
+        raise
+      step_dir = self.directory / f"{self._saving}{TMP_MARKER}"
+      if not step_dir.exists():
+        found = [p for p in self.directory.iterdir() if p.name.startswith(f"{self._saving}{TMP_MARKER}")]
+        step_dir = found[0] if found else self.directory / str(self._saving)
+      try:
+        free = shutil.disk_usage(self.directory).free if "://" not in str(self.directory) else None
+      except OSError:
+        free = None
+      raise CheckpointSaveError(self._saving, step_dir, free, e) from e
 
   def should_save(self, step: int) -> bool:
     return self.manager.should_save(step)
@@ -257,11 +317,12 @@ class Checkpointer:
     return True
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._failures():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     try:
-      self.manager.wait_until_finished()
+      self.wait()
       self.manager.close()
     finally:  # a save that failed (disk full) leaves its tmp folder; free that space now
       if jax.process_index() == 0:

@@ -42,8 +42,15 @@ def disk_full(e: BaseException) -> BaseException | None:
   return None
 
 
+def _bytes(n: int) -> str:
+  for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= size:
+      return f"{n / size:.1f} {unit}"
+  return f"{n} bytes"
+
+
 def free_space(path: str) -> str:
-  """'1.2 GiB free on /mnt' for the file system holding `path` (its nearest existing parent)."""
+  """'1.2 GiB free in /mnt' for the file system holding `path` (its nearest existing parent)."""
   probe = os.path.abspath(path)
   while not os.path.exists(probe) and os.path.dirname(probe) != probe:
     probe = os.path.dirname(probe)
@@ -51,10 +58,33 @@ def free_space(path: str) -> str:
     free = shutil.disk_usage(probe).free
   except OSError:
     return "free space unknown"
-  for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-    if free >= size:
-      return f"{free / size:.1f} {unit} free in {probe}"
-  return f"{free} bytes free in {probe}"
+  return f"{_bytes(free)} free in {probe}"
+
+
+def _written_file(causes: list[BaseException]) -> str | None:
+  """The file whose write failed, from the ENOSPC errors in a chain: an OSError's filename, else an absolute
+  path quoted in a message (tensorstore quotes the file it wrote), else a path-like local of the innermost
+  frame that has one, in an OSError that `f.write(...)` raised without a filename (the frame holds the path)."""
+  for x in causes:
+    if getattr(x, "filename", None):
+      return os.fspath(x.filename)
+  for x in causes:
+    quoted = re.search(r"""['"](/[^'"]+)['"]""", str(x))
+    if quoted:
+      return quoted.group(1)
+  for x in causes:
+    if not isinstance(x, OSError):
+      continue
+    frames, tb = [], x.__traceback__
+    while tb is not None:
+      frames.append(tb.tb_frame)
+      tb = tb.tb_next
+    for frame in reversed(frames):
+      for value in frame.f_locals.values():
+        path = os.fspath(value) if isinstance(value, os.PathLike) else None
+        if isinstance(path, str) and os.path.isabs(path):
+          return path
+  return None
 
 
 def _newest_checkpoint(workdir: str) -> str | None:
@@ -67,13 +97,21 @@ def message(e: BaseException, where: str | None = None) -> str:
   """One line for `e`: a full disk by path and free space; our errors as written; others with their type."""
   full = disk_full(e)
   if full is not None:
-    path = getattr(full, "filename", None)
+    chain = list(_chain(e))
+    # checkpoint.CheckpointSaveError: the step folder being saved, and the free space when the save failed.
+    saving = next((x for x in chain if hasattr(x, "step_dir")), None)
+    causes = [x for x in chain if x is not saving and disk_full(x) is x]
+    path = _written_file(causes)
     if not path:
-      quoted = re.search(r"'(/[^']+)'", str(full))
-      path = quoted.group(1) if quoted else (where or "?")
+      path = str(saving.step_dir) if saving is not None else (where or "?")
+    free = free_space(str(path))  # now: after close() removed the unfinished step folder
+    if saving is not None and saving.free_bytes is not None and " free in " in free:
+      after, probe = free.split(" free in ", 1)
+      free = f"{_bytes(saving.free_bytes)} free in {probe} when the write failed"
+      free += f", {after} after removing the unfinished step"
     newest = _newest_checkpoint(where) if where else None
     kept = f"; {newest} is the newest complete checkpoint: free space and rerun to resume" if newest else ""
-    return f"disk full: could not write {path} (No space left on device; {free_space(str(path))}){kept}"
+    return f"disk full: could not write {path} (No space left on device; {free}){kept}"
   lines = [s.strip() for s in str(e).splitlines() if s.strip()]
   text = lines[0] if lines else ""
   if isinstance(e, (ValueError, OSError, FloatingPointError)) or type(e).__module__.startswith("pixelbert_jax"):

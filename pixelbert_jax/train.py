@@ -292,6 +292,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
       final = _evaluate_and_write(trainer, state, workdir, writer, start)
     t_log, n_log = time.monotonic(), 0
     while step < trainer.total_steps:
+      checkpointer.check()  # a save that failed in the background (disk full) stops the run here, not at the end
       batch = partitioning.global_batch(next(train_iter), mesh)
       with partitioning.activate(mesh):
         state, metrics = trainer.train_step(state, batch)

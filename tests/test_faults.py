@@ -525,6 +525,33 @@ def test_disk_full_is_one_line_and_the_previous_step_restores_bit_exact(data_dir
   th.assert_same_params(th.final_params(workdir), th.final_params(reference))
 
 
+@pytest.mark.slow
+def test_disk_full_stops_the_run_at_the_failed_save_and_names_the_file(data_dir, tmp_path):
+  """Saves at 1, 15 and 30; writes under checkpoints/15 fail (tests/fault_main.py). Before: the async save's
+  failure surfaced only at the next save, the final one, so the run trained on to step 30; the line named the
+  workdir and the free space after the cleanup only."""
+  workdir = tmp_path / "run"
+  overrides = {**th.tiny_overrides(data_dir, total_steps=30), "checkpoint_every_steps": 15, "keep_checkpoints": 5}
+  command = th.main_command(str(workdir), overrides)
+  command[2] = "tests.fault_main"
+  done = subprocess.run(
+      command,
+      cwd=th.REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={**os.environ, "PIXELBERT_TEST_DISK_FULL": f"{workdir}:15"},
+  )
+  assert done.returncode == 1, done.stderr[-3000:]
+  last = max(row["step"] for row in th.metrics(workdir) if "train/loss" in row)
+  assert 15 <= last < 30, f"trained on to step {last} after the save of step 15 failed"
+  line = _one_error_line(done.stderr)
+  assert line.startswith(f"error: disk full: could not write {workdir / 'checkpoints' / '15.orbax-checkpoint-tmp'}/")
+  assert " free in " in line and " when the write failed, " in line and " after removing the unfinished step" in line
+  assert f"{workdir / 'checkpoints' / '1'} is the newest complete checkpoint" in line
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+
+
 MAIN_ERRORS = {  # case: (overrides or other arguments, the error line)
     "unknown_key": (
         {"log_every_step": 3},
