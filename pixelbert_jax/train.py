@@ -270,7 +270,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   _write_config(config, workdir)
 
   writer = metrics_writer.MetricWriter(workdir, resume_step=start)
-  progress = metrics_writer.ProgressLine(trainer.total_steps, start)
   stop = _StopFlag()  # before the warm start: a SIGTERM there stops cleanly too
   pending: tuple[int, dict] | None = None  # the previous step's metrics, fetched one step late
   final: dict[str, float] = {}
@@ -290,6 +289,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
     elif _eval_due(trainer, start) and not _agreed(writer.has_row(start, "eval/")):
       logging.info("Step %d's evaluation is missing from metrics.jsonl (the run stopped during it): running it", start)
       final = _evaluate_and_write(trainer, state, workdir, writer, start)
+    # The ETA's clock starts here: the warm start and a resumed evaluation are not training steps.
+    progress = metrics_writer.ProgressLine(trainer.total_steps, start)
     t_log, n_log = time.monotonic(), 0
     while step < trainer.total_steps:
       checkpointer.check()  # a save that failed in the background (disk full) stops the run here, not at the end
