@@ -50,7 +50,9 @@ class MetricWriter:
       purge = {"purge_step": resume_step + 1 if resume_step > 0 else 0} if resume_step is not None else {}
       # The suffix: tensorboardX names a file by the second and opens it with "wb", so a writer started in
       # the same second as the previous one erased its events.
-      self._tb = SummaryWriter(str(workdir / "tensorboard"), filename_suffix=f".{time.time_ns()}", **purge)
+      self._tb = _synchronous(
+          SummaryWriter(str(workdir / "tensorboard"), filename_suffix=f".{time.time_ns()}"), **purge
+      )
     except ImportError:  # tensorboardX is an install requirement; a stripped environment still logs JSONL.
       logging.warning("tensorboardX is not installed: no TensorBoard events will be written")
 
@@ -123,6 +125,27 @@ def has_row(workdir: str | epath.Path, step: int, prefix: str) -> bool:
     except (ValueError, KeyError, TypeError):
       continue
   return False
+
+
+def _synchronous(writer, purge_step: int | None = None):
+  """tensorboardX's `add_scalar` only queues an event for a writer thread, and its `flush()` does not wait
+  for that thread: a kill -9 right after a row reached metrics.jsonl lost the row's TensorBoard events
+  whenever the thread lagged (a loaded machine). Each event is written to the file at once instead, so
+  `flush()` makes a row durable before metrics.jsonl gets it. The purge marker (what `purge_step=` writes)
+  goes first, in the same order tensorboardX gives it. A tensorboardX without these internals keeps its
+  queue, with a warning."""
+  from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+  events = writer._get_file_writer().event_writer  # noqa: SLF001 - the one way to make its writes synchronous
+  file = getattr(events, "_ev_writer", None)
+  if file is None or not hasattr(file, "write_event"):
+    logging.warning("this tensorboardX has no synchronous event file: a kill -9 may lose the last rows' events")
+    return writer
+  events.add_event = file.write_event
+  if purge_step is not None:
+    events.add_event(Event(step=purge_step, file_version="brain.Event:2"))
+    events.add_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+  return writer
 
 
 class ProgressLine:
