@@ -495,22 +495,21 @@ def test_a_second_ctrl_c_aborts_without_saving():
 # -- clean failures: one `error:` line ------------------------------------------------------------------------------
 
 
+def _run_with_full_disk(workdir, overrides: dict, *, step: int) -> subprocess.CompletedProcess:
+  """main through tests/fault_main.py, with every write under checkpoints/STEP failing with ENOSPC."""
+  command = th.main_command(str(workdir), overrides)
+  command[2] = "tests.fault_main"
+  env = {**os.environ, "PIXELBERT_TEST_DISK_FULL": f"{workdir}:{step}"}
+  return subprocess.run(command, cwd=th.REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
 @pytest.mark.slow
 def test_disk_full_is_one_line_and_the_previous_step_restores_bit_exact(data_dir, reference, tmp_path):
   """Writes under checkpoints/4 fail with ENOSPC (tests/fault_main.py). Before: 451 Orbax tracebacks, the
   unfinished 4.orbax-checkpoint-tmp left to keep the disk full, and no `error:` line."""
   workdir = tmp_path / "run"
   overrides = {**th.tiny_overrides(data_dir, total_steps=6), "keep_checkpoints": 1}
-  command = th.main_command(str(workdir), overrides)
-  command[2] = "tests.fault_main"
-  done = subprocess.run(
-      command,
-      cwd=th.REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      env={**os.environ, "PIXELBERT_TEST_DISK_FULL": f"{workdir}:4"},
-  )
+  done = _run_with_full_disk(workdir, overrides, step=4)
   assert done.returncode == 1, done.stderr[-3000:]
   line = _one_error_line(done.stderr)
   assert line.startswith(f"error: disk full: could not write {workdir / 'checkpoints' / '4'}"), line
@@ -532,16 +531,7 @@ def test_disk_full_stops_the_run_at_the_failed_save_and_names_the_file(data_dir,
   workdir and the free space after the cleanup only."""
   workdir = tmp_path / "run"
   overrides = {**th.tiny_overrides(data_dir, total_steps=30), "checkpoint_every_steps": 15, "keep_checkpoints": 5}
-  command = th.main_command(str(workdir), overrides)
-  command[2] = "tests.fault_main"
-  done = subprocess.run(
-      command,
-      cwd=th.REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      env={**os.environ, "PIXELBERT_TEST_DISK_FULL": f"{workdir}:15"},
-  )
+  done = _run_with_full_disk(workdir, overrides, step=15)
   assert done.returncode == 1, done.stderr[-3000:]
   last = max(row["step"] for row in th.metrics(workdir) if "train/loss" in row)
   assert 15 <= last < 30, f"trained on to step {last} after the save of step 15 failed"
