@@ -27,38 +27,54 @@ CONFIGS = {
     "retrieval r50": "configs/retrieval.py:r50",
 }
 SLICES = ("v4-8", "v4-32", "v5litepod-16", "v5litepod-64", "v5p-8")
-# Where --find_max_batch starts, per device: a paper-size step this large is refused by each chip (a refusal
-# takes about a minute to compile; every batch that fits takes ten), so the search halves from there.
+# The largest per-device batch depends on the chip, not on the slice: the meshes are data-parallel, so each
+# device holds the whole state and its own examples. It is searched on one slice per chip.
+CHIP_SLICE = {"v4": "v4-8", "v5litepod": "v5litepod-16", "v5p": "v5p-8"}
+# Where --find_max_batch starts, per device: a step this large is refused by each chip for r50, so the
+# search halves from there.
 MAX_BATCH_START = {"v4": 64, "v5litepod": 32, "v5p": 256}
 
 
-def jobs() -> dict[str, list[str]]:
-  """name -> planner arguments. `plan`: the config as written (its batch, remat on), searching the fewest
-  micro-batches that fit; `max`: the largest per-device batch, with remat on and off, from `start` down."""
-  out = {}
+def _family(topology: str) -> str:
+  return topology.split("-")[0]
+
+
+def jobs(out: pathlib.Path = OUT) -> dict[str, list[str]]:
+  """name -> planner arguments, in the order `run` takes them. Per config: `max` (the largest per-device
+  batch, remat on) on each chip, then `plan` (the config as written, searching the fewest micro-batches that
+  fit, from the fewest that the chip's `max` allows when that is known); then, for every config, `max` with
+  remat off."""
+  result, remat_off = {}, {}
   for config_name, config in CONFIGS.items():
     key = config_name.replace(" ", "_")
+
+    def find_max(family, remat):
+      return [
+          f"--config={config}",
+          f"--topology={CHIP_SLICE[family]}",
+          "--find_max_batch",
+          f"--max_batch_start={MAX_BATCH_START[family]}",
+          f"--config.model.remat={remat == 'on'}",
+      ]
+
+    for family in CHIP_SLICE:
+      result[f"{key}__{CHIP_SLICE[family]}__max_remat_on"] = find_max(family, "on")
     for topology in SLICES:
-      out[f"{key}__{topology}__plan"] = [f"--config={config}", f"--topology={topology}"]
-      for remat in ("on", "off"):
-        out[f"{key}__{topology}__max_remat_{remat}"] = [
-            f"--config={config}",
-            f"--topology={topology}",
-            "--find_max_batch",
-            f"--max_batch_start={MAX_BATCH_START[topology.split('-')[0]]}",
-            f"--config.model.remat={remat == 'on'}",
-        ]
-  return out
+      found = _plans(out).get(f"{key}__{CHIP_SLICE[_family(topology)]}__max_remat_on")
+      start = [f"--min_accum_steps={found['accum_for_batch'] or 1}"] if found and found.get("accum_for_batch") else []
+      result[f"{key}__{topology}__plan"] = [f"--config={config}", f"--topology={topology}", *start]
+    for family in CHIP_SLICE:
+      remat_off[f"{key}__{CHIP_SLICE[family]}__max_remat_off"] = find_max(family, "off")
+  return result | remat_off
 
 
-def run(names: list[str], out: pathlib.Path, timeout_s: int) -> None:
+def run(names: list[str], out: pathlib.Path, timeout_s: int, screen: bool) -> None:
   out.mkdir(parents=True, exist_ok=True)
-  known = jobs()
-  unknown = [n for n in names if n not in known]
+  unknown = [n for n in names if n not in jobs(out)]
   if unknown:
     raise SystemExit(f"error: unknown job {unknown[0]!r} (python bench/tpu_plan.py list)")
-  for name in names or list(known):
-    args = known[name]
+  for name in names or list(jobs(out)):
+    args = jobs(out)[name] + (["--screen"] if screen else [])  # again: a plan starts where a finished max says
     target = out / f"{name}.json"
     if target.exists():
       continue
@@ -154,11 +170,12 @@ def main() -> None:
   parser.add_argument("--only", nargs="*", default=[], help="job names, run in this order (see `list`)")
   parser.add_argument("--out", type=pathlib.Path, default=OUT)
   parser.add_argument("--timeout_s", type=int, default=3600, help="per job")
+  parser.add_argument("--screen", action="store_true", help="the planner's --screen: buffer assignment only")
   args = parser.parse_args()
   if args.command == "list":
-    print("\n".join(jobs()))
+    print("\n".join(jobs(args.out)))
   elif args.command == "run":
-    run(args.only, args.out, args.timeout_s)
+    run(args.only, args.out, args.timeout_s, args.screen)
   else:
     print(table(args.out))
 

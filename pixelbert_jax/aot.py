@@ -19,6 +19,8 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
+import re
 import sys
 import time
 
@@ -40,10 +42,33 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 30522, "Vocabulary size where the co
 _ANSWERS = flags.DEFINE_integer("num_answers", 3129, "VQA answer count where the config reads it off the data")
 _EXAMPLES = flags.DEFINE_integer("train_examples", 0, "Training records per epoch (0: the known size of data.name)")
 _JSON = flags.DEFINE_string("json_out", "", "Also write the plan as JSON to this file")
+_SCREEN_CAP = flags.DEFINE_integer(
+    "screen_cap_mib",
+    1024,
+    "--screen caps libtpu's HBM at this much, so that XLA refuses every program larger than that right after "
+    "its buffer assignment, naming the temporaries it needs, instead of going on to generate code",
+)
+_MIN_ACCUM = flags.DEFINE_integer(
+    "min_accum_steps", 0, "Plan: skip grad_accum_steps below this (known not to fit, e.g. from --find_max_batch)"
+)
+_SCREEN = flags.DEFINE_bool(
+    "screen",
+    False,
+    "Stop each compile after XLA's buffer assignment (about a minute instead of 10-20 on a laptop) and judge "
+    "the fit from its temporaries; misses later limits (on-core VMEM): check the answer without --screen",
+)
 flags.mark_flags_as_required(["config", "topology"])
 
 USAGE = 2
 GIB = 1 << 30
+# What a full compile adds to a screened program's need (the buffer assignment's temporaries plus the
+# arguments counted from their shapes): later passes' buffers, the arguments' tile padding, and the code,
+# which a screened compile never generates. Measured on r50 pre-training (bench/results/tpu_plan/): the
+# temporaries grew by about 3% (32 x 1 per device on a v4-8) and 9% (16 x 16 on a v4-32), the code took
+# 0.36 GiB. A screened program fits when temporaries x (1 + SCREEN_SLACK) + arguments + SCREEN_CODE_GIB
+# fit the device.
+SCREEN_SLACK = 0.10
+SCREEN_CODE_GIB = 0.5
 
 
 # Training records per epoch of the paper's data, as counted by the trainer (task_table's `record`):
@@ -70,10 +95,25 @@ class Attempt:
   accum: int
   fits: bool
   compile_s: float
-  memory: dict | None = None  # accumulation.StepMemory as a dict (GiB), None when refused
+  memory: dict | None = None  # accumulation.StepMemory as a dict (GiB); when refused, None unless screened
   flops: float = 0.0  # per device per optimizer step
   refusal: str = ""  # the compiler's one-line reason, when refused
   detail: str = ""  # the start of its message (which buffers, which fusion)
+  screened: bool = False  # judged from the buffer assignment alone (--screen): memory has no measured code
+
+
+def _temporaries_bytes(message: str) -> float | None:
+  """XLA's 'the total memory required for HLO temporaries (20.73G) exceeds available HBM' -> bytes."""
+  m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+  return float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1) if m else None
+
+
+def state_bytes_per_device(context) -> int:
+  """Bytes of the train state one device holds, from the state's shardings (FSDP and tensor axes split it)."""
+  import jax
+
+  leaves = jax.tree.leaves(context.abstract_state)
+  return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in leaves)
 
 
 def compile_once(config, mesh, per_device: int, accum: int) -> Attempt:
@@ -82,15 +122,21 @@ def compile_once(config, mesh, per_device: int, accum: int) -> Attempt:
 
   dp = partitioning.data_parallel_size(mesh)
   context = model_context.StepContext(config, mesh, steps_per_epoch=1000, accum_steps=accum)
+  batch_size = per_device * accum * dp
   t = time.monotonic()
   try:
-    compiled = context.compile_step(per_device * accum * dp, model_context.largest_bucket(config))
+    lowered = context.lower_step(batch_size, model_context.largest_bucket(config))
+    with partitioning.activate(mesh):
+      compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - XLA's runtime error
     if not accumulation.out_of_memory(e):
       raise
     text = str(e)
     line = next((s for s in text.splitlines() if "RESOURCE_EXHAUSTED" in s), text.splitlines()[0])
-    return Attempt(per_device, accum, False, time.monotonic() - t, refusal=line.strip(), detail=text[:4000])
+    seconds = time.monotonic() - t
+    if not _SCREEN.value:
+      return Attempt(per_device, accum, False, seconds, refusal=line.strip(), detail=text[:4000])
+    return _screened(context, lowered, config, mesh, batch_size, per_device, accum, seconds, line.strip())
   seconds = time.monotonic() - t
   memory = accumulation.step_memory(compiled)
   cost = compiled.cost_analysis()
@@ -102,10 +148,42 @@ def compile_once(config, mesh, per_device: int, accum: int) -> Attempt:
   return Attempt(per_device, accum, True, seconds, mem, flops)
 
 
-def find_max_batch(config, mesh, start: int, log) -> tuple[Attempt | None, list[Attempt]]:
+def _screened(context, lowered, config, mesh, batch_size, per_device, accum, seconds, refusal) -> Attempt:
+  """An Attempt judged from a capped compile's refusal: the temporaries XLA's buffer assignment needs, plus
+  the arguments (the state's shards and the batch's, counted from their shapes), plus the slack for what a
+  full compile adds, against the chip's usable HBM. FLOPs are the lowered program's (before XLA's
+  optimisations)."""
+  temporaries = _temporaries_bytes(refusal)
+  if temporaries is None:
+    raise PlanError(f"--screen: XLA's refusal names no HLO temporaries, so it cannot be judged: {refusal[:200]}")
+  arguments = state_bytes_per_device(context) + batch_input_bytes(config, mesh, batch_size)
+  slack = SCREEN_SLACK * temporaries + SCREEN_CODE_GIB * GIB
+  total = temporaries + slack + arguments
+  usable = parse_slice(_TOPOLOGY.value)[0].usable_gib * GIB
+  mem = {"arguments": arguments / GIB, "temporaries": temporaries / GIB, "slack": slack / GIB, "total": total / GIB}
+  fits = total <= usable
+  why = "" if fits else f"screened: {total / GIB:.2f} GiB needed of {usable / GIB:.2f}"
+  flops = lowered_flops(lowered) / mesh.size * accum  # the scan's body is counted once, as in compile_once
+  return Attempt(per_device, accum, fits, seconds, mem, flops, why, screened=True)
+
+
+def lowered_flops(lowered) -> float:
+  """FLOPs of the whole (global, unpartitioned) lowered program, by XLA's HLO cost analysis run on the CPU
+  client: a deviceless TPU lowering has no cost analysis of its own (`Lowered.cost_analysis()` is None)."""
+  import jax
+  from jax._src.lib import xla_client  # the one entry point to XLA's HloCostAnalysis for a module
+
+  cost = xla_client._xla.hlo_module_cost_analysis(
+      jax.devices("cpu")[0].client, lowered.compiler_ir("hlo").get_hlo_module()
+  )
+  return float(cost["flops"])
+
+
+def find_max_batch(config, mesh, start: int, log, usable: float = 0.0) -> tuple[Attempt | None, list[Attempt]]:
   """The largest per-device batch (one micro-batch) that compiles. From above, halving: a program too large
-  is refused in seconds, one that fits takes minutes to compile. Then one bisection step between the
-  largest fit and the smallest refusal, at a quarter of the gap, twice."""
+  is refused in seconds, one that fits takes minutes to compile. Then two steps between the largest fit and
+  the smallest refusal: where the line through their memory needs meets `usable` when both needs are known
+  (screened), else at half the gap."""
   tried, best, refused = [], None, None
   b = max(1, start)
   while b >= 1:
@@ -115,19 +193,22 @@ def find_max_batch(config, mesh, start: int, log) -> tuple[Attempt | None, list[
     if a.fits:
       best = a
       break
-    refused, b = b, b // 2
+    refused, b = a, b // 2
   if best is None or refused is None:
     return best, tried
-  lo, hi = best.per_device, refused
   for _ in range(2):
+    lo, hi = best.per_device, refused.per_device
     mid = lo + (hi - lo) // 2
+    if usable and best.memory and refused.memory:  # memory grows about linearly with the batch
+      per_example = (refused.memory["total"] - best.memory["total"]) / (hi - lo)
+      mid = lo + int((usable / GIB - best.memory["total"]) / per_example) if per_example > 0 else mid
+      mid = min(max(mid, lo + 1), hi - 1)
     if mid in (lo, hi):
       break
     a = compile_once(config, mesh, mid, 1)
     tried.append(a)
     log(a)
-    lo, hi = (mid, hi) if a.fits else (lo, mid)
-    best = a if a.fits else best
+    best, refused = (a, refused) if a.fits else (best, a)
   return best, tried
 
 
@@ -151,8 +232,8 @@ def _fill_sizes(config) -> None:
 def _describe(a: Attempt) -> str:
   if not a.fits:
     return f"  {a.per_device:>4} per device x {a.accum}: does not fit ({a.compile_s:.0f} s): {a.refusal[:160]}"
-  m = a.memory
-  return f"  {a.per_device:>4} per device x {a.accum}: fits, {m['total']:.2f} GiB ({a.compile_s:.0f} s to compile)"
+  how = "screened" if a.screened else "to compile"
+  return f"  {a.per_device:>4} per device x {a.accum}: fits, {a.memory['total']:.2f} GiB ({a.compile_s:.0f} s {how})"
 
 
 def batch_input_bytes(config, mesh, batch_size: int) -> int:
@@ -172,7 +253,7 @@ def _search_accumulation(config, mesh, hbm: float | None) -> tuple[Attempt | Non
   written = int(config.optim.grad_accum_steps)
   tried = []
   for k in accumulation.candidates(config.batch_size, dp):
-    if written != -1 and k < written:
+    if (written != -1 and k < written) or k < _MIN_ACCUM.value:
       continue
     if tried and hbm and batch_input_bytes(config, mesh, config.batch_size) > hbm:
       print(
@@ -205,7 +286,7 @@ def plan(
     raise PlanError(problems[0])
   mesh = partitioning.make_mesh(config.mesh_shape, devices)
   dp = partitioning.data_parallel_size(mesh)
-  hbm = usable_hbm(devices)
+  hbm = chip.usable_gib * GIB if _SCREEN.value else usable_hbm(devices)  # screened, libtpu's is the cap
   peak = chip.peak_flops * chips / len(devices)
   bucket = model_context.largest_bucket(config)
   print(
@@ -228,11 +309,12 @@ def plan(
       bucket=bucket,
       batch_size=int(config.batch_size),
       remat=bool(config.model.get("remat", False)),
+      screened=_SCREEN.value,
   )
   if find_max:
     start = max(1, max_batch_start or config.batch_size // dp)
     start = start if max_batch_start else 1 << math.ceil(math.log2(start))
-    best, tried = find_max_batch(config, mesh, start, lambda a: print(_describe(a), flush=True))
+    best, tried = find_max_batch(config, mesh, start, lambda a: print(_describe(a), flush=True), hbm or 0.0)
     k = fewest_micro_batches(config.batch_size, dp, best.per_device) if best else None
     out.update(max_per_device=best.per_device if best else 0, accum_for_batch=k)
     print(
@@ -243,7 +325,7 @@ def plan(
     chosen = best
   else:
     chosen, tried = _search_accumulation(config, mesh, hbm)
-    out["fits_as_written"] = bool(tried and tried[0].fits and int(config.optim.grad_accum_steps) != -1)
+    out["fits_as_written"] = bool(tried and tried[0].fits and tried[0].accum == int(config.optim.grad_accum_steps))
   out["tried"] = [dataclasses.asdict(a) for a in tried]
   out["fits"] = chosen is not None
   if chosen is None:
@@ -262,11 +344,19 @@ def plan(
       est_step_s=step_s,
       est_images_per_s=images_per_s,
   )
-  print(
-      f"memory per device (XLA, measured): arguments {m['arguments']:.2f} GiB, temporaries {m['temporaries']:.2f} "
-      f"GiB, outputs {m['outputs']:.2f} GiB ({m['aliased']:.2f} of them in donated arguments), code "
-      f"{m['code']:.2f} GiB; total {m['total']:.2f} of {(hbm or 0) / GIB:.2f} GiB"
-  )
+  if chosen.screened:
+    print(
+        f"memory per device (screened): temporaries {m['temporaries']:.2f} GiB (XLA's buffer assignment), "
+        f"arguments {m['arguments']:.2f} GiB (state and batch shards), slack for what a full compile adds "
+        f"{m['slack']:.2f} GiB ({SCREEN_SLACK:.0%} of the temporaries and {SCREEN_CODE_GIB} GiB of code); "
+        f"total {m['total']:.2f} of {(hbm or 0) / GIB:.2f} GiB. Check it without --screen before renting"
+    )
+  else:
+    print(
+        f"memory per device (XLA, measured): arguments {m['arguments']:.2f} GiB, temporaries "
+        f"{m['temporaries']:.2f} GiB, outputs {m['outputs']:.2f} GiB ({m['aliased']:.2f} of them in donated "
+        f"arguments), code {m['code']:.2f} GiB; total {m['total']:.2f} of {(hbm or 0) / GIB:.2f} GiB"
+    )
   print(
       f"FLOPs per device per step (XLA): {chosen.flops:.3g} for {examples} examples "
       f"({chosen.flops / examples / 1e9:.0f} GFLOPs per example, forward and backward)"
@@ -311,6 +401,10 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return USAGE
   quiet_libtpu(_TOPOLOGY.value)
+  if _SCREEN.value:  # before libtpu starts: it reads its flags once
+    os.environ["LIBTPU_INIT_ARGS"] = (
+        os.environ.get("LIBTPU_INIT_ARGS", "") + f" --xla_tpu_max_hbm_size_mib={_SCREEN_CAP.value}"
+    ).strip()
   config = _CONFIG.value
   _fill_sizes(config)
   from pixelbert_jax import config_checks

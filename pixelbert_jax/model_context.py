@@ -113,11 +113,17 @@ class StepContext(ModelContext):
         for k, s in spec.items()
     }
 
+  def lower_step(self, batch_size: int, image_hw: tuple[int, int]):
+    """The step lowered for one batch shape (StableHLO, not yet compiled): its `cost_analysis()` counts the
+    FLOPs before XLA's optimisations."""
+    with partitioning.activate(self.mesh):
+      return self.train_step.lower(self.abstract_state, self.abstract_batch(batch_size, image_hw))
+
   def compile_step(self, batch_size: int, image_hw: tuple[int, int]):
     """The step compiled ahead of time for one batch shape: `memory_analysis()` and `cost_analysis()` of
     what would run. Raises XLA's RESOURCE_EXHAUSTED error when it does not fit the device."""
+    lowered = self.lower_step(batch_size, image_hw)
     with partitioning.activate(self.mesh):
-      lowered = self.train_step.lower(self.abstract_state, self.abstract_batch(batch_size, image_hw))
       return lowered.compile()
 
 

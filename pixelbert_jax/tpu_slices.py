@@ -23,16 +23,20 @@ class Chip:
   cores_in_name: bool  # the accelerator type counts TensorCores (v4-8 = 4 chips), not chips
   chip_config: str | None  # "megacore": one JAX device per chip, as on the real slice
   peak_flops: float  # bf16, per chip (the vendor's figure)
-  hbm_gib: int  # per chip (the vendor's figure; the usable amount is libtpu's, printed)
+  hbm_gib: int  # per chip (the vendor's figure)
   dims: int  # 3D torus (v4, v5p) or 2D (v5e, v6e)
+  # What libtpu 0.0.42.1 lets one program use per JAX device (usable_hbm() below, uncapped): the planner
+  # reads it off libtpu, except under --screen, which caps libtpu's HBM and so needs it from here
+  # (tests/test_aot.py checks the two agree on the installed libtpu).
+  usable_gib: float
 
 
 CHIPS = {
-    "v4": Chip("v4", True, "megacore", 275e12, 32, 3),
-    "v5p": Chip("v5p", True, "megacore", 459e12, 95, 3),
-    "v5litepod": Chip("v5e", False, None, 197e12, 16, 2),
-    "v5e": Chip("v5e", False, None, 197e12, 16, 2),
-    "v6e": Chip("v6e", False, None, 918e12, 32, 2),
+    "v4": Chip("v4", True, "megacore", 275e12, 32, 3, 30.75),
+    "v5p": Chip("v5p", True, "megacore", 459e12, 95, 3, 95.74),
+    "v5litepod": Chip("v5e", False, None, 197e12, 16, 2, 15.75),
+    "v5e": Chip("v5e", False, None, 197e12, 16, 2, 15.75),
+    "v6e": Chip("v6e", False, None, 918e12, 32, 2, 31.25),
 }
 
 
