@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from pixelbert_jax import tpu_slices
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results" / "tpu_plan"
 
@@ -40,31 +42,28 @@ def _family(topology: str) -> str:
 
 
 def jobs(out: pathlib.Path = OUT) -> dict[str, list[str]]:
-  """name -> planner arguments, in the order `run` takes them. Per config: `max` (the largest per-device
-  batch, remat on) on each chip, then `plan` (the config as written, searching the fewest micro-batches that
-  fit, from the fewest that the chip's `max` allows when that is known); then, for every config, `max` with
-  remat off."""
+  """name -> planner arguments, in the order `run` takes them: chip by chip (v4, then v5e, then v5p), for
+  every config the chip's `max` (the largest per-device batch, remat on, searched on one slice), then a
+  `plan` per slice of that chip (the config as written, searching the fewest micro-batches that fit, from
+  the fewest that the chip's `max` allows when that is known); last, `max` with remat off."""
   result, remat_off = {}, {}
-  for config_name, config in CONFIGS.items():
-    key = config_name.replace(" ", "_")
-
-    def find_max(family, remat):
-      return [
-          f"--config={config}",
-          f"--topology={CHIP_SLICE[family]}",
-          "--find_max_batch",
-          f"--max_batch_start={MAX_BATCH_START[family]}",
-          f"--config.model.remat={remat == 'on'}",
-      ]
-
-    for family in CHIP_SLICE:
-      result[f"{key}__{CHIP_SLICE[family]}__max_remat_on"] = find_max(family, "on")
-    for topology in SLICES:
-      found = _plans(out).get(f"{key}__{CHIP_SLICE[_family(topology)]}__max_remat_on")
-      start = [f"--min_accum_steps={found['accum_for_batch'] or 1}"] if found and found.get("accum_for_batch") else []
-      result[f"{key}__{topology}__plan"] = [f"--config={config}", f"--topology={topology}", *start]
-    for family in CHIP_SLICE:
-      remat_off[f"{key}__{CHIP_SLICE[family]}__max_remat_off"] = find_max(family, "off")
+  for family, chip_slice in CHIP_SLICE.items():
+    for config_name, config in CONFIGS.items():
+      key = config_name.replace(" ", "_")
+      for remat, into in (("on", result), ("off", remat_off)):
+        into[f"{key}__{chip_slice}__max_remat_{remat}"] = [
+            f"--config={config}",
+            f"--topology={chip_slice}",
+            "--find_max_batch",
+            f"--max_batch_start={MAX_BATCH_START[family]}",
+            f"--config.model.remat={remat == 'on'}",
+        ]
+      found = _plans(out).get(f"{key}__{chip_slice}__max_remat_on")
+      for topology in (t for t in SLICES if _family(t) == family):
+        k = _fewest(found, topology)
+        result[f"{key}__{topology}__plan"] = [f"--config={config}", f"--topology={topology}"] + (
+            [f"--min_accum_steps={k}"] if k else []
+        )
   return result | remat_off
 
 
@@ -95,73 +94,67 @@ def _plans(out: pathlib.Path) -> dict[str, dict]:
   return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
 
 
-def _bounds(plan: dict | None) -> str:
-  """What a plan's own tries say of the largest micro-batch: the largest that fit and the smallest refused."""
-  if not plan:
-    return ""
-  fit = [t["per_device"] for t in plan["tried"] if t["fits"]]
-  refused = [t for t in plan["tried"] if not t["fits"] and (not fit or t["per_device"] > max(fit))]
-  if not fit:
-    return ""
-  smallest = min(refused, key=lambda t: t["per_device"]) if refused else None
-  why = "" if not smallest else " (VMEM)" if "vmem" in smallest["refusal"] else ""
-  return f">= {max(fit)}" + (f", {smallest['per_device']} refused{why}" if smallest else "")
+def _fewest(found: dict | None, topology: str) -> int | None:
+  """The fewest micro-batches whose per-device share of the config's batch is at most the chip's largest
+  per-device batch (a micro-batch larger than that cannot fit: accumulation only adds memory). One JAX
+  device per chip on every listed slice, all of them data-parallel."""
+  if not found or not found.get("max_per_device"):
+    return None
+  per_device = found["batch_size"] // _chips(topology)
+  return next(
+      (k for k in range(1, per_device + 1) if per_device % k == 0 and per_device // k <= found["max_per_device"]), None
+  )
 
 
 def _largest(found: dict | None) -> str:
+  """'40 (41 refused)' from a --find_max_batch JSON; 's' marks a screened search (buffer assignment only)."""
   if not found:
-    return ""
+    return "not compiled"
+  mark = " s" if found.get("screened") else ""
   refused = [t["per_device"] for t in found["tried"] if not t["fits"] and t["per_device"] > found["max_per_device"]]
-  return f"{found['max_per_device']}" + (f" ({min(refused)} refused)" if refused else "")
+  return f"{found['max_per_device']}{mark}" + (f" ({min(refused)} refused)" if refused else "")
+
+
+def _chips(topology: str) -> int:
+  return tpu_slices.parse_slice(topology)[2]
 
 
 def table(out: pathlib.Path) -> str:
-  """One row per config and slice. Memory and fit are XLA's (compiled); hours are estimates. A slice that
-  was not compiled gets hours derived from a compiled slice of the same chip and config (marked *): the
-  same FLOPs per example over more or fewer devices."""
+  """One row per config and slice. Memory and fit are XLA's (compiled; `s`: screened, judged from XLA's
+  buffer assignment); hours are estimates. A row whose plan was not compiled gets its hours from the FLOPs
+  per example of the same config measured on another slice (marked *)."""
   plans = _plans(out)
   rows = [
-      "| config | slice | chips | the paper's batch: fits? (XLA) | micro-batches x per device | memory per device "
-      "(XLA) | largest per-device batch, remat on / off (XLA) | est. hours, paper schedule | est. chip-hours |",
+      "| config | slice | chips | the paper's batch: fits? | micro-batches x per device | memory per device "
+      "| largest per-device batch, remat on / off | est. hours, paper schedule | est. chip-hours |",
       "|---|---|---|---|---|---|---|---|---|",
   ]
   for config_name in CONFIGS:
     key = config_name.replace(" ", "_")
+    measured = [q for n, q in plans.items() if n.startswith(key + "__") and q.get("flops_per_example")]
     for topology in SLICES:
-      family, n = topology.split("-")
       plan = plans.get(f"{key}__{topology}__plan")
-      found = [plans.get(f"{key}__{topology}__max_remat_{r}") for r in ("on", "off")]
-      chips = int(n) // (2 if family in ("v4", "v5p") else 1)
-      hours, mark = None, ""
+      found = [plans.get(f"{key}__{CHIP_SLICE[_family(topology)]}__max_remat_{r}") for r in ("on", "off")]
+      chips = _chips(topology)
+      mark = " s" if plan and plan.get("screened") else ""
       if plan and plan["fits"]:
-        fit = "as written" if plan.get("fits_as_written") else f"with grad_accum_steps={plan['accum']}"
+        fit = ("as written" if plan.get("fits_as_written") else f"grad_accum_steps={plan['accum']}") + mark
         split = f"{plan['accum']} x {plan['per_device']}"
-        mem = f"{plan['memory_gib']['total']:.1f} of {plan['usable_hbm_gib']:.2f} GiB"
-        hours = plan.get("est_hours")
+        mem = f"{plan['memory_gib']['total']:.1f} of {plan['usable_hbm_gib']:.2f} GiB{mark}"
       else:
-        fit = "no" if plan else "not compiled"
+        fit = ("no" + mark) if plan else "not compiled"
         split = mem = "-"
-        sibling = next(
-            (q for t in SLICES if t.startswith(family + "-") and (q := plans.get(f"{key}__{t}__plan")) and q["fits"]),
-            None,
-        )
-        if sibling and sibling.get("est_hours"):
-          hours, mark = (
-              sibling["est_hours"] * sibling["devices"] / (chips * (sibling["devices"] // _chips(sibling))),
-              "*",
-          )
-      largest = " / ".join(
-          _largest(f) or (_bounds(plan) if i == 0 else "") or "not compiled" for i, f in enumerate(found)
-      )
-      h = f"{hours:.1f}{mark}" if hours else "-"
-      ch = f"{hours * chips:.0f}{mark}" if hours else "-"
+      hours, star = (plan.get("est_hours"), "") if plan and plan["fits"] else (None, "")
+      if hours is None and measured:  # the same FLOPs per example, at this slice's peak
+        q = measured[0]
+        peak = tpu_slices.parse_slice(topology)[0].peak_flops  # per chip
+        per_example_s = q["flops_per_example"] / (q["utilization"] * peak * chips)
+        hours, star = q["steps"] * q["batch_size"] * per_example_s / 3600 if q.get("steps") else None, "*"
+      largest = " / ".join(_largest(f) for f in found)
+      h = f"{hours:.1f}{star}" if hours else "-"
+      ch = f"{hours * chips:.0f}{star}" if hours else "-"
       rows.append(f"| {config_name} | {topology} | {chips} | {fit} | {split} | {mem} | {largest} | {h} | {ch} |")
   return "\n".join(rows)
-
-
-def _chips(plan: dict) -> int:
-  family, n = plan["topology"].split("-")
-  return int(n) // (2 if family in ("v4", "v5p") else 1)
 
 
 def main() -> None:
