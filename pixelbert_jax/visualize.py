@@ -315,7 +315,7 @@ def attention_maps(
   runner = _runner(predictor)
   layer_index = check_mode(runner.num_layers, runner.num_heads, layer, head, use_rollout)
   image = predictor.decode(image_path)
-  ids, tmask = predictor._text([text], "text")
+  ids, tmask = predictor.encode_texts([text], "text")
   n = int(tmask[0].sum())  # padding tokens change nothing (masked keys): leave them out of the matrices
   ids, tmask = ids[:, :n], tmask[:, :n]
   spans = word_spans(predictor.tokenizer, text.strip(), int(predictor.data_cfg.max_text_len))
