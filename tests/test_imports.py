@@ -130,7 +130,7 @@ def test_the_core_imports_no_demo_code():
   files = module_files()
   graph = {name: imported_modules(name, path, set(files)) for name, path in files.items()}
   demo = {m for m in files if m == "pixelbert_jax.demo" or m.startswith("pixelbert_jax.demo.")}
-  assert "pixelbert_jax.demo.warm_start" in demo
+  assert "pixelbert_jax.demo.warm_start" in demo and "pixelbert_jax.demo.grounding" in demo
   direct = sorted(f"{name} -> {m}" for name, deps in graph.items() if name not in demo for m in deps & demo)
   assert direct == [], "core modules import pixelbert_jax.demo"
   reached, todo = set(), ["pixelbert_jax.train", "pixelbert_jax.main"]
