@@ -51,8 +51,8 @@ class AttentionRunner:
     cfg = context.config.model
     if cfg.get("attention_impl", "einsum") != "einsum" or cfg.get("remat", False):
       raise ValueError(
-          f"model.attention_impl={cfg.get('attention_impl')!r}, model.remat={cfg.get('remat')!r}: the attention can be read "
-          "only with 'einsum' and no remat (build the context from attention.readable_model_config)"
+          f"model.attention_impl={cfg.get('attention_impl')!r}, model.remat={cfg.get('remat')!r}: the attention "
+          "can be read only with 'einsum' and no remat (build the context from attention.readable_model_config)"
       )
     self.context = context
     self.model = context.model
