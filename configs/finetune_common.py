@@ -28,7 +28,7 @@ def finetune_config(task: str, variant: str, dataset: str) -> ml_collections.Con
     # warm start first, the demo's stand-in for an ImageNet CNN, so that "from scratch" differs from
     # "from pre-training" by the MLM + ITM pre-training only.
     c.model.cnn.frozen = True
-    c.cnn_warm_start = demo.cnn_warm_start
+    c.init_hook, c.cnn_warm_start = demo.init_hook, demo.cnn_warm_start
     c.batch_size, c.eval_batch_size = 32, 64
     c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 0, 200
     c.optim.warmup_steps = 50  # ours

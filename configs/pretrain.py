@@ -13,6 +13,7 @@ from pixelbert_jax.models.presets import model_config
 
 BERT_BASE_UNCASED_VOCAB = 30522
 FROM_DATA = -1  # a size the trainer reads off the data it opens (pipeline.resolve_from_data)
+DEMO_INIT_HOOK = "pixelbert_jax.demo.warm_start:warm_start_cnn"  # the CNN warm start (config_checks.WARM_START_HOOK)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,7 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # a pre-training workdir / checkpoint (fine-tuning)
   c.init_from_torch = ""  # an INIT_DIR written by `pixelbert_jax.convert from-torch`
   c.loss = ml_collections.ConfigDict(dict(mlm_weight=1.0, itm_weight=1.0))
-  # demo only: first train the CNN to name each cell's colour and shape (pixelbert_jax/warm_start.py)
+  # 'package.module:function' run once on a fresh start before step 1 (pixelbert_jax/init_hooks.py); '' = none
+  c.init_hook = ""
+  # the demo's init hook, which first trains the CNN to name each cell's colour and shape
+  # (pixelbert_jax/demo/warm_start.py); read only when config.init_hook names it
   c.cnn_warm_start = ml_collections.ConfigDict(dict(steps=0, batch_size=64, lr=1e-3))
   c.optim = ml_collections.ConfigDict(
       dict(
@@ -110,6 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 64
     c.log_every_steps = 10
     c.optim.grad_clip_norm = 1.0
+    c.init_hook = DEMO_INIT_HOOK  # runs the CNN warm start when cnn_warm_start.steps > 0 (demo: 200)
     if variant == "demo":
       _demo_learns(c)
     else:

@@ -4,15 +4,16 @@ A value that would fail later fails here, one line per problem naming the key, t
 range: every numeric and enumerated key of every config variant (`RULES`, nested ones included), then the
 relations between keys (text length against the synthetic world's longest text, batch against gradient
 accumulation, buckets against the CNN stride, an unknown dataset before its vocabulary, the CNN warm start
-against its data). `device_problems` holds the checks that need the device count (batch against the
-data-parallel devices, the mesh shape); main.py runs them once JAX has started, still before the workdir is
-touched. No JAX here: main calls `problems` before JAX starts.
+against its data and its init hook). `device_problems` holds the checks that need the device count (batch
+against the data-parallel devices, the mesh shape); main.py runs them once JAX has started, still before the
+workdir is touched. No JAX here: main calls `problems` before JAX starts.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Callable, Iterator, Sequence
 
 import ml_collections
@@ -27,6 +28,9 @@ SIZE_MAX = 2**20  # batch sizes, widths, counts: far above any real run, far bel
 MESH_AXES = ("data", "fsdp", "tensor")  # partitioning.MESH_AXES (a test keeps them equal)
 TEXT_SPECIALS = 2  # [CLS] and [SEP] around every text
 WARM_START_IMAGE_SIZE = STRIDE * synthetic.GRID  # one feature pixel per cell of the world
+INIT_HOOK_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")  # package.module:function (init_hooks.py)
+# The init hook that reads config.cnn_warm_start: the demo's, named here so that the check needs no import.
+WARM_START_HOOK = "pixelbert_jax.demo.warm_start:warm_start_cnn"
 
 
 class ConfigError(ValueError):
@@ -125,6 +129,10 @@ RULES: dict[str, Rule] = {
     "keep_checkpoints": integer(1, text=">= 1 (Orbax would delete every checkpoint; an integer up to 2147483647)"),
     "init_from": STRING,
     "init_from_torch": STRING,
+    "init_hook": Rule(
+        lambda v: isinstance(v, str) and (v == "" or bool(INIT_HOOK_NAME.fullmatch(v))),
+        "'' or 'package.module:function'",
+    ),
     "loss.mlm_weight": real(0, 1e3),
     "loss.itm_weight": real(0, 1e3),
     "loss.hard_negatives": integer(0, SIZE_MAX, text=">= 0 (0: every negative; an integer up to 1048576)"),
@@ -412,7 +420,8 @@ def _synthetic_relations(config, bad, have, get) -> list[str]:
 
 
 def warm_start_runs(config: ml_collections.ConfigDict) -> bool:
-  """train.py runs `cnn_warm_start` on a fresh start with steps > 0 and no init_from / init_from_torch."""
+  """The CNN warm start (config.init_hook, the demo's) runs on a fresh start with steps > 0 and no init_from /
+  init_from_torch."""
   steps = _get(config, "cnn_warm_start.steps", 0)
   return _is_int(steps) and steps > 0 and not (_get(config, "init_from") or _get(config, "init_from_torch"))
 
@@ -426,6 +435,11 @@ def _warm_start_relations(config, bad, have, get, name) -> list[str]:
         f"but config.data.name={name!r}: set config.cnn_warm_start.steps=0"
     ]
   found = []
+  if have("init_hook") and get("init_hook") != WARM_START_HOOK:
+    found.append(
+        f"config.init_hook={get('init_hook')!r} must be {WARM_START_HOOK!r} with config.cnn_warm_start.steps > 0 "
+        "(the hook that runs the warm start; or set config.cnn_warm_start.steps=0)"
+    )
   if have("data.synthetic.image_size") and get("data.synthetic.image_size") != WARM_START_IMAGE_SIZE:
     found.append(
         f"config.data.synthetic.image_size={get('data.synthetic.image_size')} must be {WARM_START_IMAGE_SIZE} "

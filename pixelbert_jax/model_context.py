@@ -48,15 +48,18 @@ class ModelContext:
     context's shardings after their shapes are compared with the model's (one line naming the first
     mismatch). Only the model's variables are read: no optimizer state."""
     variables, _, found = ckpt_lib.load_model_variables(checkpoint, step)
-    state: State = {"step": found}
+    return {"step": found, **self.place_variables(variables, f"checkpoint {checkpoint}")}, found
+
+  def place_variables(self, variables: dict, what: str) -> dict:
+    """{'params', 'batch_stats'} read elsewhere (host arrays), placed with this context's shardings after
+    their shapes are compared with the model's; `what` names their source in the one-line mismatch."""
+    placed = {}
     for collection in ("params", "batch_stats"):
       ckpt_lib.compare_shapes(
-          self.abstract_variables[collection],
-          variables.get(collection, {}),
-          what=f"checkpoint {checkpoint} ({collection})",
+          self.abstract_variables[collection], variables.get(collection, {}), what=f"{what} ({collection})"
       )
-      state[collection] = jax.device_put(variables.get(collection, {}), self.variable_shardings[collection])
-    return state, found
+      placed[collection] = jax.device_put(variables.get(collection, {}), self.variable_shardings[collection])
+    return placed
 
 
 class StepContext(ModelContext):

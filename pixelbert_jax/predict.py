@@ -25,10 +25,9 @@ import numpy as np
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import cli_errors, paths, xla_options
+from pixelbert_jax import cli_errors, model_context, partitioning, paths
 from pixelbert_jax.data import pipeline, text
 from pixelbert_jax.data.preprocess import BadImageError, decode_image, resize_and_pad
-from pixelbert_jax.models.build import build_model
 
 CAPTION_TASKS = ("retrieval", "pretrain")
 
@@ -38,8 +37,12 @@ class PredictError(ValueError):
 
 
 class Predictor:
+  """A checkpoint's model for one image at a time: its ModelContext (model_context.py) on one device, the
+  variables placed there, and the run's data config and tokenizer. `model_overrides`: model config values
+  to change before the model is built, such as `attention_impl` (values that change no parameter shape;
+  attention.py's reading of the attention is one user)."""
 
-  def __init__(self, checkpoint: str, step: int | None = None):
+  def __init__(self, checkpoint: str, step: int | None = None, *, model_overrides: dict | None = None):
     checkpoint = paths.resolve(checkpoint)  # '~' and relative paths (paths.py)
     try:
       directory, _ = ckpt_lib.resolve_checkpoint_dir(checkpoint)
@@ -52,14 +55,21 @@ class Predictor:
     config_path = directory.parent / "config.json"
     if not config_path.exists():
       raise PredictError(f"checkpoint {checkpoint}: no config.json beside it at {config_path}")
-    config = json.loads(config_path.read_text())
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    # The checkpoint's own meta says its task and model: config.json is the workdir's newest run's, which a
+    # rerun with another (shape-compatible) model config may have replaced.
+    config.task, config.model = self.task, ml_collections.ConfigDict(meta["model"])
+    config.model.update(model_overrides or {})
     self.workdir = directory.parent
-    self.data_cfg = ml_collections.ConfigDict(config["data"])
-    self.model = build_model(ml_collections.ConfigDict(meta["model"]), self.task)
-    self.variables = {k: v for k, v in variables.items() if v or k == "params"}
+    self.data_cfg = config.data
+    # One device: one image at a time needs no more, and the arrays the methods pass in need no sharding.
+    self.context = model_context.ModelContext(config, partitioning.make_mesh((1, 1, 1), jax.devices()[:1]))
+    self.model = self.context.model
+    placed = self.context.place_variables(variables, f"checkpoint {checkpoint}")
+    self.variables = {k: v for k, v in placed.items() if v or k == "params"}
     self.tokenizer = pipeline.tokenizer(self.data_cfg)
     self._apply = jax.jit(
-        self.model.apply, static_argnames=("train", "method"), compiler_options=xla_options.compiler_options()
+        self.model.apply, static_argnames=("train", "method"), compiler_options=self.context.compiler_options
     )
     self._answers: list[str] | None = None
 
@@ -76,8 +86,9 @@ class Predictor:
     except BadImageError as e:
       raise PredictError(f"image {path} is unreadable: {e}") from e
 
-  def _image(self, path: str) -> tuple[np.ndarray, np.ndarray]:
-    image = self.decode(path)
+  def model_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [h, w, 3] -> (uint8 [1, H, W, 3], bool [1, H, W]): resized and padded into its bucket as the
+    run's data pipeline does; the mask marks the image inside the padding."""
     c = self.data_cfg
     image, mask = resize_and_pad(
         image,
@@ -87,7 +98,9 @@ class Predictor:
     )
     return image[None], mask[None]
 
-  def _text(self, sentences: Sequence[str], what: str) -> tuple[np.ndarray, np.ndarray]:
+  def encode_texts(self, sentences: Sequence[str], what: str = "text") -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (int32 token ids [N, L], text mask [N, L]) as training encodes them, L = data.max_text_len.
+    `what` names them in the one-line error for no text or an empty one."""
     if not sentences:
       raise PredictError(f"no {what} given")
     ids, masks = [], []
@@ -116,8 +129,8 @@ class Predictor:
   def answer(self, image_path: str, question: str, top_k: int = 5) -> list[tuple[str, float]]:
     """Top answers with their sigmoid scores, best first."""
     self._need(("vqa",), "a question")
-    image, mask = self._image(image_path)
-    ids, tmask = self._text([question], "question")
+    image, mask = self.model_image(self.decode(image_path))
+    ids, tmask = self.encode_texts([question], "question")
     logits = np.asarray(self._apply(self.variables, image, mask, ids, tmask)["vqa_logits"][0])
     vocab = self.answer_vocab()
     if len(vocab) != logits.shape[0]:
@@ -127,8 +140,8 @@ class Predictor:
 
   def _scores(self, image_path: str, captions: Sequence[str]) -> np.ndarray:
     self._need(CAPTION_TASKS, "scoring captions")
-    image, mask = self._image(image_path)
-    ids, tmask = self._text(captions, "caption")
+    image, mask = self.model_image(self.decode(image_path))
+    ids, tmask = self.encode_texts(captions, "caption")
     n = len(captions)
     images, masks = np.repeat(image, n, 0), np.repeat(mask, n, 0)
     out = self._apply(self.variables, images, masks, ids, tmask)

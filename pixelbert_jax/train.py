@@ -21,8 +21,8 @@ import numpy as np
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import accumulation, config_checks, metrics_writer, model_context, partitioning, paths, run_lock
-from pixelbert_jax import tasks
+from pixelbert_jax import accumulation, config_checks, init_hooks, metrics_writer, model_context, partitioning, paths
+from pixelbert_jax import run_lock, tasks
 from pixelbert_jax.data.task_data import TaskData
 from pixelbert_jax.train_step import State
 
@@ -143,35 +143,20 @@ def load_init(trainer: Trainer, state: State) -> State:
   return state
 
 
-class _WarmStartStopped(Exception):
-
-  def __init__(self, done: int, steps: int):
-    super().__init__(f"stopped after {done} of {steps} warm-start steps")
-    self.done, self.steps = done, steps
-
-
-def _warm_start_cnn(trainer: Trainer, state: State, writer: metrics_writer.MetricWriter, stop: _StopFlag) -> State:
-  """`config.cnn_warm_start`: train the CNN as a per-cell classifier first (warm_start.py). Raises
-  _WarmStartStopped when `stop` is raised during it (nothing of it is kept)."""
+def _run_init_hook(
+    trainer: Trainer, state: State, hook: init_hooks.Hook | None, writer: metrics_writer.MetricWriter, stop: _StopFlag
+) -> State:
+  """`config.init_hook` (init_hooks.py) on a fresh start: its state is trained from, its metrics are step 0's.
+  init_hooks.Stopped passes through (nothing of the hook is kept)."""
   cfg = trainer.config
-  if cfg.get("cnn_warm_start", {}).get("steps", 0) <= 0:
+  if hook is None:
     return state
   if cfg.get("init_from", "") or cfg.get("init_from_torch", ""):
-    logging.info("config.cnn_warm_start skipped: the CNN comes from init_from")
+    logging.info("config.init_hook=%r skipped: the run starts from init_from", cfg.init_hook)
     return state
-  from pixelbert_jax import warm_start
-
-  try:
-    params, batch_stats, held_out = warm_start.train_cnn(
-        cfg, trainer.mesh, cfg.seed, should_stop=lambda: stop.raised, data=trainer.data
-    )
-  except warm_start.Stopped as e:
-    raise _WarmStartStopped(e.done, e.steps) from None
-  writer.write(0, held_out)
-  for collection, tree in (("params", params), ("batch_stats", batch_stats)):
-    if tree:
-      sharding = trainer.state_shardings[collection]["encoder"]["cnn"]
-      state[collection]["encoder"]["cnn"] = jax.device_put(tree, sharding)
+  state, metrics = hook(trainer, state, lambda: stop.raised)
+  if metrics:
+    writer.write(0, metrics)
   return state
 
 
@@ -181,9 +166,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = epath.Path(paths.resolve(workdir))
   paths.resolve_config(config)
   config_checks.validate(config)  # before anything runs, each bad value by key
+  hook = init_hooks.resolve(config.get("init_hook", ""))  # a name that does not import fails here, as a bad value
   lock = _lock_workdir(workdir)
   try:
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, hook)
   finally:
     lock.release()
 
@@ -210,7 +196,9 @@ def _lock_workdir(workdir: epath.Path) -> run_lock.RunLock | run_lock.NoLock:
   return lock
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, float]:
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: epath.Path, hook: init_hooks.Hook | None
+) -> dict[str, float]:
   mesh = partitioning.make_mesh(config.mesh_shape)
   partitioning.log_mesh(mesh)
   pc, pi = jax.process_count(), jax.process_index()
@@ -270,26 +258,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   _write_config(config, workdir)
 
   writer = metrics_writer.MetricWriter(workdir, resume_step=start)
-  stop = _StopFlag()  # before the warm start: a SIGTERM there stops cleanly too
+  stop = _StopFlag()  # before the init hook: a SIGTERM there stops cleanly too
   pending: tuple[int, dict] | None = None  # the previous step's metrics, fetched one step late
   final: dict[str, float] = {}
   step = start
   try:
     if start == 0:
       try:
-        state = _warm_start_cnn(trainer, state, writer, stop)
-      except _WarmStartStopped as e:
+        state = _run_init_hook(trainer, state, hook, writer, stop)
+      except init_hooks.Stopped as e:
         logging.warning(
-            "Stopped during the CNN warm start (after %d of its %d steps): nothing was saved (the warm start "
-            "keeps no checkpoint, and no training step had run); a rerun starts from scratch, warm start included.",
-            e.done,
-            e.steps,
+            "Stopped during %s (%s): nothing was saved (it keeps no checkpoint, and no training step had run); "
+            "a rerun starts from scratch, %s included.",
+            e.what,
+            e.progress,
+            e.what,
         )
         return {"preempted_at_step": 0.0}
     elif _eval_due(trainer, start) and not _agreed(writer.has_row(start, "eval/")):
       logging.info("Step %d's evaluation is missing from metrics.jsonl (the run stopped during it): running it", start)
       final = _evaluate_and_write(trainer, state, workdir, writer, start)
-    # The ETA's clock starts here: the warm start and a resumed evaluation are not training steps.
+    # The ETA's clock starts here: the init hook and a resumed evaluation are not training steps.
     progress = metrics_writer.ProgressLine(trainer.total_steps, start)
     t_log, n_log = time.monotonic(), 0
     while step < trainer.total_steps:

@@ -137,6 +137,16 @@ def test_warm_start_needs_the_synthetic_world_and_devices_dividing_its_batch():
       "config.cnn_warm_start.batch_size=40 must be <= config.data.synthetic.num_train=39 (one batch "
       "of distinct images)"
   ]
+  # The warm start runs as the demo's init hook: another hook (or none) would leave cnn_warm_start unread.
+  found = cc.problems(_demo(init_hook=""))
+  assert found == [
+      f"config.init_hook='' must be {cc.WARM_START_HOOK!r} with config.cnn_warm_start.steps > 0 (the hook "
+      "that runs the warm start; or set config.cnn_warm_start.steps=0)"
+  ]
+  assert cc.problems(_demo(**{"init_hook": "", "cnn_warm_start.steps": 0})) == []
+  assert cc.problems(_demo(init_hook="not a name"))[0].startswith(
+      "config.init_hook='not a name' must be '' or 'package.module:function'"
+  )
 
 
 @pytest.mark.parametrize(
@@ -276,6 +286,7 @@ ACCEPTED = {
     ("data.num_workers", "0"): "decode in the main process",
     ("init_from", "empty"): "no initialisation",
     ("init_from_torch", "empty"): "no initialisation",
+    ("init_hook", "empty"): "no init hook (configs without the CNN warm start)",
     ("data.vocab_path", "empty"): "the synthetic world's own vocab",
     ("data.manual_dir", "empty"): "unset",
     ("data.manual_dirs.coco_karpathy", "empty"): "falls back to data.manual_dir",

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from pixelbert_jax import config_checks
 from pixelbert_jax.models.build import build_model, dummy_inputs
 from tests import train_helpers as th
 
@@ -80,10 +81,25 @@ def test_demo_variants():
   assert (hard.data.synthetic.radius_small, hard.data.synthetic.radius_large) == (0.2, 0.38)
   assert demo.model.cnn.frozen and demo.cnn_warm_start.steps > 0
   assert not hard.model.cnn.frozen and hard.cnn_warm_start.steps == 0
+  # the warm start is the synthetic world's init hook, which the trainer knows only by this name
+  assert demo.init_hook == hard.init_hook == config_checks.WARM_START_HOOK
   # the paper's recipes keep a trained CNN and no warm start
   for v in ("r50", "x152"):
     c = th.load_config("pretrain", v)
     assert not c.model.cnn.frozen and c.cnn_warm_start.steps == 0 and c.data.mlm_prob == 0.15
+    assert c.init_hook == ""
+
+
+def test_the_warm_start_hook_name_resolves():
+  from pixelbert_jax import init_hooks
+  from pixelbert_jax.demo import warm_start
+
+  assert init_hooks.resolve(config_checks.WARM_START_HOOK) is warm_start.warm_start_cnn
+  assert init_hooks.resolve("") is None
+  with pytest.raises(config_checks.ConfigError, match=r"^config.init_hook='pixelbert_jax.nowhere:f' must name an"):
+    init_hooks.resolve("pixelbert_jax.nowhere:f")
+  with pytest.raises(config_checks.ConfigError, match=r"must name a function: pixelbert_jax.demo.warm_start has no"):
+    init_hooks.resolve("pixelbert_jax.demo.warm_start:nothing")
 
 
 @pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])
@@ -94,6 +110,7 @@ def test_demo_finetunes_differ_from_scratch_by_the_pretraining_only(task):
   pre, c = th.load_config("pretrain", "demo"), th.load_config(task, "demo")
   assert c.model.to_dict() == {**pre.model.to_dict(), **({"num_answers": c.model.num_answers} if task == "vqa" else {})}
   assert c.cnn_warm_start.to_dict() == pre.cnn_warm_start.to_dict() and c.seed == pre.seed
+  assert c.init_hook == pre.init_hook
   assert c.data.synthetic.to_dict() == pre.data.synthetic.to_dict()
   for v in ("r50", "x152"):
     assert th.load_config(task, v).cnn_warm_start.steps == 0

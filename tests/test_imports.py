@@ -122,3 +122,20 @@ def test_the_train_step_and_the_task_losses_import_without_the_data_pipeline():
   run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-2000:]
   assert run.stdout.strip() == "[]", run.stdout
+
+
+def test_the_core_imports_no_demo_code():
+  """pixelbert_jax/demo/ holds what only the synthetic world needs: the trainer reaches it only through the
+  name in `config.init_hook` (init_hooks.py), and no other module imports it, directly or through another."""
+  files = module_files()
+  graph = {name: imported_modules(name, path, set(files)) for name, path in files.items()}
+  demo = {m for m in files if m == "pixelbert_jax.demo" or m.startswith("pixelbert_jax.demo.")}
+  assert "pixelbert_jax.demo.warm_start" in demo and "pixelbert_jax.demo.grounding" in demo
+  direct = sorted(f"{name} -> {m}" for name, deps in graph.items() if name not in demo for m in deps & demo)
+  assert direct == [], "core modules import pixelbert_jax.demo"
+  reached, todo = set(), ["pixelbert_jax.train", "pixelbert_jax.main"]
+  while todo:
+    for m in graph[todo.pop()] - reached:
+      reached.add(m)
+      todo.append(m)
+  assert not reached & demo, sorted(reached & demo)

@@ -52,7 +52,7 @@ def test_bad_images_are_named(workdir, tmp_path, bad, needle):
 @pytest.mark.slow
 def test_empty_text_and_wrong_task(workdir, image):
   p = predict.Predictor(str(workdir))
-  assert p.task == "pretrain"
+  assert p.task == "pretrain" and p.model is p.context.model  # built through model_context.ModelContext
   with pytest.raises(predict.PredictError, match="empty caption"):
     p.rank(str(image), ["a red star", "  "])
   with pytest.raises(predict.PredictError, match="'pretrain' checkpoint; a question needs one of 'vqa'"):

@@ -1,4 +1,4 @@
-"""visualize: the attention share on hand-built matrices, word pieces, rollout, the sown attention leaving the
+"""attention, drawing, visualize: word pieces and rollout on hand-built matrices, the sown attention leaving the
 model unchanged, every task's and a real-size model's maps, the pictures' aspect ratio, one-line CLI errors."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from pixelbert_jax import predict, visualize
-from pixelbert_jax.data import synthetic as world
+from pixelbert_jax import attention, drawing, model_context, partitioning, predict, visualize
 from pixelbert_jax.data import text as text_lib
 from pixelbert_jax.models.build import build_model, init_variables
 from pixelbert_jax.models.presets import model_config
@@ -39,32 +39,11 @@ def _hand_built(text_len: int = 4, pixels: int = 9) -> np.ndarray:
   return m
 
 
-def test_share_on_a_hand_built_matrix():
-  m = _hand_built()
-  to_pixels = visualize.word_to_pixels(m, [2], pixel_offset=4)
-  np.testing.assert_allclose(to_pixels.sum(), 0.8, rtol=1e-6)
-  on_object, valid = np.zeros(9, bool), np.ones(9, bool)
-  on_object[4] = True
-  # 0.4 of the 0.8 the word puts on pixels: 0.5, whatever goes to the text.
-  np.testing.assert_allclose(visualize.object_share(to_pixels, on_object, valid), 0.5, rtol=1e-6)
-  on_object[[0, 1]] = True
-  np.testing.assert_allclose(visualize.object_share(to_pixels, on_object, valid), 0.55 / 0.8, rtol=1e-6)
-  # Padding pixels are out of both sums: 8 (0.1) padding -> 0.55 / 0.7.
-  valid[8] = False
-  np.testing.assert_allclose(visualize.object_share(to_pixels, on_object, valid), 0.55 / 0.7, rtol=1e-6)
-  # An object on pixels the word ignores gets 0; a word with no pixel attention gets nan, not a crash.
-  np.testing.assert_allclose(visualize.object_share(to_pixels, np.eye(9, dtype=bool)[6], np.ones(9, bool)), 0.0)
-  assert np.isnan(visualize.object_share(np.zeros(9), on_object, np.ones(9, bool)))
-  # Batched: one share per row.
-  both = visualize.object_share(np.stack([to_pixels, to_pixels]), np.eye(9, dtype=bool)[[4, 6]], np.ones((2, 9), bool))
-  np.testing.assert_allclose(both, [0.5, 0.0], rtol=1e-6)
-
-
 def test_a_word_of_pieces_averages_its_rows():
   m = _hand_built()
   m[3, 4:] = 0.0
   m[3, 4 + 6] = 0.8  # the second piece looks only at pixel 6
-  to_pixels = visualize.word_to_pixels(m, [2, 3], pixel_offset=4)
+  to_pixels = attention.word_to_pixels(m, [2, 3], pixel_offset=4)
   np.testing.assert_allclose(to_pixels[4], 0.2, rtol=1e-6)
   np.testing.assert_allclose(to_pixels[6], 0.4, rtol=1e-6)
 
@@ -73,10 +52,10 @@ def test_word_spans_merge_wordpieces(tmp_path):
   vocab = tmp_path / "vocab.txt"
   vocab.write_text("\n".join(list(text_lib.SPECIAL_TOKENS) + ["a", "red", "sta", "##r", "##s", "."]) + "\n")
   tok = text_lib.load_tokenizer(str(vocab))
-  spans = visualize.word_spans(tok, "a Red stars.", max_len=16)
+  spans = attention.word_spans(tok, "a Red stars.", max_len=16)
   assert spans == [("a", [1]), ("Red", [2]), ("stars", [3, 4, 5]), (".", [6])]
   # Cut off by max_len: [CLS] a red [SEP] keeps two words.
-  assert [w for w, _ in visualize.word_spans(tok, "a red stars", max_len=4)] == ["a", "red"]
+  assert [w for w, _ in attention.word_spans(tok, "a red stars", max_len=4)] == ["a", "red"]
 
 
 def test_rollout_and_modes_on_hand_built_attention():
@@ -84,34 +63,21 @@ def test_rollout_and_modes_on_hand_built_attention():
   probs = rng.uniform(size=(3, 2, 5, 5)).astype(np.float32)  # [layers, heads, T, T]
   probs /= probs.sum(-1, keepdims=True)
   mix = [0.5 * probs[l].mean(0) + 0.5 * np.eye(5) for l in range(3)]  # rows still sum to 1
-  np.testing.assert_allclose(visualize.rollout(probs, 0), mix[0], rtol=1e-5)
-  np.testing.assert_allclose(visualize.rollout(probs, 2), mix[2] @ mix[1] @ mix[0], rtol=1e-5)
-  np.testing.assert_allclose(visualize.attention_matrix(probs, -1, use_rollout=True).sum(-1), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(visualize.attention_matrix(probs, 1), probs[1].mean(0), rtol=1e-6)
-  np.testing.assert_array_equal(visualize.attention_matrix(probs, -1, head=1), probs[2, 1])
-  batched = visualize.attention_matrix(np.stack([probs, probs[::-1]]), 2, use_rollout=True)
+  np.testing.assert_allclose(attention.rollout(probs, 0), mix[0], rtol=1e-5)
+  np.testing.assert_allclose(attention.rollout(probs, 2), mix[2] @ mix[1] @ mix[0], rtol=1e-5)
+  np.testing.assert_allclose(attention.attention_matrix(probs, -1, use_rollout=True).sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(attention.attention_matrix(probs, 1), probs[1].mean(0), rtol=1e-6)
+  np.testing.assert_array_equal(attention.attention_matrix(probs, -1, head=1), probs[2, 1])
+  batched = attention.attention_matrix(np.stack([probs, probs[::-1]]), 2, use_rollout=True)
   np.testing.assert_allclose(batched[0], mix[2] @ mix[1] @ mix[0], rtol=1e-5)
-  assert visualize.check_mode(3, 2, -1, None, False) == 2
+  assert attention.check_mode(3, 2, -1, None, False) == 2
   for layer, head, roll, needle in [
       (3, None, False, "layer 3 out of range"),
       (0, 2, False, "head 2 out of range"),
       (0, 0, True, "not both"),
   ]:
     with pytest.raises(predict.PredictError, match=needle):
-      visualize.check_mode(3, 2, layer, head, roll)
-
-
-def test_object_pixels_from_the_worlds_ground_truth():
-  spec = world.SceneSpec(1, 1, 0.3, 0.45)
-  for index in range(20):
-    (obj,) = world.make_scene(0, "val", index, 192, spec)
-    cells = visualize.object_pixels(obj, 1.0, (3, 3))
-    assert np.flatnonzero(cells).tolist() == [obj.cell[0] * 3 + obj.cell[1]], obj
-  # An object across a cell border covers both feature pixels (a world with other sizes).
-  obj = world.Obj("red", "star", "large", (0, 0), center=(64.0, 30.0), radius=10.0)
-  assert np.flatnonzero(visualize.object_pixels(obj, 1.0, (3, 3))).tolist() == [0, 1]
-  # At scale 2: x 108..148 (columns 1, 2), y 40..80 (rows 0, 1) of a 6x6 grid.
-  assert np.flatnonzero(visualize.object_pixels(obj, 2.0, (6, 6))).tolist() == [1, 2, 7, 8]
+      attention.check_mode(3, 2, layer, head, roll)
 
 
 # -- the model's attention ----------------------------------------------------------------------------------------
@@ -121,6 +87,14 @@ def _tiny_cfg(**overrides):
   cfg = model_config("tiny", "tiny", vocab_size=40)
   cfg.update(overrides)
   return cfg
+
+
+def _runner(cfg, task: str, text_len: int = 6) -> attention.AttentionRunner:
+  """The runner of `cfg`'s model for `task`, made readable, through the model context every caller builds."""
+  model = attention.readable_model_config(cfg)
+  config = ml_collections.ConfigDict(dict(task=task, model=model, data=dict(max_text_len=text_len)))
+  mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
+  return attention.AttentionRunner(model_context.ModelContext(config, mesh))
 
 
 def _inputs(batch=2, size=(128, 192), length=6):
@@ -145,7 +119,7 @@ def test_sown_attention_changes_no_output_and_no_parameter():
   sown, state = model.apply(variables, *inputs, mutable=["intermediates"])
   for k in plain:
     np.testing.assert_array_equal(np.asarray(plain[k]), np.asarray(sown[k]), err_msg=k)
-  probs = np.asarray(visualize.stack_attention(state["intermediates"]))
+  probs = np.asarray(attention.stack_attention(state["intermediates"]))
   t = inputs[2].shape[1] + 6  # 6 text tokens + a 2x3 pixel grid
   assert probs.shape == (2, cfg.num_layers, cfg.num_heads, t, t) and probs.dtype == np.float32
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
@@ -159,7 +133,7 @@ def test_sown_attention_changes_no_output_and_no_parameter():
 def test_every_task_model_gives_maps(task):
   cfg = _tiny_cfg(dtype="bfloat16")  # maps come back float32 whatever the compute dtype
   variables = init_variables(build_model(cfg, task), jax.random.key(1), task)
-  runner = visualize.AttentionRunner(cfg, task)
+  runner = _runner(cfg, task)
   probs, pixel_mask = runner(variables, *_inputs())
   assert probs.shape == (2, 2, 2, 12, 12) and probs.dtype == np.float32
   assert pixel_mask.tolist() == [[True] * 6, [True] * 3 + [False] * 3]
@@ -172,8 +146,8 @@ def test_real_size_model_traces_with_fused_attention_and_remat():
   model (einsum, no remat) traces to float32 [B, 12, 12, T, T] on an 800x1344 bucket (shapes only)."""
   cfg = model_config("base", "r50", vocab_size=30522)
   cfg.update(dtype="bfloat16", remat=True, attention_impl="cudnn")
-  runner = visualize.AttentionRunner(cfg, "pretrain")
-  shapes = jax.eval_shape(lambda: init_variables(runner.model, jax.random.key(0), "pretrain"))
+  runner = _runner(cfg, "pretrain", text_len=20)
+  shapes = runner.context.abstract_variables
   image = jax.ShapeDtypeStruct((1, 832, 1344, 3), jnp.uint8)
   out = jax.eval_shape(
       runner._probs,
@@ -188,19 +162,26 @@ def test_real_size_model_traces_with_fused_attention_and_remat():
   assert out[1].shape == (1, 13 * 21)
 
 
+def test_the_runner_refuses_a_model_whose_attention_cannot_be_read():
+  config = ml_collections.ConfigDict(dict(task="pretrain", model=_tiny_cfg(remat=True), data=dict(max_text_len=6)))
+  context = model_context.ModelContext(config, partitioning.make_mesh((1, 1, 1), jax.devices()[:1]))
+  with pytest.raises(ValueError, match=r"model.remat=True: the attention can be read only with 'einsum' and no"):
+    attention.AttentionRunner(context)
+
+
 def test_maps_are_placed_on_the_image_not_the_padded_bucket():
   """A 150x200 image is resized to 144x192 in a 192x192 bucket: feature pixel (1, 2) covers bucket rows
   64..127 and columns 128..191, i.e. rows 133..266 and columns 267..399 of the 300x400 picture."""
   grid = np.zeros((3, 3), np.float32)
   grid[1, 2] = 1.0
-  heat = visualize.upsample(grid, (192, 192), (144, 192), (300, 400), nearest=True)
+  heat = drawing.upsample(grid, (192, 192), (144, 192), (300, 400), nearest=True)
   assert heat.shape == (300, 400)
   rows, cols = np.nonzero(heat)
   assert (rows.min(), rows.max(), cols.min(), cols.max()) == (133, 266, 267, 399)
-  smooth = visualize.upsample(grid, (192, 192), (144, 192), (300, 400))
+  smooth = drawing.upsample(grid, (192, 192), (144, 192), (300, 400))
   assert np.unravel_index(int(np.argmax(smooth)), smooth.shape)[1] > 300 and smooth[:60, :100].max() == 0.0
   image = np.full((300, 400, 3), 128, np.uint8)
-  pic = np.asarray(visualize.overlay(image, heat, "red  0.50"))
+  pic = np.asarray(drawing.overlay(image, heat, "red  0.50"))
   assert pic.shape == (300, 400, 3)
   assert pic[200, 330, 0] > 200 and pic[200, 330, 2] < 100  # the word's pixel in red
   np.testing.assert_array_equal(pic[200, 100], [128, 128, 128])  # an ignored pixel shows the image
@@ -216,8 +197,9 @@ def workdir(tiny_pretrained):
 
 
 @pytest.fixture(scope="module")
-def predictor(workdir):
-  return predict.Predictor(str(workdir))
+def maps(workdir):
+  """One AttentionMaps for the module: its runner compiles once."""
+  return attention.AttentionMaps(str(workdir))
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +211,9 @@ def image(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_pictures_have_the_images_aspect_ratio_and_the_files_agree(predictor, image, tmp_path):
+def test_pictures_have_the_images_aspect_ratio_and_the_files_agree(maps, image, tmp_path):
   summary = visualize.visualize(
-      predictor, str(image), "a red star is left of a blue ring", str(tmp_path), words=["red", "ring"]
+      maps, str(image), "a red star is left of a blue ring", str(tmp_path), words=["red", "ring"]
   )
   assert [w["word"] for w in summary["words"]] == ["red", "ring"]
   for w in summary["words"]:
@@ -251,10 +233,10 @@ def test_pictures_have_the_images_aspect_ratio_and_the_files_agree(predictor, im
     np.testing.assert_allclose(w["pixel_attention"], expected.sum(), rtol=1e-5)
 
 
-def test_layer_head_and_rollout_choose_other_maps(predictor, image, tmp_path):
+def test_layer_head_and_rollout_choose_other_maps(maps, image, tmp_path):
   text = "a red star"
-  head = visualize.visualize(predictor, str(image), text, str(tmp_path / "h"), layer=0, head=1)
-  roll = visualize.visualize(predictor, str(image), text, str(tmp_path / "r"), use_rollout=True)
+  head = visualize.visualize(maps, str(image), text, str(tmp_path / "h"), layer=0, head=1)
+  roll = visualize.visualize(maps, str(image), text, str(tmp_path / "r"), use_rollout=True)
   assert head["mode"] == "layer 0, head 1" and roll["mode"].startswith("rollout")
   probs = np.load(tmp_path / "h" / "attention.npy")
   n = head["pixel_offset"]
@@ -262,59 +244,11 @@ def test_layer_head_and_rollout_choose_other_maps(predictor, image, tmp_path):
     np.testing.assert_allclose(
         np.load(tmp_path / "h" / "maps.npy")[k].reshape(-1), probs[0, 1][w["positions"]].mean(0)[n:], rtol=1e-5
     )
-    roll_rows = visualize.rollout(probs, 1)[w["positions"]].mean(0)[n:]
+    roll_rows = attention.rollout(probs, 1)[w["positions"]].mean(0)[n:]
     np.testing.assert_allclose(np.load(tmp_path / "r" / "maps.npy")[k].reshape(-1), roll_rows, rtol=1e-4)
   # A folder reused for another text keeps no pictures of the old words.
-  visualize.visualize(predictor, str(image), "a blue ring", str(tmp_path / "h"))
+  visualize.visualize(maps, str(image), "a blue ring", str(tmp_path / "h"))
   assert sorted(p.name for p in (tmp_path / "h").glob("*_*.png")) == ["00_a.png", "01_blue.png", "02_ring.png"]
-
-
-@pytest.mark.slow
-def test_grounding_check_on_the_tiny_checkpoint(predictor):
-  report = visualize.grounding_check(predictor, num_images=3, captions_per_image=2)
-  # demo_hard scenes have 1-3 objects, one cell each: the other words' control is against all of them.
-  share = report["object_pixel_share"]
-  assert share["colour"] == pytest.approx(1 / 9) and share["shape"] == pytest.approx(1 / 9)
-  assert 1 / 9 <= share["other"] <= 3 / 9
-  assert report["words"]["colour"] == report["words"]["shape"] > 0 and report["words"]["other"] > 0
-  assert set(report["variants"]) == {"as written", "masked"}
-  modes = report["variants"]["as written"]
-  assert list(modes)[0] == report["default_mode"] == "layer 1, mean over heads"
-  assert len(modes) == 2 + 2 + 2 * 2  # head means, rollouts, heads
-  for entry in modes.values():
-    for kind in ("colour", "shape"):
-      assert 0.0 <= entry[kind]["share"] <= 1.0
-      assert entry[kind]["ratio"] == pytest.approx(entry[kind]["share"] * 9)
-  assert "other" not in report["variants"]["masked"][report["default_mode"]]  # only grounded words are masked
-  assert "| layer 1, mean over heads (default) |" in visualize.grounding_table(report)
-  with pytest.raises(predict.PredictError, match=r"--num_images must be in 1\.\.16"):
-    visualize.grounding_check(predictor, num_images=17)
-
-
-def test_grounding_check_agrees_with_the_pictures_maps(predictor, tmp_path):
-  """The check's share for one scene and caption equals the share computed from `attention_maps` on the
-  dataset's JPEG of that scene and the world's ground truth."""
-  from pixelbert_jax.data import builders
-
-  s = predictor.data_cfg.synthetic
-  objs = world.make_scene(int(s.seed), "val", 0, int(s.image_size), builders.scene_spec(predictor.data_cfg))
-  path = tmp_path / "scene.jpg"
-  path.write_bytes(world.encode_jpeg(world.render(int(s.seed), "val", 0, objs, int(s.image_size))))
-  caption = world.captions(int(s.seed), "val", 0, objs, 1)[0][0]
-  report = visualize.grounding_check(predictor, num_images=1, captions_per_image=1)
-  for kind, names in (("colour", world.COLOURS), ("shape", world.SHAPES)):
-    words = [w for w in caption.split() if w in names]
-    got = visualize.attention_maps(predictor, str(path), caption, words=words, use_rollout=True)
-    shares = [
-        visualize.object_share(m.reshape(-1), visualize.object_pixels(o, 1.0, (3, 3)), np.ones(9, bool))
-        for w, m in zip(got["words"], got["maps"])
-        for o in objs
-        if w in (o.colour, o.shape)
-    ]
-    assert len(shares) == len(words) > 0
-    np.testing.assert_allclose(
-        report["variants"]["as written"]["rollout through layer 1"][kind]["share"], np.mean(shares), rtol=1e-4
-    )
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
@@ -370,7 +304,6 @@ def test_cli_errors_are_one_line(workdir, image, tmp_path, capsys):
           ["--checkpoint", workdir, "--image", image, "--text", "a red star", "--out", tmp_path / "o", "--layer", "5"],
           "error: layer 5 out of range",
       ),
-      (["--checkpoint", workdir, "--grounding_check", "--num_images", "0"], "error: --num_images must be in"),
   ]
   for args, start in cases:
     rc, out, err = _main(capsys, *args)

@@ -145,7 +145,7 @@ class BertSelfAttention(nn.Module):
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1)
-    # float32 [B,H,T,S] for attention maps (pixelbert_jax/visualize.py); a no-op unless the caller applies
+    # float32 [B,H,T,S] for attention maps (pixelbert_jax/attention.py); a no-op unless the caller applies
     # with mutable=['intermediates'], so training and inference compute exactly what they did before. The
     # fused implementations above never form this matrix: the visualizer builds its model with 'einsum'.
     self.sow("intermediates", "attention_probs", probs)

@@ -6,8 +6,9 @@ pre-trained weights, and trained from scratch through the fusion transformer it 
 grid cell of the world) it names the colour and the shape of the object there, or 'none', from the train
 split's images and their `cell_labels`. The classifier reads the C5 map after the same 2x2 max-pool that
 makes feature pixels; its head is thrown away. Pre-training then starts from this CNN (frozen in the
-demo: `model.cnn.frozen`). The stage runs only when a run starts from scratch: a resumed run restores the
-CNN from its checkpoint, and `init_from` brings its own.
+demo: `model.cnn.frozen`). The trainer runs it as the demo configs' `config.init_hook`
+(`warm_start_cnn`, init_hooks.py): only when a run starts from scratch, since a resumed run restores the CNN
+from its checkpoint and `init_from` brings its own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from pixelbert_jax import config_checks, partitioning, xla_options
+from pixelbert_jax import config_checks, init_hooks, partitioning, xla_options
 from pixelbert_jax.data import synthetic as world
 from pixelbert_jax.data.preprocess import decode_image
 from pixelbert_jax.data.sources import open_split
@@ -116,12 +117,26 @@ def _loss_and_accuracy(colour_logits, shape_logits, batch):
   }
 
 
-class Stopped(Exception):
-  """`should_stop` said so after `done` of the warm start's `steps`: nothing of the warm start is kept."""
+WHAT = "the CNN warm start"  # the stage's name in the trainer's log lines
 
-  def __init__(self, done: int, steps: int):
-    super().__init__(f"cnn warm start stopped after {done} of {steps} steps")
-    self.done, self.steps = done, steps
+
+def _stopped(done: int, steps: int) -> init_hooks.Stopped:
+  """`should_stop` said so after `done` of the warm start's `steps`: nothing of the warm start is kept."""
+  return init_hooks.Stopped(WHAT, f"after {done} of its {steps} steps")
+
+
+def warm_start_cnn(trainer, state: dict, should_stop: Callable[[], bool]) -> tuple[dict, dict[str, float]]:
+  """The init hook (init_hooks.py): `train_cnn`, then the trained CNN in place of the state's. The held-out
+  per-cell accuracy is the metrics of step 0. Nothing to do with `config.cnn_warm_start.steps` = 0."""
+  cfg = trainer.config
+  if cfg.get("cnn_warm_start", {}).get("steps", 0) <= 0:
+    return state, {}
+  params, batch_stats, held_out = train_cnn(cfg, trainer.mesh, cfg.seed, should_stop=should_stop, data=trainer.data)
+  for collection, tree in (("params", params), ("batch_stats", batch_stats)):
+    if tree:
+      sharding = trainer.state_shardings[collection]["encoder"]["cnn"]
+      state[collection]["encoder"]["cnn"] = jax.device_put(tree, sharding)
+  return state, held_out
 
 
 def train_cnn(
@@ -135,8 +150,8 @@ def train_cnn(
 
   Deterministic in (config, seed). Each process reads its own rows of every global batch. `should_stop` is
   asked before every step and before the held-out evaluation (train.py's SIGTERM flag); when it answers
-  True, raises Stopped. `data`: the run's TaskData (data/task_data.py), whose splits it reads if they are
-  captions.
+  True, raises init_hooks.Stopped. `data`: the run's TaskData (data/task_data.py), whose splits it reads if
+  they are captions.
   """
   ws = config.cnn_warm_start
   steps, batch_size = int(ws.steps), int(ws.batch_size)
@@ -195,7 +210,7 @@ def train_cnn(
   order, pos, t0 = rng.permutation(len(train_data)), 0, time.monotonic()
   for i in range(1, steps + 1):
     if should_stop():
-      raise Stopped(i - 1, steps)
+      raise _stopped(i - 1, steps)
     if pos + batch_size > len(order):
       order, pos = rng.permutation(len(train_data)), 0
     rows = order[pos : pos + batch_size][pi * local : (pi + 1) * local]
@@ -215,7 +230,7 @@ def train_cnn(
           time.monotonic() - t0,
       )
   if should_stop():
-    raise Stopped(steps, steps)
+    raise _stopped(steps, steps)
   held_out = evaluate(model, state, config, data=data)
   logging.info(
       "cnn warm start, held-out %s cells: %s",
