@@ -19,7 +19,7 @@
 #   OUT=/tmp/bench_out PYTHONPATH=/tmp/site bash bench/gpu_run.sh        # from the repo root or anywhere
 #   BENCH_SMOKE=1 OUT=/tmp/smoke bash bench/gpu_run.sh                   # CPU rehearsal: demo shapes, 2 steps
 #
-# Needs jax (CUDA), flax, optax, ml_collections, torch, torchvision, transformers; the package is used from
+# Needs jax (CUDA), flax, optax, orbax-checkpoint, ml_collections, torch, torchvision, transformers; the package is used from
 # this checkout (PYTHONPATH), no install. Neither grain nor tensorflow_datasets is imported.
 # Each step runs under `timeout`, so one hang costs that step only; within a step each framework is its
 # own process (JAX and PyTorch never share the GPU's memory), started by the Python script.
