@@ -72,7 +72,8 @@ def device_batch(ctx, batch_size, hw):
 
   dp = partitioning.data_parallel_size(ctx.mesh)
   if batch_size % dp:
-    raise SystemExit(f"error: batch {batch_size} does not split over the mesh's {dp} data-parallel devices")
+    # An exception, not an exit: a worker reports it in the table's row.
+    raise ValueError(f"batch {batch_size} does not split over the mesh's {dp} data-parallel devices")
   return partitioning.global_batch(workloads.synthetic_batch(ctx.config, batch_size, hw), ctx.mesh)
 
 
