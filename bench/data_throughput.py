@@ -1,6 +1,6 @@
 """Images/s of the input pipeline at the paper's sizes on this machine, per worker process and stage.
 
-  python bench/data_throughput.py [--images 200] [--batches 20] [--workdir /tmp/pixelbert_data_bench] [--demo]
+  python -m bench.data_throughput [--images 200] [--batches 20] [--workdir /tmp/pixelbert_data_bench] [--demo]
 
 It makes its own photo-like JPEGs with COCO 2014's sizes (the longer side 640 for nearly all, landscape 4:3
 and 3:2 most common, about a quarter portrait; ~160 KB each), five COCO-like captions per image, and a
@@ -23,11 +23,8 @@ import argparse
 import io
 import json
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from a checkout
 
 import numpy as np
 from PIL import Image

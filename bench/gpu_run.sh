@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The issue #8 benchmarks on one GPU, in a fixed order, within a time budget (BENCH_BUDGET_S, default 560 s;
 # each step also has its own cap, and later steps are skipped when the budget runs out):
-#   (a) train step pretrain-r50, batch 16, bfloat16: jax, torch, torch-compile (SKIP_COMPILE=1: no compile)
+#   (a) train step configs/pretrain.py:r50 (bfloat16, remat), batch 16: jax, torch, torch-compile
+#       (SKIP_COMPILE=1: no compile)
 #   (e) the largest JAX batch for pretrain-r50, doubling from 64
 #   (d) inference r50: batch-1 latency and cached-pixel ITM throughput: jax, torch
 #   (g) (d) for jax with cuDNN's fused attention (--attention cudnn; session 4's `dot_product` run was
 #       XLA's attention: jax.nn.dot_product_attention does not pick cuDNN by itself)
-#   (b) train step finetune-r50 (VQA head, all 252 pixels): jax, torch
+#   (b) train step finetune-r50 (configs/vqa.py:r50: VQA head, all 273 pixels): jax, torch
 #   (c) train step pretrain-x152: jax, torch
 #   (f) train step pretrain-r50, jax only, with model.cnn.impl=cpu (1x1 convs as matmuls, explicit
 #       max-pool / batch-norm gradients): does the CPU formulation help or hurt on a GPU?
@@ -18,7 +19,7 @@
 #   OUT=/tmp/bench_out PYTHONPATH=/tmp/site bash bench/gpu_run.sh        # from the repo root or anywhere
 #   BENCH_SMOKE=1 OUT=/tmp/smoke bash bench/gpu_run.sh                   # CPU rehearsal: demo shapes, 2 steps
 #
-# Needs jax (CUDA), flax, optax, ml_collections, torch, torchvision, transformers; the package is used from
+# Needs jax (CUDA), flax, optax, orbax-checkpoint, ml_collections, torch, torchvision, transformers; the package is used from
 # this checkout (PYTHONPATH), no install. Neither grain nor tensorflow_datasets is imported.
 # Each step runs under `timeout`, so one hang costs that step only; within a step each framework is its
 # own process (JAX and PyTorch never share the GPU's memory), started by the Python script.
@@ -34,7 +35,7 @@ export PYTHONPATH=".:${PYTHONPATH:-}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 # A fresh persistent compilation cache: every measured compile is still cold (no two steps compile the
 # same program). torch.compile workers get a fresh Inductor cache
-# each (bench/common.py), so their first step is a cold compile too.
+# each (bench/workers.py), so their first step is a cold compile too.
 JAX_COMPILATION_CACHE_DIR=$(mktemp -d)
 export JAX_COMPILATION_CACHE_DIR
 BUDGET=${BENCH_BUDGET_S:-560}
@@ -42,19 +43,22 @@ PY=${PYTHON:-python}
 STEPS="--warmup 3 --steps 10"
 
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then  # the same commands at demo size on a CPU, to catch bugs first
-  PRE=(--workload demo --batch 4 --dtype float32)
-  FT=(--workload demo-finetune --batch 4 --dtype float32)
-  X152=(--workload demo --batch 4 --dtype float32 --norm frozen_bn --remat on)  # the r50/x152 norm, remat
-  INF=(--workload demo --dtype float32 --latency-iters 2 --pairs-steps 2 --pairs-batch 32 --cache-images 8)
-  MAXB=(--workload demo --dtype float32 --batch 2 --max-batch-limit 8)
+  PRE=(--workload demo --batch 4)
+  FT=(--workload demo-finetune --batch 4)
+  # the r50/x152 configs' CNN (trained, frozen batch norm) and remat
+  X152=(--workload demo --batch 4 --set model.cnn.frozen=false --set model.cnn.norm=frozen_bn --set model.remat=true)
+  INF=(--workload demo --latency-iters 2 --pairs-steps 2 --pairs-batch 32 --cache-images 8)
+  MAXB=(--workload demo --batch 2 --max-batch-limit 8)
   STEPS="--warmup 1 --steps 2"
 else
   B=${BATCH:-16}  # BATCH / X152_BATCH override (X152 at 600x1024 holds the most activations per example)
-  PRE=(--workload pretrain-r50 --batch "$B" --dtype bfloat16)
-  FT=(--workload finetune-r50 --batch "$B" --dtype bfloat16)
-  X152=(--workload pretrain-x152 --batch "${X152_BATCH:-$B}" --dtype bfloat16)
-  INF=(--workload r50 --dtype bfloat16 --latency-iters 20 --pairs-batch 512 --cache-images 64 --encode-batch 16)
-  MAXB=(--workload pretrain-r50 --dtype bfloat16 --batch 64 --max-batch-granularity 16)
+  # The configs as the trainer reads them (bfloat16, remat on); EXTRA="--set model.remat=false" and the like
+  # apply to every step.
+  PRE=(--workload pretrain-r50 --batch "$B" ${EXTRA:-})
+  FT=(--workload finetune-r50 --batch "$B" ${EXTRA:-})
+  X152=(--workload pretrain-x152 --batch "${X152_BATCH:-$B}" ${EXTRA:-})
+  INF=(--workload r50 --latency-iters 20 --pairs-batch 512 --cache-images 64 --encode-batch 16 ${EXTRA:-})
+  MAXB=(--workload pretrain-r50 --batch 64 --max-batch-granularity 16 ${EXTRA:-})
 fi
 
 {
@@ -65,7 +69,7 @@ fi
   "$PY" -c "import jax; print(jax.devices())" || true
   "$PY" -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.version.cuda)" || true
   # What the benchmarks import, and proof that grain / tensorflow_datasets are not among it.
-  "$PY" -c "import sys; import pixelbert_jax.models, pixelbert_jax.optim, pixelbert_jax.tasks.pretrain, pixelbert_jax.convert.torch_model; bad = [m for m in ('grain', 'tensorflow_datasets', 'tensorflow') if m in sys.modules]; print('imports ok; data-stack modules loaded:', bad)"
+  "$PY" -c "import sys; import pixelbert_jax.models, pixelbert_jax.optim, pixelbert_jax.tasks.pretrain, pixelbert_jax.convert.torch_model, pixelbert_jax.convert.torch_reference; bad = [m for m in ('grain', 'tensorflow_datasets', 'tensorflow') if m in sys.modules]; print('imports ok; data-stack modules loaded:', bad)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 : > "$OUT/status.txt"
@@ -98,22 +102,22 @@ run() {
 # what has no figure yet first (session 4 measured (b), (c), (d) and (a) without torch.compile; (g) is new).
 FW=jax,torch,torch-compile
 [ "${SKIP_COMPILE:-0}" = 1 ] && FW=jax,torch
-run a_train_pretrain-r50 420 100 "$PY" bench/train_step.py "${PRE[@]}" --frameworks "$FW" \
+run a_train_pretrain-r50 420 100 "$PY" -m bench.train_step "${PRE[@]}" --frameworks "$FW" \
   $STEPS --worker-timeout 400 --profile /tmp/prof_a --json "$OUT/a_train_pretrain-r50.json"
 # (e) from batch 64 (32 fits: 28.6 GiB at 251 img/s); MAXB_MEM_FRACTION=0.55 on an H200 keeps JAX to about
 # an H100's 80 GB. The JSON keeps every try, so a timeout still tells the bracket.
 run e_max_batch-r50 300 0 env XLA_PYTHON_CLIENT_MEM_FRACTION="${MAXB_MEM_FRACTION:-0.95}" "$PY" \
-  bench/train_step.py "${MAXB[@]}" --max-batch --json "$OUT/e_max_batch-r50.json"
-run d_inference-r50 130 0 "$PY" bench/inference.py "${INF[@]}" --frameworks jax,torch \
+  -m bench.train_step "${MAXB[@]}" --max-batch --json "$OUT/e_max_batch-r50.json"
+run d_inference-r50 130 0 "$PY" -m bench.inference "${INF[@]}" --frameworks jax,torch \
   --worker-timeout 100 --profile /tmp/prof_d --json "$OUT/d_inference-r50.json"
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then ATT=dot_product; else ATT=cudnn; fi  # cuDNN: GPU and bf16 only
-run g_inference-r50-$ATT 70 0 "$PY" bench/inference.py "${INF[@]}" --frameworks jax --attention $ATT \
+run g_inference-r50-$ATT 70 0 "$PY" -m bench.inference "${INF[@]}" --frameworks jax --attention $ATT \
   --worker-timeout 60 --profile /tmp/prof_g --json "$OUT/g_inference-r50-$ATT.json"
-run b_train_finetune-r50 200 0 "$PY" bench/train_step.py "${FT[@]}" --frameworks jax,torch \
+run b_train_finetune-r50 200 0 "$PY" -m bench.train_step "${FT[@]}" --frameworks jax,torch \
   $STEPS --worker-timeout 150 --json "$OUT/b_train_finetune-r50.json"
-run c_train_pretrain-x152 200 0 "$PY" bench/train_step.py "${X152[@]}" --frameworks jax,torch \
+run c_train_pretrain-x152 200 0 "$PY" -m bench.train_step "${X152[@]}" --frameworks jax,torch \
   $STEPS --worker-timeout 150 --json "$OUT/c_train_pretrain-x152.json"
-run f_train_pretrain-r50-cnn_cpu 120 0 "$PY" bench/train_step.py "${PRE[@]}" --frameworks jax --cnn-impl cpu \
+run f_train_pretrain-r50-cnn_cpu 120 0 "$PY" -m bench.train_step "${PRE[@]}" --frameworks jax --set model.cnn.impl=cpu \
   $STEPS --worker-timeout 110 --json "$OUT/f_train_pretrain-r50-cnn_cpu.json"
 
 # The tables of every step in one file.

@@ -6,11 +6,11 @@ time), everything else intact, all pairs matched, Adam with a linear warm-up (--
 prints the running probe accuracy, so a setting that cannot ground even here will not ground in
 pre-training either.
 
-  python bench/grounding_speed.py --steps 200 --lr 3e-4 --cnn_lr 1e-3
-  python bench/grounding_speed.py --objects 1          # single-object scenes only (no binding needed)
-  python bench/grounding_speed.py --backbone_steps 300 --cnn_lr 0   # a CNN that already names every cell
-  python bench/grounding_speed.py --set model.initializer_range=0.08 --set model.pixel_sampling.enabled=false
-  python bench/grounding_speed.py --backbone_steps 300 --cnn_lr 0 --cache_features --eval_images 512 \
+  python -m bench.grounding_speed --steps 200 --lr 3e-4 --cnn_lr 1e-3
+  python -m bench.grounding_speed --objects 1          # single-object scenes only (no binding needed)
+  python -m bench.grounding_speed --backbone_steps 300 --cnn_lr 0   # a CNN that already names every cell
+  python -m bench.grounding_speed --set model.initializer_range=0.08 --set model.pixel_sampling.enabled=false
+  python -m bench.grounding_speed --backbone_steps 300 --cnn_lr 0 --cache_features --eval_images 512 \
       --images 4000 --steps 1000 --batch 128 --lr 1e-3 --warmup 200 --set model.initializer_range=0.08
 
 Images are rendered in memory from the synthetic world (no dataset build); chance is 1/8 (the text tells

@@ -1,7 +1,7 @@
 """Forward and forward+backward time of the Pixel-BERT pre-training model on whatever device JAX finds.
 
-  python bench/model_forward.py                      # demo and base at CPU-friendly sizes
-  python bench/model_forward.py --base_image 800x1344 --batch 8 --dtype bfloat16   # on an accelerator
+  python -m bench.model_forward                      # demo and base at CPU-friendly sizes
+  python -m bench.model_forward --base_image 800x1344 --batch 8 --dtype bfloat16   # on an accelerator
 
 Parameters are random (the timing does not depend on their values); compile time is reported apart.
 """

@@ -1,28 +1,25 @@
 """What autodiff keeps for the backward pass of one JAX training step: by part of the model, by dtype.
 
-  python bench/residuals.py --workload pretrain-r50                 # paper shape, bfloat16, batch 16
-  python bench/residuals.py --workload pretrain-r50 --remat on      # each BERT layer rematerialised
-  python bench/residuals.py --workload demo --dtype float32 --batch 32 --cnn-impl cpu
+  python -m bench.residuals --workload pretrain-r50                       # configs/pretrain.py:r50, batch 16
+  python -m bench.residuals --workload pretrain-r50 --set model.remat=false   # without the config's remat
+  python -m bench.residuals --workload demo --batch 32 --set model.cnn.impl=cpu
 
-train_step.py's forward and loss are traced under jax.vjp against abstract parameters: nothing runs and
+The trainer's forward and loss (train_step.loss_fn on the config's ModelContext, with the mesh and logical
+rules active) are traced under jax.vjp against abstract parameters: nothing runs and
 nothing compiles, so any shape takes seconds, on a CPU as for a GPU. The residuals are the values of that
 trace which the backward pass reads, each attributed to the Flax module that produced it (its name stack)
 and counted once. They are JAX's plan, before XLA: XLA can drop residuals that are broadcast constants
 and recompute cheap elementwise ones, so the totals bound the step's activation memory from above, while
 the shapes and dtypes are exactly what the model code asks for. The parameters, which the backward also
-reads, are not counted; measured peaks are train_step.py's. The CNN is traced as GPUs and TPUs run it
-(`--cnn-impl generic`) unless told otherwise.
+reads, are not counted; measured peaks are train_step.py's. The workloads are train_step.py's; the CNN is
+traced as GPUs and TPUs run it (`model.cnn.impl=generic`) unless `--set` says otherwise.
 """
 
 import argparse
 import collections
 import functools
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (bench/common.py; puts the repo root on sys.path)
-import train_step  # noqa: E402
+from bench import tables, workers, workloads
 
 # Name-stack markers -> part of the model, first match wins (pixel_bert.py's method and module names).
 PARTS = (
@@ -84,24 +81,24 @@ def summarize(residuals):
   return table
 
 
-def report(args, cfg, residuals) -> str:
+def report(args, config, residuals) -> str:
   columns = (*DTYPE_COLUMNS, "other", "total", BROADCAST)
   table = summarize(residuals)
   counts = collections.Counter(part_of(r[4]) for r in residuals)
   counts["total"] = len(residuals)
   parts = [p for p in (*(p for _, p in PARTS), OTHER_PART, "total") if p in table]
-  w = train_step.WORKLOADS[args.workload]
-  image = args.image or "x".join(map(str, w["image"]))
+  cfg, (h, w) = config.model, workloads.image_hw(config, args.image)
   stored = [r for r in residuals if r[3] != "broadcast_in_dim"]
   largest = sorted(stored, key=lambda r: -r[2])[: args.top]
+  overrides = "".join(f" {s}" for s in args.set)
   lines = [
-      f"### residuals of one training step: {args.workload} ({image}, {w['text_len']} tokens, {w['task']} "
-      f"loss), batch {args.batch}, {args.dtype}, cnn.impl {cfg.cnn.impl}, norm {cfg.cnn.norm}, "
-      f"remat {args.remat}",
+      f"### residuals of one training step: {args.workload} (configs/{workloads.TRAIN[args.workload].config}"
+      f"{overrides}): {h}x{w}, {config.data.max_text_len} tokens, {config.task} loss, batch {config.batch_size}, "
+      f"{cfg.dtype}, cnn.impl {cfg.cnn.impl}, norm {cfg.cnn.norm}, remat {cfg.remat}",
       "",
-      common.markdown_table(
+      tables.markdown_table(
           ["part", *(f"{c} GiB" for c in columns), "tensors"],
-          [[p, *(common.fmt(common.gib(table[p][c]), ".3f") for c in columns), counts[p]] for p in parts],
+          [[p, *(tables.fmt(tables.gib(table[p][c]), ".3f") for c in columns), counts[p]] for p in parts],
       ),
   ]
   if largest:
@@ -109,7 +106,7 @@ def report(args, cfg, residuals) -> str:
         "",
         f"largest {len(largest)} (broadcasts left out):",
         "",
-        common.markdown_table(
+        tables.markdown_table(
             ["MiB", "dtype", "shape", "op", "module (name stack)"],
             [[f"{b / 2**20:.1f}", d, list(s), o, n] for s, d, b, o, n in largest],
         ),
@@ -118,25 +115,28 @@ def report(args, cfg, residuals) -> str:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workload", default="pretrain-r50", choices=sorted(train_step.WORKLOADS))
-  p.add_argument("--batch", type=int, default=16, help="global batch (default 16, gpu_run.sh's)")
-  p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-  p.add_argument("--image", default=None, help="HxW instead of the workload's image size")
-  p.add_argument("--remat", default="off", choices=["off", "on"], help="model.remat (per BERT layer)")
-  p.add_argument("--norm", default=None, choices=["frozen_bn", "bn", "gn"], help="CNN norm override")
-  p.add_argument(
-      "--cnn-impl",
-      default="generic",
-      choices=["auto", "generic", "cpu"],
-      help="model.cnn.impl (default generic: the GPU and TPU lowering)",
+  p = argparse.ArgumentParser(
+      prog="python -m bench.residuals", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
+  p.add_argument("--workload", default="pretrain-r50", choices=sorted(workloads.TRAIN))
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+  p.add_argument("--batch", type=int, default=16, help="global batch (default 16, gpu_run.sh's)")
+  p.add_argument("--image", default=None, help="HxW instead of the config's largest bucket")
   p.add_argument("--top", type=int, default=15, help="how many of the largest residuals to list")
   p.add_argument("--json", default=None, help="write the table and the residual list here")
   args = p.parse_args(argv)
   if args.batch < 1:
     p.error(f"--batch must be positive, got {args.batch}")
+  try:
+    load_config(args)
+  except (ValueError, FileNotFoundError) as e:
+    p.error(str(e))
   return args
+
+
+def load_config(args):
+  overrides = ["model.cnn.impl=generic", *args.set]  # the GPU and TPU lowering unless --set says otherwise
+  return workloads.load(workloads.TRAIN[args.workload], overrides, batch=args.batch)
 
 
 def main(argv=None):
@@ -144,22 +144,26 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
 
-  from pixelbert_jax import tasks
+  from pixelbert_jax import model_context, partitioning
   from pixelbert_jax import train_step as train_step_lib
-  from pixelbert_jax.models.build import build_model
 
-  w, cfg = train_step.workload_cfg(args)
-  model = build_model(cfg, w["task"])
-  abstract = jax.eval_shape(lambda: common.init_flax(model, w["task"]))
-  stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract.get("batch_stats", {}))
-  batch = train_step.synthetic_batch(w, cfg, args.batch)
+  config = load_config(args)
+  ctx = model_context.ModelContext(config, partitioning.make_mesh(config.mesh_shape, jax.devices()[:1]))
+  abstract = ctx.abstract_variables
+  stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract["batch_stats"])
+  batch = workloads.synthetic_batch(config, config.batch_size, workloads.image_hw(config, args.image))
   loss_fn = functools.partial(
-      train_step_lib.loss_fn, model=model, task=tasks.get_task(w["task"]), update_batch_stats=cfg.cnn.norm == "bn"
+      train_step_lib.loss_fn,
+      model=ctx.model,
+      task=ctx.task,
+      loss_weights=dict(config.get("loss", {})),
+      update_batch_stats=config.model.cnn.norm == "bn",
   )
   rngs = {"dropout": jax.random.key(0), "sample": jax.random.key(1)}
-  residuals = saved_residuals(lambda p, *a: loss_fn(p, *a)[0], abstract["params"], stats, batch, rngs)
-  print(report(args, cfg, residuals))
-  common.write_json(
+  with partitioning.activate(ctx.mesh):
+    residuals = saved_residuals(lambda p, *a: loss_fn(p, *a)[0], abstract["params"], stats, batch, rngs)
+  print(report(args, config, residuals))
+  workers.write_json(
       args.json,
       dict(
           args=vars(args),

@@ -1,7 +1,7 @@
 """The TPU planning table (docs/tpu_planning.md): `python -m pixelbert_jax.aot` over configs and slices.
 
-  python bench/tpu_plan.py run [--only NAME ...]     # compile each job, one JSON each in --out (resumable)
-  python bench/tpu_plan.py table                     # the markdown table from the JSON files
+  python -m bench.tpu_plan run [--only NAME ...]     # compile each job, one JSON each in --out (resumable)
+  python -m bench.tpu_plan table                     # the markdown table from the JSON files
 
 Each job is one run of the planner in its own process (libtpu, no TPU needed). A paper-size step takes
 minutes to compile on a laptop CPU, and a refusal (too large) tens of seconds, so `run` skips jobs whose
@@ -71,7 +71,7 @@ def run(names: list[str], out: pathlib.Path, timeout_s: int, screen: bool) -> No
   out.mkdir(parents=True, exist_ok=True)
   unknown = [n for n in names if n not in jobs(out)]
   if unknown:
-    raise SystemExit(f"error: unknown job {unknown[0]!r} (python bench/tpu_plan.py list)")
+    raise SystemExit(f"error: unknown job {unknown[0]!r} (python -m bench.tpu_plan list)")
   for name in names or list(jobs(out)):
     args = jobs(out)[name] + (["--screen"] if screen else [])  # again: a plan starts where a finished max says
     target = out / f"{name}.json"

@@ -2,8 +2,8 @@
 of the real size generated here: 108,077 images with ~50 regions each (5.4M regions, ~700 MB, the fields
 and separators of VG v1.2).
 
-  python bench/vg_memory.py [--images 108077] [--workdir /tmp/pixelbert_vg_bench] [--skip build]
-  python bench/vg_memory.py --code /path/to/other/checkout ...   # the same measurements with other code
+  python -m bench.vg_memory [--images 108077] [--workdir /tmp/pixelbert_vg_bench] [--skip build]
+  python -m bench.vg_memory --code /path/to/other/checkout ...   # the same measurements with other code
 
 Each measurement runs in a fresh process and reports its peak resident memory (ru_maxrss) and its time:
 - `import`: importing the builder module (the baseline the others include);
@@ -142,8 +142,7 @@ def main() -> None:
   p.add_argument("--manual", help=argparse.SUPPRESS)
   p.add_argument("--data_dir", help=argparse.SUPPRESS)
   args = p.parse_args()
-  if args.child:
-    sys.path.insert(0, os.getcwd())
+  if args.child:  # PYTHONPATH (run_child) makes `pixelbert_jax` the --code checkout's
     print(json.dumps(_measure(args.child, args.manual, args.data_dir)))
     return
   manual = os.path.join(args.workdir, f"manual_{args.images}")

@@ -1,10 +1,8 @@
-"""Smoke test of bench/train_step.py and bench/inference.py: the demo workload, one step, JAX and PyTorch
-in this process. Besides "it runs", the two frameworks must start from the same weights: the first
-training losses agree up to dropout and pixel-sampling noise, and eval-mode ITM scores agree to float32
-precision."""
+"""Smoke test of `python -m bench.train_step` and `bench.inference`: the demo workload, one step, JAX and
+PyTorch in this process. Besides "it runs", the two frameworks must start from the same weights: the first
+training losses agree up to pixel-sampling noise, and eval-mode ITM scores agree to float32 precision."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,12 +11,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-sys.path.insert(0, BENCH)
-
-import inference  # noqa: E402
-import residuals  # noqa: E402
-import train_step  # noqa: E402
+from bench import inference, residuals, train_step  # noqa: E402
+from tests import train_helpers as th  # noqa: E402
 
 
 @pytest.mark.slow
@@ -37,8 +31,6 @@ def test_train_step_bench_demo(tmp_path):
           "1",
           "--warmup",
           "0",
-          "--dtype",
-          "float32",
           "--json",
           str(out),
       ]
@@ -61,8 +53,6 @@ def test_inference_bench_demo(tmp_path, capsys):
           "--frameworks",
           "jax,torch",
           "--in-process",
-          "--dtype",
-          "float32",
           "--latency-iters",
           "1",
           "--pairs-steps",
@@ -92,20 +82,30 @@ def test_inference_bench_demo(tmp_path, capsys):
 
 def test_inference_bench_refuses_cudnn_attention_without_gpu_and_bf16(capsys):
   with pytest.raises(SystemExit):
-    inference.parse_args(["--attention", "cudnn", "--dtype", "float32"])
-  assert "--attention cudnn needs a CUDA GPU and --dtype bfloat16" in capsys.readouterr().err
+    inference.parse_args(["--attention", "cudnn", "--set", "model.dtype=float32"])
+  assert "--attention cudnn needs a CUDA GPU and model.dtype bfloat16" in capsys.readouterr().err
+
+
+def test_train_step_bench_refuses_an_unknown_config_key_in_one_line(capsys):
+  with pytest.raises(SystemExit):
+    train_step.parse_args(["--workload", "demo", "--set", "model.no_such_key=1"])
+  assert "override model.no_such_key: no such config field" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_residuals_bench_attributes_what_the_backward_keeps(tmp_path, capsys):
-  """The demo step in bf16: the parts add up, the CNN's activations are kept in bf16 (frozen batch norm,
-  no float32 copies), and remat leaves the transformer only its layer inputs while the CNN is untouched."""
+  """The demo step in bf16 with a trained CNN on frozen batch norm (the paper configs'): the parts add up, the
+  CNN's activations are kept in bf16 (no float32 copies), and remat leaves the transformer only its layer
+  inputs while the CNN is untouched."""
   tables = {}
-  for remat in ("off", "on"):
+  for remat in ("false", "true"):
     out = tmp_path / f"{remat}.json"
-    residuals.main(["--workload", "demo", "--batch", "2", "--norm", "frozen_bn", "--remat", remat, "--json", str(out)])
+    overrides = ["model.dtype=bfloat16", "model.cnn.frozen=false", "model.cnn.norm=frozen_bn", f"model.remat={remat}"]
+    residuals.main(
+        ["--workload", "demo", "--batch", "2", *(a for o in overrides for a in ("--set", o)), "--json", str(out)]
+    )
     tables[remat] = json.loads(out.read_text())["table"]
-  off, on = tables["off"], tables["on"]
+  off, on = tables["false"], tables["true"]
   for column in ("total", "bfloat16", "float32", "bool", residuals.BROADCAST):
     assert sum(off[p].get(column, 0) for p in off if p != "total") == off["total"].get(column, 0)
   assert off["CNN"]["total"] > off["transformer"]["total"] > 0
@@ -117,15 +117,17 @@ def test_residuals_bench_attributes_what_the_backward_keeps(tmp_path, capsys):
 
 
 def _in_process_then_two_cpu_devices(tmp_path, module, flags):
-  """`module` run in this process (one device), then as a fresh process with --jax-cpu-devices 2 (JAX's
-  device count is fixed when it starts) -> (the two JAX results, the second run's stdout)."""
+  """`module` run in this process (one device), then as `python -m` in a fresh process, which splits the CPU
+  into the demo config's 2 devices (JAX's device count is fixed when it starts) -> (the two JAX results, the
+  second run's stdout)."""
   one, two = tmp_path / "one.json", tmp_path / "two.json"
   module.main(flags + ["--in-process", "--json", str(one)])
   done = subprocess.run(
-      [sys.executable, module.__file__, *flags, "--jax-cpu-devices", "2", "--json", str(two)],
+      [sys.executable, "-m", module.__name__, *flags, "--json", str(two)],
       capture_output=True,
       text=True,
       timeout=600,
+      cwd=th.REPO,
   )
   assert done.returncode == 0, done.stderr[-3000:]
   return [json.loads(f.read_text())["results"][0] for f in (one, two)], done.stdout
@@ -133,8 +135,8 @@ def _in_process_then_two_cpu_devices(tmp_path, module, flags):
 
 @pytest.mark.slow
 def test_train_step_bench_on_two_cpu_devices_computes_the_same_step(tmp_path):
-  """--jax-cpu-devices 2 (the CPU default, as the demo configs' cpu_devices) splits the batch over a
-  data-parallel mesh; its first loss is the one-device loss of the same batch."""
+  """The demo config's cpu_devices=2 splits the batch over a data-parallel mesh; its first loss is the
+  one-device loss of the same batch."""
   results, out = _in_process_then_two_cpu_devices(
       tmp_path,
       train_step,
@@ -149,18 +151,16 @@ def test_train_step_bench_on_two_cpu_devices_computes_the_same_step(tmp_path):
           "1",
           "--warmup",
           "0",
-          "--dtype",
-          "float32",
       ],
   )
-  assert "JAX CPU devices (data-parallel, --jax-cpu-devices): 2" in out
+  assert "JAX mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in out
   assert abs(results[0]["first_loss"] - results[1]["first_loss"]) < 1e-5, results
 
 
 @pytest.mark.slow
 def test_inference_bench_on_two_cpu_devices_scores_as_one(tmp_path):
-  """--jax-cpu-devices 2 splits encoding and pair scoring over a data axis; the scores are those of one
-  device."""
+  """The demo config's cpu_devices=2 splits encoding and pair scoring over a data axis; the scores are those
+  of one device."""
   results, out = _in_process_then_two_cpu_devices(
       tmp_path,
       inference,
@@ -169,8 +169,6 @@ def test_inference_bench_on_two_cpu_devices_scores_as_one(tmp_path):
           "demo",
           "--frameworks",
           "jax",
-          "--dtype",
-          "float32",
           "--latency-iters",
           "1",
           "--pairs-steps",
@@ -185,7 +183,7 @@ def test_inference_bench_on_two_cpu_devices_scores_as_one(tmp_path):
           "2",
       ],
   )
-  assert "JAX CPU devices (data-parallel encoding and pair scoring, --jax-cpu-devices): 2" in out
+  assert "JAX mesh {'data': 2, 'fsdp': 1, 'tensor': 1} for encoding and pair scoring" in out
   scores = [r["scores"] for r in results]
   assert len(scores[1]) == 16
   assert max(abs(a - b) for a, b in zip(*scores)) < 1e-6

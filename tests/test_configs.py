@@ -175,16 +175,14 @@ def test_every_config_variant_loads_without_io_or_heavy_imports(tmp_path):
 def test_the_trainer_reads_the_sizes_off_the_data(tmp_path):
   """pipeline.resolve_from_data fills the configs' -1 from the data the config names; the bench's count of
   the demo vocabulary (which it makes without opening the data) agrees."""
-  from pixelbert_jax.config_files import load_sibling
+  from bench import workloads
   from pixelbert_jax.data import pipeline
-
-  bench_common = load_sibling(str(th.REPO / "bench" / "train_step.py"), "common")
 
   c = th.load_config("vqa", "demo")
   c.data.data_dir = str(tmp_path / "tfds")
   c.data.synthetic.update(num_train=24, num_val=8, num_test=8)
   pipeline.resolve_from_data(c)
-  assert c.model.vocab_size == len(pipeline.tokenizer(c.data)) == bench_common.vocab_size("demo")
+  assert c.model.vocab_size == len(pipeline.tokenizer(c.data)) == workloads.demo_vocab_size()
   assert c.model.num_answers == len(pipeline.answer_vocab(c.data)) > 1
   with pytest.raises(ValueError, match="vocab_size=-1"):
     build_model(th.load_config("pretrain", "demo").model, "pretrain")

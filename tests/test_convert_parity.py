@@ -36,14 +36,6 @@ def _random_variables(cfg, task, seed=0):
   return v
 
 
-def _state_dict(v, cfg, task):
-  rules = mm.model_rules(cfg, task)
-  mm.check_export(v, rules, "test")
-  sd = {r.torch_name: mm.export_tensor(v, r) for r in rules}
-  sd.update({n: np.zeros((), np.int64) for n in mm.tracked_names(rules)})
-  return sd
-
-
 def _cfg(size, cnn, norm, task):
   cfg = model_config(size, cnn, vocab_size=97)
   cfg.cnn.norm = norm
@@ -56,7 +48,7 @@ def _cfg(size, cnn, norm, task):
 def test_round_trip_flax_torch_flax_is_bit_identical(task):
   cfg = _cfg("tiny", "tiny", "bn", task)
   v = _random_variables(cfg, task)
-  tmodel = torch_model.pixelbert_from_state_dict(cfg, task, _state_dict(v, cfg, task))
+  tmodel = torch_model.pixelbert_from_state_dict(cfg, task, mm.export_state_dict(v, cfg, task))
   back = mm.model_from_torch({k: t.numpy() for k, t in tmodel.state_dict().items()}, cfg, task)
   flat_v, flat_b = (dict(jax.tree_util.tree_leaves_with_path(t)) for t in (v, back))
   assert flat_v.keys() == flat_b.keys()
@@ -70,7 +62,7 @@ def test_round_trip_flax_torch_flax_is_bit_identical(task):
 def test_tiny_parity_all_outputs(task, norm):
   cfg = _cfg("tiny", "tiny", norm, task)
   v = _random_variables(cfg, task, seed=1)
-  tmodel = torch_model.pixelbert_from_state_dict(cfg, task, _state_dict(v, cfg, task))
+  tmodel = torch_model.pixelbert_from_state_dict(cfg, task, mm.export_state_dict(v, cfg, task))
   report = verify.verify(cfg, task, v, tmodel)  # raises over 1e-4
   print(task, norm, report.summary())
   assert report.ok and {"sequence", "pooled", "pixel_mask"} <= set(report.diffs)
@@ -80,7 +72,7 @@ def test_tiny_parity_all_outputs(task, norm):
 def test_demo_parity():
   cfg = _cfg("demo", "demo", "bn", "pretrain")
   v = _random_variables(cfg, "pretrain", seed=2)
-  tmodel = torch_model.pixelbert_from_state_dict(cfg, "pretrain", _state_dict(v, cfg, "pretrain"))
+  tmodel = torch_model.pixelbert_from_state_dict(cfg, "pretrain", mm.export_state_dict(v, cfg, "pretrain"))
   report = verify.verify(cfg, "pretrain", v, tmodel)
   print(report.summary())
   assert report.diffs["mlm_logits"] <= 1e-4 and report.diffs["itm_logits"] <= 1e-4
@@ -92,7 +84,7 @@ def test_group_norm_parity_unpadded():
   # unpadded images check the GN mapping itself at the usual tolerance.
   cfg = _cfg("tiny", "tiny", "gn", "pretrain")
   v = _random_variables(cfg, "pretrain", seed=3)
-  tmodel = torch_model.pixelbert_from_state_dict(cfg, "pretrain", _state_dict(v, cfg, "pretrain"))
+  tmodel = torch_model.pixelbert_from_state_dict(cfg, "pretrain", mm.export_state_dict(v, cfg, "pretrain"))
   batch = verify.random_batch(cfg, "pretrain", seed=3, pad=False)
   report = verify.compare(
       verify.flax_outputs(cfg, "pretrain", v, batch),
@@ -108,7 +100,7 @@ def test_group_norm_parity_unpadded():
 def test_verification_catches_a_wrong_tensor():
   cfg = _cfg("tiny", "tiny", "bn", "pretrain")
   v = _random_variables(cfg, "pretrain", seed=4)
-  sd = _state_dict(v, cfg, "pretrain")
+  sd = mm.export_state_dict(v, cfg, "pretrain")
   sd["itm_head.dense.bias"] = sd["itm_head.dense.bias"] + 3e-4  # just over the tolerance
   tmodel = torch_model.pixelbert_from_state_dict(cfg, "pretrain", sd)
   with pytest.raises(verify.VerificationError, match="itm_logits .*FAIL"):

@@ -2,17 +2,13 @@
 stages (the backbone control and the probe) run and report finite losses."""
 
 import math
-import os
 import re
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-
-import grounding_speed  # noqa: E402
-from pixelbert_jax.data import synthetic  # noqa: E402
+from bench import grounding_speed
+from pixelbert_jax.data import synthetic
 
 
 def test_cell_labels_name_each_object():

@@ -109,7 +109,8 @@ def test_no_import_cycle_inside_the_package():
 
 @pytest.mark.slow
 def test_the_train_step_and_the_task_losses_import_without_the_data_pipeline():
-  """What bench/ and a bare accelerator host import: the step, the tasks' losses, the model, the configs."""
+  """What bench/ and a bare accelerator host import: the step and its context, the tasks' losses, the model,
+  the configs."""
   import subprocess
   import sys
 
@@ -118,6 +119,16 @@ def test_the_train_step_and_the_task_losses_import_without_the_data_pipeline():
       "pixelbert_jax.tasks.nlvr2, pixelbert_jax.tasks.retrieval, pixelbert_jax.models.build; "
       "print(sorted(m for m in sys.modules if m in ('grain', 'tensorflow_datasets', 'transformers') "
       "or m.startswith('pixelbert_jax.data')))"
+  )
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.strip() == "[]", run.stdout
+  # The step's context (what the trainer and bench/ build) checks configs against the data's pure modules
+  # (data.config, data.synthetic), but still opens no data.
+  code = (
+      "import sys; import pixelbert_jax.model_context, pixelbert_jax.accumulation, pixelbert_jax.config_files; "
+      "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grain', 'tensorflow_datasets', 'tensorflow') "
+      "or m in ('pixelbert_jax.data.pipeline', 'pixelbert_jax.data.task_data')))"
   )
   run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-2000:]

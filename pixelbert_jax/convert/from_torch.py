@@ -9,18 +9,16 @@ Weight files are memory-mapped (`.safetensors`) or read with `torch.load(weights
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
 import os
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 
 from pixelbert_jax import checkpoint as ckpt_lib
 from pixelbert_jax import paths
+from pixelbert_jax.config_files import load_config
 from pixelbert_jax.convert.mapping import bert_from_hf, cnn_from_torchvision, merge_into
 from pixelbert_jax.convert.safetensors_io import TensorFileError, read_safetensors, read_tensor_file
 from pixelbert_jax.data import pipeline
@@ -37,38 +35,6 @@ _HF_KEYS = {
     "type_vocab_size": "type_vocab_size",
     "layer_norm_eps": "layer_norm_eps",
 }
-
-
-def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-  """`configs/pretrain.py:r50` plus `KEY=VALUE` overrides (`model.hidden_size=32`), typed like the field."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path} does not exist")
-  module_spec = importlib.util.spec_from_file_location("pixelbert_convert_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  for item in overrides:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"override {item!r}: expected KEY=VALUE")
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"override {key}: no such config field")
-    old = node[leaf]
-    node[leaf] = (
-        value.lower() in ("1", "true", "yes")
-        if isinstance(old, bool)
-        else type(old)(value)
-        if isinstance(old, (int, float)) and not isinstance(old, bool)
-        else ast.literal_eval(value)
-        if isinstance(old, (list, tuple))
-        else value
-    )
-  return config
 
 
 def read_hf_folder(folder: str) -> tuple[dict, dict]:

@@ -113,6 +113,16 @@ def export_tensor(variables: dict, rule: Rule) -> np.ndarray:
   return arr
 
 
+def export_state_dict(variables: dict, cfg, task: str) -> dict:
+  """The whole torch_model.py state dict of a Flax tree in memory: NumPy float32, each tensor its own copy (a
+  PyTorch model trains them in place), with the `num_batches_tracked` buffers strict loading expects."""
+  rules = model_rules(cfg, task)
+  check_export(variables, rules, f"Flax -> PyTorch Pixel-BERT ({task})")
+  state = {r.torch_name: np.array(export_tensor(variables, r)) for r in rules}
+  state.update({n: np.zeros((), np.int64) for n in tracked_names(rules)})
+  return state
+
+
 def model_from_torch(state_dict: dict, cfg, task: str) -> dict:
   """A torch_model.py state dict (or pixelbert.safetensors) -> {'params', 'batch_stats'}; strict."""
   rules = model_rules(cfg, task)
