@@ -3,8 +3,9 @@
 With `profile_steps` > 0, steps `profile_start_step` .. `profile_start_step + profile_steps - 1` (the run's own
 step numbers, as the log and metrics.jsonl count them) are traced into WORKDIR/profile/plugins/profile/<time>/
 as `<host>.xplane.pb`, one file per process: TensorBoard's profile plugin (xprof) opens that folder. Each step
-is a `StepTraceAnnotation`, so the plugin's overview splits the time by step. Step 1 compiles the step
-function: start later to trace steady steps. A run resumed past the start traces nothing.
+is a `StepTraceAnnotation`, so the plugin's overview splits the time by step. XLA's operations and JAX's
+host-side events are traced, Python function calls not (`StepProfiler.before` says why). Step 1 compiles the
+step function: start later to trace steady steps. A run resumed past the start traces nothing.
 
   python -m pixelbert_jax.profiling WORKDIR [--top 15]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import re
 import sys
 from typing import Any, Sequence
 
@@ -30,8 +32,8 @@ FOLDER = "profile"  # under the workdir: `tensorboard --logdir WORKDIR/profile`
 
 class StepProfiler:
   """The training loop's hook: `before(step)` ahead of step `step` (fetching its batch included),
-  `after(step, state)` once it is dispatched, `close()` at the end of the loop (a run that stops inside the
-  window still writes the steps it traced)."""
+  `after(step, state)` once it is dispatched (the last traced step: once it has run), `close()` at the end of
+  the loop (a run that stops inside the window still writes the steps it traced)."""
 
   def __init__(self, config: Any, workdir: epath.Path, first_step: int):
     steps = int(config.get("profile_steps", 0))
@@ -51,18 +53,21 @@ class StepProfiler:
       return
     if not self._tracing:
       self.directory.mkdir(parents=True, exist_ok=True)
-      jax.profiler.start_trace(str(self.directory))
+      options = jax.profiler.ProfileOptions()
+      # JAX traces every Python call by default: about 190,000 per demo step (mostly the input pipeline's
+      # decoding), 9 in 10 of the trace's events and 2.5x its size, each call slowed down to be recorded.
+      options.python_tracer_level = 0
+      jax.profiler.start_trace(str(self.directory), profiler_options=options)
       self._tracing = True
+    # A step's annotation runs to the next step's start: its metrics, log line and checkpoint save included.
+    self._end_step()
     self._annotation = jax.profiler.StepTraceAnnotation("train", step_num=step)
     self._annotation.__enter__()
 
   def after(self, step: int, state: Any) -> None:
-    if not self._tracing:
-      return
-    if step >= self.last:
+    if self._tracing and step >= self.last:
       jax.block_until_ready(state)  # the device's work of the last step belongs in the trace
-    self._end_step()
-    if step >= self.last:
+      self._end_step()
       self._stop(step)
 
   def close(self) -> None:
@@ -102,34 +107,64 @@ def trace_files(workdir: str | epath.Path) -> list[epath.Path]:
   return [f for f in files if f.parent.name == newest]
 
 
-def op_times(path: str | epath.Path) -> dict[str, float]:
-  """Seconds per XLA operation (its HLO name, e.g. `fusion.12`, `convolution.3`) in one xplane file, summed
-  over its calls and over the devices' threads."""
+def _events(path: str | epath.Path):
   data = jax.profiler.ProfileData.from_serialized_xspace(epath.Path(path).read_bytes())
-  total: dict[str, float] = collections.defaultdict(float)
   for plane in data.planes:
     for line in plane.lines:
       for event in line.events:
-        stats = dict(event.stats)
-        if "hlo_op" in stats:
-          total[str(stats["hlo_op"])] += event.duration_ns * 1e-9
+        yield event, dict(event.stats)
+
+
+def op_times(path: str | epath.Path) -> dict[str, float]:
+  """Seconds per XLA operation (its HLO name, e.g. `fusion.12`, `convolution.3`) in one xplane file, summed
+  over its calls and over the devices' threads."""
+  total: dict[str, float] = collections.defaultdict(float)
+  for event, stats in _events(path):
+    if "hlo_op" in stats:
+      total[str(stats["hlo_op"])] += event.duration_ns * 1e-9
   return dict(total)
 
 
+def step_times(path: str | epath.Path) -> dict[int, float]:
+  """Wall-clock seconds of each traced step: its StepTraceAnnotation, from the start of the loop's iteration to
+  the next one's (the last: until its device work ended)."""
+  return {
+      int(stats["step_num"]): event.duration_ns * 1e-9
+      for event, stats in _events(path)
+      if event.name == "train" and "step_num" in stats
+  }
+
+
+def kind(op: str) -> str:
+  """An operation's kind: its HLO name without the instance number (`fusion.12` -> `fusion`)."""
+  return re.sub(r"\.\d+$", "", op)
+
+
 def top_ops(workdir: str | epath.Path, top: int = 15) -> dict[str, Any]:
-  """The newest trace's XLA operations by total time: [{op, seconds, share}], shares of all operations' time."""
+  """The newest trace's XLA operations by total time (`top`: [{op, seconds, share}]) and the same summed by
+  kind (`by_kind`), shares of all operations' time (the devices' threads added up), and each traced step's
+  wall-clock seconds (`steps`, from the first host's file)."""
   files = trace_files(workdir)
   if not files:
     raise FileNotFoundError(f"no *.xplane.pb under {workdir} (train with --config.profile_steps=N)")
   total: dict[str, float] = collections.Counter()
   for f in files:
     total.update(op_times(f))
+  kinds: dict[str, float] = collections.Counter()
+  for op, s in total.items():
+    kinds[kind(op)] += s
   seconds = sum(total.values())
-  ranked = sorted(total.items(), key=lambda kv: -kv[1])[:top]
+
+  def ranked(times: dict[str, float], key: str) -> list[dict[str, Any]]:
+    best = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return [{key: name, "seconds": s, "share": s / seconds if seconds else 0.0} for name, s in best]
+
   return {
       "trace": [str(f) for f in files],
+      "steps": {str(k): v for k, v in sorted(step_times(files[0]).items())},
       "op_seconds": seconds,
-      "top": [{"op": op, "seconds": s, "share": s / seconds if seconds else 0.0} for op, s in ranked],
+      "top": ranked(total, "op"),
+      "by_kind": ranked(kinds, "kind"),
   }
 
 

@@ -11,16 +11,14 @@ from pixelbert_jax import profiling, train
 from tests import train_helpers as th
 
 
+def _events(path) -> list:
+  data = jax.profiler.ProfileData.from_serialized_xspace(path.read_bytes())
+  return [e for plane in data.planes for line in plane.lines for e in line.events]
+
+
 def _traced_steps(path) -> set[int]:
   """The step numbers of the trace's StepTraceAnnotation events."""
-  data = jax.profiler.ProfileData.from_serialized_xspace(path.read_bytes())
-  return {
-      int(dict(e.stats)["step_num"])
-      for plane in data.planes
-      for line in plane.lines
-      for e in line.events
-      if e.name == "train" and "step_num" in dict(e.stats)
-  }
+  return {int(dict(e.stats)["step_num"]) for e in _events(path) if e.name == "train" and "step_num" in dict(e.stats)}
 
 
 @pytest.mark.slow
@@ -31,6 +29,8 @@ def test_profile_steps_traces_those_steps_only(data_dir, tmp_path, capsys):
   files = list((workdir / "profile").glob("plugins/profile/*/*.xplane.pb"))
   assert len(files) == 1 and files[0].stat().st_size > 0, files
   assert _traced_steps(files[0]) == {2, 3}
+  python_calls = [e.name for e in _events(files[0]) if e.name.startswith("$")]  # JAX's Python tracer's events
+  assert not python_calls, python_calls[:5]
   ops = profiling.op_times(files[0])
   assert ops and all(s >= 0 for s in ops.values()) and sum(ops.values()) > 0
 
@@ -40,6 +40,8 @@ def test_profile_steps_traces_those_steps_only(data_dir, tmp_path, capsys):
   top = json.loads(capsys.readouterr().out)
   assert top["trace"] == [str(files[0])] and len(top["top"]) == 3
   assert top["top"][0]["seconds"] >= top["top"][-1]["seconds"] and 0 < sum(r["share"] for r in top["top"]) <= 1
+  assert list(top["steps"]) == ["2", "3"] and all(s > 0 for s in top["steps"].values())
+  assert top["by_kind"][0]["seconds"] >= top["top"][0]["seconds"]  # a kind sums its operations
 
   # A resumed run past the window traces nothing more.
   train.train_and_evaluate(th.tiny_config(data_dir, total_steps=6, profile_steps=2, profile_start_step=2), str(workdir))
