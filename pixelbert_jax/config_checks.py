@@ -7,6 +7,11 @@ accumulation, buckets against the CNN stride, an unknown dataset before its voca
 against its data, the profiled steps against the run's length). `device_problems` holds the checks that need
 the device count (batch against the data-parallel devices, the mesh shape); main.py runs them once JAX has
 started, still before the workdir is touched. No JAX here: main calls `problems` before JAX starts.
+
+One module, though long: the per-key rules, the relations and the device checks are one pass over one config
+that reports each problem once. A relation skips the keys whose own rule failed (`bad`), and all three share
+the one-line format (`_line`, `_at_most`) and the lookup (`_get`); in separate modules each part would reach
+into the others' private helpers. About a third of it is the `RULES` table, one line per key.
 """
 
 from __future__ import annotations
