@@ -27,6 +27,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from pixelbert_jax import cli_errors
 from pixelbert_jax.tpu_slices import PlanError, parse_slice, quiet_libtpu, usable_hbm
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:r50")
@@ -132,11 +133,11 @@ def compile_once(config, mesh, per_device: int, accum: int) -> Attempt:
     if not accumulation.out_of_memory(e):
       raise
     text = str(e)
-    line = next((s for s in text.splitlines() if "RESOURCE_EXHAUSTED" in s), text.splitlines()[0])
+    line = next((s.strip() for s in text.splitlines() if "RESOURCE_EXHAUSTED" in s), "") or cli_errors.first_line(text)
     seconds = time.monotonic() - t
     if not _SCREEN.value:
-      return Attempt(per_device, accum, False, seconds, refusal=line.strip(), detail=text[:4000])
-    return _screened(context, lowered, config, mesh, batch_size, per_device, accum, seconds, line.strip())
+      return Attempt(per_device, accum, False, seconds, refusal=line, detail=text[:4000])
+    return _screened(context, lowered, config, mesh, batch_size, per_device, accum, seconds, line)
   seconds = time.monotonic() - t
   memory = accumulation.step_memory(compiled)
   cost = compiled.cost_analysis()
@@ -425,7 +426,7 @@ def main(argv):
         max_batch_start=_START.value,
     )
   except ValueError as e:  # PlanError, ConfigError, a bad mesh: each one line naming its key
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    print(f"error: {cli_errors.first_line(e) or type(e).__name__}", file=sys.stderr)
     return USAGE
   if _JSON.value:
     with open(_JSON.value, "w") as f:

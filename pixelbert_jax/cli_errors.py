@@ -26,6 +26,16 @@ from typing import Any, Callable
 INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C
 
 
+def first_line(e: BaseException | str, *, with_type: bool = False) -> str:
+  """The first non-blank line of an exception's message (or of a text), stripped: the part of a long message
+  (a traceback quoted by XLA, a list of mismatches) that fits an `error:` line. '' when there is none;
+  `with_type`: prefixed by the exception's type, e.g. 'OSError: ...' (its type alone when the message is empty)."""
+  text = next((s.strip() for s in str(e).splitlines() if s.strip()), "")
+  if with_type and isinstance(e, BaseException):
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+  return text
+
+
 def _chain(e: BaseException):
   seen = set()
   while e is not None and id(e) not in seen:
@@ -112,11 +122,10 @@ def message(e: BaseException, where: str | None = None) -> str:
     newest = _newest_checkpoint(where) if where else None
     kept = f"; {newest} is the newest complete checkpoint: free space and rerun to resume" if newest else ""
     return f"disk full: could not write {path} (No space left on device; {free}){kept}"
-  lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-  text = lines[0] if lines else ""
+  text = first_line(e)
   if isinstance(e, (ValueError, OSError, FloatingPointError)) or type(e).__module__.startswith("pixelbert_jax"):
     return text or type(e).__name__
-  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+  return first_line(e, with_type=True)
 
 
 def details(e: BaseException, limit: int = 20) -> list[str]:
@@ -173,7 +182,7 @@ def run_command(body: Callable[[], Any], *, usage_errors: tuple[type[BaseExcepti
   try:
     result = body()
   except usage_errors as e:
-    print(f"error: {str(e).splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+    print(f"error: {first_line(e) or type(e).__name__}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     return interrupted()
@@ -218,7 +227,7 @@ class QuietOrbax(logging.Filter):
         return True
       return False
     self.shown += 1
-    first = (record.getMessage().strip().splitlines() or [""])[0]
+    first = first_line(record.getMessage())
     record.msg, record.args = (first[:300] + (" ..." if len(first) > 300 else "")), None
     record.exc_info = record.exc_text = record.stack_info = None
     return True

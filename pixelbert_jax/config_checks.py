@@ -4,9 +4,15 @@ A value that would fail later fails here, one line per problem naming the key, t
 range: every numeric and enumerated key of every config variant (`RULES`, nested ones included), then the
 relations between keys (text length against the synthetic world's longest text, batch against gradient
 accumulation, buckets against the CNN stride, an unknown dataset before its vocabulary, the CNN warm start
-against its data and its init hook). `device_problems` holds the checks that need the device count (batch
-against the data-parallel devices, the mesh shape); main.py runs them once JAX has started, still before the
-workdir is touched. No JAX here: main calls `problems` before JAX starts.
+against its data and its init hook, the profiled steps against the run's length). `device_problems` holds
+the checks that need the device count (batch against the data-parallel devices, the mesh shape); main.py runs
+them once JAX has started, still before the workdir is touched. No JAX here: main calls `problems` before JAX
+starts.
+
+One module, though long: the per-key rules, the relations and the device checks are one pass over one config
+that reports each problem once. A relation skips the keys whose own rule failed (`bad`), and all three share
+the one-line format (`_line`, `_at_most`) and the lookup (`_get`); in separate modules each part would reach
+into the others' private helpers. About a third of it is the `RULES` table, one line per key.
 """
 
 from __future__ import annotations
@@ -127,6 +133,8 @@ RULES: dict[str, Rule] = {
     "eval_steps": integer(1, also={-1: "the whole held-out split"}),
     "checkpoint_every_steps": integer(1),
     "keep_checkpoints": integer(1, text=">= 1 (Orbax would delete every checkpoint; an integer up to 2147483647)"),
+    "profile_steps": integer(0, text=">= 0 (0: no profile; an integer up to 2147483647)"),
+    "profile_start_step": integer(1),
     "init_from": STRING,
     "init_from_torch": STRING,
     "init_hook": Rule(
@@ -295,6 +303,8 @@ def _relations(config: ml_collections.ConfigDict, bad: set[str]) -> list[str]:
       )
   if have("loss.mlm_weight", "loss.itm_weight") and get("loss.mlm_weight") == 0 == get("loss.itm_weight"):
     found.append("config.loss.mlm_weight=0 and config.loss.itm_weight=0 leave nothing to train: make one > 0")
+  if have("profile_steps", "profile_start_step", "total_steps") and get("profile_steps") > 0 < get("total_steps"):
+    found += _at_most(have, get, "profile_start_step", "total_steps", " (the profile would never start)")
   found += _mesh_entries(config, bad)
   found += _model_relations(config, bad, have, get)
   found += _data_relations(config, bad, have, get)

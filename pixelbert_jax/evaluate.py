@@ -6,7 +6,8 @@ The run's own config.json (beside its checkpoints/) says the task, the data and 
 another split of the same data (default: the config's `data.eval_split`), always in full. The metrics go to
 stdout as one JSON object (the `eval/...` keys training logs; VQA: tasks/vqa.py explains its keys), and the
 task's result file to WORKDIR/results/ as in training (e.g. `vqa_test_step2.json`). One process, the devices
-it sees. Bad input gets a one-line `error: ...` and exit code 2.
+it sees. Bad input gets a one-line `error: ...` and exit code 2, any other failure one line and exit code 1
+(`--verbose`: with the traceback).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Sequence
 import ml_collections
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import partitioning, paths
+from pixelbert_jax import cli_errors, partitioning, paths
 
 
 class EvaluateError(ValueError):
@@ -72,16 +73,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--checkpoint", required=True, help="training workdir, its checkpoints/ or a step folder")
   parser.add_argument("--split", default=None, help="split of the run's dataset (default: its data.eval_split)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+  parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  try:
-    metrics = evaluate(args.checkpoint, args.split, args.step)
-  except (EvaluateError, ckpt_lib.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
-    # The messages name the file, split or key already; a traceback through JAX adds nothing.
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    return 2
-  print(json.dumps(metrics, indent=2, sort_keys=True))
-  return 0
+
+  def body() -> dict[str, float]:
+    return dict(sorted(evaluate(args.checkpoint, args.split, args.step).items()))
+
+  # Bad input (the messages name the file, split or key already) is exit status 2; anything else 1, one line.
+  return cli_errors.run_command(
+      body,
+      usage_errors=(EvaluateError, ckpt_lib.CheckpointMismatchError, ValueError, FileNotFoundError),
+      verbose=args.verbose,
+  )
 
 
 if __name__ == "__main__":

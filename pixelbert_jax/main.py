@@ -37,7 +37,7 @@ def _usage_error(text: str) -> None:
 def _unknown_key(e: BaseException, args: list[str]) -> str:
   """ml_collections' AttributeError for `--config.a.b=..` on a config without `b`: the argument and its hint."""
   text = str(e).replace("\\n", "\n")
-  key = re.search(r"[A-Za-z_]\w*", text.splitlines()[0] if text.strip() else "")
+  key = re.search(r"[A-Za-z_]\w*", cli_errors.first_line(text))
   key = key.group(0) if key else "?"
   given = next(
       (

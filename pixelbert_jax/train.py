@@ -22,7 +22,7 @@ from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
 from pixelbert_jax import accumulation, config_checks, init_hooks, metrics_writer, model_context, partitioning, paths
-from pixelbert_jax import run_lock, tasks
+from pixelbert_jax import profiling, run_lock, tasks
 from pixelbert_jax.data.task_data import TaskData
 from pixelbert_jax.train_step import State
 
@@ -259,6 +259,7 @@ def _train_and_evaluate(
 
   writer = metrics_writer.MetricWriter(workdir, resume_step=start)
   stop = _StopFlag()  # before the init hook: a SIGTERM there stops cleanly too
+  profiler = profiling.StepProfiler(config, workdir, first_step=start + 1)
   pending: tuple[int, dict] | None = None  # the previous step's metrics, fetched one step late
   final: dict[str, float] = {}
   step = start
@@ -283,10 +284,12 @@ def _train_and_evaluate(
     t_log, n_log = time.monotonic(), 0
     while step < trainer.total_steps:
       checkpointer.check()  # a save that failed in the background (disk full) stops the run here, not at the end
+      profiler.before(step + 1)  # config.profile_steps: the trace covers fetching the batch too
       batch = partitioning.global_batch(next(train_iter), mesh)
       with partitioning.activate(mesh):
         state, metrics = trainer.train_step(state, batch)
       step += 1
+      profiler.after(step, state)
       if pending is not None:  # the device has finished it by now: checking costs no stall
         _accumulate(sums, pending[1], pending[0])
       pending = (step, metrics)
@@ -344,6 +347,7 @@ def _train_and_evaluate(
     )
     raise NonFiniteLossError(f"{e}; stopping ({kept}).") from None
   finally:
+    profiler.close()
     stop.restore()
     checkpointer.close()
     writer.close()

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pixelbert_jax import checkpoint as ckpt
+from pixelbert_jax import checkpoint_files
 
 
 def _tree(hidden=4):
@@ -81,11 +82,11 @@ def test_all_finite_refuses_inf_and_nan(bad):
   """The check before every save and after every restore: inf is as bad as NaN (an `~isnan` check lets a
   diverged run save and resume), integer leaves are not looked at, and the bad leaf is named."""
   good = {"params": {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}, "step": np.int32(7)}
-  assert bool(ckpt._all_finite(good)) and ckpt.nonfinite_leaves(good) == []
+  assert bool(checkpoint_files._all_finite(good)) and ckpt.nonfinite_leaves(good) == []
   w = good["params"]["w"].copy()
   w[1, 2] = bad
   tree = {**good, "params": {**good["params"], "w": w}}
-  assert not bool(ckpt._all_finite(tree))
+  assert not bool(checkpoint_files._all_finite(tree))
   assert ckpt.nonfinite_leaves(tree) == ["params/w"]
 
 

@@ -107,6 +107,13 @@ def test_issue_values_are_one_line_naming_key_value_and_range(key, value, expect
   assert len(found) == 1 and found[0].startswith(expected), found
 
 
+def test_a_profile_that_would_start_after_the_last_step_is_refused_only_when_on():
+  found = cc.problems(_demo(profile_steps=3, profile_start_step=1001))
+  assert found == ["config.profile_start_step=1001 must be <= config.total_steps=1000 (the profile would never start)"]
+  assert cc.problems(_demo(profile_steps=0, profile_start_step=1001)) == []  # off: the start is unused
+  assert cc.problems(_demo(profile_steps=3, profile_start_step=1001, total_steps=-1)) == []  # from the data
+
+
 def test_unknown_dataset_is_named_before_its_vocabulary():
   """'nosuchdata' needs no vocab complaint: the name is the cause (it said 'needs a BERT vocab')."""
   assert cc.problems(_demo(**{"data.name": "nosuchdata", "data.vocab_path": ""})) == [
@@ -261,6 +268,7 @@ ACCEPTED = {
     ("model.num_answers", "-1"): "read off the data (vqa only)",
     ("optim.grad_accum_steps", "-1"): "the fewest micro-batches that fit",
     ("cnn_warm_start.steps", "0"): "no warm start",
+    ("profile_steps", "0"): "no profile",
     ("cnn_warm_start.lr", "0"): "a warm start that leaves the CNN as initialised",
     ("optim.cnn.lr", "0"): "a CNN that is not trained",
     ("optim.transformer.lr", "0"): "a transformer that is not trained",
@@ -376,6 +384,7 @@ TRAIN_RUNS = {
         "model.vocab_size": -1,
         "optim.grad_accum_steps": -1,
         "cnn_warm_start.steps": 0,
+        "profile_steps": 0,
         "optim.cnn.lr": 0.0,
         "optim.cnn.momentum": 0.0,
         "optim.cnn.weight_decay": 0.0,

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import config_checks, predict, run_lock, train
+from pixelbert_jax import checkpoint_files, config_checks, predict, run_lock, train
 from tests import train_helpers as th
 
 
@@ -189,8 +189,8 @@ def test_a_tmp_folder_recreated_by_a_late_write_is_removed_too(tmp_path, monkeyp
       (leftover / "params" / "late").mkdir(parents=True)
     calls.append(path)
 
-  monkeypatch.setattr(ckpt_lib.shutil, "rmtree", rmtree_then_late_write)
-  removed = ckpt_lib.remove_tmp_dirs(ckpt_lib.epath.Path(tmp_path), settle_s=0.0)
+  monkeypatch.setattr(checkpoint_files.shutil, "rmtree", rmtree_then_late_write)
+  removed = checkpoint_files.remove_tmp_dirs(checkpoint_files.epath.Path(tmp_path), settle_s=0.0)
   assert removed == [leftover.name] and not leftover.exists() and len(calls) == 2
 
 
