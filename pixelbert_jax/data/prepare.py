@@ -139,12 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
   args = parser.parse_args(argv)
   extra = {}
-  for key in ("exclude_coco_heldout",):  # flags of one builder (data/datasets.py `options`)
-    if getattr(args, key):
-      takers = [name for name in REAL_DATASETS if key in DATASETS[name].options]
-      if args.dataset not in takers:
-        parser.error(f"--{key} applies to --dataset {' or '.join(takers)} only")
-      extra[key] = getattr(args, key)
+  if args.exclude_coco_heldout:  # an option of the builders data/datasets.py gives it to
+    takers = [name for name in REAL_DATASETS if "exclude_coco_heldout" in DATASETS[name].options]
+    if args.dataset not in takers:
+      parser.error(f"--exclude_coco_heldout applies to --dataset {' or '.join(takers)} only")
+    extra["exclude_coco_heldout"] = args.exclude_coco_heldout
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
     builder = prepare(

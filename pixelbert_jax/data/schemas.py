@@ -54,10 +54,6 @@ class Schema:
   def required(self) -> frozenset[str]:
     return frozenset(self.fields) - set(self.optional)
 
-  @property
-  def num_images(self) -> int:
-    return len(self.sizes) // 2
-
   def features(self, **extra: Any):
     """The `tfds.features.FeaturesDict` of a build of this schema: the image table's fields, the record's,
     then `extra` (a builder's own fields, e.g. the synthetic world's grounding labels)."""
