@@ -3,8 +3,8 @@
 A task reads one schema (task_table.py `schema`), and every dataset's builds follow one or more of them
 (data/datasets.py). The builders store a schema's `features` (plus the image table's, builders/layout.py);
 `data/sources.py` refuses a build that lacks one of its `required` fields; `data/split_index.py` reads its
-`sizes`, `id_key` and `texts` off every record into the split's sidecar files. No TensorFlow Datasets
-import here: the split index reads these tables on machines that only plan batches.
+`sizes`, `id_key` and `texts` off every record into the split's sidecar files. TensorFlow Datasets is
+imported by `features` alone, so that the split index, which reads these tables, stays NumPy only.
 """
 
 from __future__ import annotations
