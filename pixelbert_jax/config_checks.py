@@ -320,10 +320,11 @@ def _mesh_entries(config, bad) -> list[str]:
 
 def _model_relations(config, bad, have, get) -> list[str]:
   found = []
-  if have("model.num_answers", "task") and get("model.num_answers") == -1 and get("task") != "vqa":
+  readers = [name for name, spec in task_table.TASKS.items() if "num_answers" in spec.data_sizes]
+  if have("model.num_answers", "task") and get("model.num_answers") == -1 and get("task") not in readers:
     found.append(
-        f"config.model.num_answers=-1 must be > 0 for task {get('task')!r}: only vqa reads it off the data "
-        "(pipeline.resolve_from_data)"
+        f"config.model.num_answers=-1 must be > 0 for task {get('task')!r}: only {', '.join(readers)} reads it "
+        "off the data (pipeline.resolve_from_data)"
     )
   if have("model.hidden_size", "model.num_heads") and get("model.hidden_size") % get("model.num_heads"):
     found.append(

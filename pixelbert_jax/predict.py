@@ -25,7 +25,7 @@ import numpy as np
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import cli_errors, model_context, partitioning, paths
+from pixelbert_jax import cli_errors, model_context, partitioning, paths, task_table
 from pixelbert_jax.data import pipeline, text
 from pixelbert_jax.data.preprocess import BadImageError, decode_image, resize_and_pad
 
@@ -50,7 +50,7 @@ class Predictor:
     except FileNotFoundError as e:
       raise PredictError(str(e)) from e
     self.task = meta.get("task")
-    if self.task not in ("pretrain", "vqa", "nlvr2", "retrieval") or "model" not in meta:
+    if self.task not in task_table.TASKS or "model" not in meta:
       raise PredictError(f"checkpoint {checkpoint}: its meta item names no known task/model ({sorted(meta)})")
     config_path = directory.parent / "config.json"
     if not config_path.exists():

@@ -1,10 +1,11 @@
 """The one table of tasks: for each, the data it reads, the model it trains and the module that drives it.
 
-Every part that dispatches on `config.task` looks the task up here: the data pipeline (schema, examples),
-`models.build.build_model` (model) and the trainer (the training module, `tasks.Task`, and the
-evaluation function, `tasks.Evaluate`). Entries name their classes
-and modules by import path and are resolved on use, so this module imports nothing, the data and model
-layers never import the task modules, and adding a task is one row here plus the modules it names.
+Every part that dispatches on `config.task` looks the task up here instead of naming tasks: the data pipeline
+(schema, examples, the sizes it reads off the data), `models.build` (model, its image inputs), the trainer
+(the training module, `tasks.Task`, and the evaluation function, `tasks.Evaluate`) and the PyTorch
+conversion (heads and their tensor names). Entries name their classes, functions and modules by import path
+and are resolved on use, so this module imports nothing, the data and model layers never import the task
+modules, and adding a task is one row here plus the modules it names (docs/development.md).
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-  """One task. `schema` is the TFDS builder family its splits come from (data/builders: `captions`, `vqa`,
-  `nlvr2`); `record` is what one record of a split is (what `num_examples` counts); `model` and `examples`
-  are "module:Class" paths; `module` is the training module (tasks.Task: pure JAX, no data pipeline) and
-  `evaluate` the "module:function" path of its evaluation (tasks.Evaluate)."""
+  """One task. `schema` is the data schema its splits follow (data/schemas.py: `captions`, `vqa`, `nlvr2`);
+  `record` is what one record of a split is (what `num_examples` counts); `model` and `examples` are
+  "module:Class" paths; `module` is the training module (tasks.Task: pure JAX, no data pipeline) and
+  `evaluate` the "module:function" path of its evaluation (tasks.Evaluate).
+
+  `images`: the image inputs of the model, each with its `<key>_mask` (dummy inputs, conversion checks).
+  `data_sizes`: the `config.model` sizes whose -1 means "the data's", each the `TaskData` property of that
+  name. `torch_heads`: the "module:OBJECT" path of the heads of its PyTorch model (convert/torch_model.py
+  `TorchHeads`); `head_rules`: the "module:function" path giving the Flax <-> PyTorch names of those heads
+  (convert/model_mapping.py); `bert_heads`: the model carries BERT's own pre-training heads (MLM, ITM), so
+  the exported text encoder keeps them (HF `BertForPreTraining`)."""
 
   name: str
   schema: str
@@ -28,6 +36,11 @@ class TaskSpec:
   examples: str
   module: str
   evaluate: str
+  torch_heads: str
+  head_rules: str
+  images: tuple[str, ...] = ("image",)
+  data_sizes: tuple[str, ...] = ("vocab_size",)
+  bert_heads: bool = False
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -41,6 +54,9 @@ TASKS: dict[str, TaskSpec] = {
             examples="pixelbert_jax.data.examples:PretrainExamples",
             module="pixelbert_jax.tasks.pretrain",
             evaluate="pixelbert_jax.tasks.pretrain_eval:evaluate",
+            torch_heads="pixelbert_jax.convert.torch_model:PRETRAIN_HEADS",
+            head_rules="pixelbert_jax.convert.model_mapping:pretrain_head_rules",
+            bert_heads=True,
         ),
         TaskSpec(
             "vqa",
@@ -50,6 +66,9 @@ TASKS: dict[str, TaskSpec] = {
             examples="pixelbert_jax.data.finetune_examples:VqaExamples",
             module="pixelbert_jax.tasks.vqa",
             evaluate="pixelbert_jax.tasks.vqa_eval:evaluate",
+            torch_heads="pixelbert_jax.convert.torch_model:VQA_HEADS",
+            head_rules="pixelbert_jax.convert.model_mapping:vqa_head_rules",
+            data_sizes=("vocab_size", "num_answers"),
         ),
         TaskSpec(
             "nlvr2",
@@ -59,6 +78,9 @@ TASKS: dict[str, TaskSpec] = {
             examples="pixelbert_jax.data.finetune_examples:Nlvr2Examples",
             module="pixelbert_jax.tasks.nlvr2",
             evaluate="pixelbert_jax.tasks.nlvr2_eval:evaluate",
+            torch_heads="pixelbert_jax.convert.torch_model:NLVR2_HEADS",
+            head_rules="pixelbert_jax.convert.model_mapping:nlvr2_head_rules",
+            images=("image", "image1"),
         ),
         TaskSpec(
             "retrieval",
@@ -68,6 +90,8 @@ TASKS: dict[str, TaskSpec] = {
             examples="pixelbert_jax.data.finetune_examples:RetrievalExamples",
             module="pixelbert_jax.tasks.retrieval",
             evaluate="pixelbert_jax.tasks.retrieval_eval:evaluate",
+            torch_heads="pixelbert_jax.convert.torch_model:RETRIEVAL_HEADS",
+            head_rules="pixelbert_jax.convert.model_mapping:retrieval_head_rules",
         ),
     )
 }

@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from pixelbert_jax.data import prepare as prepare_lib
-from pixelbert_jax.data.builders import _common, layout
+from pixelbert_jax.data.builders import _common, _read, layout
 from pixelbert_jax.data.builders.coco_karpathy import CocoKarpathy
 from pixelbert_jax.data.builders.flickr30k import Flickr30kKarpathy
 from pixelbert_jax.data.builders.jsonl import Jsonl
@@ -127,7 +127,7 @@ def _edit_json(path, edit):
 def test_coco_karpathy_malformed_record(tmp_path, edit, pattern):
   fx.write_coco_karpathy(str(tmp_path / "manual"), broken=False)
   _edit_json(tmp_path / "manual" / "dataset_coco.json", edit)
-  with pytest.raises(_common.RecordError, match=pattern):
+  with pytest.raises(_read.RecordError, match=pattern):
     build(CocoKarpathy, tmp_path / "manual", tmp_path / "data")
 
 
@@ -153,7 +153,7 @@ def test_flickr30k_kaggle_layout_is_found(tmp_path):
 def test_flickr30k_malformed_record(tmp_path):
   fx.write_flickr30k(str(tmp_path / "manual"))
   _edit_json(tmp_path / "manual" / "dataset_flickr30k.json", lambda o: o["images"][3].update(sentences="x"))
-  with pytest.raises(_common.RecordError, match=r"images\[3\] \(100003\.jpg\): key 'sentences' must be list"):
+  with pytest.raises(_read.RecordError, match=r"images\[3\] \(100003\.jpg\): key 'sentences' must be list"):
     build(Flickr30kKarpathy, tmp_path / "manual", tmp_path / "data")
 
 
@@ -192,12 +192,12 @@ def test_json_array_stream_reads_what_json_load_reads(tmp_path, chunk):
   path = str(tmp_path / "manual" / "region_descriptions.json")
   with open(path) as f:
     whole = json.load(f)
-  assert [v for _, v in _common.iter_json_array(path, chunk=chunk)] == whole
+  assert [v for _, v in _read.iter_json_array(path, chunk=chunk)] == whole
   odd = [12345, -0.5e3, 'caf\u00e9 \\ "x"', "日本", {"a": [1, {"b": None}]}, [], True, None]
   (tmp_path / "odd.json").write_text(" \n" + json.dumps(odd, ensure_ascii=False, indent=1) + "\n ")
-  assert [v for _, v in _common.iter_json_array(str(tmp_path / "odd.json"), chunk=chunk)] == odd
+  assert [v for _, v in _read.iter_json_array(str(tmp_path / "odd.json"), chunk=chunk)] == odd
   (tmp_path / "empty.json").write_text("[ ]")
-  assert list(_common.iter_json_array(str(tmp_path / "empty.json"), chunk=chunk)) == []
+  assert list(_read.iter_json_array(str(tmp_path / "empty.json"), chunk=chunk)) == []
 
 
 @pytest.mark.parametrize(
@@ -218,15 +218,15 @@ def test_json_array_stream_reads_what_json_load_reads(tmp_path, chunk):
 def test_json_array_stream_rejects_what_it_does_not_understand(tmp_path, content, pattern):
   (tmp_path / "bad.json").write_text(content)
   for chunk in (3, 1 << 20):
-    with pytest.raises(_common.RecordError, match=pattern):
-      list(_common.iter_json_array(str(tmp_path / "bad.json"), chunk=chunk))
+    with pytest.raises(_read.RecordError, match=pattern):
+      list(_read.iter_json_array(str(tmp_path / "bad.json"), chunk=chunk))
 
 
 def test_visual_genome_malformed_record(tmp_path):
   fx.write_visual_genome(str(tmp_path / "manual"))
   _edit_json(tmp_path / "manual" / "region_descriptions.json", lambda o: o[2]["regions"][1].pop("phrase"))
   with pytest.raises(
-      _common.RecordError,
+      _read.RecordError,
       match=r"region_descriptions\.json: record \[2\] \(image 3\) regions\[1\]: missing key 'phrase'",
   ):
     build(VisualGenomeRegions, tmp_path / "manual", tmp_path / "data")
@@ -273,7 +273,7 @@ def test_vqa2_splits_answers_and_unannotated_test(tmp_path):
 def test_vqa2_malformed_record(tmp_path, file, edit, pattern):
   fx.write_vqa2(str(tmp_path / "manual"))
   _edit_json(tmp_path / "manual" / file, edit)
-  with pytest.raises(_common.RecordError, match=pattern):
+  with pytest.raises(_read.RecordError, match=pattern):
     build(Vqa2, tmp_path / "manual", tmp_path / "data")
 
 
@@ -326,7 +326,7 @@ def test_nlvr2_malformed_record(tmp_path, edit, pattern):
   lines = [json.loads(l) for l in path.read_text().splitlines()]
   edit(lines[1])
   fx.write_jsonl(str(path), lines)
-  with pytest.raises(_common.RecordError, match=pattern):
+  with pytest.raises(_read.RecordError, match=pattern):
     build(Nlvr2, tmp_path / "manual", tmp_path / "data")
 
 
@@ -412,7 +412,7 @@ def test_jsonl_malformed_record(tmp_path, config, writer, line, pattern):
   writer(str(tmp_path / "manual"))
   with open(tmp_path / "manual" / "train.jsonl", "a") as f:
     f.write(json.dumps(line) + "\n")
-  with pytest.raises(_common.RecordError, match=pattern):
+  with pytest.raises(_read.RecordError, match=pattern):
     build(Jsonl, tmp_path / "manual", tmp_path / "data", config=config)
 
 
@@ -564,19 +564,19 @@ def test_user_text_files_that_are_not_utf8_name_the_file_and_the_line(tmp_path):
 
   lines = tmp_path / "a.jsonl"
   lines.write_bytes(b'{"x": 1}\n\n{"x": "\xc3\xa9"}\n{"x": "\xff"}\n')
-  with pytest.raises(_common.RecordError, match=rf"^{re.escape(str(lines))}: line 4: not valid UTF-8 \(byte 0xff"):
-    list(_common.iter_json_lines(str(lines)))
+  with pytest.raises(_read.RecordError, match=rf"^{re.escape(str(lines))}: line 4: not valid UTF-8 \(byte 0xff"):
+    list(_read.iter_json_lines(str(lines)))
   whole = tmp_path / "a.json"
   whole.write_bytes(b'{"images": [\n  "\xc3\xa9",\n  "\xfe"\n]}\n')
-  with pytest.raises(_common.RecordError, match=rf"^{re.escape(str(whole))}: line 3: not valid UTF-8 \(byte 0xfe"):
-    _common.load_json(str(whole))
+  with pytest.raises(_read.RecordError, match=rf"^{re.escape(str(whole))}: line 3: not valid UTF-8 \(byte 0xfe"):
+    _read.load_json(str(whole))
   array = tmp_path / "list.json"
   good = '[\n"\u00e9\u00e9\u00e9",\n"\u20ac"\n]'.encode()
   array.write_bytes(good)
-  assert [v for _, v in _common.iter_json_array(str(array), chunk=3)] == ["\u00e9\u00e9\u00e9", "\u20ac"]
+  assert [v for _, v in _read.iter_json_array(str(array), chunk=3)] == ["\u00e9\u00e9\u00e9", "\u20ac"]
   array.write_bytes(good[:-2] + b',\n"\xe2\x82"\n]')  # a euro sign without its last byte, on line 4
-  with pytest.raises(_common.RecordError, match=rf"^{re.escape(str(array))}: line 4: not valid UTF-8 \(byte 0xe2"):
-    list(_common.iter_json_array(str(array), chunk=3))
+  with pytest.raises(_read.RecordError, match=rf"^{re.escape(str(array))}: line 4: not valid UTF-8 \(byte 0xe2"):
+    list(_read.iter_json_array(str(array), chunk=3))
   vocab = tmp_path / "vocab.txt"
   vocab.write_bytes(b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nred\nbl\xffue\n")
   with pytest.raises(ValueError, match=rf"^vocab file {re.escape(str(vocab))}: line 7: not valid UTF-8"):

@@ -17,6 +17,8 @@ transformers = pytest.importorskip("transformers")
 from pixelbert_jax import checkpoint as ckpt_lib
 from pixelbert_jax import train
 from pixelbert_jax.convert.__main__ import main
+from pixelbert_jax.convert.from_torch import load_config
+from pixelbert_jax.convert.model_mapping import hf_bert_config
 from pixelbert_jax.convert.torch_model import load_pixelbert
 from pixelbert_jax.data import pipeline
 from pixelbert_jax.models.build import build_model
@@ -96,15 +98,7 @@ def test_from_torch_then_one_training_step(data_dir, tmp_path):
   torch.manual_seed(0)
   torch.save(torchvision.models.resnet50().state_dict(), cnn_path)
   vocab = pipeline.vocab_size(th.load_config().data)
-  hf_cfg = transformers.BertConfig(
-      vocab_size=vocab,
-      hidden_size=32,
-      num_hidden_layers=2,
-      num_attention_heads=2,
-      intermediate_size=64,
-      max_position_embeddings=64,
-  )
-  transformers.BertForPreTraining(hf_cfg).save_pretrained(tmp_path / "bert")
+  _tiny_bert(tmp_path / "bert", vocab=vocab, model_class=transformers.BertForPreTraining)
   init_dir = tmp_path / "init"
   sets = [f"--set={k}={v}" for k, v in R50_TINY.items()]
   proc = _cli(
@@ -164,16 +158,11 @@ def test_checkpoint_of_another_config(trained, capsys, tmp_path):
   assert str(tmp_path / "other") in err and "does not match" in err and "expects" in err
 
 
-def _tiny_bert(path, vocab=30):
-  cfg = transformers.BertConfig(
-      vocab_size=vocab,
-      hidden_size=32,
-      num_hidden_layers=2,
-      num_attention_heads=2,
-      intermediate_size=64,
-      max_position_embeddings=64,
-  )
-  transformers.BertModel(cfg).save_pretrained(path)
+def _tiny_bert(path, vocab=30, model_class=transformers.BertModel):
+  """A random HF BERT of R50_TINY's size: the transformer those configs describe (hf_bert_config)."""
+  cfg = load_config(str(th.REPO / "configs" / "pretrain.py") + ":demo", [f"{k}={v}" for k, v in R50_TINY.items()])
+  cfg.model.vocab_size = vocab
+  model_class(hf_bert_config(cfg.model)).save_pretrained(path)
 
 
 def test_truncated_safetensors(capsys, tmp_path):

@@ -147,6 +147,7 @@ def _stand_ins(root, vocab_size: int) -> None:
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from pixelbert_jax.convert.from_torch import load_config
+  from pixelbert_jax.convert.model_mapping import hf_bert_config
   from pixelbert_jax.convert.torch_model import build_resnet
 
   cfg = load_config(
@@ -155,15 +156,7 @@ def _stand_ins(root, vocab_size: int) -> None:
   )
   torch.manual_seed(0)
   torch.save(build_resnet(cfg.model.cnn).state_dict(), root / "resnet50-0676ba61.pth")
-  hf = transformers.BertConfig(
-      vocab_size=vocab_size,
-      hidden_size=32,
-      num_hidden_layers=2,
-      num_attention_heads=2,
-      intermediate_size=64,
-      max_position_embeddings=cfg.model.max_position_embeddings,
-  )
-  transformers.BertForPreTraining(hf).save_pretrained(root / "bert-base-uncased")
+  transformers.BertForPreTraining(hf_bert_config(cfg.model)).save_pretrained(root / "bert-base-uncased")
 
 
 def _shrink(argv: list[str], vocab_size: int) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
+from pixelbert_jax import task_table
 from pixelbert_jax.convert.mapping import (
     EXPANSION,
     MappingError,
@@ -24,23 +25,17 @@ from pixelbert_jax.convert.mapping import (
     cnn_rules,
 )
 
+
 # ------------------------------------------------------------------- the whole model, one tensor at a time
-# Names of `pixelbert_jax.convert.torch_model.PixelBert*`: `encoder.cnn.` + torchvision, `encoder.bert.` +
+# Names of `pixelbert_jax.convert.torch_model.PixelBert`: `encoder.cnn.` + torchvision, `encoder.bert.` +
 # HF BertModel, and the Flax path for the rest (kernel/scale/embedding -> weight).
-TASK_HEADS = {
-    "pretrain": ("mlm_head", "itm_head"),
-    "vqa": ("vqa_head",),
-    "nlvr2": ("nlvr2_head",),
-    "retrieval": ("retrieval_head",),
-}
-
-
 def _path_name(path: tuple) -> str:
   leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(path[-1], path[-1])
   return ".".join(path[:-1] + (leaf,))
 
 
-def _mlp_head(name: str, d_in: int, hidden: int, n_out: int) -> list:
+def _mlp_head(cfg, name: str, d_in: int, n_out: int) -> list:
+  hidden = cfg.head_hidden_multiplier * cfg.hidden_size
   return (
       _dense(f"{name}.dense_0", (name, "dense_0"), d_in, hidden)
       + _layer_norm(f"{name}.LayerNorm", (name, "LayerNorm"), hidden)
@@ -52,10 +47,28 @@ def c5_channels(cnn_cfg) -> int:
   return cnn_cfg.base_planes * 2 ** (len(cnn_cfg.stage_sizes) - 1) * EXPANSION
 
 
+# A task's heads (its `head_rules` in task_table.py): (model cfg, bert_rules' groups) -> rules.
+def pretrain_head_rules(cfg, bert_groups: dict) -> list:
+  heads = bert_groups["mlm_head"] + bert_groups["itm_head"]  # HF's heads, under their Flax paths
+  return [dataclasses.replace(r, torch_name=_path_name(r.path)) for r in heads]
+
+
+def vqa_head_rules(cfg, bert_groups: dict) -> list:
+  return _mlp_head(cfg, "vqa_head", cfg.hidden_size, cfg.num_answers)
+
+
+def nlvr2_head_rules(cfg, bert_groups: dict) -> list:
+  return _mlp_head(cfg, "nlvr2_head", 2 * cfg.hidden_size, 2)
+
+
+def retrieval_head_rules(cfg, bert_groups: dict) -> list:
+  return _dense("retrieval_head.dense", ("retrieval_head", "dense"), cfg.hidden_size, 1)
+
+
 def model_rules(cfg, task: str) -> list:
   """Every tensor of the `task` model (params and batch_stats), named as in torch_model.py."""
-  if task not in TASK_HEADS:
-    raise MappingError(f"unknown task {task!r}; expected one of {sorted(TASK_HEADS)}")
+  if task not in task_table.TASKS:
+    raise MappingError(f"unknown task {task!r}; expected one of {sorted(task_table.TASKS)}")
   d = cfg.hidden_size
   rules = [
       dataclasses.replace(r, torch_name="encoder.cnn." + r.torch_name, path=("encoder", "cnn") + r.path)
@@ -75,16 +88,7 @@ def model_rules(cfg, task: str) -> list:
   rules += [
       dataclasses.replace(r, torch_name="encoder.bert." + r.torch_name) for r in groups["core"] + groups["pooler"]
   ]
-  hidden = cfg.head_hidden_multiplier * d
-  heads = {
-      "pretrain": [
-          dataclasses.replace(r, torch_name=_path_name(r.path)) for r in groups["mlm_head"] + groups["itm_head"]
-      ],
-      "vqa": _mlp_head("vqa_head", d, hidden, cfg.num_answers),
-      "nlvr2": _mlp_head("nlvr2_head", 2 * d, hidden, 2),
-      "retrieval": _dense("retrieval_head.dense", ("retrieval_head", "dense"), d, 1),
-  }
-  return rules + heads[task]
+  return rules + task_table.resolve(task_table.spec(task).head_rules)(cfg, groups)
 
 
 def tracked_names(rules: Iterable[Rule]) -> list:

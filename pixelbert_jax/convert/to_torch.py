@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import paths
+from pixelbert_jax import paths, task_table
 from pixelbert_jax.convert import model_mapping as mm
 from pixelbert_jax.convert.mapping import bert_rules, cnn_rules
 from pixelbert_jax.convert.safetensors_io import write_safetensors
@@ -84,11 +84,12 @@ def write_cnn(out: str, variables: dict, cfg) -> str:
 
 
 def write_text_encoder(out: str, variables: dict, cfg, task: str) -> str:
-  """HF folder. A pre-training model keeps its MLM (and ITM) head under BertForPreTraining names; the
-  decoder is tied to the word embeddings and, as in HF's own files, not stored twice."""
+  """HF folder. A model with BERT's own heads (task_table.py `bert_heads`: pre-training) keeps its MLM (and
+  ITM) head under BertForPreTraining names; the decoder is tied to the word embeddings and, as in HF's own
+  files, not stored twice."""
   folder = os.path.join(out, "text_encoder")
   os.makedirs(folder, exist_ok=True)
-  with_heads = task == "pretrain"
+  with_heads = task_table.spec(task).bert_heads
   groups = bert_rules(cfg, "bert." if with_heads else "")
   rules = groups["core"] + groups["pooler"] + (groups["mlm_head"] + groups["itm_head"] if with_heads else [])
   _write_rules(os.path.join(folder, "model.safetensors"), variables, rules, "Flax -> HF BERT")
@@ -146,7 +147,7 @@ def write_readme(out: str, cfg, task: str, source: str, step: int, report) -> No
             ),
             mlm_note=(
                 "; `BertForMaskedLM` / `BertForPreTraining` load the MLM (and ITM) head from it too"
-                if task == "pretrain"
+                if task_table.spec(task).bert_heads
                 else ""
             ),
             norm=c.norm,

@@ -12,8 +12,10 @@ encoder with padding masked out, then the task heads. Frozen or trainable batch 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
@@ -23,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from pixelbert_jax import task_table
 from pixelbert_jax.convert.model_mapping import c5_channels, hf_bert_config
 from pixelbert_jax.convert.safetensors_io import read_safetensors
 
@@ -173,44 +176,70 @@ class MlpHead(nn.Module):
     return self.dense_1(self.LayerNorm(F.gelu(self.dense_0(x))))
 
 
+@dataclasses.dataclass(frozen=True)
+class TorchHeads:
+  """A task's heads on the PyTorch side (task_table.py names one per task as `torch_heads`).
+
+  `modules(cfg)` -> {attribute: module}: the heads, set on `PixelBert` under the names their state dict
+  entries carry (as `model_mapping`'s head rules name them); `outputs(model, enc, inputs)` -> the task's
+  outputs from the encoder's (`enc`) and the model's keyword inputs."""
+
+  modules: Callable[[Any], dict[str, nn.Module]]
+  outputs: Callable[["PixelBert", dict, dict], dict]
+
+
+def _pretrain_outputs(model, enc, inputs):
+  text = enc["sequence"][:, : inputs["input_ids"].shape[1]]
+  mlm = model.mlm_head(text, model.encoder.bert.embeddings.word_embeddings.weight)
+  return dict(mlm_logits=mlm, itm_logits=model.itm_head(enc["pooled"]))
+
+
+def _nlvr2_outputs(model, enc, inputs):
+  if inputs.get("image1") is None or inputs.get("image1_mask") is None:
+    raise ValueError("the NLVR2 model needs image1 and image1_mask")
+  enc1 = model.encoder(inputs["image1"], inputs["image1_mask"], inputs["input_ids"], inputs["text_mask"])
+  return dict(
+      sequence1=enc1["sequence"],
+      pooled1=enc1["pooled"],
+      pixel_mask1=enc1["pixel_mask"],
+      nlvr2_logits=model.nlvr2_head(torch.cat([enc["pooled"], enc1["pooled"]], dim=-1)),
+  )
+
+
+PRETRAIN_HEADS = TorchHeads(
+    modules=lambda cfg: dict(mlm_head=MlmHead(cfg), itm_head=LinearHead(cfg.hidden_size, 2)),
+    outputs=_pretrain_outputs,
+)
+VQA_HEADS = TorchHeads(
+    modules=lambda cfg: dict(vqa_head=MlpHead(cfg, cfg.hidden_size, cfg.num_answers)),
+    outputs=lambda model, enc, inputs: dict(vqa_logits=model.vqa_head(enc["pooled"])),
+)
+NLVR2_HEADS = TorchHeads(
+    modules=lambda cfg: dict(nlvr2_head=MlpHead(cfg, 2 * cfg.hidden_size, 2)), outputs=_nlvr2_outputs
+)
+RETRIEVAL_HEADS = TorchHeads(
+    modules=lambda cfg: dict(retrieval_head=LinearHead(cfg.hidden_size, 1)),
+    outputs=lambda model, enc, inputs: dict(retrieval_logits=model.retrieval_head(enc["pooled"])[:, 0]),
+)
+
+
 class PixelBert(nn.Module):
-  """The `task` model (pretrain | vqa | nlvr2 | retrieval). Outputs as the Flax model's, plus the
-  encoder's `sequence` / `pooled` (NLVR2 also `sequence1` / `pooled1` for the second image)."""
+  """The `task` model: the encoder and the task's heads (its `torch_heads` in task_table.py). Outputs as the
+  Flax model's, plus the encoder's `sequence` / `pooled` (NLVR2 also `sequence1` / `pooled1` for the second
+  image)."""
 
   def __init__(self, cfg, task: str):
     super().__init__()
     self.task, self.text_len_limit = task, cfg.max_position_embeddings
+    self.heads = task_table.resolve(task_table.spec(task).torch_heads)
     self.encoder = PixelBertEncoder(cfg)
-    d = cfg.hidden_size
-    if task == "pretrain":
-      self.mlm_head, self.itm_head = MlmHead(cfg), LinearHead(d, 2)
-    elif task == "vqa":
-      self.vqa_head = MlpHead(cfg, d, cfg.num_answers)
-    elif task == "nlvr2":
-      self.nlvr2_head = MlpHead(cfg, 2 * d, 2)
-    elif task == "retrieval":
-      self.retrieval_head = LinearHead(d, 1)
-    else:
-      raise ValueError(f"unknown task {task!r}")
+    for name, module in self.heads.modules(cfg).items():
+      self.add_module(name, module)
 
   def forward(self, image, image_mask, input_ids, text_mask, image1=None, image1_mask=None):
     enc = self.encoder(image, image_mask, input_ids, text_mask)
-    out = dict(enc)
-    if self.task == "pretrain":
-      text = enc["sequence"][:, : input_ids.shape[1]]
-      out["mlm_logits"] = self.mlm_head(text, self.encoder.bert.embeddings.word_embeddings.weight)
-      out["itm_logits"] = self.itm_head(enc["pooled"])
-    elif self.task == "vqa":
-      out["vqa_logits"] = self.vqa_head(enc["pooled"])
-    elif self.task == "nlvr2":
-      if image1 is None or image1_mask is None:
-        raise ValueError("the NLVR2 model needs image1 and image1_mask")
-      enc1 = self.encoder(image1, image1_mask, input_ids, text_mask)
-      out.update(sequence1=enc1["sequence"], pooled1=enc1["pooled"], pixel_mask1=enc1["pixel_mask"])
-      out["nlvr2_logits"] = self.nlvr2_head(torch.cat([enc["pooled"], enc1["pooled"]], dim=-1))
-    else:
-      out["retrieval_logits"] = self.retrieval_head(enc["pooled"])[:, 0]
-    return out
+    inputs = dict(input_ids=input_ids, text_mask=text_mask, image1=image1, image1_mask=image1_mask)
+    return {**enc, **self.heads.outputs(self, enc, inputs)}
 
 
 def _restore_non_persistent(model: PixelBert) -> None:

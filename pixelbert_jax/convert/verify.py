@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from pixelbert_jax import task_table
+
 DEFAULT_TOLERANCE = 1e-4
 
 
@@ -61,7 +63,7 @@ def random_batch(
   rng = np.random.default_rng(seed)
   text_len = min(text_len, cfg.max_position_embeddings)
   out = {}
-  for key in ("image", "image1") if task == "nlvr2" else ("image",):
+  for key in task_table.spec(task).images:
     image = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
     mask = np.ones((batch, h, w), bool)
     if pad:  # rows 1.. padded off a cell boundary, so cells are split both ways
@@ -78,14 +80,14 @@ def random_batch(
 
 
 def _encoder_and_task(module, task, **inputs):
+  """The task's outputs plus the encoder's `sequence` / `pooled` of each image (`sequence1` / `pooled1` for
+  `image1`), as the PyTorch model returns them."""
   out = dict(module(**inputs, train=False))
-  first = {k: inputs[k] for k in ("image", "image_mask", "input_ids", "text_mask")}
-  enc = module.encoder(**first, train=False)
-  out.update(sequence=enc["sequence"], pooled=enc["pooled"])
-  if task == "nlvr2":
-    second = dict(first, image=inputs["image1"], image_mask=inputs["image1_mask"])
-    enc1 = module.encoder(**second, train=False)
-    out.update(sequence1=enc1["sequence"], pooled1=enc1["pooled"])
+  text = {k: inputs[k] for k in ("input_ids", "text_mask")}
+  for key in task_table.spec(task).images:
+    enc = module.encoder(image=inputs[key], image_mask=inputs[f"{key}_mask"], **text, train=False)
+    suffix = key[len("image") :]
+    out.update({f"sequence{suffix}": enc["sequence"], f"pooled{suffix}": enc["pooled"]})
   return out
 
 

@@ -7,19 +7,12 @@ import os
 import ml_collections
 
 from pixelbert_jax import paths
+from pixelbert_jax.data.datasets import CAPTION_DATASETS, DATASETS
 
 # Buckets at the paper's sizes: shorter side 800 (R50) / 600 (X152) rounded up to 64, the common 4:3 and
 # the longest allowed aspect, both orientations, and a square.
 _R50_BUCKETS = ((832, 1344), (1344, 832), (832, 1088), (1088, 832), (832, 832))
 _X152_BUCKETS = ((640, 1024), (1024, 640), (640, 832), (832, 640), (640, 640))
-
-DATASETS = ("synthetic", "coco_karpathy", "flickr30k", "visual_genome", "vqa2", "nlvr2", "jsonl")
-
-
-# Datasets that can be mixed with '+' (their records share the captions schema), e.g. the paper's
-# pre-training data "coco_karpathy+visual_genome".
-CAPTION_DATASETS = ("coco_karpathy", "flickr30k", "visual_genome", "jsonl")
-_EVAL_SPLIT = {"nlvr2": "dev"}
 
 
 def check_name(name: str) -> list[str]:
@@ -52,7 +45,7 @@ def data_config(name: str = "synthetic") -> ml_collections.ConfigDict:
   c.manual_dirs = ml_collections.ConfigDict({p: "" for p in parts}) if len(parts) > 1 else ml_collections.ConfigDict()
   c.exclude_coco_heldout = ""  # visual_genome: a dataset_coco.json whose val/test images VG leaves out
   c.train_split = "train"
-  c.eval_split = _EVAL_SPLIT.get(name, "val")
+  c.eval_split = DATASETS[name].eval_split if len(parts) == 1 else "val"
   c.builder_config = ""  # TFDS builder config of a real dataset, e.g. jsonl's 'captions' or 'vqa'
   c.vocab_path = ""  # BERT vocab.txt for real data; '' = the synthetic world's own vocab
   c.image_short_side = 800

@@ -8,7 +8,6 @@ Afterwards `tfds.data_source(NAME, data_dir=DATA_DIR)` reads it, with no TensorF
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -17,30 +16,11 @@ from typing import Any, Sequence
 import tensorflow_datasets as tfds
 
 from pixelbert_jax import cli_errors, paths
-from pixelbert_jax.data.builders import layout
-from pixelbert_jax.data.builders._common import (
-    DEFAULT_MAX_BAD_FRACTION,
-    VERIFY_MODES,
-    RecordError,
-    TooManyBadRecordsError,
-)
+from pixelbert_jax.data.builders import builder_class, layout
+from pixelbert_jax.data.builders._common import DEFAULT_MAX_BAD_FRACTION, VERIFY_MODES, TooManyBadRecordsError
+from pixelbert_jax.data.builders._read import RecordError
+from pixelbert_jax.data.datasets import DATASETS, REAL_DATASETS
 from pixelbert_jax.data.preprocess import DEFAULT_MAX_PIXELS
-
-# --dataset name (the module under pixelbert_jax/data/builders, as config.data.name says) -> builder class.
-BUILDERS = {
-    "coco_karpathy": "CocoKarpathy",
-    "flickr30k": "Flickr30kKarpathy",
-    "visual_genome": "VisualGenomeRegions",
-    "vqa2": "Vqa2",
-    "nlvr2": "Nlvr2",
-    "jsonl": "Jsonl",  # needs --builder_config captions | vqa
-}
-
-
-def builder_class(dataset: str) -> type:
-  if dataset not in BUILDERS:
-    raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(BUILDERS)}")
-  return getattr(importlib.import_module(f"pixelbert_jax.data.builders.{dataset}"), BUILDERS[dataset])
 
 
 def prepare(
@@ -64,6 +44,8 @@ def prepare(
   manual_dir, data_dir = paths.resolve(manual_dir), paths.resolve(data_dir)
   if builder_kwargs.get("exclude_coco_heldout"):
     builder_kwargs["exclude_coco_heldout"] = paths.resolve(builder_kwargs["exclude_coco_heldout"])
+  if dataset not in REAL_DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(REAL_DATASETS)}")
   cls = builder_class(dataset)
   if getattr(cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
     # TFDS would stop with an AssertionError and its traceback.
@@ -121,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--dataset", required=True, choices=sorted(BUILDERS))
+  parser.add_argument("--dataset", required=True, choices=sorted(REAL_DATASETS))
   parser.add_argument("--builder_config", default=None, help="jsonl only: captions or vqa")
   parser.add_argument("--manual_dir", required=True, help="folder holding the downloaded files")
   parser.add_argument("--data_dir", required=True, help="where the built dataset goes")
@@ -157,9 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--verbose", action="store_true", help="on failure, print the traceback")
   args = parser.parse_args(argv)
   extra = {}
-  if args.exclude_coco_heldout:
-    if args.dataset != "visual_genome":
-      parser.error("--exclude_coco_heldout applies to --dataset visual_genome only")
+  if args.exclude_coco_heldout:  # an option of the builders data/datasets.py gives it to
+    takers = [name for name in REAL_DATASETS if "exclude_coco_heldout" in DATASETS[name].options]
+    if args.dataset not in takers:
+      parser.error(f"--exclude_coco_heldout applies to --dataset {' or '.join(takers)} only")
     extra["exclude_coco_heldout"] = args.exclude_coco_heldout
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:

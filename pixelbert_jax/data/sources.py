@@ -20,24 +20,8 @@ from pixelbert_jax import task_table
 from pixelbert_jax.data import builders
 from pixelbert_jax.data.builders import layout
 from pixelbert_jax.data.config import check_name
+from pixelbert_jax.data.schemas import SCHEMAS
 from pixelbert_jax.data.split_index import SplitIndex, load_index, sidecar_dir
-
-# stored record fields of each schema (images are joined in by row: builders/layout.py)
-_REQUIRED = {
-    "captions": {"image_index", "image_id", "captions", "height", "width"},
-    "vqa": {"image_index", "question_id", "question", "answers", "height", "width"},
-    "nlvr2": {
-        "identifier",
-        "sentence",
-        "label",
-        "image0_index",
-        "image1_index",
-        "height0",
-        "width0",
-        "height1",
-        "width1",
-    },
-}
 
 
 class ConcatSource:
@@ -90,8 +74,8 @@ class OpenSplit:
   def with_texts(self) -> SplitIndex:
     """The index with its texts (captions or VQA answers), loaded on first use from the texts sidecar of the
     records opened already (scanned once if it is missing), and kept: the split is not opened again."""
-    has_texts = {"captions": "captions", "vqa": "answers"}.get(self.schema)
-    if has_texts is None or getattr(self.index, has_texts) is not None or not self.parts:
+    texts = SCHEMAS[self.schema].texts
+    if not texts or getattr(self.index, texts[0].attr) is not None or not self.parts:
       return self.index
     indices = [
         load_index(p.records, schema=self.schema, directory=p.directory, split=p.split, name=p.name, texts=True)
@@ -119,7 +103,7 @@ def _open_one(data_cfg: ml_collections.ConfigDict, schema: str, split: str, text
     if left_out:
       raise ValueError(left_out)
     return None, layout.record_splits(b)
-  missing = _REQUIRED[schema] - set(b.info.features.keys())
+  missing = SCHEMAS[schema].required - set(b.info.features.keys())
   if missing:
     raise ValueError(
         f"dataset {data_cfg.name!r} ({b.data_dir}) has no {schema} fields {sorted(missing)}: "
@@ -135,18 +119,16 @@ def _open_one(data_cfg: ml_collections.ConfigDict, schema: str, split: str, text
 
 
 def _concat_index(indices: list[SplitIndex]) -> SplitIndex:
-  first = indices[0]
-  join = lambda attr: None if getattr(first, attr) is None else [x for i in indices for x in getattr(i, attr)]
-  return SplitIndex(
-      schema=first.schema,
-      sizes=np.concatenate([i.sizes for i in indices]),
-      ids=join("ids"),
-      question_ids=None if first.question_ids is None else np.concatenate([i.question_ids for i in indices]),
-      captions=join("captions"),
-      answers=join("answers"),
-      question_types=join("question_types"),
-      answer_types=join("answer_types"),
-  )
+  """The indices of a mixture's components, one after the other (arrays concatenated, lists joined)."""
+
+  def join(attr):
+    parts = [getattr(i, attr) for i in indices]
+    if parts[0] is None:
+      return None
+    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [x for p in parts for x in p]
+
+  fields = [f.name for f in dataclasses.fields(SplitIndex) if f.name != "schema"]
+  return SplitIndex(schema=indices[0].schema, **{name: join(name) for name in fields})
 
 
 def open_split(data_cfg: ml_collections.ConfigDict, task: str, split: str, *, texts: bool = False) -> OpenSplit:

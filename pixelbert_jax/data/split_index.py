@@ -20,6 +20,9 @@ import time
 
 import numpy as np
 
+from pixelbert_jax.data import schemas
+from pixelbert_jax.data.schemas import Schema, TextColumn
+
 FORMAT = 1
 _CHUNK = 256
 
@@ -57,7 +60,8 @@ def _unragged(data, prefix: str) -> list[list[str]]:
 
 @dataclasses.dataclass
 class SplitIndex:
-  """Cached per-record metadata of one split. `texts` fields are None unless asked for."""
+  """Cached per-record metadata of one split (which fields a schema fills: data/schemas.py). `texts` fields
+  are None unless asked for."""
 
   schema: str
   sizes: np.ndarray  # int32 [n, 2] (h, w), or [n, 4] (h0, w0, h1, w1) for nlvr2
@@ -72,10 +76,9 @@ class SplitIndex:
     return len(self.sizes)
 
 
-def _sizes(record, schema: str, where: str) -> list[int]:
-  keys = ("height0", "width0", "height1", "width1") if schema == "nlvr2" else ("height", "width")
+def _sizes(record, schema: Schema, where: str) -> list[int]:
   out = []
-  for k in keys:
+  for k in schema.sizes:
     if k not in record:
       raise KeyError(f"{where}: no {k!r} key (keys: {sorted(record)}); the plan needs stored image sizes")
     out.append(int(record[k]))
@@ -84,32 +87,31 @@ def _sizes(record, schema: str, where: str) -> list[int]:
   return out
 
 
-def _scan(source, schema: str, name: str, texts: bool) -> tuple[dict, dict | None]:
+def _text(record, column: TextColumn):
+  if column.many:
+    return [_str(t) for t in record[column.key]]
+  return _str(record.get(column.key, ""))  # an optional field: '' where a build does not store it
+
+
+def _scan(source, schema: Schema, name: str, texts: bool) -> tuple[dict, dict | None]:
   n = len(source)
-  sizes = np.zeros((n, 4 if schema == "nlvr2" else 2), np.int32)
+  sizes = np.zeros((n, len(schema.sizes)), np.int32)
   ids: list[str] = []
-  qids = np.zeros(n, np.int64)
-  captions, answers, qtypes, atypes = [], [], [], []
+  int_ids = np.zeros(n, np.int64)
+  columns = {c.attr: [] for c in schema.texts} if texts else {}
   t0 = time.monotonic()
   for start in range(0, n, _CHUNK):
     indices = list(range(start, min(n, start + _CHUNK)))
     records = source.__getitems__(indices) if hasattr(source, "__getitems__") else [source[i] for i in indices]
     for i, rec in zip(indices, records):
-      where = f"{name}[{i}]"
-      sizes[i] = _sizes(rec, schema, where)
-      if schema == "captions":
-        ids.append(_str(rec["image_id"]))
-        if texts:
-          captions.append([_str(c) for c in rec["captions"]])
-      elif schema == "vqa":
-        qids[i] = int(rec["question_id"])
-        ids.append(str(qids[i]))
-        if texts:
-          answers.append([_str(a) for a in rec["answers"]])
-          qtypes.append(_str(rec.get("question_type", "")))
-          atypes.append(_str(rec.get("answer_type", "")))
+      sizes[i] = _sizes(rec, schema, f"{name}[{i}]")
+      if schema.int_ids:
+        int_ids[i] = int(rec[schema.id_key])
+        ids.append(str(int_ids[i]))
       else:
-        ids.append(_str(rec["identifier"]))
+        ids.append(_str(rec[schema.id_key]))
+      for c in schema.texts if texts else ():
+        columns[c.attr].append(_text(rec, c))
   logging.info("indexed %s: %d records in %.1f s (cached; not repeated)", name, n, time.monotonic() - t0)
   meta = {
       "format": np.int64(FORMAT),
@@ -117,17 +119,16 @@ def _scan(source, schema: str, name: str, texts: bool) -> tuple[dict, dict | Non
       "sizes": sizes,
       **{f"ids_{k}": v for k, v in pack_strings(ids).items()},
   }
-  if schema == "vqa":
-    meta["question_ids"] = qids
+  if schema.int_ids:
+    meta[schema.int_ids] = int_ids
   if not texts:
     return meta, None
   text = {"format": np.int64(FORMAT), "n": np.int64(n)}
-  if schema == "captions":
-    text.update(_ragged(captions, "captions"))
-  elif schema == "vqa":
-    text.update(_ragged(answers, "answers"))
-    text.update({f"qtypes_{k}": v for k, v in pack_strings(qtypes).items()})
-    text.update({f"atypes_{k}": v for k, v in pack_strings(atypes).items()})
+  for c in schema.texts:
+    if c.many:
+      text.update(_ragged(columns[c.attr], c.sidecar))
+    else:
+      text.update({f"{c.sidecar}_{k}": v for k, v in pack_strings(columns[c.attr]).items()})
   return meta, text
 
 
@@ -163,14 +164,14 @@ def sidecar_dir(data_dir: str, builder) -> str:
 
 def load_index(source, *, schema: str, directory: str, split: str, name: str, texts: bool = False) -> SplitIndex:
   """The split's index from its sidecars, scanning the split (once) for whatever is missing."""
-  if schema not in ("captions", "vqa", "nlvr2"):
-    raise ValueError(f"unknown schema {schema!r}")
+  spec = schemas.schema(schema)
+  texts = texts and bool(spec.texts)  # a schema without texts (nlvr2) has no texts sidecar
   n = len(source)
   meta_path = os.path.join(directory, f"{split}.meta.npz")
   text_path = os.path.join(directory, f"{split}.texts.npz")
-  meta, text = _load(meta_path, n), (_load(text_path, n) if texts and schema != "nlvr2" else None)
-  if meta is None or (texts and schema != "nlvr2" and text is None):
-    meta_new, text_new = _scan(source, schema, name, texts and schema != "nlvr2")
+  meta, text = _load(meta_path, n), (_load(text_path, n) if texts else None)
+  if meta is None or (texts and text is None):
+    meta_new, text_new = _scan(source, spec, name, texts)
     if meta is None:
       _save(meta_path, meta_new)
       meta = meta_new
@@ -178,13 +179,13 @@ def load_index(source, *, schema: str, directory: str, split: str, name: str, te
       _save(text_path, text_new)
       text = text_new
   index = SplitIndex(schema=schema, sizes=meta["sizes"], ids=unpack_strings(meta["ids_blob"], meta["ids_offsets"]))
-  if schema == "vqa":
-    index.question_ids = meta["question_ids"]
-  if text is not None:
-    if schema == "captions":
-      index.captions = _unragged(text, "captions")
-    else:
-      index.answers = _unragged(text, "answers")
-      index.question_types = unpack_strings(text["qtypes_blob"], text["qtypes_offsets"])
-      index.answer_types = unpack_strings(text["atypes_blob"], text["atypes_offsets"])
+  if spec.int_ids:
+    setattr(index, spec.int_ids, meta[spec.int_ids])
+  for c in spec.texts if text is not None else ():
+    column = (
+        _unragged(text, c.sidecar)
+        if c.many
+        else unpack_strings(text[f"{c.sidecar}_blob"], text[f"{c.sidecar}_offsets"])
+    )
+    setattr(index, c.attr, column)
   return index

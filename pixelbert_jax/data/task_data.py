@@ -79,14 +79,18 @@ class TaskData:
       self._answers = vqa_answers.answer_vocab(self.config, train_index=lambda: self.texts(train))
     return self._answers
 
+  @property
+  def num_answers(self) -> int:
+    return len(self.answer_vocab())
+
   def resolve_sizes(self, config: ml_collections.ConfigDict) -> None:
-    """Replaces the config's -1 sizes by the data's, in place: `model.vocab_size` (the tokenizer's) and, for
-    VQA, `model.num_answers` (the answer vocabulary of the train split). Configs leave them -1 so that loading
-    one does no I/O and `--config.data.*` overrides apply before the data is opened."""
-    if int(config.model.vocab_size) == -1:
-      config.model.vocab_size = self.vocab_size
-    if self.task == "vqa" and int(config.model.num_answers) == -1:
-      config.model.num_answers = len(self.answer_vocab())
+    """Replaces the config's -1 sizes by the data's, in place: those the task reads off the data
+    (task_table.py `data_sizes`): `model.vocab_size` (the tokenizer's) and, for VQA, `model.num_answers`
+    (the answer vocabulary of the train split). Configs leave them -1 so that loading one does no I/O and
+    `--config.data.*` overrides apply before the data is opened."""
+    for key in self.spec.data_sizes:
+      if int(config.model[key]) == -1:
+        config.model[key] = getattr(self, key)
 
   # ------------------------------------------------------------------------------------------- iterators
   def examples(self, name: str, *, seed: int, train: bool) -> Examples:

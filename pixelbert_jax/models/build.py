@@ -31,17 +31,18 @@ def variables(params, batch_stats) -> dict:
 
 
 def dummy_inputs(task: str, batch_size: int = 1, image_size=(64, 64), text_len: int = 8) -> dict:
-  """Zero inputs of the right shapes and dtypes (for `init` / `eval_shape`)."""
+  """Zero inputs of the right shapes and dtypes (for `init` / `eval_shape`): every image the task's model
+  takes (task_table.py `images`), each with its mask, and a text."""
   h, w = image_size
-  inputs = dict(
-      image=jnp.zeros((batch_size, h, w, 3), jnp.uint8),
-      image_mask=jnp.ones((batch_size, h, w), bool),
+  image, mask = jnp.zeros((batch_size, h, w, 3), jnp.uint8), jnp.ones((batch_size, h, w), bool)
+  inputs = {}
+  for key in task_table.spec(task).images:
+    inputs.update({key: image, f"{key}_mask": mask})
+  return dict(
+      inputs,
       input_ids=jnp.zeros((batch_size, text_len), jnp.int32),
       text_mask=jnp.ones((batch_size, text_len), jnp.int32),
   )
-  if task == "nlvr2":
-    inputs.update(image1=inputs["image"], image1_mask=inputs["image_mask"])
-  return inputs
 
 
 def init_variables(model, key: jax.Array, task: str, **dummy_kwargs) -> Any:

@@ -1,31 +1,22 @@
 """TFDS builders, one module per dataset, and `data_source`: the random-access reader the pipeline uses.
 
-A real dataset's module is imported only when asked for, and its builder is the one
-`tfds.core.GeneratorBasedBuilder` subclass the module defines.
+A real dataset's module is imported only when asked for; data/datasets.py names its builder class.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import ml_collections
 import tensorflow_datasets as tfds
 
 from pixelbert_jax import task_table
+from pixelbert_jax.data.datasets import DATASETS, REAL_DATASETS
 
-REAL_DATASETS = ("coco_karpathy", "flickr30k", "visual_genome", "vqa2", "nlvr2", "jsonl")
 
-
-def _builder_class(name: str) -> type:
-  module = importlib.import_module(f"pixelbert_jax.data.builders.{name}")
-  found = [
-      v
-      for v in vars(module).values()
-      if isinstance(v, type) and issubclass(v, tfds.core.GeneratorBasedBuilder) and v.__module__ == module.__name__
-  ]
-  if len(found) != 1:
-    raise ValueError(f"pixelbert_jax.data.builders.{name} must define exactly one TFDS builder, found {found}")
-  return found[0]
+def builder_class(name: str) -> type:
+  """The TFDS builder class of real dataset `name` (data/datasets.py), its module imported now."""
+  if name not in REAL_DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; known: synthetic, {', '.join(REAL_DATASETS)}")
+  return task_table.resolve(DATASETS[name].builder)
 
 
 def scene_spec(data_cfg: ml_collections.ConfigDict):
@@ -59,9 +50,7 @@ def builder(data_cfg: ml_collections.ConfigDict, schema: str) -> tfds.core.Datas
         scene=scene_spec(data_cfg),
     )
     return synthetic.prepare(cfg, data_cfg.data_dir)
-  if data_cfg.name not in REAL_DATASETS:
-    raise ValueError(f"unknown dataset {data_cfg.name!r}; known: synthetic, {', '.join(REAL_DATASETS)}")
-  cls = _builder_class(data_cfg.name)
+  cls, dataset = builder_class(data_cfg.name), DATASETS[data_cfg.name]
   # Built from training, a real dataset gets the same bad-data knobs `prepare` offers.
   kwargs = {
       "data_dir": data_cfg.data_dir,
@@ -71,10 +60,9 @@ def builder(data_cfg: ml_collections.ConfigDict, schema: str) -> tfds.core.Datas
   }
   if data_cfg.get("builder_config"):
     kwargs["config"] = data_cfg.builder_config
-  elif [c.name for c in cls.BUILDER_CONFIGS] == ["captions", "vqa"]:  # jsonl: the schema picks the config
+  elif len(dataset.schemas) > 1:  # jsonl: the schema picks the config of its name
     kwargs["config"] = schema
-  if data_cfg.name == "visual_genome" and data_cfg.get("exclude_coco_heldout"):
-    kwargs["exclude_coco_heldout"] = data_cfg.exclude_coco_heldout
+  kwargs.update({key: data_cfg[key] for key in dataset.options if data_cfg.get(key)})
   b = cls(**kwargs)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir or None))
   return b

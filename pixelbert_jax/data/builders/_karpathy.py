@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import tensorflow_datasets as tfds
 
 from pixelbert_jax.data.builders import _common as c
+from pixelbert_jax.data.builders import _read as read
+from pixelbert_jax.data.schemas import SCHEMAS
 
 KARPATHY_PARTS = ("train", "restval", "val", "test")
 
@@ -28,20 +30,22 @@ class KarpathyImage:
 
 
 def read_karpathy(json_path: str, builder: "KarpathyBuilder", manual_dir: str) -> list[KarpathyImage]:
-  records = c.top_level(c.load_json(json_path), "images", file=json_path)
+  records = read.top_level(read.load_json(json_path), "images", file=json_path)
   images, seen_ids = [], set()
   for i, rec in enumerate(records):
-    filename = c.field(rec, "filename", str, file=json_path, where=f"images[{i}]")
+    filename = read.field(rec, "filename", str, file=json_path, where=f"images[{i}]")
     where = f"images[{i}] ({filename})"
-    part = c.field(rec, "split", str, file=json_path, where=where)
+    part = read.field(rec, "split", str, file=json_path, where=where)
     if part not in KARPATHY_PARTS:
-      raise c.RecordError(f"{json_path}: record {where}: key 'split' must be one of {KARPATHY_PARTS}, " f"got {part!r}")
-    sentences = c.field(rec, "sentences", list, file=json_path, where=where)
+      raise read.RecordError(
+          f"{json_path}: record {where}: key 'split' must be one of {KARPATHY_PARTS}, " f"got {part!r}"
+      )
+    sentences = read.field(rec, "sentences", list, file=json_path, where=where)
     raws = tuple(
-        c.field(s, "raw", str, file=json_path, where=f"{where} sentences[{j}]") for j, s in enumerate(sentences)
+        read.field(s, "raw", str, file=json_path, where=f"{where} sentences[{j}]") for j, s in enumerate(sentences)
     )
     image_id = builder.image_id(rec, filename, file=json_path, where=where)
-    c.check_unique(seen_ids, image_id, file=json_path, where=where, what="image id")
+    read.check_unique(seen_ids, image_id, file=json_path, where=where, what="image id")
     path = builder.image_path(rec, filename, manual_dir, file=json_path, where=where)
     images.append(KarpathyImage(image_id, path, raws, part))
   return images
@@ -74,7 +78,7 @@ class KarpathyBuilder(c.ManualBuilder, skip_registration=True):
     """Hook to locate image folders once, before records are read."""
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info(c.captions_features(), homepage=self.HOMEPAGE)
+    return self.dataset_info(SCHEMAS["captions"].features(), homepage=self.HOMEPAGE)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)

@@ -9,7 +9,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from pixelbert_jax.data.builders import _common as c
+from pixelbert_jax.data.builders import _read as read
 from pixelbert_jax.data.builders._karpathy import KarpathyBuilder
 
 
@@ -32,9 +32,9 @@ class CocoKarpathy(KarpathyBuilder):
   """
 
   def image_id(self, rec: dict, filename: str, *, file: str, where: str) -> str:
-    cocoid = c.field(rec, "cocoid", int, file=file, where=where, default=None)
+    cocoid = read.field(rec, "cocoid", int, file=file, where=where, default=None)
     return str(cocoid) if cocoid is not None else os.path.splitext(filename)[0]
 
   def image_path(self, rec: dict, filename: str, manual_dir: str, *, file: str, where: str) -> str:
-    folder = c.field(rec, "filepath", str, file=file, where=where, default="")
+    folder = read.field(rec, "filepath", str, file=file, where=where, default="")
     return os.path.join(manual_dir, folder, filename)

@@ -6,7 +6,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from pixelbert_jax.data.builders import _common as c
+from pixelbert_jax.data.builders import _read as read
 from pixelbert_jax.data.builders._karpathy import KarpathyBuilder
 
 # Kaggle's copy unpacks to flickr30k_images/flickr30k_images/ (beside results.csv): the nested folder is
@@ -31,7 +31,7 @@ class Flickr30kKarpathy(KarpathyBuilder):
   """
 
   def prepare_layout(self, manual_dir: str) -> None:
-    self._image_dir = c.first_existing_dir(
+    self._image_dir = read.first_existing_dir(
         (os.path.join(manual_dir, d) for d in IMAGE_FOLDERS),
         what="Flickr30K image",
         hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS,

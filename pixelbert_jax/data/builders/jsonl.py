@@ -29,8 +29,10 @@ from typing import Any, Iterator
 import tensorflow_datasets as tfds
 
 from pixelbert_jax.data.builders import _common as c
+from pixelbert_jax.data.builders import _read as read
 from pixelbert_jax.data.builders import layout
 from pixelbert_jax.data.preprocess import BadImageError
+from pixelbert_jax.data.schemas import SCHEMAS
 
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 
@@ -87,7 +89,7 @@ class Jsonl(c.ManualBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = "config captions:" + INSTRUCTIONS["captions"] + "config vqa:" + INSTRUCTIONS["vqa"]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    features = c.captions_features() if self.builder_config.name == "captions" else c.vqa_features()
+    features = SCHEMAS[self.builder_config.name].features()  # the config is named after its schema
     return self.dataset_info(features)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
@@ -106,11 +108,11 @@ class Jsonl(c.ManualBuilder):
     schema = self.builder_config.name
     folder = os.path.dirname(path)
     lines = []
-    for line_no, rec in c.iter_json_lines(path):
+    for line_no, rec in read.iter_json_lines(path):
       where = f"line {line_no}"
-      image = c.field(rec, "image", str, file=path, where=where)
+      image = read.field(rec, "image", str, file=path, where=where)
       image_path = image_inside(folder, image, file=path, where=where)
-      image_id = c.field(rec, "image_id", (str, int), file=path, where=where, default=image)
+      image_id = read.field(rec, "image_id", (str, int), file=path, where=where, default=image)
       fields = parse_captions(rec, path, where) if schema == "captions" else parse_vqa(rec, path, line_no)
       lines.append((line_no, image_path, str(image_id), fields))
     if schema == "vqa":
@@ -140,12 +142,12 @@ class Jsonl(c.ManualBuilder):
 def image_inside(folder: str, image: str, *, file: str, where: str) -> str:
   """The path of `image` (relative to `folder`, or absolute), checked to name a file inside `folder`."""
   if not image.strip():
-    raise c.RecordError(
+    raise read.RecordError(
         f"{file}: record {where}: key 'image' is empty; it names the image file, relative to " f"{folder}"
     )
   full = os.path.normpath(os.path.join(os.path.abspath(folder), image))  # join keeps an absolute path as it is
   if not (_within(full, os.path.abspath(folder)) or _within(os.path.realpath(full), os.path.realpath(folder))):
-    raise c.RecordError(
+    raise read.RecordError(
         f"{file}: record {where}: key 'image' {image!r} is outside the folder {folder} of this "
         "file; image paths are relative to it and stay inside it (move the images there, or link "
         "their folder into it)"
@@ -162,11 +164,11 @@ def check_vqa_file(lines: list[tuple[int, str, str, dict]], path: str) -> None:
   """Unique question ids; either every question has answers (train, val) or none has (a test split)."""
   seen: set[int] = set()
   for line_no, _, _, fields in lines:
-    c.check_unique(seen, fields["question_id"], file=path, where=f"line {line_no}", what="question_id")
+    read.check_unique(seen, fields["question_id"], file=path, where=f"line {line_no}", what="question_id")
   annotated = [line_no for line_no, _, _, fields in lines if fields["answers"]]
   if annotated and len(annotated) != len(lines):
     line_no = next(n for n, _, _, fields in lines if not fields["answers"])
-    raise c.RecordError(
+    raise read.RecordError(
         f"{path}: record line {line_no}: key 'answers' is missing or empty, while other questions "
         f"of this file have answers (e.g. line {annotated[0]}): give each question at least one "
         "(only a split without any answers, like a test split, leaves them out)"
@@ -182,7 +184,7 @@ def merge_images(lines: list[tuple[int, str, str, dict]], path: str) -> list[tup
       merged[image_id] = (line_no, image_path, image_id, {"captions": list(fields["captions"])})
       continue
     if first[1] != image_path:
-      raise c.RecordError(
+      raise read.RecordError(
           f"{path}: record line {line_no}: key 'image_id' {image_id!r} names image {image_path}, "
           f"but line {first[0]} gave it to {first[1]}: an image_id is one image"
       )
@@ -192,12 +194,12 @@ def merge_images(lines: list[tuple[int, str, str, dict]], path: str) -> list[tup
 
 def parse_captions(rec: dict, path: str, where: str) -> dict:
   if ("caption" in rec) == ("captions" in rec):
-    raise c.RecordError(
+    raise read.RecordError(
         f"{path}: record {where}: needs exactly one of the keys 'caption' and 'captions', " f"got keys {sorted(rec)}"
     )
   if "caption" in rec:
-    return {"captions": [c.field(rec, "caption", str, file=path, where=where)]}
-  return {"captions": c.str_list(rec, "captions", file=path, where=where)}
+    return {"captions": [read.field(rec, "caption", str, file=path, where=where)]}
+  return {"captions": read.str_list(rec, "captions", file=path, where=where)}
 
 
 def finish_captions(fields: dict, tally: c.BadRecordTally, name: str) -> dict | None:
@@ -210,16 +212,16 @@ def finish_captions(fields: dict, tally: c.BadRecordTally, name: str) -> dict | 
 
 def parse_vqa(rec: dict, path: str, line_no: int) -> dict:
   where = f"line {line_no}"
-  answers = list(c.str_list(rec, "answers", file=path, where=where, default=[]))
+  answers = list(read.str_list(rec, "answers", file=path, where=where, default=[]))
   for i, answer in enumerate(answers):
     if not answer.strip():
-      raise c.RecordError(f"{path}: record {where}: key 'answers'[{i}] is blank; every answer is some text")
+      raise read.RecordError(f"{path}: record {where}: key 'answers'[{i}] is blank; every answer is some text")
   return {
-      "question": c.field(rec, "question", str, file=path, where=where),
+      "question": read.field(rec, "question", str, file=path, where=where),
       "answers": answers,
-      "question_id": c.field(rec, "question_id", int, file=path, where=where, default=line_no),
-      "question_type": c.field(rec, "question_type", str, file=path, where=where, default=""),
-      "answer_type": c.field(rec, "answer_type", str, file=path, where=where, default=""),
+      "question_id": read.field(rec, "question_id", int, file=path, where=where, default=line_no),
+      "question_type": read.field(rec, "question_type", str, file=path, where=where, default=""),
+      "answer_type": read.field(rec, "answer_type", str, file=path, where=where, default=""),
   }
 
 

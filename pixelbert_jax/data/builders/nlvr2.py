@@ -12,6 +12,9 @@ from typing import Any, Iterator
 import tensorflow_datasets as tfds
 
 from pixelbert_jax.data.builders import _common as c
+from pixelbert_jax.data.builders import _read as read
+from pixelbert_jax.data.preprocess import BadImageError
+from pixelbert_jax.data.schemas import SCHEMAS
 
 SPLITS = ("train", "dev", "test1", "test2")  # test2: released with labels after the paper
 _LABELS = {"True": 1, "true": 1, "False": 0, "false": 0, True: 1, False: 0}
@@ -37,7 +40,7 @@ class Nlvr2(c.ManualBuilder):
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info(c.nlvr2_features(), homepage="https://lil.nlp.cornell.edu/nlvr/")
+    return self.dataset_info(SCHEMAS["nlvr2"].features(), homepage="https://lil.nlp.cornell.edu/nlvr/")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)
@@ -47,7 +50,7 @@ class Nlvr2(c.ManualBuilder):
       json_path = os.path.join(manual_dir, f"{split}.json")
       if not os.path.isfile(json_path):
         continue
-      image_root = c.first_existing_dir(
+      image_root = read.first_existing_dir(
           [os.path.join(manual_dir, "images", split), os.path.join(manual_dir, split)],
           what=f"NLVR2 {split} image",
           hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS,
@@ -75,7 +78,7 @@ class Nlvr2(c.ManualBuilder):
       for k in (0, 1):
         name = f"{st['pair']}-img{k}"
         if name not in images:
-          raise c.BadImageError(f"{name}.png: missing (no file with this name under the {split} images)")
+          raise BadImageError(f"{name}.png: missing (no file with this name under the {split} images)")
         row, height, width = self.table.row(images[name])
         example.update({f"image{k}_index": row, f"height{k}": height, f"width{k}": width})
       return example
@@ -85,20 +88,20 @@ class Nlvr2(c.ManualBuilder):
 
 def read_statements(path: str) -> list[dict]:
   statements, seen = [], set()
-  for line_no, rec in c.iter_json_lines(path):
+  for line_no, rec in read.iter_json_lines(path):
     where = f"line {line_no}"
-    identifier = c.field(rec, "identifier", str, file=path, where=where)
+    identifier = read.field(rec, "identifier", str, file=path, where=where)
     where = f"line {line_no} ({identifier})"
-    c.check_unique(seen, identifier, file=path, where=where, what="identifier")
+    read.check_unique(seen, identifier, file=path, where=where, what="identifier")
     parts = identifier.split("-")
     if len(parts) != 4:
-      raise c.RecordError(
+      raise read.RecordError(
           f"{path}: record {where}: key 'identifier' must look like " f"split-set-pair-sentence, got {identifier!r}"
       )
-    sentence = c.field(rec, "sentence", str, file=path, where=where)
-    label = c.field(rec, "label", (str, bool), file=path, where=where)
+    sentence = read.field(rec, "sentence", str, file=path, where=where)
+    label = read.field(rec, "label", (str, bool), file=path, where=where)
     if label not in _LABELS:
-      raise c.RecordError(f"{path}: record {where}: key 'label' must be 'True' or 'False', got {label!r}")
+      raise read.RecordError(f"{path}: record {where}: key 'label' must be 'True' or 'False', got {label!r}")
     statements.append(
         {"identifier": identifier, "sentence": sentence.strip(), "label": _LABELS[label], "pair": "-".join(parts[:3])}
     )

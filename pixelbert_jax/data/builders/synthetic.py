@@ -17,6 +17,7 @@ from tensorflow_datasets.core import hashing
 
 from pixelbert_jax.data import synthetic as world
 from pixelbert_jax.data.builders import layout
+from pixelbert_jax.data.schemas import SCHEMAS
 
 SPLITS = ("train", "val", "test")
 
@@ -46,8 +47,8 @@ def synthetic_config(
     questions_per_image: int = 3,
     scene: world.SceneSpec = world.SceneSpec(),
 ) -> SyntheticConfig:
-  if schema not in ("captions", "vqa", "nlvr2"):
-    raise ValueError(f"synthetic schema must be captions, vqa or nlvr2, got {schema!r}")
+  if schema not in SCHEMAS:
+    raise ValueError(f"synthetic schema must be {', '.join(SCHEMAS)}, got {schema!r}")
   if image_size % world.GRID or image_size < 48:
     raise ValueError(f"synthetic image_size must be a multiple of {world.GRID} and >= 48, got {image_size}")
   name = (
@@ -70,51 +71,14 @@ def synthetic_config(
 
 
 def _features(schema: str) -> tfds.features.FeaturesDict:
+  if schema != "captions":
+    return SCHEMAS[schema].features()
   f = tfds.features
-  table = layout.table_features()
-  if schema == "captions":
-    return f.FeaturesDict(
-        {
-            **table,
-            "image_index": layout.ref_feature(),
-            "image_id": f.Text(),
-            "captions": f.Sequence(f.Text()),
-            # per caption: indices into caption.split() of its grounded words, padded with -1
-            "grounded_words": f.Sequence(f.Tensor(shape=(world.MAX_GROUNDED,), dtype=np.int32)),
-            # per grid cell (row-major): (colour, shape) index of its object, -1 if empty (world.cell_labels)
-            "cell_labels": f.Tensor(shape=(world.GRID * world.GRID, 2), dtype=np.int32),
-            "height": np.int32,
-            "width": np.int32,
-        }
-    )
-  if schema == "vqa":
-    return f.FeaturesDict(
-        {
-            **table,
-            "image_index": layout.ref_feature(),
-            "image_id": f.Text(),
-            "question_id": np.int64,
-            "question": f.Text(),
-            "answers": f.Sequence(f.Text()),
-            "question_type": f.Text(),
-            "answer_type": f.Text(),
-            "height": np.int32,
-            "width": np.int32,
-        }
-    )
-  return f.FeaturesDict(
-      {
-          **table,
-          "identifier": f.Text(),
-          "sentence": f.Text(),
-          "label": np.int32,
-          "image0_index": layout.ref_feature(),
-          "image1_index": layout.ref_feature(),
-          "height0": np.int32,
-          "width0": np.int32,
-          "height1": np.int32,
-          "width1": np.int32,
-      }
+  return SCHEMAS[schema].features(
+      # per caption: indices into caption.split() of its grounded words, padded with -1
+      grounded_words=f.Sequence(f.Tensor(shape=(world.MAX_GROUNDED,), dtype=np.int32)),
+      # per grid cell (row-major): (colour, shape) index of its object, -1 if empty (world.cell_labels)
+      cell_labels=f.Tensor(shape=(world.GRID * world.GRID, 2), dtype=np.int32),
   )
 
 

@@ -1,7 +1,7 @@
 """Visual Genome region descriptions as captions: one example per image, its region phrases as captions.
 
 region_descriptions.json is about 700 MB; it is read as a stream (one image's record at a time,
-_common.iter_json_array), since json.load of it peaks at several GB (bench/vg_memory.py).
+_read.iter_json_array), since json.load of it peaks at several GB (bench/vg_memory.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 import tensorflow_datasets as tfds
 
 from pixelbert_jax.data.builders import _common as c
+from pixelbert_jax.data.builders import _read as read
+from pixelbert_jax.data.schemas import SCHEMAS
 
 log = logging.getLogger(__name__)
 IMAGE_FOLDERS = ("VG_100K", "VG_100K_2", "images")
@@ -48,11 +50,13 @@ class VisualGenomeRegions(c.ManualBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info(c.captions_features(), homepage="https://homes.cs.washington.edu/~ranjay/visualgenome/")
+    return self.dataset_info(
+        SCHEMAS["captions"].features(), homepage="https://homes.cs.washington.edu/~ranjay/visualgenome/"
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)
-    regions_path = c.require_file(
+    regions_path = read.require_file(
         os.path.join(manual_dir, "region_descriptions.json"), hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS
     )
     data_path = os.path.join(manual_dir, "image_data.json")
@@ -95,13 +99,13 @@ def read_regions(path: str) -> list[tuple[int, str]]:
   record at a time. One string per image instead of a list of 50: 5.4M string objects would hold ~350 MB
   more until the records are written (bench/vg_memory.py)."""
   images, seen = [], set()
-  for i, rec in c.iter_json_array(path):
+  for i, rec in read.iter_json_array(path):
     key = "id" if isinstance(rec, dict) and "id" in rec else "image_id"  # v1.0 files say image_id
-    image_id = c.field(rec, key, int, file=path, where=f"[{i}]")
+    image_id = read.field(rec, key, int, file=path, where=f"[{i}]")
     where = f"[{i}] (image {image_id})"
-    c.check_unique(seen, image_id, file=path, where=where, what="image id")
-    regions = c.field(rec, "regions", list, file=path, where=where)
-    phrases = [c.field(r, "phrase", str, file=path, where=f"{where} regions[{j}]") for j, r in enumerate(regions)]
+    read.check_unique(seen, image_id, file=path, where=where, what="image id")
+    regions = read.field(rec, "regions", list, file=path, where=where)
+    phrases = [read.field(r, "phrase", str, file=path, where=f"{where} regions[{j}]") for j, r in enumerate(regions)]
     images.append((image_id, json.dumps(phrases, ensure_ascii=False)))
   return images
 
@@ -109,17 +113,17 @@ def read_regions(path: str) -> list[tuple[int, str]]:
 def read_image_data(path: str) -> tuple[dict[int, str], dict[int, int]]:
   """(image id -> path relative to manual_dir, from the url's folder/file; image id -> COCO id)."""
   relpaths, coco_ids = {}, {}
-  for i, rec in c.iter_json_array(path):
+  for i, rec in read.iter_json_array(path):
     key = "image_id" if isinstance(rec, dict) and "image_id" in rec else "id"
-    image_id = c.field(rec, key, int, file=path, where=f"[{i}]")
-    url = c.field(rec, "url", str, file=path, where=f"[{i}] (image {image_id})")
+    image_id = read.field(rec, key, int, file=path, where=f"[{i}]")
+    url = read.field(rec, "url", str, file=path, where=f"[{i}] (image {image_id})")
     parts = [p for p in urlparse(url).path.split("/") if p]
     if len(parts) < 2:
-      raise c.RecordError(
+      raise read.RecordError(
           f"{path}: record [{i}] (image {image_id}): key 'url' must end in FOLDER/FILE, " f"got {url!r}"
       )
     relpaths[image_id] = os.path.join(parts[-2], parts[-1])
-    coco_id = c.field(rec, "coco_id", int, file=path, where=f"[{i}] (image {image_id})", default=None)
+    coco_id = read.field(rec, "coco_id", int, file=path, where=f"[{i}] (image {image_id})", default=None)
     if coco_id is not None:
       coco_ids[image_id] = coco_id
   return relpaths, coco_ids
@@ -128,7 +132,7 @@ def read_image_data(path: str) -> tuple[dict[int, str], dict[int, int]]:
 def coco_heldout_ids(karpathy_json: str) -> set[int]:
   """COCO ids of the Karpathy val and test images."""
   heldout = set()
-  for i, rec in enumerate(c.top_level(c.load_json(karpathy_json), "images", file=karpathy_json)):
-    if c.field(rec, "split", str, file=karpathy_json, where=f"images[{i}]") in ("val", "test"):
-      heldout.add(c.field(rec, "cocoid", int, file=karpathy_json, where=f"images[{i}]"))
+  for i, rec in enumerate(read.top_level(read.load_json(karpathy_json), "images", file=karpathy_json)):
+    if read.field(rec, "split", str, file=karpathy_json, where=f"images[{i}]") in ("val", "test"):
+      heldout.add(read.field(rec, "cocoid", int, file=karpathy_json, where=f"images[{i}]"))
   return heldout

@@ -8,6 +8,9 @@ from typing import Any, Iterator
 import tensorflow_datasets as tfds
 
 from pixelbert_jax.data.builders import _common as c
+from pixelbert_jax.data.builders import _read as read
+from pixelbert_jax.data.schemas import SCHEMAS
+from pixelbert_jax.data.vqa_answers import OFFICIAL_NUM_ANSWERS
 
 # split -> (questions file, annotations file or None, image folder, image file prefix)
 SPLIT_FILES = {
@@ -26,7 +29,6 @@ SPLIT_FILES = {
     "test": ("v2_OpenEnded_mscoco_test2015_questions.json", None, "test2015", "COCO_test2015_"),
     "test_dev": ("v2_OpenEnded_mscoco_test-dev2015_questions.json", None, "test2015", "COCO_test2015_"),
 }
-ANSWERS_PER_QUESTION = 10
 
 
 class Vqa2(c.ManualBuilder):
@@ -49,7 +51,7 @@ class Vqa2(c.ManualBuilder):
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info(c.vqa_features(), homepage="https://visualqa.org")
+    return self.dataset_info(SCHEMAS["vqa"].features(), homepage="https://visualqa.org")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     manual_dir = self.manual_path(dl_manager)
@@ -59,7 +61,7 @@ class Vqa2(c.ManualBuilder):
       q_path = os.path.join(manual_dir, questions)
       if not os.path.isfile(q_path) or not self.wants(split, questions):
         continue
-      a_path = annotations and c.require_file(
+      a_path = annotations and read.require_file(
           os.path.join(manual_dir, annotations), hint=f"split {split} needs it beside {questions}."
       )
       records, paths = read_vqa(q_path, a_path), {}
@@ -106,30 +108,30 @@ def locate(image_dir: str, prefix: str, image_id: int) -> str:
 
 def read_vqa(questions_path: str, annotations_path: str | None) -> list[dict]:
   """Questions joined with their annotations by question_id, every field validated."""
-  questions = c.top_level(c.load_json(questions_path), "questions", file=questions_path)
+  questions = read.top_level(read.load_json(questions_path), "questions", file=questions_path)
   annotations = {}
   if annotations_path:
-    for i, ann in enumerate(c.top_level(c.load_json(annotations_path), "annotations", file=annotations_path)):
-      qid = c.field(ann, "question_id", int, file=annotations_path, where=f"annotations[{i}]")
+    for i, ann in enumerate(read.top_level(read.load_json(annotations_path), "annotations", file=annotations_path)):
+      qid = read.field(ann, "question_id", int, file=annotations_path, where=f"annotations[{i}]")
       if qid in annotations:
-        raise c.RecordError(f"{annotations_path}: record annotations[{i}]: duplicate question_id {qid}")
+        raise read.RecordError(f"{annotations_path}: record annotations[{i}]: duplicate question_id {qid}")
       annotations[qid] = (i, ann)
   records, seen = [], set()
   for i, q in enumerate(questions):
-    qid = c.field(q, "question_id", int, file=questions_path, where=f"questions[{i}]")
+    qid = read.field(q, "question_id", int, file=questions_path, where=f"questions[{i}]")
     where = f"questions[{i}] (question_id {qid})"
-    c.check_unique(seen, qid, file=questions_path, where=where, what="question_id")
+    read.check_unique(seen, qid, file=questions_path, where=where, what="question_id")
     record = {
         "question_id": qid,
-        "image_id": c.field(q, "image_id", int, file=questions_path, where=where),
-        "question": c.field(q, "question", str, file=questions_path, where=where),
+        "image_id": read.field(q, "image_id", int, file=questions_path, where=where),
+        "question": read.field(q, "question", str, file=questions_path, where=where),
         "answers": [],
         "question_type": "",
         "answer_type": "",
     }
     if annotations_path:
       if qid not in annotations:
-        raise c.RecordError(
+        raise read.RecordError(
             f"{questions_path}: record {where}: no annotation with this question_id in " f"{annotations_path}"
         )
       record.update(_annotation(annotations[qid], record["image_id"], file=annotations_path))
@@ -140,17 +142,19 @@ def read_vqa(questions_path: str, annotations_path: str | None) -> list[dict]:
 def _annotation(indexed: tuple[int, dict], image_id: int, *, file: str) -> dict:
   i, ann = indexed
   where = f"annotations[{i}] (question_id {ann['question_id']})"
-  if c.field(ann, "image_id", int, file=file, where=where) != image_id:
-    raise c.RecordError(
+  if read.field(ann, "image_id", int, file=file, where=where) != image_id:
+    raise read.RecordError(
         f"{file}: record {where}: key 'image_id' is {ann['image_id']}, but the question " f"says {image_id}"
     )
-  answers = c.field(ann, "answers", list, file=file, where=where)
-  if len(answers) != ANSWERS_PER_QUESTION:
-    raise c.RecordError(
-        f"{file}: record {where}: key 'answers' must hold {ANSWERS_PER_QUESTION} answers, " f"got {len(answers)}"
+  answers = read.field(ann, "answers", list, file=file, where=where)
+  if len(answers) != OFFICIAL_NUM_ANSWERS:
+    raise read.RecordError(
+        f"{file}: record {where}: key 'answers' must hold {OFFICIAL_NUM_ANSWERS} answers, " f"got {len(answers)}"
     )
   return {
-      "answers": [c.field(a, "answer", str, file=file, where=f"{where} answers[{j}]") for j, a in enumerate(answers)],
-      "question_type": c.field(ann, "question_type", str, file=file, where=where, default=""),
-      "answer_type": c.field(ann, "answer_type", str, file=file, where=where, default=""),
+      "answers": [
+          read.field(a, "answer", str, file=file, where=f"{where} answers[{j}]") for j, a in enumerate(answers)
+      ],
+      "question_type": read.field(ann, "question_type", str, file=file, where=where, default=""),
+      "answer_type": read.field(ann, "answer_type", str, file=file, where=where, default=""),
   }
