@@ -9,7 +9,9 @@ against the chip's memory, the FLOPs of one step, whether the config fits, the m
 (`optim.grad_accum_steps`) that would make `batch_size` fit when it does not, and an estimate of images/s
 and of the config's wall time at a stated utilisation. Memory is XLA's (measured); time is an estimate of a
 machine we do not have: peak FLOP/s x utilisation. Sizes the trainer reads off the data (config -1) come
-from --vocab_size / --num_answers. Needs libtpu: `pip install "jax[tpu]==<your jax version>"`.
+from --vocab_size / --num_answers. `--screen` stops each compile after XLA's buffer assignment and judges the
+fit from it (minutes instead of tens of minutes on a laptop; docs/tpu_planning.md says how far to trust it).
+Needs libtpu: `pip install "jax[tpu]==<your jax version>"`.
 """
 
 from __future__ import annotations
