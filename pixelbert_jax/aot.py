@@ -119,8 +119,9 @@ def state_bytes_per_device(context) -> int:
   return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in leaves)
 
 
-def compile_once(config, mesh, per_device: int, accum: int) -> Attempt:
-  """Compiles the trainer's step for `per_device` x `accum` examples per device and optimizer step."""
+def compile_once(config, mesh, per_device: int, accum: int, screen_hbm: float | None = None) -> Attempt:
+  """Compiles the trainer's step for `per_device` x `accum` examples per device and optimizer step.
+  `screen_hbm`: under --screen (libtpu's HBM capped), the chip's usable bytes to judge a refusal against."""
   from pixelbert_jax import accumulation, model_context, partitioning
 
   dp = partitioning.data_parallel_size(mesh)
@@ -137,9 +138,9 @@ def compile_once(config, mesh, per_device: int, accum: int) -> Attempt:
     text = str(e)
     line = next((s.strip() for s in text.splitlines() if "RESOURCE_EXHAUSTED" in s), "") or cli_errors.first_line(text)
     seconds = time.monotonic() - t
-    if not _SCREEN.value:
+    if screen_hbm is None:
       return Attempt(per_device, accum, False, seconds, refusal=line, detail=text[:4000])
-    return _screened(context, lowered, config, mesh, batch_size, per_device, accum, seconds, line)
+    return _screened(context, lowered, config, mesh, batch_size, per_device, accum, seconds, line, screen_hbm)
   seconds = time.monotonic() - t
   memory = accumulation.step_memory(compiled)
   cost = compiled.cost_analysis()
@@ -151,7 +152,7 @@ def compile_once(config, mesh, per_device: int, accum: int) -> Attempt:
   return Attempt(per_device, accum, True, seconds, mem, flops)
 
 
-def _screened(context, lowered, config, mesh, batch_size, per_device, accum, seconds, refusal) -> Attempt:
+def _screened(context, lowered, config, mesh, batch_size, per_device, accum, seconds, refusal, usable) -> Attempt:
   """An Attempt judged from a capped compile's refusal: the temporaries XLA's buffer assignment needs, plus
   the arguments (the state's shards and the batch's, counted from their shapes), plus the slack for what a
   full compile adds, against the chip's usable HBM. FLOPs are the lowered program's (before XLA's
@@ -162,7 +163,6 @@ def _screened(context, lowered, config, mesh, batch_size, per_device, accum, sec
   arguments = state_bytes_per_device(context) + batch_input_bytes(config, mesh, batch_size)
   slack = SCREEN_SLACK * temporaries + SCREEN_CODE_GIB * GIB
   total = temporaries + slack + arguments
-  usable = parse_slice(_TOPOLOGY.value)[0].usable_gib * GIB
   mem = {"arguments": arguments / GIB, "temporaries": temporaries / GIB, "slack": slack / GIB, "total": total / GIB}
   fits = total <= usable
   why = "" if fits else f"screened: {total / GIB:.2f} GiB needed of {usable / GIB:.2f}"
@@ -182,7 +182,9 @@ def lowered_flops(lowered) -> float:
   return float(cost["flops"])
 
 
-def find_max_batch(config, mesh, start: int, log, usable: float = 0.0) -> tuple[Attempt | None, list[Attempt]]:
+def find_max_batch(
+    config, mesh, start: int, log, usable: float = 0.0, screen_hbm: float | None = None
+) -> tuple[Attempt | None, list[Attempt]]:
   """The largest per-device batch (one micro-batch) that compiles. From above, halving: a program too large
   is refused in seconds, one that fits takes minutes to compile. Then two steps between the largest fit and
   the smallest refusal: where the line through their memory needs meets `usable` when both needs are known
@@ -190,7 +192,7 @@ def find_max_batch(config, mesh, start: int, log, usable: float = 0.0) -> tuple[
   tried, best, refused = [], None, None
   b = max(1, start)
   while b >= 1:
-    a = compile_once(config, mesh, b, 1)
+    a = compile_once(config, mesh, b, 1, screen_hbm)
     tried.append(a)
     log(a)
     if a.fits:
@@ -208,7 +210,7 @@ def find_max_batch(config, mesh, start: int, log, usable: float = 0.0) -> tuple[
       mid = min(max(mid, lo + 1), hi - 1)
     if mid in (lo, hi):
       break
-    a = compile_once(config, mesh, mid, 1)
+    a = compile_once(config, mesh, mid, 1, screen_hbm)
     tried.append(a)
     log(a)
     best, refused = (a, refused) if a.fits else (best, a)
@@ -247,7 +249,9 @@ def batch_input_bytes(config, mesh, batch_size: int) -> int:
   return sum(math.prod(s.shape) * s.dtype.itemsize for s in spec.values()) // partitioning.data_parallel_size(mesh)
 
 
-def _search_accumulation(config, mesh, hbm: float | None) -> tuple[Attempt | None, list[Attempt]]:
+def _search_accumulation(
+    config, mesh, hbm: float | None, min_accum: int, screen_hbm: float | None
+) -> tuple[Attempt | None, list[Attempt]]:
   """The config as written; when it does not fit (or asks for -1), the fewest micro-batches that do. A k
   whose batch inputs alone exceed the device is not compiled: no micro-batch size can make it fit."""
   from pixelbert_jax import accumulation, partitioning
@@ -256,7 +260,7 @@ def _search_accumulation(config, mesh, hbm: float | None) -> tuple[Attempt | Non
   written = int(config.optim.grad_accum_steps)
   tried = []
   for k in accumulation.candidates(config.batch_size, dp):
-    if (written != -1 and k < written) or k < _MIN_ACCUM.value:
+    if (written != -1 and k < written) or k < min_accum:
       continue
     if tried and hbm and batch_input_bytes(config, mesh, config.batch_size) > hbm:
       print(
@@ -265,7 +269,7 @@ def _search_accumulation(config, mesh, hbm: float | None) -> tuple[Attempt | Non
           flush=True,
       )
       break
-    a = compile_once(config, mesh, config.batch_size // (dp * k), k)
+    a = compile_once(config, mesh, config.batch_size // (dp * k), k, screen_hbm)
     tried.append(a)
     print(_describe(a), flush=True)
     if a.fits:
@@ -274,9 +278,18 @@ def _search_accumulation(config, mesh, hbm: float | None) -> tuple[Attempt | Non
 
 
 def plan(
-    config, topology: str, *, find_max: bool, utilization: float, train_examples: int, max_batch_start: int = 0
+    config,
+    topology: str,
+    *,
+    find_max: bool,
+    utilization: float,
+    train_examples: int,
+    max_batch_start: int = 0,
+    min_accum: int = 0,
+    screen: bool = False,
 ) -> dict:
-  """Compiles the config's step for `topology` and prints the report; returns it as a dict (--json_out)."""
+  """Compiles the config's step for `topology` and prints the report; returns it as a dict (--json_out).
+  `screen`: libtpu's HBM is capped (main does it, before libtpu starts), so fits are judged by _screened."""
   from jax.experimental import topologies
 
   from pixelbert_jax import config_checks, model_context, partitioning
@@ -289,7 +302,8 @@ def plan(
     raise PlanError(problems[0])
   mesh = partitioning.make_mesh(config.mesh_shape, devices)
   dp = partitioning.data_parallel_size(mesh)
-  hbm = chip.usable_gib * GIB if _SCREEN.value else usable_hbm(devices)  # screened, libtpu's is the cap
+  hbm = chip.usable_gib * GIB if screen else usable_hbm(devices)  # screened, libtpu's is the cap
+  screen_hbm = hbm if screen else None
   peak = chip.peak_flops * chips / len(devices)
   bucket = model_context.largest_bucket(config)
   print(
@@ -312,12 +326,13 @@ def plan(
       bucket=bucket,
       batch_size=int(config.batch_size),
       remat=bool(config.model.get("remat", False)),
-      screened=_SCREEN.value,
+      screened=screen,
   )
   if find_max:
     start = max(1, max_batch_start or config.batch_size // dp)
     start = start if max_batch_start else 1 << math.ceil(math.log2(start))
-    best, tried = find_max_batch(config, mesh, start, lambda a: print(_describe(a), flush=True), hbm or 0.0)
+    log = lambda a: print(_describe(a), flush=True)  # noqa: E731
+    best, tried = find_max_batch(config, mesh, start, log, hbm or 0.0, screen_hbm)
     k = fewest_micro_batches(config.batch_size, dp, best.per_device) if best else None
     out.update(max_per_device=best.per_device if best else 0, accum_for_batch=k)
     print(
@@ -327,7 +342,7 @@ def plan(
     )
     chosen = best
   else:
-    chosen, tried = _search_accumulation(config, mesh, hbm)
+    chosen, tried = _search_accumulation(config, mesh, hbm, min_accum, screen_hbm)
     out["fits_as_written"] = bool(tried and tried[0].fits and tried[0].accum == int(config.optim.grad_accum_steps))
   out["tried"] = [dataclasses.asdict(a) for a in tried]
   out["fits"] = chosen is not None
@@ -426,6 +441,8 @@ def main(argv):
         utilization=_UTIL.value,
         train_examples=_EXAMPLES.value,
         max_batch_start=_START.value,
+        min_accum=_MIN_ACCUM.value,
+        screen=_SCREEN.value,
     )
   except ValueError as e:  # PlanError, ConfigError, a bad mesh: each one line naming its key
     print(f"error: {cli_errors.first_line(e) or type(e).__name__}", file=sys.stderr)

@@ -113,31 +113,6 @@ def test_plan_report_and_an_absurd_batch(capsys):
   assert out["steps"] == config.total_steps and out["est_hours"] > 0, out
 
 
-def test_cli_says_in_one_line_that_an_absurd_batch_does_not_fit(tmp_path):
-  """a million images of 192x192 (a quarter million per device): refused by the compiler, and no micro-batching can help (the
-  inputs alone exceed the device), so the search stops after one compile."""
-  result = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "pixelbert_jax.aot",
-          "--config=configs/pretrain.py:demo",
-          f"--topology={SLICE}",
-          "--vocab_size=64",
-          f"--config.batch_size={1 << 20}",
-          f"--json_out={tmp_path / 'plan.json'}",
-      ],
-      cwd=th.REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
-  verdicts = [line for line in result.stdout.splitlines() if line.startswith("verdict:")]
-  assert verdicts == [f"verdict: batch {1 << 20} does NOT fit {SLICE}"], result.stdout
-  assert result.stdout.count("does not fit") == 1, result.stdout  # one compile, then the inputs' bound
-
-
 def test_the_usable_hbm_table_is_libtpus():
   """--screen caps libtpu's HBM, so it judges a fit against `Chip.usable_gib`: the installed libtpu, uncapped
   (this process never caps it; the planner does so only in its own process), must report the same."""
@@ -159,7 +134,8 @@ def test_temporaries_are_read_off_the_refusal():
   assert aot._temporaries_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem.") is None
 
 
-def _plan_cli(tmp_path, name, *flags) -> dict:
+def _plan_cli(tmp_path, name, *flags, batch_size=64) -> tuple[subprocess.CompletedProcess, dict]:
+  """The planner's command on the demo config for SLICE: its output and its JSON."""
   result = subprocess.run(
       [
           sys.executable,
@@ -168,7 +144,7 @@ def _plan_cli(tmp_path, name, *flags) -> dict:
           "--config=configs/pretrain.py:demo",
           f"--topology={SLICE}",
           "--vocab_size=64",
-          "--config.batch_size=64",
+          f"--config.batch_size={batch_size}",
           f"--json_out={tmp_path / name}",
           *flags,
       ],
@@ -178,7 +154,16 @@ def _plan_cli(tmp_path, name, *flags) -> dict:
       timeout=900,
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  return json.loads((tmp_path / name).read_text())
+  return result, json.loads((tmp_path / name).read_text())
+
+
+def test_cli_says_in_one_line_that_an_absurd_batch_does_not_fit(tmp_path):
+  """a million images of 192x192 (a quarter million per device): refused by the compiler, and no micro-batching
+  can help (the inputs alone exceed the device), so the search stops after one compile."""
+  result, _ = _plan_cli(tmp_path, "plan.json", batch_size=1 << 20)
+  verdicts = [line for line in result.stdout.splitlines() if line.startswith("verdict:")]
+  assert verdicts == [f"verdict: batch {1 << 20} does NOT fit {SLICE}"], result.stdout
+  assert result.stdout.count("does not fit") == 1, result.stdout  # one compile, then the inputs' bound
 
 
 @pytest.mark.slow
@@ -187,8 +172,8 @@ def test_screen_against_a_full_compile(tmp_path):
   its buffer assignment): the screen read the temporaries off the refusal, counted the arguments as XLA
   does but for tile padding, counted the FLOPs as the compiled program does but for XLA's rewrites, and
   needs at least what the full compile measured (screening errs towards 'does not fit')."""
-  full = _plan_cli(tmp_path, "full.json")
-  screened = _plan_cli(tmp_path, "screened.json", "--screen", "--screen_cap_mib=4")
+  _, full = _plan_cli(tmp_path, "full.json")
+  _, screened = _plan_cli(tmp_path, "screened.json", "--screen", "--screen_cap_mib=4")
   f, s = full["memory_gib"], screened["memory_gib"]
   assert screened["screened"] and not full["screened"] and screened["tried"][0]["screened"]
   assert s["temporaries"] > 4 / 1024, s  # over the cap: judged from the refusal, not from a full compile
