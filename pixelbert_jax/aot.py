@@ -22,14 +22,13 @@ import importlib.util
 import json
 import math
 import os
-import re
 import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from pixelbert_jax import cli_errors
+from pixelbert_jax import aot_screen, cli_errors
 from pixelbert_jax.tpu_slices import PlanError, parse_slice, quiet_libtpu, usable_hbm
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:r50")
@@ -63,15 +62,7 @@ _SCREEN = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "topology"])
 
 USAGE = 2
-GIB = 1 << 30
-# What a full compile adds to a screened program's need (the buffer assignment's temporaries plus the
-# arguments counted from their shapes): later passes' buffers, the arguments' tile padding, and the code,
-# which a screened compile never generates. Measured on r50 pre-training (bench/results/tpu_plan/): the
-# temporaries grew by about 3% (32 x 1 per device on a v4-8) and 9% (16 x 16 on a v4-32), the code took
-# 0.36 GiB. A screened program fits when temporaries x (1 + SCREEN_SLACK) + arguments + SCREEN_CODE_GIB
-# fit the device.
-SCREEN_SLACK = 0.10
-SCREEN_CODE_GIB = 0.5
+GIB = aot_screen.GIB
 
 
 # Training records per epoch of the paper's data, as counted by the trainer (task_table's `record`):
@@ -105,20 +96,6 @@ class Attempt:
   screened: bool = False  # judged from the buffer assignment alone (--screen): memory has no measured code
 
 
-def _temporaries_bytes(message: str) -> float | None:
-  """XLA's 'the total memory required for HLO temporaries (20.73G) exceeds available HBM' -> bytes."""
-  m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
-  return float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1) if m else None
-
-
-def state_bytes_per_device(context) -> int:
-  """Bytes of the train state one device holds, from the state's shardings (FSDP and tensor axes split it)."""
-  import jax
-
-  leaves = jax.tree.leaves(context.abstract_state)
-  return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in leaves)
-
-
 def compile_once(config, mesh, per_device: int, accum: int, screen_hbm: float | None = None) -> Attempt:
   """Compiles the trainer's step for `per_device` x `accum` examples per device and optimizer step.
   `screen_hbm`: under --screen (libtpu's HBM capped), the chip's usable bytes to judge a refusal against."""
@@ -140,7 +117,10 @@ def compile_once(config, mesh, per_device: int, accum: int, screen_hbm: float | 
     seconds = time.monotonic() - t
     if screen_hbm is None:
       return Attempt(per_device, accum, False, seconds, refusal=line, detail=text[:4000])
-    return _screened(context, lowered, config, mesh, batch_size, per_device, accum, seconds, line, screen_hbm)
+    arguments = aot_screen.state_bytes_per_device(context) + aot_screen.batch_input_bytes(config, mesh, batch_size)
+    fits, mem, why = aot_screen.judge(line, arguments, screen_hbm)
+    flops = aot_screen.lowered_flops(lowered) / mesh.size * accum  # the scan's body counted once, as below
+    return Attempt(per_device, accum, fits, seconds, mem, flops, why, screened=True)
   seconds = time.monotonic() - t
   memory = accumulation.step_memory(compiled)
   cost = compiled.cost_analysis()
@@ -150,36 +130,6 @@ def compile_once(config, mesh, per_device: int, accum: int, screen_hbm: float | 
   flops = float(cost.get("flops", 0.0)) * accum
   mem = {k: v / GIB for k, v in dataclasses.asdict(memory).items()} | {"total": memory.total / GIB}
   return Attempt(per_device, accum, True, seconds, mem, flops)
-
-
-def _screened(context, lowered, config, mesh, batch_size, per_device, accum, seconds, refusal, usable) -> Attempt:
-  """An Attempt judged from a capped compile's refusal: the temporaries XLA's buffer assignment needs, plus
-  the arguments (the state's shards and the batch's, counted from their shapes), plus the slack for what a
-  full compile adds, against the chip's usable HBM. FLOPs are the lowered program's (before XLA's
-  optimisations)."""
-  temporaries = _temporaries_bytes(refusal)
-  if temporaries is None:
-    raise PlanError(f"--screen: XLA's refusal names no HLO temporaries, so it cannot be judged: {refusal[:200]}")
-  arguments = state_bytes_per_device(context) + batch_input_bytes(config, mesh, batch_size)
-  slack = SCREEN_SLACK * temporaries + SCREEN_CODE_GIB * GIB
-  total = temporaries + slack + arguments
-  mem = {"arguments": arguments / GIB, "temporaries": temporaries / GIB, "slack": slack / GIB, "total": total / GIB}
-  fits = total <= usable
-  why = "" if fits else f"screened: {total / GIB:.2f} GiB needed of {usable / GIB:.2f}"
-  flops = lowered_flops(lowered) / mesh.size * accum  # the scan's body is counted once, as in compile_once
-  return Attempt(per_device, accum, fits, seconds, mem, flops, why, screened=True)
-
-
-def lowered_flops(lowered) -> float:
-  """FLOPs of the whole (global, unpartitioned) lowered program, by XLA's HLO cost analysis run on the CPU
-  client: a deviceless TPU lowering has no cost analysis of its own (`Lowered.cost_analysis()` is None)."""
-  import jax
-  from jax._src.lib import xla_client  # the one entry point to XLA's HloCostAnalysis for a module
-
-  cost = xla_client._xla.hlo_module_cost_analysis(
-      jax.devices("cpu")[0].client, lowered.compiler_ir("hlo").get_hlo_module()
-  )
-  return float(cost["flops"])
 
 
 def find_max_batch(
@@ -241,14 +191,6 @@ def _describe(a: Attempt) -> str:
   return f"  {a.per_device:>4} per device x {a.accum}: fits, {a.memory['total']:.2f} GiB ({a.compile_s:.0f} s {how})"
 
 
-def batch_input_bytes(config, mesh, batch_size: int) -> int:
-  """Bytes per device of one batch's inputs: an accumulated step holds all its micro-batches' inputs."""
-  from pixelbert_jax import model_context, partitioning, tasks
-
-  spec = tasks.get_task(config.task).batch_spec(config, batch_size, model_context.largest_bucket(config))
-  return sum(math.prod(s.shape) * s.dtype.itemsize for s in spec.values()) // partitioning.data_parallel_size(mesh)
-
-
 def _search_accumulation(
     config, mesh, hbm: float | None, min_accum: int, screen_hbm: float | None
 ) -> tuple[Attempt | None, list[Attempt]]:
@@ -262,9 +204,9 @@ def _search_accumulation(
   for k in accumulation.candidates(config.batch_size, dp):
     if (written != -1 and k < written) or k < min_accum:
       continue
-    if tried and hbm and batch_input_bytes(config, mesh, config.batch_size) > hbm:
+    if tried and hbm and aot_screen.batch_input_bytes(config, mesh, config.batch_size) > hbm:
       print(
-          f"  the batch's inputs alone take {batch_input_bytes(config, mesh, config.batch_size) / GIB:.1f} GiB "
+          f"  the batch's inputs alone take {aot_screen.batch_input_bytes(config, mesh, config.batch_size) / GIB:.1f} GiB "
           f"per device: no grad_accum_steps fits",
           flush=True,
       )
@@ -289,7 +231,7 @@ def plan(
     screen: bool = False,
 ) -> dict:
   """Compiles the config's step for `topology` and prints the report; returns it as a dict (--json_out).
-  `screen`: libtpu's HBM is capped (main does it, before libtpu starts), so fits are judged by _screened."""
+  `screen`: libtpu's HBM is capped (main does it, before libtpu starts), so fits are judged by aot_screen.judge."""
   from jax.experimental import topologies
 
   from pixelbert_jax import config_checks, model_context, partitioning
@@ -338,7 +280,7 @@ def plan(
     print(
         f"largest per-device batch that fits: {out['max_per_device']}; batch {config.batch_size} would need "
         f"optim.grad_accum_steps={k or '(none fits)'} (its inputs add "
-        f"{batch_input_bytes(config, mesh, config.batch_size) / GIB:.2f} GiB per device: plan it to check)"
+        f"{aot_screen.batch_input_bytes(config, mesh, config.batch_size) / GIB:.2f} GiB per device: plan it to check)"
     )
     chosen = best
   else:
@@ -366,7 +308,7 @@ def plan(
     print(
         f"memory per device (screened): temporaries {m['temporaries']:.2f} GiB (XLA's buffer assignment), "
         f"arguments {m['arguments']:.2f} GiB (state and batch shards), slack for what a full compile adds "
-        f"{m['slack']:.2f} GiB ({SCREEN_SLACK:.0%} of the temporaries and {SCREEN_CODE_GIB} GiB of code); "
+        f"{m['slack']:.2f} GiB ({aot_screen.SLACK:.0%} of the temporaries and {aot_screen.CODE_GIB} GiB of code); "
         f"total {m['total']:.2f} of {(hbm or 0) / GIB:.2f} GiB. Check it without --screen before renting"
     )
   else:

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from pixelbert_jax import aot, tpu_slices
+from pixelbert_jax import aot, aot_screen, tpu_slices
 from tests import train_helpers as th
 
 if importlib.util.find_spec("libtpu") is None:
@@ -78,7 +78,7 @@ def _state_bytes_per_device(mesh_shape) -> tuple[aot.Attempt, float]:
   mesh = partitioning.make_mesh(config.mesh_shape, _devices())
   attempt = aot.compile_once(config, mesh, 4, 1)
   assert attempt.fits, attempt.refusal
-  batch_gib = aot.batch_input_bytes(config, mesh, 4 * partitioning.data_parallel_size(mesh)) / aot.GIB
+  batch_gib = aot_screen.batch_input_bytes(config, mesh, 4 * partitioning.data_parallel_size(mesh)) / aot.GIB
   return attempt, attempt.memory["arguments"] - batch_gib
 
 
@@ -129,9 +129,9 @@ def test_the_usable_hbm_table_is_libtpus():
 
 def test_temporaries_are_read_off_the_refusal():
   line = "RESOURCE_EXHAUSTED: ... the total memory required for HLO temporaries (20.73G) exceeds available HBM (1.00G)."
-  assert aot._temporaries_bytes(line) == pytest.approx(20.73 * aot.GIB)
-  assert aot._temporaries_bytes(line.replace("20.73G", "512.5M")) == pytest.approx(512.5 * (1 << 20))
-  assert aot._temporaries_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem.") is None
+  assert aot_screen.temporaries_bytes(line) == pytest.approx(20.73 * aot.GIB)
+  assert aot_screen.temporaries_bytes(line.replace("20.73G", "512.5M")) == pytest.approx(512.5 * (1 << 20))
+  assert aot_screen.temporaries_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem.") is None
 
 
 def _plan_cli(tmp_path, name, *flags, batch_size=64) -> tuple[subprocess.CompletedProcess, dict]:
