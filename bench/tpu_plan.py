@@ -45,20 +45,24 @@ def jobs(out: pathlib.Path = OUT) -> dict[str, list[str]]:
   """name -> planner arguments, in the order `run` takes them: chip by chip (v4, then v5e, then v5p), for
   every config the chip's `max` (the largest per-device batch, remat on, searched on one slice), then a
   `plan` per slice of that chip (the config as written, searching the fewest micro-batches that fit, from
-  the fewest that the chip's `max` allows when that is known); last, `max` with remat off."""
+  the fewest that the chip's `max` allows when that is known); last, `max` with remat off (from remat's largest
+  batch down)."""
   result, remat_off = {}, {}
   for family, chip_slice in CHIP_SLICE.items():
     for config_name, config in CONFIGS.items():
       key = config_name.replace(" ", "_")
-      for remat, into in (("on", result), ("off", remat_off)):
+      found = _plans(out).get(f"{key}__{chip_slice}__max_remat_on")
+      # Without remat a step keeps every layer's activations, so it needs at least what it needs with remat:
+      # its largest batch is at most remat's, and the search starts there (one compile when they are equal).
+      off_start = (found or {}).get("max_per_device") or MAX_BATCH_START[family]
+      for remat, into, start in (("on", result, MAX_BATCH_START[family]), ("off", remat_off, off_start)):
         into[f"{key}__{chip_slice}__max_remat_{remat}"] = [
             f"--config={config}",
             f"--topology={chip_slice}",
             "--find_max_batch",
-            f"--max_batch_start={MAX_BATCH_START[family]}",
+            f"--max_batch_start={start}",
             f"--config.model.remat={remat == 'on'}",
         ]
-      found = _plans(out).get(f"{key}__{chip_slice}__max_remat_on")
       for topology in (t for t in SLICES if _family(t) == family):
         k = _fewest(found, topology)
         result[f"{key}__{topology}__plan"] = [f"--config={config}", f"--topology={topology}"] + (
@@ -106,13 +110,21 @@ def _fewest(found: dict | None, topology: str) -> int | None:
   )
 
 
-def _largest(found: dict | None) -> str:
-  """'40 (41 refused)' from a --find_max_batch JSON; 's' marks a screened search (buffer assignment only)."""
+def _refused_above(found: dict) -> list[int]:
+  return [t["per_device"] for t in found["tried"] if not t["fits"] and t["per_device"] > found["max_per_device"]]
+
+
+def _largest(found: dict | None, with_remat: dict | None = None) -> str:
+  """'40 (41 refused)' from a --find_max_batch JSON; 's' marks a screened search (buffer assignment only). A
+  remat-off search that fits where it starts (remat's largest batch) is bounded by remat's refusal."""
   if not found:
     return "not compiled"
   mark = " s" if found.get("screened") else ""
-  refused = [t["per_device"] for t in found["tried"] if not t["fits"] and t["per_device"] > found["max_per_device"]]
-  return f"{found['max_per_device']}{mark}" + (f" ({min(refused)} refused)" if refused else "")
+  refused = _refused_above(found)
+  if refused:
+    return f"{found['max_per_device']}{mark} ({min(refused)} refused)"
+  bound = _refused_above(with_remat) if with_remat else []
+  return f"{found['max_per_device']}{mark}" + (f" ({min(bound)} refused with remat)" if bound else "")
 
 
 def _chips(topology: str) -> int:
@@ -150,7 +162,7 @@ def table(out: pathlib.Path) -> str:
         peak = tpu_slices.parse_slice(topology)[0].peak_flops  # per chip
         per_example_s = q["flops_per_example"] / (q["utilization"] * peak * chips)
         hours, star = q["steps"] * q["batch_size"] * per_example_s / 3600 if q.get("steps") else None, "*"
-      largest = " / ".join(_largest(f) for f in found)
+      largest = f"{_largest(found[0])} / {_largest(found[1], found[0])}"
       h = f"{hours:.1f}{star}" if hours else "-"
       ch = f"{hours * chips:.0f}{star}" if hours else "-"
       rows.append(f"| {config_name} | {topology} | {chips} | {fit} | {split} | {mem} | {largest} | {h} | {ch} |")

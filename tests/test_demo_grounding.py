@@ -103,6 +103,41 @@ def test_grounding_check_agrees_with_the_pictures_maps(maps, tmp_path):
     )
 
 
+def test_binding_ratio_agrees_with_the_pictures_maps(maps, tmp_path):
+  """The binding columns: per feature pixel, the mean share on the named object over the mean share on the
+  image's other objects, over the colour and shape words of the first caption of the first scenes, from
+  `AttentionMaps.maps` (rollout) and the world's ground truth; one-object scenes count for nothing."""
+  data_cfg = maps.predictor.data_cfg
+  s = data_cfg.synthetic
+  num_images, seen_multi = 4, 0
+  named, others = {"colour": [], "shape": []}, {"colour": [], "shape": []}
+  for i in range(num_images):
+    objs = world.make_scene(int(s.seed), "val", i, int(s.image_size), builders.scene_spec(data_cfg))
+    path = tmp_path / f"scene{i}.jpg"
+    path.write_bytes(world.encode_jpeg(world.render(int(s.seed), "val", i, objs, int(s.image_size))))
+    caption = world.captions(int(s.seed), "val", i, objs, 1)[0][0]
+    if len(objs) < 2:
+      continue
+    seen_multi += 1
+    cells = [grounding.object_pixels(o, 1.0, (3, 3)) for o in objs]
+    for kind, names in (("colour", world.COLOURS), ("shape", world.SHAPES)):
+      words = [w for w in caption.split() if w in names]
+      got = maps.maps(str(path), caption, words=words, use_rollout=True)
+      for w, m in zip(got["words"], got["maps"]):
+        k = next(k for k, o in enumerate(objs) if w in (o.colour, o.shape))
+        rest = np.any([c for j, c in enumerate(cells) if j != k], axis=0)
+        share = lambda px: grounding.object_share(m.reshape(-1), px, np.ones(9, bool)) / px.sum()
+        named[kind].append(share(cells[k]))
+        others[kind].append(share(rest))
+  assert seen_multi > 0  # demo_hard scenes: 1-3 objects
+  report = grounding.grounding_check(maps, num_images=num_images, captions_per_image=1)
+  for kind in ("colour", "shape"):
+    entry = report["binding"]["as written"]["rollout through layer 1"][kind]
+    np.testing.assert_allclose(entry["named"], np.mean(named[kind]), rtol=1e-4)
+    np.testing.assert_allclose(entry["ratio"], np.mean(named[kind]) / np.mean(others[kind]), rtol=1e-4)
+  assert "Binding, on the images with more than one object" in grounding.grounding_table(report)
+
+
 @pytest.mark.slow
 def test_cli_prints_the_table_and_errors_are_one_line(tiny_pretrained, tmp_path, capsys):
   rc = grounding.main(["--checkpoint", str(tiny_pretrained), "--num_images", "0"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from pixelbert_jax.data import synthetic as world
 from pixelbert_jax.data import text
 from pixelbert_jax.data.plan import PAD_RECORD
 from pixelbert_jax.data.preprocess import (
@@ -150,6 +151,9 @@ class PretrainExamples(Examples):
     super().__init__(opened, data_cfg, vocab_path, seed=seed, train=train)
     self._mlm_prob = float(data_cfg.mlm_prob)
     self._itm_neg_prob = float(data_cfg.itm_neg_prob)
+    # The synthetic world's evaluation also gets the token ids of the image's colour and shape words: which
+    # value another object of the image would give a masked word (the binding metric, tasks/pretrain_eval.py)
+    self._scene_words = not train and bool(data_cfg.get("grounded_metric", False))
 
   def _padding_extra(self, h, w):
     L = self._max_len
@@ -159,7 +163,22 @@ class PretrainExamples(Examples):
         "mlm_grounded": np.zeros(L, np.float32),
         "itm_label": np.int32(0),
     }
+    if self._scene_words:
+      extra.update(
+          image_colours=np.full(world.MAX_OBJECTS, -1, np.int32), image_shapes=np.full(world.MAX_OBJECTS, -1, np.int32)
+      )
     return extra if self._train else {**extra, "text_ids": np.zeros(L, np.int32)}
+
+  def _scene_word_ids(self, record, index: int) -> dict[str, np.ndarray]:
+    """image_colours / image_shapes: int32 [MAX_OBJECTS], the token ids of the scene's words, -1 padded."""
+    out = {}
+    for key, words in zip(
+        ("image_colours", "image_shapes"), world.scene_words(self._field(record, "cell_labels", index))
+    ):
+      ids = np.full(world.MAX_OBJECTS, -1, np.int32)
+      ids[: len(words)] = self.tokenizer.convert_tokens_to_ids(words)
+      out[key] = ids
+    return out
 
   def _captions(self, record, index: int) -> list[tuple[str, np.ndarray]]:
     self._field(record, "captions", index)
@@ -208,5 +227,7 @@ class PretrainExamples(Examples):
         "mlm_grounded": grounded,
         "itm_label": np.int32(matched),
     }
+    if self._scene_words:
+      out.update(self._scene_word_ids(record, index))
     # evaluation also scores ITM on the caption as written (tasks/pretrain.py)
     return out if self._train else {**out, "text_ids": ids_.astype(np.int32)}

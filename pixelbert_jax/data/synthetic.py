@@ -55,6 +55,7 @@ _TEMPLATE_WORDS = (
     "more than exactly one"
 )
 MAX_GROUNDED = 8  # colour + shape for at most 3 objects, with room to spare
+MAX_OBJECTS = len(COLOURS)  # colours are distinct within a scene
 
 
 def world_words() -> list[str]:
@@ -133,6 +134,12 @@ def cell_labels(objs: list[Obj]) -> np.ndarray:
   for o in objs:
     out[o.cell[0] * GRID + o.cell[1]] = (list(COLOURS).index(o.colour), SHAPES.index(o.shape))
   return out
+
+
+def scene_words(labels: np.ndarray) -> tuple[list[str], list[str]]:
+  """The colour words and the shape words of a scene's objects, from its `cell_labels` (row-major order)."""
+  rows = [(int(c), int(s)) for c, s in np.asarray(labels) if c >= 0]
+  return [list(COLOURS)[c] for c, _ in rows], [SHAPES[s] for _, s in rows]
 
 
 def _polygon(cx, cy, r, points):

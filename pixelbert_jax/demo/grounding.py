@@ -62,13 +62,15 @@ def object_pixels(obj, scale: float, grid: tuple[int, int]) -> np.ndarray:
 def _grounding_examples(predictor: Predictor, split: str, num_images: int, captions_per_image: int):
   """Yields one (image [1,H,W,3], mask [1,H,W], ids [L], text_mask [L], words) per caption of each held-out
   scene, regenerated exactly as the dataset stored it (JPEG included); words: (token mask [L], kind, the
-  feature pixels [P] of the object the word names, or of all objects for the other words)."""
+  feature pixels [P] of the object the word names or of all objects for the other words, the named object's
+  pixels (for another word: a random object's), the image's other objects' pixels or None)."""
   c = predictor.data_cfg
   s = c.synthetic
   spec = builders.scene_spec(c)
   max_len = int(c.max_text_len)
   for i in range(num_images):
     objs = world.make_scene(int(s.seed), split, i, int(s.image_size), spec)
+    pick_rng = np.random.default_rng([int(s.seed), i])  # the object a control word is measured against
     jpeg = world.encode_jpeg(world.render(int(s.seed), split, i, objs, int(s.image_size)))
     image, mask = predictor.model_image(decode_image(jpeg, name=f"synthetic-{split}-{i}"))
     grid = (image.shape[1] // CELL, image.shape[2] // CELL)
@@ -82,8 +84,12 @@ def _grounding_examples(predictor: Predictor, split: str, num_images: int, capti
         if kind != "other" and len(named) != 1:  # colours and shapes are unique within a scene
           continue
         _, _, token_mask = text_lib.encode(predictor.tokenizer, caption, max_len, grounded_words=[wi])
-        if token_mask.any():
-          words.append((token_mask, kind, cells[named[0]] if named else np.any(cells, axis=0)))
+        if not token_mask.any():
+          continue
+        # binding: the named object against the image's other objects (a control word: one chosen at random)
+        pick = named[0] if named else int(pick_rng.integers(len(objs)))
+        others = np.any([c for k, c in enumerate(cells) if k != pick], axis=0) & ~cells[pick] if len(objs) > 1 else None
+        words.append((token_mask, kind, cells[named[0]] if named else np.any(cells, axis=0), cells[pick], others))
       ids, tmask, _ = text_lib.encode(predictor.tokenizer, caption, max_len)
       yield image, mask, ids, tmask, words
 
@@ -106,9 +112,12 @@ class _Tally:
     self.shares = {v: {m[0]: {k: [] for k in KINDS} for m in modes} for v in GROUNDING_VARIANTS}
     self.pixel_mass = {v: {k: [] for k in KINDS} for v in GROUNDING_VARIANTS}
     self.base = {k: [] for k in KINDS}
+    # per feature pixel: the share on the named object and the share on the image's other objects
+    self.binding = {v: {m[0]: {k: ([], []) for k in KINDS} for m in modes} for v in GROUNDING_VARIANTS}
 
   def add(self, variant: str, probs: np.ndarray, pixel_mask: np.ndarray, rows: list) -> None:
-    """probs [B, layers, heads, T, T]; rows: (batch index, token mask [L], kind, object pixels [P])."""
+    """probs [B, layers, heads, T, T]; rows: (batch index, token mask [L], kind, object pixels [P], named
+    object's pixels [P], other objects' pixels [P] or None)."""
     index = np.array([r[0] for r in rows])
     weights = np.stack([r[1] for r in rows]).astype(np.float32)  # [R, L]
     weights /= weights.sum(axis=1, keepdims=True)
@@ -120,6 +129,12 @@ class _Tally:
       to_pixels = np.einsum("rl,rlp->rp", weights, matrix[:, :offset, offset:]) * valid
       for kind, share in zip(kinds, object_share(to_pixels, on_object, valid)):
         self.shares[variant][name][kind].append(float(share))
+      for row, attn, ok in zip(rows, to_pixels, valid):
+        if row[5] is not None:
+          named, others = row[4] & ok, row[5] & ok
+          pair = self.binding[variant][name][row[2]]
+          pair[0].append(float(object_share(attn, named, ok) / max(named.sum(), 1)))
+          pair[1].append(float(object_share(attn, others, ok) / max(others.sum(), 1)))
       if name == self.modes[0][0]:
         for kind, mass in zip(kinds, to_pixels.sum(axis=1)):
           self.pixel_mass[variant][kind].append(float(mass))
@@ -170,17 +185,10 @@ def grounding_check(
   written, masked = [], []
   for image, mask, ids, tmask, words in _grounding_examples(predictor, split, num_images, captions_per_image):
     written.append((image, mask, ids, tmask, words))
-    for token_mask, kind, on_object in words:
+    for word in words:
+      token_mask, kind = word[:2]
       if kind != "other":
-        masked.append(
-            (
-                image,
-                mask,
-                np.where(token_mask > 0, mask_id, ids).astype(ids.dtype),
-                tmask,
-                [(token_mask, kind, on_object)],
-            )
-        )
+        masked.append((image, mask, np.where(token_mask > 0, mask_id, ids).astype(ids.dtype), tmask, [word]))
     for variant, pending in zip(GROUNDING_VARIANTS, (written, masked)):
       while len(pending) >= batch_size:
         run(variant, pending[:batch_size])
@@ -208,6 +216,20 @@ def grounding_check(
       },
       variants={},
   )
+  # Binding (scenes with more than one object): per feature pixel, the share on the named object over the
+  # share on the image's other objects; about 1 for words that do not tell the objects apart.
+  report["binding"] = {
+      variant: {
+          name: {
+              kind: dict(named=float(np.mean(a)), others=float(np.mean(b)), ratio=float(np.mean(a) / np.mean(b)))
+              for kind, (a, b) in by_kind.items()
+              if a
+          }
+          for name, by_kind in by_mode.items()
+      }
+      for variant, by_mode in tally.binding.items()
+  }
+  report["binding_words"] = {k: len(v[0]) for k, v in tally.binding[GROUNDING_VARIANTS[0]][modes[0][0]].items()}
   for variant, by_mode in tally.shares.items():
     report["variants"][variant] = {
         name: {
@@ -248,6 +270,23 @@ def grounding_table(report: dict[str, Any]) -> str:
       e = variants[v][name].get(k)
       cells.append(f"{e['share']:.3f} ({e['ratio']:.1f}x)" if e else "-")
     lines.append(f"| {name}{' (default)' if name == report['default_mode'] else ''} | " + " | ".join(cells) + " |")
+  if any(report.get("binding_words", {}).values()):
+    n = report["binding_words"]
+    lines += [
+        "",
+        f"Binding, on the images with more than one object ({n['colour']} colour, {n['shape']} shape and "
+        f"{n['other']} other words): per feature pixel, the share on the named object over the share on the "
+        "image's other objects (other words: a random object of the image; about 1 when the word does not tell "
+        "the objects apart):",
+        "",
+        "| attention | colour | shape | colour, masked | shape, masked | other words (control) |",
+        "|---|---|---|---|---|---|",
+    ]
+    binding = report["binding"]
+    for name in binding[GROUNDING_VARIANTS[0]]:
+      cells = [binding[v][name].get(k) for v, k in columns]
+      text = " | ".join(f"{e['ratio']:.1f}x" if e else "-" for e in cells)
+      lines.append(f"| {name}{' (default)' if name == report['default_mode'] else ''} | {text} |")
   mass = report["pixel_attention"]
   lines += [
       "",

@@ -1,6 +1,6 @@
 """Pre-training evaluation: MLM and ITM metrics summed over the held-out split, and on the synthetic world
 the grounded-word probe (a colour or shape word that only the pixels determine, asked with the image's own
-pixels and with another image's).
+pixels and with another image's) and its binding part (the words whose image holds other objects).
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ def eval_metrics(apply, batch: dict[str, jax.Array], config) -> dict[str, Any]:
     mask_id = pipeline.tokenizer(config.data).mask_token_id
     probe, labels, weight = pretrain.grounded_probe(batch, mask_id)
     for name, b in (("mlm_acc_grounded", probe), ("mlm_acc_grounded_shuffled", pretrain.shuffle_images(probe))):
-      logits = apply(**pretrain.model_inputs(b))["mlm_logits"]
-      correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+      predictions = jnp.argmax(apply(**pretrain.model_inputs(b))["mlm_logits"], -1)
+      correct = (predictions == labels).astype(jnp.float32)
       metrics[name] = (jnp.sum(correct * weight), jnp.sum(weight))
+      if name == "mlm_acc_grounded" and "image_colours" in batch:
+        metrics.update(pretrain.binding(labels, predictions, weight, batch["image_colours"], batch["image_shapes"]))
     histogram = jnp.zeros((config.model.vocab_size,), jnp.float32)
     metrics["grounded_label_histogram"] = histogram.at[labels.reshape(-1)].add(weight.reshape(-1))
   return metrics
