@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.profile_steps = 0  # > 0: a jax.profiler trace of that many steps into WORKDIR/profile (profiling.py)
   c.profile_start_step = 10  # the first traced step (step 1 compiles the step function)
+  # a frozen CNN's features computed once per image at start-up and fed in place of the image
+  # (pixelbert_jax/feature_cache.py): one process, one image bucket, pre-training
+  c.cache_cnn_features = False
   c.init_from = ""  # a pre-training workdir / checkpoint (fine-tuning)
   c.init_from_torch = ""  # an INIT_DIR written by `pixelbert_jax.convert from-torch`
   c.loss = ml_collections.ConfigDict(dict(mlm_weight=1.0, itm_weight=1.0))

@@ -135,6 +135,7 @@ RULES: dict[str, Rule] = {
     "keep_checkpoints": integer(1, text=">= 1 (Orbax would delete every checkpoint; an integer up to 2147483647)"),
     "profile_steps": integer(0, text=">= 0 (0: no profile; an integer up to 2147483647)"),
     "profile_start_step": integer(1),
+    "cache_cnn_features": BOOL,
     "init_from": STRING,
     "init_from_torch": STRING,
     "init_hook": Rule(
@@ -305,6 +306,15 @@ def _relations(config: ml_collections.ConfigDict, bad: set[str]) -> list[str]:
     found.append("config.loss.mlm_weight=0 and config.loss.itm_weight=0 leave nothing to train: make one > 0")
   if have("profile_steps", "profile_start_step", "total_steps") and get("profile_steps") > 0 < get("total_steps"):
     found += _at_most(have, get, "profile_start_step", "total_steps", " (the profile would never start)")
+  if have("cache_cnn_features", "model.cnn.frozen", "task", "data.buckets") and get("cache_cnn_features"):
+    # feature_cache.py: the same C5 at every step needs a frozen CNN and one image shape; pre-training reads it
+    for ok, need in (
+        (get("model.cnn.frozen"), "config.model.cnn.frozen=True (a CNN that trains changes its features)"),
+        (get("task") == "pretrain", f"config.task='pretrain' (not {get('task')!r})"),
+        (len(get("data.buckets")) == 1, f"one image bucket (config.data.buckets has {len(get('data.buckets'))})"),
+    ):
+      if not ok:
+        found.append(f"config.cache_cnn_features=True needs {need}")
   found += _mesh_entries(config, bad)
   found += _model_relations(config, bad, have, get)
   found += _data_relations(config, bad, have, get)
@@ -509,6 +519,8 @@ def device_problems(config: ml_collections.ConfigDict, num_devices: int, process
   divisible("eval_batch_size", _get(config, "eval_batch_size"))
   if warm_start_runs(config):
     divisible("cnn_warm_start.batch_size", _get(config, "cnn_warm_start.batch_size"))
+  if _get(config, "cache_cnn_features") and process_count > 1:
+    found.append(f"config.cache_cnn_features=True runs in one process, not {process_count} (feature_cache.py)")
   return found
 
 

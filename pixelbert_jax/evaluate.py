@@ -65,6 +65,10 @@ def evaluate(checkpoint: str, split: str | None = None, step: int | None = None)
       "Evaluating %s step %d (task %s) on %s/%s", workdir, found, config.task, config.data.name, config.data.eval_split
   )
   data = TaskData(config.data, config.task)  # opens the evaluated split when the evaluation reads it
+  if config.get("cache_cnn_features", False):  # as the run evaluated: the frozen CNN's cached features
+    from pixelbert_jax import feature_cache
+
+    data.features = feature_cache.build_cache(context, data, state, config.data.eval_split)
   return {"step": found, **tasks.get_evaluate(config.task)(context, data, state, workdir)}
 
 

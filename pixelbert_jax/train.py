@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import accumulation, config_checks, init_hooks, metrics_writer, model_context, partitioning, paths
+from pixelbert_jax import accumulation, config_checks, feature_cache, init_hooks, metrics_writer, model_context, partitioning, paths
 from pixelbert_jax import profiling, run_lock, tasks
 from pixelbert_jax.data.task_data import TaskData
 from pixelbert_jax.train_step import State
@@ -221,14 +221,6 @@ def _train_and_evaluate(
       "vocab_size": int(config.model.vocab_size),
   }
 
-  train_iter = trainer.data.iterator(
-      config.data.train_split,
-      batch_size=config.batch_size // pc,
-      seed=config.seed,
-      process_index=pi,
-      process_count=pc,
-      train=True,
-  )
   checkpointer = ckpt_lib.Checkpointer(
       workdir / "checkpoints", every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
   )
@@ -236,14 +228,16 @@ def _train_and_evaluate(
   sums: dict[str, Any] = {}  # the log window: metric sums of the steps since the last logged one
   if restored is not None:
     state, start = restored.state, restored.step
-    if restored.data_state:
-      train_iter.set_state(restored.data_state)
     sums = _window_from_json(restored.log_window)
     logging.info("Resumed from %s at step %d", workdir / "checkpoints" / str(start), start)
     if start >= trainer.total_steps:
       # The README's command run twice: say so rather than log nothing and exit.
       checkpointer.close()
-      final = _evaluation_left_over(trainer, state, workdir, start) if start == trainer.total_steps else {}
+      if start == trainer.total_steps:
+        _cache_cnn_features(trainer, state)
+        final = _evaluation_left_over(trainer, state, workdir, start)
+      else:
+        final = {}
       logging.info(
           "Run already finished: %s holds step %d of %d; nothing to train (raise "
           "--config.total_steps to train further).",
@@ -276,7 +270,18 @@ def _train_and_evaluate(
             e.what,
         )
         return {"preempted_at_step": 0.0}
-    elif _eval_due(trainer, start) and not _agreed(writer.has_row(start, "eval/")):
+    _cache_cnn_features(trainer, state)  # after the init hook, which may train the CNN before it is frozen
+    train_iter = trainer.data.iterator(
+        config.data.train_split,
+        batch_size=config.batch_size // pc,
+        seed=config.seed,
+        process_index=pi,
+        process_count=pc,
+        train=True,
+    )
+    if restored is not None and restored.data_state:
+      train_iter.set_state(restored.data_state)
+    if start > 0 and _eval_due(trainer, start) and not _agreed(writer.has_row(start, "eval/")):
       logging.info("Step %d's evaluation is missing from metrics.jsonl (the run stopped during it): running it", start)
       final = _evaluate_and_write(trainer, state, workdir, writer, start)
     # The ETA's clock starts here: the init hook and a resumed evaluation are not training steps.
@@ -352,6 +357,13 @@ def _train_and_evaluate(
     checkpointer.close()
     writer.close()
   return final
+
+
+def _cache_cnn_features(trainer: Trainer, state: State) -> None:
+  """config.cache_cnn_features: the frozen CNN's features of every image, computed again at every start
+  (from the state's CNN: deterministic, so a resumed run reads what the interrupted one did)."""
+  if trainer.config.get("cache_cnn_features", False):
+    trainer.data.features = feature_cache.build_cache(trainer, trainer.data, state, trainer.config.data.train_split)
 
 
 def _window_to_json(sums: dict) -> dict:

@@ -69,6 +69,8 @@ class Examples:
     self._short, self._long = int(data_cfg.image_short_side), int(data_cfg.image_long_side)
     self._buckets = validate_buckets(data_cfg.buckets)
     self._max_pixels = int(data_cfg.max_image_pixels)
+    # a frozen CNN's cached features (feature_cache.py), read in place of the image where a task supports it
+    self.features = None
 
   @classmethod
   def from_data(cls, data, opened, *, seed: int, train: bool) -> "Examples":
@@ -94,12 +96,22 @@ class Examples:
   def encode(self, sentence: str, grounded_words=()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return text.encode(self.tokenizer, sentence, self._max_len, grounded_words)
 
+  def pixels(self, record, index: int, bucket: tuple[int, int], name: str) -> dict[str, np.ndarray]:
+    """image and image_mask; with a feature cache, the image's cached c5 and pixel_mask instead."""
+    if self.features is not None:
+      return self.features.example(int(self._field(record, "image_index", index)))
+    image, image_mask = self.image(self._field(record, "image", index), bucket, name)
+    return {"image": image, "image_mask": image_mask}
+
   def padding(self, bucket_id: int, position: int = PAD_RECORD) -> dict:
     h, w = self._buckets[bucket_id]
     L = self._max_len
+    if self.features is not None:
+      pixels = {k: np.zeros_like(v) for k, v in self.features.example(0).items()}
+    else:
+      pixels = {"image": np.zeros((h, w, 3), np.uint8), "image_mask": np.zeros((h, w), bool)}
     return {
-        "image": np.zeros((h, w, 3), np.uint8),
-        "image_mask": np.zeros((h, w), bool),
+        **pixels,
         "input_ids": np.zeros(L, np.int32),
         "text_mask": np.zeros(L, np.int32),
         "example_mask": np.float32(0),
@@ -115,7 +127,8 @@ class Examples:
     if index == PAD_RECORD:
       return self.padding(bucket_id, position)
     try:
-      record = self._source[index]
+      # with cached features no image is read: the records alone (their `image_index` rows)
+      record = (self._records if self.features is not None else self._source)[index]
       out = self._example(index, record, int(position), self._buckets[bucket_id])
       out["_pos"] = int(position)
       return out
@@ -153,7 +166,8 @@ class PretrainExamples(Examples):
     self._itm_neg_prob = float(data_cfg.itm_neg_prob)
     # The synthetic world's evaluation also gets the token ids of the image's colour and shape words: which
     # value another object of the image would give a masked word (the binding metric, tasks/pretrain_eval.py)
-    self._scene_words = not train and bool(data_cfg.get("grounded_metric", False))
+    scenes = data_cfg.get("synthetic", {})
+    self._scene_words = not train and bool(data_cfg.get("grounded_metric", False)) and scenes.get("max_objects", 1) > 1
 
   def _padding_extra(self, h, w):
     L = self._max_len
@@ -186,7 +200,7 @@ class PretrainExamples(Examples):
 
   def _example(self, index, record, position, bucket):
     name = self.record_name(index)
-    image, image_mask = self.image(self._field(record, "image", index), bucket, name)
+    pixels = self.pixels(record, index, bucket, name)
     captions = self._captions(record, index)
     if not captions:
       raise BadRecordError(f"{name}: no non-empty caption")
@@ -217,8 +231,7 @@ class PretrainExamples(Examples):
     if not matched:
       labels, weights = np.zeros_like(labels), np.zeros_like(weights)
     out = {
-        "image": image,
-        "image_mask": image_mask,
+        **pixels,
         "input_ids": masked.astype(np.int32),
         "text_mask": text_mask,
         "example_mask": np.float32(1),

@@ -32,6 +32,9 @@ class TaskData:
     self._vocab_path: str | None = None
     self._answers: list[str] | None = None
     self._ground_truth: dict[str, dict[int, dict]] = {}
+    # feature_cache.FeatureCache of a frozen CNN (config.cache_cnn_features): examples made from here on
+    # carry the image's cached features in place of the image
+    self.features = None
 
   # ------------------------------------------------------------------------------------ splits and sizes
   def split(self, name: str) -> OpenSplit:
@@ -96,7 +99,9 @@ class TaskData:
   def examples(self, name: str, *, seed: int, train: bool) -> Examples:
     """The task's record -> example function over split `name` (its `examples` class in task_table.py)."""
     examples_class = task_table.resolve(self.spec.examples)
-    return examples_class.from_data(self, self.split(name), seed=seed, train=train)
+    examples = examples_class.from_data(self, self.split(name), seed=seed, train=train)
+    examples.features = self.features
+    return examples
 
   def iterator(
       self,

@@ -68,6 +68,10 @@ class _TaskModel(nn.Module):
     """-> (pixels [B,P,D], pixel_mask [B,P]), never sampled: cacheable image features."""
     return self.encoder.encode_image(image, image_mask, train)
 
+  def cnn_features(self, image, image_mask):
+    """-> (C5 [B,h,w,C], pixel_mask [B,P]) in inference mode: a frozen CNN's features (feature_cache.py)."""
+    return self.encoder.cnn_features(image, image_mask)
+
   def fuse(self, input_ids, text_mask, pixels, pixel_mask, train: bool = False):
     """-> (sequence [B,L+P,D], pooled [B,D])."""
     return self.encoder.fuse(input_ids, text_mask, pixels, pixel_mask, train)
@@ -81,8 +85,9 @@ class PixelBertPretrain(_TaskModel):
     self.mlm_head = MlmHead(self.cfg)
     self.itm_head = LinearHead(self.cfg, 2)
 
-  def __call__(self, image, image_mask, input_ids, text_mask, train: bool = False):
-    enc = self.encoder(image, image_mask, input_ids, text_mask, train)
+  def __call__(self, image, image_mask, input_ids, text_mask, train: bool = False, c5=None, pixel_mask=None):
+    """`c5`, `pixel_mask`: a frozen CNN's cached features in place of the image (feature_cache.py)."""
+    enc = self.encoder(image, image_mask, input_ids, text_mask, train, c5=c5, pixel_mask=pixel_mask)
     text = enc["sequence"][:, : input_ids.shape[1]]
     return dict(mlm_logits=self.mlm_logits(text), itm_logits=self.itm_head(enc["pooled"]), pixel_mask=enc["pixel_mask"])
 

@@ -94,10 +94,11 @@ class PixelBertEncoder(nn.Module):
     self.visual = VisualEmbedder(self.cfg)
     self.bert = BertModel(self.cfg)
 
-  def encode_image(self, image, image_mask, train: bool = False):
-    """uint8 [B,H,W,3], bool [B,H,W] -> (pixels [B,P,D], pixel_mask [B,P]), P = (H//32//2) * (W//32//2).
+  def cnn_features(self, image, image_mask, train: bool = False):
+    """uint8 [B,H,W,3], bool [B,H,W] -> (C5 [B,H//32,W//32,C], pixel_mask [B,P]), P = (H//64) * (W//64).
 
-    Data buckets are multiples of 64; other sizes work (800x1344 -> 25x42 -> 12x21 pixels)."""
+    A frozen CNN (`cnn.frozen`) runs in inference mode under stop_gradient: what feature_cache.py computes
+    once per image. Data buckets are multiples of 64; other sizes work (800x1344 -> 25x42 -> 12x21 pixels)."""
     if image.ndim != 4 or image.shape[-1] != 3 or image_mask.shape != image.shape[:3]:
       raise ValueError(f"expected image [B,H,W,3] and image_mask [B,H,W], got {image.shape} and " f"{image_mask.shape}")
     if image.shape[1] < CELL or image.shape[2] < CELL:
@@ -107,10 +108,22 @@ class PixelBertEncoder(nn.Module):
     c5 = self.cnn(normalize_image(image, image_mask), train and not frozen)
     if frozen:
       c5 = jax.lax.stop_gradient(c5)
-    pixels = self.visual(c5)
     gh, gw = c5.shape[1] // 2, c5.shape[2] // 2
-    pixel_mask = pixel_grid_mask(image_mask, gh, gw).reshape(image.shape[0], gh * gw)
-    return nn.with_logical_constraint(pixels, SEQ_AXES), pixel_mask
+    return c5, pixel_grid_mask(image_mask, gh, gw).reshape(image.shape[0], gh * gw)
+
+  def encode_image(self, image, image_mask, train: bool = False, c5=None, pixel_mask=None):
+    """uint8 [B,H,W,3], bool [B,H,W] -> (pixels [B,P,D], pixel_mask [B,P]); or, in place of the image, a frozen
+    CNN's cached `c5` [B,h,w,C] and `pixel_mask` [B,(h//2)*(w//2)] (feature_cache.py): no CNN pass."""
+    if c5 is None:
+      c5, pixel_mask = self.cnn_features(image, image_mask, train)
+    elif not self.cfg.cnn.get("frozen", False):
+      raise ValueError("cached CNN features (c5) need a frozen CNN (model.cnn.frozen=True): a trained one changes")
+    elif pixel_mask is None or pixel_mask.shape != (c5.shape[0], (c5.shape[1] // 2) * (c5.shape[2] // 2)):
+      raise ValueError(
+          f"cached c5 {c5.shape} needs pixel_mask [B,(h//2)*(w//2)], got {getattr(pixel_mask, 'shape', None)}"
+      )
+    pixels = self.visual(c5)
+    return nn.with_logical_constraint(pixels, SEQ_AXES), pixel_mask.astype(bool)
 
   def fuse(self, input_ids, text_mask, pixels, pixel_mask, train: bool = False):
     """`[CLS] text [SEP] pixels` through BERT -> (sequence [B,L+P,D], pooled [B,D])."""
@@ -123,10 +136,21 @@ class PixelBertEncoder(nn.Module):
   def attend(self, x):
     return self.bert.attend(x)
 
-  def __call__(self, image, image_mask, input_ids, text_mask, train: bool = False, allow_sampling: bool = True):
+  def __call__(
+      self,
+      image,
+      image_mask,
+      input_ids,
+      text_mask,
+      train: bool = False,
+      allow_sampling: bool = True,
+      c5=None,
+      pixel_mask=None,
+  ):
     """-> dict(sequence, pooled, pixel_mask). Pixel sampling iff train and cfg.pixel_sampling.enabled
-    and the task allows it (pre-training does; fine-tuning uses all pixels, as in the paper)."""
-    pixels, pixel_mask = self.encode_image(image, image_mask, train)
+    and the task allows it (pre-training does; fine-tuning uses all pixels, as in the paper). `c5` and
+    `pixel_mask`: cached features of a frozen CNN in place of the image (`encode_image`)."""
+    pixels, pixel_mask = self.encode_image(image, image_mask, train, c5, pixel_mask)
     if train and allow_sampling and self.cfg.pixel_sampling.enabled:
       pixels, pixel_mask = sample_pixels(
           self.make_rng("sample"), pixels, pixel_mask, self.cfg.pixel_sampling.num_pixels

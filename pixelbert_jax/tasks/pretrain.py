@@ -16,10 +16,14 @@ from pixelbert_jax.tasks import specs
 from pixelbert_jax.tasks.reduce import masked_mean
 
 INPUT_KEYS = ("image", "image_mask", "input_ids", "text_mask")
+# a frozen CNN's features cached per image (feature_cache.py), which batches carry in place of the image
+CACHED_KEYS = ("c5", "pixel_mask")
 MetricSums = dict[str, tuple[jax.Array, jax.Array]]
 
 
 def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  if "c5" in batch:
+    return {"image": None, "image_mask": None, **{k: batch[k] for k in INPUT_KEYS[2:] + CACHED_KEYS}}
   return {k: batch[k] for k in INPUT_KEYS}
 
 
@@ -107,7 +111,8 @@ def binding(
 
 def shuffle_images(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Pairs every caption with the next example's image (a derangement for batches larger than one)."""
-  return {**batch, "image": jnp.roll(batch["image"], 1, axis=0), "image_mask": jnp.roll(batch["image_mask"], 1, axis=0)}
+  keys = CACHED_KEYS if "c5" in batch else INPUT_KEYS[:2]
+  return {**batch, **{k: jnp.roll(batch[k], 1, axis=0) for k in keys}}
 
 
 def batch_spec(config, batch_size: int, image_hw: tuple[int, int]) -> dict[str, jax.ShapeDtypeStruct]:

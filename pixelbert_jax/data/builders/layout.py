@@ -153,6 +153,11 @@ class JoinedSource:
     self.records, self._images, self._refs, self._name = records, images, tuple(refs), name
     self._num_images = len(images)
 
+  @property
+  def images(self):
+    """The build's image table (split 'images'; rows are what the records' `*_index` fields hold)."""
+    return self._images
+
   def __len__(self) -> int:
     return len(self.records)
 
