@@ -66,6 +66,9 @@ def test_paper_recipe_values():
   x = th.load_config("pretrain", "x152")
   assert (x.data.image_short_side, x.data.image_long_side) == (600, 1000)
   assert (x.model.cnn.groups, x.model.cnn.width_per_group, tuple(x.model.cnn.stage_sizes)) == (32, 4, (3, 8, 36, 3))
+  # what the paper does not have: a 2D position embedding on the pixels, the frozen CNN's cached features
+  for variant in (c, x):
+    assert not variant.model.pos_embed_2d and not variant.cache_cnn_features
 
 
 def test_unknown_variant_is_named():
