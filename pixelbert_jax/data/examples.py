@@ -183,12 +183,12 @@ class PretrainExamples(Examples):
       )
     return extra if self._train else {**extra, "text_ids": np.zeros(L, np.int32)}
 
-  def _scene_word_ids(self, record, index: int) -> dict[str, np.ndarray]:
-    """image_colours / image_shapes: int32 [MAX_OBJECTS], the token ids of the scene's words, -1 padded."""
+  def _scene_word_ids(self, record) -> dict[str, np.ndarray]:
+    """image_colours / image_shapes: int32 [MAX_OBJECTS], the token ids of the scene's words, -1 padded (all -1
+    for a record without `cell_labels`: the binding metric then counts none of its words)."""
     out = {}
-    for key, words in zip(
-        ("image_colours", "image_shapes"), world.scene_words(self._field(record, "cell_labels", index))
-    ):
+    labels = record.get("cell_labels", np.full((1, 2), -1))
+    for key, words in zip(("image_colours", "image_shapes"), world.scene_words(labels)):
       ids = np.full(world.MAX_OBJECTS, -1, np.int32)
       ids[: len(words)] = self.tokenizer.convert_tokens_to_ids(words)
       out[key] = ids
@@ -241,6 +241,6 @@ class PretrainExamples(Examples):
         "itm_label": np.int32(matched),
     }
     if self._scene_words:
-      out.update(self._scene_word_ids(record, index))
+      out.update(self._scene_word_ids(record))
     # evaluation also scores ITM on the caption as written (tasks/pretrain.py)
     return out if self._train else {**out, "text_ids": ids_.astype(np.int32)}
