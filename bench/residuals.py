@@ -23,7 +23,7 @@ from bench import tables, workers, workloads
 
 # Name-stack markers -> part of the model, first match wins (pixel_bert.py's method and module names).
 PARTS = (
-    ("encode_image/cnn", "CNN"),
+    ("cnn_features/cnn", "CNN"),
     ("encode_image", "pixel projection"),
     ("bert.encode", "transformer"),
     ("bert.embed_text", "text embeddings"),

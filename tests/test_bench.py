@@ -113,7 +113,7 @@ def test_residuals_bench_attributes_what_the_backward_keeps(tmp_path, capsys):
   assert on["CNN"] == off["CNN"]
   assert 0 < on["transformer"]["total"] < 0.2 * off["transformer"]["total"]
   printed = capsys.readouterr().out
-  assert "| CNN |" in printed and "encoder.encode_image/cnn" in printed
+  assert "| CNN |" in printed and "encoder.cnn_features/cnn" in printed
 
 
 def _in_process_then_two_cpu_devices(tmp_path, module, flags):
