@@ -1,5 +1,5 @@
 """`config.cache_cnn_features`: the frozen CNN's features, computed once per image, are what the frozen CNN
-computes, bit for bit, and a run that reads them trains and evaluates exactly as one that runs the CNN."""
+computes, bit for bit (a run on them against a run on images: tests/test_task_data.py)."""
 
 import numpy as np
 import pytest
@@ -9,10 +9,7 @@ from tests import train_helpers as th
 
 
 def _config(data_dir, cache: bool):
-  config = th.tiny_config(data_dir, total_steps=3, variant="demo", eval_every_steps=3, **{"cnn_warm_start.steps": 2})
-  config.cnn_warm_start.batch_size = 8
-  config.cache_cnn_features = cache
-  return config
+  return th.demo_recipe_config(data_dir, cache_cnn_features=cache)
 
 
 def test_the_cache_is_the_frozen_cnns_output(data_dir):
@@ -34,20 +31,6 @@ def test_the_cache_is_the_frozen_cnns_output(data_dir):
   assert cache.c5.dtype == np.float32 and cache.pixel_mask.all()  # 192 x 192 scenes: no padding
   with pytest.raises(IndexError, match="image row 80 outside the feature cache's 80 rows"):
     cache.example(80)
-
-
-@pytest.mark.slow
-def test_a_run_on_cached_features_is_the_run_on_images(data_dir, tmp_path):
-  """Warm start, 3 steps and an evaluation, with and without the cache: the same metrics.jsonl (but for
-  timing) and the same parameters, bit for bit."""
-  runs = {}
-  for cache in (False, True):
-    workdir = tmp_path / f"cache_{cache}"
-    train.train_and_evaluate(_config(data_dir, cache), str(workdir))
-    runs[cache] = workdir
-  assert th.without_perf(th.metrics(runs[True])) == th.without_perf(th.metrics(runs[False]))
-  assert any("eval/mlm_acc_grounded" in row for row in th.metrics(runs[True]))
-  th.assert_same_params(th.final_params(runs[True]), th.final_params(runs[False]))
 
 
 def test_the_cache_needs_a_frozen_cnn_one_bucket_and_pretraining(data_dir):

@@ -42,11 +42,9 @@ def _no_optimizer(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def pretrain_run(data_dir, tmp_path_factory):
-  """The README's recipe (`demo`: the CNN warm start, which reads the train and eval splits too), 4 steps with
-  an evaluation at steps 2 and 4, its split openings counted."""
+  """`th.demo_recipe_config`'s run, its split openings counted."""
   workdir = tmp_path_factory.mktemp("pretrain_opens")
-  config = th.tiny_config(data_dir, total_steps=4, variant="demo", eval_every_steps=2, **{"cnn_warm_start.steps": 2})
-  config.cnn_warm_start.batch_size = 8
+  config = th.demo_recipe_config(data_dir)
   with counting_opens() as counts:
     final = train.train_and_evaluate(config, str(workdir))
   assert "eval/mlm_acc" in final
@@ -74,6 +72,19 @@ def vqa_run(data_dir, tmp_path_factory):
 def test_a_pretraining_run_opens_each_split_once(pretrain_run):
   _, counts = pretrain_run
   assert counts == {("synthetic", "train"): 1, ("synthetic", "val"): 1}, counts
+
+
+@pytest.mark.slow
+def test_a_run_on_cached_cnn_features_is_the_run_on_images(pretrain_run, data_dir, tmp_path):
+  """config.cache_cnn_features (feature_cache.py): the same run on the frozen CNN's cached features writes
+  the same metrics.jsonl (but for timing) and the same parameters, bit for bit, and opens no split more."""
+  images, image_counts = pretrain_run
+  with counting_opens() as counts:
+    train.train_and_evaluate(th.demo_recipe_config(data_dir, cache_cnn_features=True), str(tmp_path))
+  assert th.without_perf(th.metrics(tmp_path)) == th.without_perf(th.metrics(images))
+  assert any("eval/mlm_acc_grounded" in row for row in th.metrics(tmp_path))
+  th.assert_same_params(th.final_params(tmp_path), th.final_params(images))
+  assert dict(counts) == image_counts
 
 
 @pytest.mark.slow

@@ -63,6 +63,15 @@ def tiny_config(data_dir: str, total_steps: int = 4, variant: str = "demo_hard",
   return config
 
 
+def demo_recipe_config(data_dir: str, cache_cnn_features: bool = False):
+  """The README's recipe (`demo`: the CNN warm start, which reads the train and eval splits too) at test size,
+  4 steps with an evaluation at steps 2 and 4."""
+  config = tiny_config(data_dir, total_steps=4, variant="demo", eval_every_steps=2, **{"cnn_warm_start.steps": 2})
+  config.cnn_warm_start.batch_size = 8
+  config.cache_cnn_features = cache_cnn_features
+  return config
+
+
 def main_command(workdir: str, overrides: dict) -> list[str]:
   return [
       sys.executable,
