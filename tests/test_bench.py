@@ -15,71 +15,6 @@ from bench import inference, residuals, train_step  # noqa: E402
 from tests import train_helpers as th  # noqa: E402
 
 
-@pytest.mark.slow
-def test_train_step_bench_demo(tmp_path):
-  out = tmp_path / "train.json"
-  train_step.main(
-      [
-          "--workload",
-          "demo",
-          "--frameworks",
-          "jax,torch",
-          "--in-process",
-          "--batch",
-          "2",
-          "--steps",
-          "1",
-          "--warmup",
-          "0",
-          "--json",
-          str(out),
-      ]
-  )
-  results = {r["framework"]: r for r in json.loads(out.read_text())["results"]}
-  assert set(results) == {"jax", "torch"} and not any("error" in r for r in results.values())
-  jax_loss, torch_loss = results["jax"]["first_loss"], results["torch"]["first_loss"]
-  assert abs(jax_loss - torch_loss) < 0.1 * jax_loss, (jax_loss, torch_loss)
-  assert results["torch"]["flops_torch"] > 0 and results["jax"]["median_ms"] > 0
-  assert all(r["cpu_user_ms"] > 0 and r["minflt"] >= 0 for r in results.values())
-
-
-@pytest.mark.slow
-def test_inference_bench_demo(tmp_path, capsys):
-  out = tmp_path / "inference.json"
-  inference.main(
-      [
-          "--workload",
-          "demo",
-          "--frameworks",
-          "jax,torch",
-          "--in-process",
-          "--latency-iters",
-          "1",
-          "--pairs-steps",
-          "1",
-          "--warmup",
-          "0",
-          "--pairs-batch",
-          "16",
-          "--cache-images",
-          "4",
-          "--encode-batch",
-          "4",
-          "--json",
-          str(out),
-          "--profile",
-          str(tmp_path / "prof"),
-      ]
-  )
-  jax_r, torch_r = json.loads(out.read_text())["results"]
-  assert len(jax_r["scores"]) == 16
-  assert max(abs(a - b) for a, b in zip(jax_r["scores"], torch_r["scores"])) < 1e-4
-  # --profile: a trace on disk and a table of XLA ops that names the model's layers.
-  printed = capsys.readouterr().out
-  assert "XLA ops, ms per call" in printed and "bert.encode/encoder/layer_0" in printed
-  assert list((tmp_path / "prof").rglob("*.trace.json.gz"))
-
-
 def test_inference_bench_refuses_cudnn_attention_without_gpu_and_bf16(capsys):
   with pytest.raises(SystemExit):
     inference.parse_args(["--attention", "cudnn", "--set", "model.dtype=float32"])
@@ -116,59 +51,50 @@ def test_residuals_bench_attributes_what_the_backward_keeps(tmp_path, capsys):
   assert "| CNN |" in printed and "encoder.cnn_features/cnn" in printed
 
 
-def _in_process_then_two_cpu_devices(tmp_path, module, flags):
-  """`module` run in this process (one device), then as `python -m` in a fresh process, which splits the CPU
-  into the demo config's 2 devices (JAX's device count is fixed when it starts) -> (the two JAX results, the
-  second run's stdout)."""
+def _in_process_then_two_cpu_devices(tmp_path, module, flags, in_process=()):
+  """`module` run in this process (one device; JAX and PyTorch), then JAX alone as `python -m` in a fresh
+  process, which splits the CPU into the demo config's 2 devices (JAX's device count is fixed when it starts)
+  -> (the in-process results by framework, the two-device JAX result, the second run's stdout)."""
   one, two = tmp_path / "one.json", tmp_path / "two.json"
-  module.main(flags + ["--in-process", "--json", str(one)])
+  module.main(flags + ["--frameworks", "jax,torch", "--in-process", "--json", str(one), *in_process])
   done = subprocess.run(
-      [sys.executable, "-m", module.__name__, *flags, "--json", str(two)],
+      [sys.executable, "-m", module.__name__, *flags, "--frameworks", "jax", "--json", str(two)],
       capture_output=True,
       text=True,
       timeout=600,
       cwd=th.REPO,
   )
   assert done.returncode == 0, done.stderr[-3000:]
-  return [json.loads(f.read_text())["results"][0] for f in (one, two)], done.stdout
+  first = {r["framework"]: r for r in json.loads(one.read_text())["results"]}
+  assert set(first) == {"jax", "torch"} and not any("error" in r for r in first.values()), first
+  return first, json.loads(two.read_text())["results"][0], done.stdout
 
 
 @pytest.mark.slow
-def test_train_step_bench_on_two_cpu_devices_computes_the_same_step(tmp_path):
-  """The demo config's cpu_devices=2 splits the batch over a data-parallel mesh; its first loss is the
-  one-device loss of the same batch."""
-  results, out = _in_process_then_two_cpu_devices(
-      tmp_path,
-      train_step,
-      [
-          "--workload",
-          "demo",
-          "--frameworks",
-          "jax",
-          "--batch",
-          "4",
-          "--steps",
-          "1",
-          "--warmup",
-          "0",
-      ],
+def test_train_step_bench_demo_jax_torch_and_two_cpu_devices(tmp_path):
+  """The demo step in JAX and PyTorch (the same first loss within 10%), then JAX with the demo config's
+  cpu_devices=2, which splits the batch over a data-parallel mesh: its first loss is the one-device loss."""
+  first, two, out = _in_process_then_two_cpu_devices(
+      tmp_path, train_step, ["--workload", "demo", "--batch", "4", "--steps", "1", "--warmup", "0"]
   )
+  jax_loss, torch_loss = first["jax"]["first_loss"], first["torch"]["first_loss"]
+  assert abs(jax_loss - torch_loss) < 0.1 * jax_loss, (jax_loss, torch_loss)
+  assert first["torch"]["flops_torch"] > 0 and first["jax"]["median_ms"] > 0
+  assert all(r["cpu_user_ms"] > 0 and r["minflt"] >= 0 for r in first.values())
   assert "JAX mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in out
-  assert abs(results[0]["first_loss"] - results[1]["first_loss"]) < 1e-5, results
+  assert abs(jax_loss - two["first_loss"]) < 1e-5, (jax_loss, two["first_loss"])
 
 
 @pytest.mark.slow
-def test_inference_bench_on_two_cpu_devices_scores_as_one(tmp_path):
-  """The demo config's cpu_devices=2 splits encoding and pair scoring over a data axis; the scores are those
-  of one device."""
-  results, out = _in_process_then_two_cpu_devices(
+def test_inference_bench_demo_jax_torch_and_two_cpu_devices(tmp_path, capsys):
+  """Pair scores of JAX and PyTorch (within 1e-4) and, with --profile, a trace and a table of XLA ops naming
+  the model's layers; then JAX with cpu_devices=2 over a data axis, which scores as one device does."""
+  first, two, out = _in_process_then_two_cpu_devices(
       tmp_path,
       inference,
       [
           "--workload",
           "demo",
-          "--frameworks",
-          "jax",
           "--latency-iters",
           "1",
           "--pairs-steps",
@@ -182,8 +108,13 @@ def test_inference_bench_on_two_cpu_devices_scores_as_one(tmp_path):
           "--encode-batch",
           "2",
       ],
+      in_process=("--profile", str(tmp_path / "prof")),
   )
+  assert len(first["jax"]["scores"]) == 16
+  assert max(abs(a - b) for a, b in zip(first["jax"]["scores"], first["torch"]["scores"])) < 1e-4
+  printed = capsys.readouterr().out
+  assert "XLA ops, ms per call" in printed and "bert.encode/encoder/layer_0" in printed
+  assert list((tmp_path / "prof").rglob("*.trace.json.gz"))
   assert "JAX mesh {'data': 2, 'fsdp': 1, 'tensor': 1} for encoding and pair scoring" in out
-  scores = [r["scores"] for r in results]
-  assert len(scores[1]) == 16
-  assert max(abs(a - b) for a, b in zip(*scores)) < 1e-6
+  assert len(two["scores"]) == 16
+  assert max(abs(a - b) for a, b in zip(first["jax"]["scores"], two["scores"])) < 1e-6
