@@ -21,8 +21,8 @@ import numpy as np
 from etils import epath
 
 from pixelbert_jax import checkpoint as ckpt_lib
-from pixelbert_jax import accumulation, config_checks, feature_cache, init_hooks, metrics_writer, model_context, partitioning, paths
-from pixelbert_jax import profiling, run_lock, tasks
+from pixelbert_jax import accumulation, config_checks, feature_cache, init_hooks, metrics_writer, model_context
+from pixelbert_jax import partitioning, paths, profiling, run_lock, tasks
 from pixelbert_jax.data.task_data import TaskData
 from pixelbert_jax.train_step import State
 
