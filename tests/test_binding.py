@@ -5,6 +5,8 @@ off that object's pixel token) scores 1; the same reader on the pixel tokens rep
 in the image kept, which attribute belongs to which object lost) falls to the chance of a guess among the
 image's objects, and picks another object's value about as often as chance says, while a "which colours are
 present" probe on those same mean tokens stays exact. So the metric measures binding, not presence.
+A reader that answers "present, and not named by the text" is exact wherever the text names every other
+object, and no better than a guess among the rest on the words `mlm_acc_binding_unnamed` keeps.
 """
 
 import jax.numpy as jnp
@@ -21,7 +23,7 @@ NUM_COLOURS = len(world.COLOURS)
 
 def _eval_examples(data_dir):
   config = th.tiny_config(data_dir, variant="demo")
-  config.data.synthetic.update(min_objects=2, max_objects=3, num_val=64)
+  config.data.synthetic.update(min_objects=2, max_objects=3, num_val=128)
   data = TaskData(config.data, "pretrain")
   examples = data.examples("val", seed=0, train=False)
   rows = [examples(i, i, 0) for i in range(data.num_examples("val"))]
@@ -59,6 +61,19 @@ def _binding_reader(tokenizer, ids, labels, weight, tokens_of) -> np.ndarray:
   return predictions
 
 
+def _eliminating_reader(tokenizer, ids, labels, weight, records) -> np.ndarray:
+  """Predictions [B, L]: the first of the image's values of the asked kind that the text does not name
+  (presence and elimination, no binding)."""
+  predictions = np.zeros(ids.shape, np.int64)
+  for b, p in zip(*np.nonzero(weight)):
+    colours, shapes = world.scene_words(records[b]["cell_labels"])
+    asked = tokenizer.convert_ids_to_tokens(int(labels[b, p]))
+    values = [tokenizer.convert_tokens_to_ids(v) for v in (colours if asked in world.COLOURS else shapes)]
+    left = [v for v in values if v not in ids[b]]
+    predictions[b, p] = left[0]
+  return predictions
+
+
 def _rate(metrics, name) -> float:
   total, count = metrics[name]
   return float(total / count)
@@ -79,6 +94,7 @@ def test_binding_falls_to_chance_without_which_object_while_presence_stays(data_
           jnp.asarray(weight),
           batch["image_colours"],
           batch["image_shapes"],
+          jnp.asarray(ids),
       )
       for per_image in (tokens, mean_tokens)
   )
@@ -100,6 +116,19 @@ def test_binding_falls_to_chance_without_which_object_while_presence_stays(data_
     present = set(colour_ids[t[0, :NUM_COLOURS] > 0].tolist())
     assert present == set(np.asarray(batch["image_colours"][b])[np.asarray(batch["image_colours"][b]) >= 0].tolist())
 
+  # presence and elimination: right wherever the text names every other object, a guess elsewhere
+  args = (jnp.asarray(weight), batch["image_colours"], batch["image_shapes"], jnp.asarray(ids))
+  eliminated = pretrain.binding(
+      jnp.asarray(labels), jnp.asarray(_eliminating_reader(tokenizer, ids, labels, weight, records)), *args
+  )
+  unnamed_words = float(eliminated["mlm_acc_binding_unnamed"][1])
+  assert 20 <= unnamed_words < words  # "there is" captions; relation captions of 3-object scenes
+  assert _rate(bound, "mlm_acc_binding_unnamed") == 1.0
+  named_right = float(eliminated["mlm_acc_binding"][0] - eliminated["mlm_acc_binding_unnamed"][0])
+  assert named_right == words - unnamed_words  # every word the text leaves to elimination
+  # on the rest it guesses among 2-3 unnamed values, right at most half the time (3 sd over the sample)
+  assert _rate(eliminated, "mlm_acc_binding_unnamed") <= 0.5 + 3 * np.sqrt(0.25 / unnamed_words)
+
 
 def test_binding_counts_only_words_with_another_object():
   """A one-object image has no other object to confuse: its words are not binding words."""
@@ -107,7 +136,20 @@ def test_binding_counts_only_words_with_another_object():
   weight = jnp.asarray([[0, 1, 0], [0, 1, 0]], jnp.float32)
   colours = jnp.asarray([[10, 11, -1], [12, -1, -1]])
   shapes = jnp.asarray([[20, 21, -1], [20, -1, -1]])
-  m = pretrain.binding(labels, jnp.asarray([[0, 11, 0], [0, 20, 0]]), weight, colours, shapes)
+  ids = jnp.asarray([[1, 2, 3], [1, 2, 3]])  # names no value
+  m = pretrain.binding(labels, jnp.asarray([[0, 11, 0], [0, 20, 0]]), weight, colours, shapes, ids)
   assert [float(x) for x in m["mlm_acc_binding"]] == [0.0, 1.0]
+  assert [float(x) for x in m["mlm_acc_binding_unnamed"]] == [0.0, 1.0]
   assert [float(x) for x in m["mlm_binding_other_rate"]] == [1.0, 1.0]
   assert [float(x) for x in m["mlm_binding_other_chance"]] == [0.5, 1.0]
+
+
+def test_binding_unnamed_leaves_out_words_the_text_answers_by_elimination():
+  """Colour 10 asked in an image of colours 10, 11, 12: it needs binding while the text leaves 11 or 12
+  unnamed, and not once it names both."""
+  labels, weight = jnp.asarray([[10, 0], [10, 0]]), jnp.asarray([[1, 0], [1, 0]], jnp.float32)
+  colours, shapes = jnp.asarray([[10, 11, 12], [10, 11, 12]]), jnp.asarray([[20, 21, 22], [20, 21, 22]])
+  ids = jnp.asarray([[11, 5], [11, 12]])  # image 0's text names 11; image 1's names 11 and 12
+  m = pretrain.binding(labels, jnp.asarray([[10, 0], [10, 0]]), weight, colours, shapes, ids)
+  assert [float(x) for x in m["mlm_acc_binding"]] == [2.0, 2.0]
+  assert [float(x) for x in m["mlm_acc_binding_unnamed"]] == [1.0, 1.0]

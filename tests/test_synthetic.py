@@ -202,3 +202,35 @@ def test_scene_spec_is_part_of_the_dataset_name():
       "captions", seed=0, image_size=192, num_train=10, num_val=2, num_test=2, scene=world.SceneSpec(1, 1, 0.3, 0.45)
   )
   assert a.name.endswith("_o1-3_r0.2-0.38") and b.name.endswith("_o1-1_r0.3-0.45")
+
+
+def test_caption_kinds_choose_the_templates_and_name_the_dataset():
+  objs = [world.make_scene(0, "train", i, 192, world.SceneSpec(2, 3)) for i in range(100)]
+
+  def kinds_written(kinds):
+    found = set()
+    for i, o in enumerate(objs):
+      for text, _ in world.captions(0, "train", i, o, 5, kinds):
+        found.add(
+            "shows" if text.startswith("the picture shows") else "there_is" if text.startswith("there") else "relation"
+        )
+    return found
+
+  assert kinds_written(world.CAPTION_KINDS) == set(world.CAPTION_KINDS)
+  assert kinds_written(("there_is", "relation")) == {"there_is", "relation"}
+  assert kinds_written(("relation",)) == {"relation"}  # 2-3 objects: always two to relate
+  # all three kinds, in their order, draw the captions the worlds before the option drew
+  assert world.captions(0, "train", 7, objs[7], 5) == world.captions(0, "train", 7, objs[7], 5, world.CAPTION_KINDS)
+  sizes = dict(seed=0, image_size=192, num_train=10, num_val=2, num_test=2)
+  default = builder.synthetic_config("captions", **sizes)
+  assert default.name.endswith("_r0.2-0.38")  # unchanged: the demo's data is not rebuilt
+  two = builder.synthetic_config("captions", **sizes, caption_kinds=("there_is", "relation"))
+  assert two.name.endswith("_r0.2-0.38_kthere_is-relation") and two.caption_kinds == ("there_is", "relation")
+  # questions ignore caption kinds: one build whatever the captions
+  assert (
+      builder.synthetic_config("vqa", **sizes, caption_kinds=("relation",)).name
+      == builder.synthetic_config("vqa", **sizes).name
+  )
+  for bad in (("there_is", "there_is"), ("list",), ()):
+    with pytest.raises(ValueError, match="caption_kinds"):
+      builder.synthetic_config("captions", **sizes, caption_kinds=bad)

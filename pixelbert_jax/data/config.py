@@ -77,6 +77,9 @@ def data_config(name: str = "synthetic") -> ml_collections.ConfigDict:
           max_objects=3,
           radius_small=0.2,
           radius_large=0.38,
+          # caption templates drawn uniformly (data/synthetic.py CAPTION_KINDS): there_is names one object,
+          # relation relates two, shows lists them all
+          caption_kinds=("there_is", "relation", "shows"),
       )
   )
   if name == "synthetic":

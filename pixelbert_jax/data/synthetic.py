@@ -261,12 +261,32 @@ class _Sentence:
     return " ".join(self.words), list(self.grounded)
 
 
-def captions(seed: int, split: str, index: int, objs: list[Obj], num: int) -> list[tuple[str, list[int]]]:
-  """`num` captions, each (text, indices of grounded words in text.split())."""
+# The caption templates: "there is a red star in the top left" (names one object), "a red star is to the left
+# of a blue ring" (relates two; "there is" with one object), "the picture shows a red star and a blue ring"
+# (lists every object). Their order is the one the first worlds drew them in, so all three draw as before.
+CAPTION_KINDS = ("there_is", "relation", "shows")
+
+
+def check_caption_kinds(kinds) -> tuple[str, ...]:
+  """`kinds` as a tuple of distinct CAPTION_KINDS (ValueError names the first unknown or repeated one)."""
+  kinds = tuple(kinds)
+  for k in kinds:
+    if k not in CAPTION_KINDS or kinds.count(k) > 1:
+      raise ValueError(f"synthetic caption_kinds must be distinct ones of {', '.join(CAPTION_KINDS)}, got {k!r}")
+  if not kinds:
+    raise ValueError(f"synthetic caption_kinds is empty: name at least one of {', '.join(CAPTION_KINDS)}")
+  return kinds
+
+
+def captions(
+    seed: int, split: str, index: int, objs: list[Obj], num: int, kinds: tuple[str, ...] = CAPTION_KINDS
+) -> list[tuple[str, list[int]]]:
+  """`num` captions, each (text, indices of grounded words in text.split()), of templates drawn uniformly from
+  `kinds` (CAPTION_KINDS)."""
   rng = _rng(seed, split, 2, index)
   out = []
   for _ in range(num):
-    kind = int(rng.integers(3))
+    kind = CAPTION_KINDS.index(kinds[int(rng.integers(len(kinds)))])
     if kind == 1 and len(objs) >= 2:
       a, b = (objs[i] for i in rng.choice(len(objs), 2, replace=False))
       s = _Sentence().obj(a, size=bool(rng.integers(2))).add("is " + _REL_PHRASE[relation(a, b)])

@@ -81,29 +81,41 @@ def grounded_probe(
 
 
 def binding(
-    labels: jax.Array, predictions: jax.Array, weight: jax.Array, colours: jax.Array, shapes: jax.Array
+    labels: jax.Array,
+    predictions: jax.Array,
+    weight: jax.Array,
+    colours: jax.Array,
+    shapes: jax.Array,
+    input_ids: jax.Array,
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
   """The grounded-word probe on the words that need binding: a colour or shape word whose image holds
   another object that would give a different answer (every other object: colours and shapes are distinct
   within a scene), so reading "which colours are present" is not enough, only "which colour is the star's".
 
   labels / predictions int [B,L] (the asked word, the model's argmax), weight [B,L] (the probe's asked
-  positions); colours / shapes int [B,N]: token ids of the image's colour and shape words, -1 padded.
+  positions); colours / shapes int [B,N]: token ids of the image's colour and shape words, -1 padded;
+  input_ids int [B,L]: the text the model was given.
   -> (sum, count) of:
   - mlm_acc_binding: accuracy on those words;
+  - mlm_acc_binding_unnamed: accuracy on those of them whose image holds another object of a different
+    value that the text does not name. Where the text names every other object ("a [MASK] star is to the
+    left of a green ring" in a two-object image), "present but not named" answers without binding;
   - mlm_binding_other_rate: how often the prediction is another object's value (binding to the wrong one);
   - mlm_binding_other_chance: that rate for a guess among the image's values of the word's kind, (n-1)/n.
   """
   is_colour = jnp.any(colours[:, None, :] == labels[..., None], axis=-1)  # [B,L]
   values = jnp.where(is_colour[..., None], colours[:, None, :], shapes[:, None, :])  # [B,L,N]
   other = (values >= 0) & (values != labels[..., None])
+  named = jnp.any(values[..., None] == input_ids[:, None, None, :], axis=-1)  # [B,L,N]: the text has it
   n_other = jnp.sum(other, axis=-1).astype(jnp.float32)
   w = weight * (n_other > 0)
+  w_unnamed = weight * jnp.any(other & ~named, axis=-1)
   correct = (predictions == labels).astype(jnp.float32)
   wrong_object = jnp.any(other & (values == predictions[..., None]), axis=-1).astype(jnp.float32)
   count = jnp.sum(w)
   return {
       "mlm_acc_binding": (jnp.sum(correct * w), count),
+      "mlm_acc_binding_unnamed": (jnp.sum(correct * w_unnamed), jnp.sum(w_unnamed)),
       "mlm_binding_other_rate": (jnp.sum(wrong_object * w), count),
       "mlm_binding_other_chance": (jnp.sum(n_other / (n_other + 1.0) * w), count),
   }

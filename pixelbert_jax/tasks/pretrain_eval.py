@@ -41,7 +41,9 @@ def eval_metrics(apply, batch: dict[str, jax.Array], config) -> dict[str, Any]:
       correct = (predictions == labels).astype(jnp.float32)
       metrics[name] = (jnp.sum(correct * weight), jnp.sum(weight))
       if name == "mlm_acc_grounded" and "image_colours" in batch:
-        metrics.update(pretrain.binding(labels, predictions, weight, batch["image_colours"], batch["image_shapes"]))
+        metrics.update(
+            pretrain.binding(labels, predictions, weight, batch["image_colours"], batch["image_shapes"], b["input_ids"])
+        )
     histogram = jnp.zeros((config.model.vocab_size,), jnp.float32)
     metrics["grounded_label_histogram"] = histogram.at[labels.reshape(-1)].add(weight.reshape(-1))
   return metrics

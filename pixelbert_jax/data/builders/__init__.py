@@ -48,6 +48,7 @@ def builder(data_cfg: ml_collections.ConfigDict, schema: str) -> tfds.core.Datas
         captions_per_image=s.captions_per_image,
         questions_per_image=s.questions_per_image,
         scene=scene_spec(data_cfg),
+        caption_kinds=tuple(s.caption_kinds),
     )
     return synthetic.prepare(cfg, data_cfg.data_dir)
   cls, dataset = builder_class(data_cfg.name), DATASETS[data_cfg.name]

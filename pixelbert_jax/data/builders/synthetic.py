@@ -33,6 +33,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   captions_per_image: int = 5
   questions_per_image: int = 3
   scene: world.SceneSpec = world.SceneSpec()
+  caption_kinds: tuple[str, ...] = world.CAPTION_KINDS
 
 
 def synthetic_config(
@@ -46,6 +47,7 @@ def synthetic_config(
     captions_per_image: int = 5,
     questions_per_image: int = 3,
     scene: world.SceneSpec = world.SceneSpec(),
+    caption_kinds: tuple[str, ...] = world.CAPTION_KINDS,
 ) -> SyntheticConfig:
   if schema not in SCHEMAS:
     raise ValueError(f"synthetic schema must be {', '.join(SCHEMAS)}, got {schema!r}")
@@ -56,6 +58,11 @@ def synthetic_config(
       f"_c{captions_per_image}_q{questions_per_image}"
       f"_o{scene.min_objects}-{scene.max_objects}_r{scene.radius_small:g}-{scene.radius_large:g}"
   )
+  caption_kinds = world.check_caption_kinds(caption_kinds)
+  if schema != "captions":  # only captions use them: questions and statements stay one build
+    caption_kinds = world.CAPTION_KINDS
+  if caption_kinds != world.CAPTION_KINDS:  # the default leaves the name, and so the built data, as it was
+    name += "_k" + "-".join(caption_kinds)
   return SyntheticConfig(
       name=name,
       schema=schema,
@@ -67,6 +74,7 @@ def synthetic_config(
       captions_per_image=captions_per_image,
       questions_per_image=questions_per_image,
       scene=scene,
+      caption_kinds=caption_kinds,
   )
 
 
@@ -162,7 +170,7 @@ class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
         continue
       objs = self._scene(split, i)
       if c.schema == "captions":
-        caps = world.captions(c.seed, split, i, objs, c.captions_per_image)
+        caps = world.captions(c.seed, split, i, objs, c.captions_per_image, c.caption_kinds)
         grounded = [np.array(g + [-1] * (world.MAX_GROUNDED - len(g)), np.int32) for _, g in caps]
         yield image_id, {
             "image_index": first_row + i,
