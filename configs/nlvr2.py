@@ -1,4 +1,4 @@
-"""NLVR2 fine-tuning: `--config=configs/nlvr2.py[:demo|r50|x152] --config.init_from=PRETRAIN_WORKDIR`.
+"""NLVR2 fine-tuning: `--config=configs/nlvr2.py[:demo|demo_binds|r50|x152] --config.init_from=PRETRAIN_WORKDIR`.
 
 The paper's fine-tuning recipe: each image with the sentence is one pass, the two [CLS] vectors are concatenated
 and classified true/false with cross-entropy; batch 128, otherwise as VQA (18 epochs, lr x0.1 at 12 and 16,
@@ -12,8 +12,9 @@ from pixelbert_jax.config_files import load_sibling
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "demo"
-  c = load_sibling(__file__, "finetune_common").finetune_config("nlvr2", variant, "nlvr2")
-  if variant == "demo":
+  common = load_sibling(__file__, "finetune_common")
+  c = common.finetune_config("nlvr2", variant, "nlvr2")
+  if variant in common.DEMOS:
     c.num_epochs = 2.0  # ours: 4000 pairs, 250 steps of two passes each
     c.optim.decay_epochs = (1.5,)
   else:

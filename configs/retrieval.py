@@ -1,5 +1,5 @@
-"""Image-text retrieval fine-tuning: `--config=configs/retrieval.py[:demo|r50|x152|r50_coco|x152_coco]
---config.init_from=PRETRAIN_WORKDIR`.
+"""Image-text retrieval fine-tuning: `--config=configs/retrieval.py[:VARIANT] --config.init_from=PRETRAIN_WORKDIR`,
+VARIANT one of demo, demo_binds, r50, x152 (Flickr30K), r50_coco, x152_coco.
 
 The paper's fine-tuning recipe: each image with its caption and 20 random other captions, score = FC on [CLS],
 softmax cross-entropy over the 21, back-propagation through the 5 hardest negatives only; only the
@@ -14,13 +14,17 @@ from pixelbert_jax.config_files import load_sibling
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "demo"
+  common = load_sibling(__file__, "finetune_common")
   backbone, _, dataset = variant.partition("_")
   dataset = {"": "flickr30k", "coco": "coco_karpathy"}.get(dataset)
-  if dataset is None:
+  if variant in common.DEMOS:
+    backbone, dataset = variant, "synthetic"
+  elif dataset is None or backbone.startswith("demo"):
     raise ValueError(
-        f"Unknown variant {variant!r} of configs/retrieval.py: use demo, r50, x152, r50_coco " "or x152_coco"
+        f"Unknown variant {variant!r} of configs/retrieval.py: use demo, demo_binds, r50, x152, r50_coco "
+        "or x152_coco"
     )
-  c = load_sibling(__file__, "finetune_common").finetune_config("retrieval", backbone, dataset)
+  c = common.finetune_config("retrieval", backbone, dataset)
   c.model.cnn.frozen = True  # paper: only the transformer is fine-tuned
   c.loss = ml_collections.ConfigDict(dict(hard_negatives=5))  # paper
   c.retrieval_eval = ml_collections.ConfigDict(
@@ -30,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           pair_batch_size=1024,  # pairs per scoring call
       )
   )
-  if backbone == "demo":
+  if backbone in common.DEMOS:
     c.batch_size = 16  # ours: 16 images x (1 + 7) captions per step
     c.num_epochs = 1.0
     c.optim.decay_epochs = (0.7,)

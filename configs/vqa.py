@@ -1,4 +1,4 @@
-"""VQA fine-tuning: `--config=configs/vqa.py[:demo|r50|x152] --config.init_from=PRETRAIN_WORKDIR`.
+"""VQA fine-tuning: `--config=configs/vqa.py[:demo|demo_binds|r50|x152] --config.init_from=PRETRAIN_WORKDIR`.
 
 The paper's fine-tuning recipe: [CLS] -> MLP -> 3129 answers (seen >= 9 times in train), BCE on soft scores,
 batch 256, 18 epochs, lr x0.1 at epochs 12 and 16, the pre-training optimisers (SGD 1e-2 for the CNN,
@@ -14,7 +14,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "demo"
   common = load_sibling(__file__, "finetune_common")
   c = common.finetune_config("vqa", variant, "vqa2")
-  if variant == "demo":
+  if variant in common.DEMOS:
     c.num_epochs = 1.0  # ours: 12000 questions, about 375 steps
     c.optim.decay_epochs = (0.7,)
     c.model.num_answers = common.FROM_DATA  # the world's answers

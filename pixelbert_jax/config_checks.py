@@ -201,6 +201,13 @@ RULES: dict[str, Rule] = {
     "data.synthetic.questions_per_image": integer(1, 100),
     "data.synthetic.min_objects": integer(1, min(synthetic.GRID**2, len(synthetic.COLOURS))),
     "data.synthetic.max_objects": integer(1, min(synthetic.GRID**2, len(synthetic.COLOURS))),
+    "data.synthetic.caption_kinds": Rule(
+        lambda v: isinstance(v, (list, tuple))
+        and len(v) > 0
+        and all(k in synthetic.CAPTION_KINDS for k in v)
+        and len(set(v)) == len(v),
+        f"distinct ones of {', '.join(synthetic.CAPTION_KINDS)}, at least one",
+    ),
     "data.synthetic.radius_small": real(0.05, 0.5),
     "data.synthetic.radius_large": real(0.05, 0.5),
     # model

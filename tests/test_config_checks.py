@@ -21,10 +21,10 @@ from pixelbert_jax.data import synthetic
 from tests import train_helpers as th
 
 VARIANTS = {
-    "pretrain": ("demo", "demo_hard", "r50", "x152"),
-    "vqa": ("demo", "r50", "x152"),
-    "nlvr2": ("demo", "r50", "x152"),
-    "retrieval": ("demo", "r50", "x152", "r50_coco", "x152_coco"),
+    "pretrain": ("demo", "demo_binds", "demo_hard", "r50", "x152"),
+    "vqa": ("demo", "demo_binds", "r50", "x152"),
+    "nlvr2": ("demo", "demo_binds", "r50", "x152"),
+    "retrieval": ("demo", "demo_binds", "r50", "x152", "r50_coco", "x152_coco"),
 }
 VOCAB = __file__  # an existing file: the paper variants need a vocab_path to pass
 
@@ -99,6 +99,7 @@ def test_constants_match_the_model():
         ("data.synthetic.image_size", 240, "config.data.synthetic.image_size=240 must be 192 with config.cnn_warm"),
         ("data.synthetic.min_objects", 2, "config.data.synthetic.min_objects=2 must be <= config.data.synthetic.max"),
         ("optim.cnn.optimizer", "adam", "config.optim.cnn.optimizer='adam' must be one of 'sgd', 'adamw'"),
+        ("data.synthetic.caption_kinds", ("shows", "shows"), "config.data.synthetic.caption_kinds=('shows', 'shows')"),
     ],
 )
 def test_issue_values_are_one_line_naming_key_value_and_range(key, value, expected):

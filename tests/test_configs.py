@@ -74,12 +74,20 @@ def test_paper_recipe_values():
 def test_unknown_variant_is_named():
   with pytest.raises(ValueError, match="'r51'"):
     th.load_config("pretrain", "r51")
+  for bad in ("demo_coco", "demo_hard"):  # retrieval has no demo_hard fine-tune
+    with pytest.raises(ValueError, match=f"'{bad}'"):
+      th.load_config("retrieval", bad)
 
 
 def test_demo_variants():
-  """`demo` is the world and recipe that learns in CPU minutes; `demo_hard` keeps the first world."""
+  """`demo` is the one-object world and recipe that grounds in CPU minutes, `demo_binds` the same with 2-3
+  objects per image; `demo_hard` keeps the first world."""
   demo, hard = th.load_config("pretrain", "demo"), th.load_config("pretrain", "demo_hard")
+  binds = th.load_config("pretrain", "demo_binds")
   assert (demo.data.synthetic.min_objects, demo.data.synthetic.max_objects) == (1, 1)
+  assert (binds.data.synthetic.min_objects, binds.data.synthetic.max_objects) == (2, 3)
+  assert binds.cache_cnn_features and not demo.cache_cnn_features
+  assert binds.model.to_dict() == demo.model.to_dict()
   assert (hard.data.synthetic.min_objects, hard.data.synthetic.max_objects) == (1, 3)
   assert (hard.data.synthetic.radius_small, hard.data.synthetic.radius_large) == (0.2, 0.38)
   assert demo.model.cnn.frozen and demo.cnn_warm_start.steps > 0
@@ -106,11 +114,12 @@ def test_the_warm_start_hook_name_resolves():
 
 
 @pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])
-def test_demo_finetunes_differ_from_scratch_by_the_pretraining_only(task):
+@pytest.mark.parametrize("demo", ["demo", "demo_binds"])
+def test_demo_finetunes_differ_from_scratch_by_the_pretraining_only(task, demo):
   """A demo fine-tune without init_from starts from the pre-training's CNN warm start (same steps, same seed,
   same world, so the same CNN), frozen as in pre-training; with init_from the whole encoder is loaded. The
   paper recipes train from the pre-trained encoder and get no warm start."""
-  pre, c = th.load_config("pretrain", "demo"), th.load_config(task, "demo")
+  pre, c = th.load_config("pretrain", demo), th.load_config(task, demo)
   assert c.model.to_dict() == {**pre.model.to_dict(), **({"num_answers": c.model.num_answers} if task == "vqa" else {})}
   assert c.cnn_warm_start.to_dict() == pre.cnn_warm_start.to_dict() and c.seed == pre.seed
   assert c.init_hook == pre.init_hook
@@ -120,10 +129,10 @@ def test_demo_finetunes_differ_from_scratch_by_the_pretraining_only(task):
 
 
 VARIANTS = {
-    "pretrain": ("demo", "demo_hard", "r50", "x152"),
-    "vqa": ("demo", "r50", "x152"),
-    "nlvr2": ("demo", "r50", "x152"),
-    "retrieval": ("demo", "r50", "x152", "r50_coco", "x152_coco"),
+    "pretrain": ("demo", "demo_binds", "demo_hard", "r50", "x152"),
+    "vqa": ("demo", "demo_binds", "r50", "x152"),
+    "nlvr2": ("demo", "demo_binds", "r50", "x152"),
+    "retrieval": ("demo", "demo_binds", "r50", "x152", "r50_coco", "x152_coco"),
 }
 HEAVY = ("jax", "flax", "optax", "grain", "tensorflow_datasets", "tensorflow", "transformers", "torch")
 
