@@ -12,11 +12,11 @@ from pixelbert_jax.models.presets import model_config
 
 _pretrain = load_sibling(__file__, "pretrain")
 BERT_BASE_UNCASED_VOCAB, FROM_DATA = _pretrain.BERT_BASE_UNCASED_VOCAB, _pretrain.FROM_DATA
-DEMOS = ("demo", "demo_binds")  # the fine-tunes of the demo pre-trainings of those names
+DEMOS = ("demo", "demo_single")  # the fine-tunes of the demo pre-trainings of those names
 
 
 def finetune_config(task: str, variant: str, dataset: str) -> ml_collections.ConfigDict:
-  """`variant` demo / demo_binds: the model of that demo pre-training, on its embedded world. r50 / x152: the
+  """`variant` demo / demo_single: the model of that demo pre-training, on its embedded world. r50 / x152: the
   paper's backbones at the paper's image sizes on `dataset`; the caller sets the task's published recipe."""
   c = _pretrain.base_config()
   c.task = task
@@ -44,6 +44,6 @@ def finetune_config(task: str, variant: str, dataset: str) -> ml_collections.Con
     c.init_from = ""  # set to the pre-training workdir
     c.eval_every_steps = 0
   else:
-    raise ValueError(f"Unknown variant {variant!r} of configs/{task}.py: use demo, demo_binds, r50 or x152")
+    raise ValueError(f"Unknown variant {variant!r} of configs/{task}.py: use demo, demo_single, r50 or x152")
   c.data.train_split, c.data.eval_split = "train", "val"
   return c

@@ -1,4 +1,4 @@
-"""NLVR2 fine-tuning: `--config=configs/nlvr2.py[:demo|demo_binds|r50|x152] --config.init_from=PRETRAIN_WORKDIR`.
+"""NLVR2 fine-tuning: `--config=configs/nlvr2.py[:demo|demo_single|r50|x152] --config.init_from=PRETRAIN_WORKDIR`.
 
 The paper's fine-tuning recipe: each image with the sentence is one pass, the two [CLS] vectors are concatenated
 and classified true/false with cross-entropy; batch 128, otherwise as VQA (18 epochs, lr x0.1 at 12 and 16,

@@ -1,5 +1,5 @@
 """Image-text retrieval fine-tuning: `--config=configs/retrieval.py[:VARIANT] --config.init_from=PRETRAIN_WORKDIR`,
-VARIANT one of demo, demo_binds, r50, x152 (Flickr30K), r50_coco, x152_coco.
+VARIANT one of demo, demo_single, r50, x152 (Flickr30K), r50_coco, x152_coco.
 
 The paper's fine-tuning recipe: each image with its caption and 20 random other captions, score = FC on [CLS],
 softmax cross-entropy over the 21, back-propagation through the 5 hardest negatives only; only the
@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     backbone, dataset = variant, "synthetic"
   elif dataset is None or backbone.startswith("demo"):
     raise ValueError(
-        f"Unknown variant {variant!r} of configs/retrieval.py: use demo, demo_binds, r50, x152, r50_coco "
+        f"Unknown variant {variant!r} of configs/retrieval.py: use demo, demo_single, r50, x152, r50_coco "
         "or x152_coco"
     )
   c = common.finetune_config("retrieval", backbone, dataset)

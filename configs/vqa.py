@@ -1,4 +1,4 @@
-"""VQA fine-tuning: `--config=configs/vqa.py[:demo|demo_binds|r50|x152] --config.init_from=PRETRAIN_WORKDIR`.
+"""VQA fine-tuning: `--config=configs/vqa.py[:demo|demo_single|r50|x152] --config.init_from=PRETRAIN_WORKDIR`.
 
 The paper's fine-tuning recipe: [CLS] -> MLP -> 3129 answers (seen >= 9 times in train), BCE on soft scores,
 batch 256, 18 epochs, lr x0.1 at epochs 12 and 16, the pre-training optimisers (SGD 1e-2 for the CNN,

@@ -34,7 +34,7 @@ def _config(**extra):
       "optim.warmup_steps": 0,
       **extra,
   }
-  return th.tiny_config("/nonexistent", variant="demo", **overrides)
+  return th.tiny_config("/nonexistent", variant="demo_single", **overrides)
 
 
 def _batch(context, seed=0):

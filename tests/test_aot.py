@@ -57,7 +57,7 @@ def _tiny(mesh_shape, batch_size=16):
       "data.buckets": ((64, 64),),
       "batch_size": batch_size,
   }
-  config = th.tiny_config("/nonexistent", variant="demo", **overrides)
+  config = th.tiny_config("/nonexistent", variant="demo_single", **overrides)
   config.mesh_shape = mesh_shape
   return config
 
@@ -141,7 +141,7 @@ def _plan_cli(tmp_path, name, *flags, batch_size=64) -> tuple[subprocess.Complet
           sys.executable,
           "-m",
           "pixelbert_jax.aot",
-          "--config=configs/pretrain.py:demo",
+          "--config=configs/pretrain.py:demo_single",
           f"--topology={SLICE}",
           "--vocab_size=64",
           f"--config.batch_size={batch_size}",

@@ -23,7 +23,8 @@ NUM_COLOURS = len(world.COLOURS)
 
 def _eval_examples(data_dir):
   config = th.tiny_config(data_dir, variant="demo")
-  config.data.synthetic.update(min_objects=2, max_objects=3, num_val=128)
+  # every caption template, so that some asked words are answered by elimination and some are not
+  config.data.synthetic.update(min_objects=2, max_objects=3, num_val=128, caption_kinds=world.CAPTION_KINDS)
   data = TaskData(config.data, "pretrain")
   examples = data.examples("val", seed=0, train=False)
   rows = [examples(i, i, 0) for i in range(data.num_examples("val"))]

@@ -21,10 +21,10 @@ from pixelbert_jax.data import synthetic
 from tests import train_helpers as th
 
 VARIANTS = {
-    "pretrain": ("demo", "demo_binds", "demo_hard", "r50", "x152"),
-    "vqa": ("demo", "demo_binds", "r50", "x152"),
-    "nlvr2": ("demo", "demo_binds", "r50", "x152"),
-    "retrieval": ("demo", "demo_binds", "r50", "x152", "r50_coco", "x152_coco"),
+    "pretrain": ("demo", "demo_single", "demo_hard", "r50", "x152"),
+    "vqa": ("demo", "demo_single", "r50", "x152"),
+    "nlvr2": ("demo", "demo_single", "r50", "x152"),
+    "retrieval": ("demo", "demo_single", "r50", "x152", "r50_coco", "x152_coco"),
 }
 VOCAB = __file__  # an existing file: the paper variants need a vocab_path to pass
 
@@ -58,7 +58,7 @@ def _with(config: dict, path: tuple, value) -> dict:
 
 
 def _demo(**overrides) -> dict:
-  config = CONFIGS["pretrain:demo"]
+  config = CONFIGS["pretrain:demo_single"]
   for key, value in overrides.items():
     config = _with(config, tuple(key.split(".")), value)
   return config
@@ -130,7 +130,7 @@ def test_unknown_dataset_is_named_before_its_vocabulary():
 def test_warm_start_needs_the_synthetic_world_and_devices_dividing_its_batch():
   """The warm start's batch was refused 15 s into the run, after checkpoints/, config.json and metrics.jsonl
   were written (its check lived in warm_start.train_cnn): main now runs device_problems first."""
-  demo = CONFIGS["pretrain:demo"]
+  demo = CONFIGS["pretrain:demo_single"]
   assert cc.warm_start_runs(demo) and not cc.warm_start_runs(_demo(init_from="/x"))
   found = cc.device_problems(_demo(**{"cnn_warm_start.batch_size": 3}), 2, 1)
   assert len(found) == 1 and found[0].startswith("config.cnn_warm_start.batch_size=3 must be divisible by the data")
@@ -431,7 +431,7 @@ def _label(key: str, value) -> tuple[str, str]:
 
 
 def test_train_runs_cover_every_accepted_value_of_the_demo():
-  demo = CONFIGS["pretrain:demo"]
+  demo = CONFIGS["pretrain:demo_single"]
   accepted = {
       (key, label)
       for key, path, value in _targets(demo)
@@ -449,7 +449,7 @@ def test_accepted_hostile_values_train(run, data_dir, tmp_path):
   from pixelbert_jax import train
 
   overrides = dict(TRAIN_RUNS[run])
-  config = th.tiny_config(data_dir, total_steps=overrides.pop("total_steps", 2), variant="demo", **overrides)
+  config = th.tiny_config(data_dir, total_steps=overrides.pop("total_steps", 2), variant="demo_single", **overrides)
   assert cc.problems(config) == []
   workdir = tmp_path / "run"
   train.train_and_evaluate(config, str(workdir))

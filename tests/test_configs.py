@@ -80,14 +80,16 @@ def test_unknown_variant_is_named():
 
 
 def test_demo_variants():
-  """`demo` is the one-object world and recipe that grounds in CPU minutes, `demo_binds` the same with 2-3
-  objects per image; `demo_hard` keeps the first world."""
+  """`demo` is the world of 2-3 objects and the recipe that binds in CPU minutes, `demo_single` the one-object
+  world that grounds; `demo_hard` keeps the first world."""
   demo, hard = th.load_config("pretrain", "demo"), th.load_config("pretrain", "demo_hard")
-  binds = th.load_config("pretrain", "demo_binds")
-  assert (demo.data.synthetic.min_objects, demo.data.synthetic.max_objects) == (1, 1)
-  assert (binds.data.synthetic.min_objects, binds.data.synthetic.max_objects) == (2, 3)
-  assert binds.cache_cnn_features and not demo.cache_cnn_features
-  assert binds.model.to_dict() == demo.model.to_dict()
+  single = th.load_config("pretrain", "demo_single")
+  assert (demo.data.synthetic.min_objects, demo.data.synthetic.max_objects) == (2, 3)
+  assert tuple(demo.data.synthetic.caption_kinds) == ("there_is",)  # no caption answers by elimination
+  assert demo.cache_cnn_features and demo.model.pos_embed_2d and demo.data.mlm_prob == 0.5
+  assert (single.data.synthetic.min_objects, single.data.synthetic.max_objects) == (1, 1)
+  assert not single.cache_cnn_features and not single.model.pos_embed_2d and single.data.mlm_prob == 0.3
+  assert single.total_steps == 1000 and single.optim.decay_epochs == (10.75,)  # the first demo's recipe
   assert (hard.data.synthetic.min_objects, hard.data.synthetic.max_objects) == (1, 3)
   assert (hard.data.synthetic.radius_small, hard.data.synthetic.radius_large) == (0.2, 0.38)
   assert demo.model.cnn.frozen and demo.cnn_warm_start.steps > 0
@@ -114,7 +116,7 @@ def test_the_warm_start_hook_name_resolves():
 
 
 @pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])
-@pytest.mark.parametrize("demo", ["demo", "demo_binds"])
+@pytest.mark.parametrize("demo", ["demo", "demo_single"])
 def test_demo_finetunes_differ_from_scratch_by_the_pretraining_only(task, demo):
   """A demo fine-tune without init_from starts from the pre-training's CNN warm start (same steps, same seed,
   same world, so the same CNN), frozen as in pre-training; with init_from the whole encoder is loaded. The
@@ -129,10 +131,10 @@ def test_demo_finetunes_differ_from_scratch_by_the_pretraining_only(task, demo):
 
 
 VARIANTS = {
-    "pretrain": ("demo", "demo_binds", "demo_hard", "r50", "x152"),
-    "vqa": ("demo", "demo_binds", "r50", "x152"),
-    "nlvr2": ("demo", "demo_binds", "r50", "x152"),
-    "retrieval": ("demo", "demo_binds", "r50", "x152", "r50_coco", "x152_coco"),
+    "pretrain": ("demo", "demo_single", "demo_hard", "r50", "x152"),
+    "vqa": ("demo", "demo_single", "r50", "x152"),
+    "nlvr2": ("demo", "demo_single", "r50", "x152"),
+    "retrieval": ("demo", "demo_single", "r50", "x152", "r50_coco", "x152_coco"),
 }
 HEAVY = ("jax", "flax", "optax", "grain", "tensorflow_datasets", "tensorflow", "transformers", "torch")
 

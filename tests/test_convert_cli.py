@@ -110,7 +110,7 @@ def test_from_torch_then_one_training_step(data_dir, tmp_path):
       "--out",
       init_dir,
       "--config",
-      "configs/pretrain.py:demo",
+      "configs/pretrain.py:demo_single",
       *sets,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -160,7 +160,9 @@ def test_checkpoint_of_another_config(trained, capsys, tmp_path):
 
 def _tiny_bert(path, vocab=30, model_class=transformers.BertModel):
   """A random HF BERT of R50_TINY's size: the transformer those configs describe (hf_bert_config)."""
-  cfg = load_config(str(th.REPO / "configs" / "pretrain.py") + ":demo", [f"{k}={v}" for k, v in R50_TINY.items()])
+  cfg = load_config(
+      str(th.REPO / "configs" / "pretrain.py") + ":demo_single", [f"{k}={v}" for k, v in R50_TINY.items()]
+  )
   cfg.model.vocab_size = vocab
   model_class(hf_bert_config(cfg.model)).save_pretrained(path)
 
@@ -184,7 +186,7 @@ def test_truncated_safetensors(capsys, tmp_path):
           "--out",
           str(tmp_path / "o"),
           "--config",
-          "configs/pretrain.py:demo",
+          "configs/pretrain.py:demo_single",
       ],
   )
   assert str(path) in err and "truncated" in err
@@ -204,7 +206,7 @@ def test_pickle_that_is_not_a_plain_state_dict(capsys, tmp_path):
           "--out",
           str(tmp_path / "o"),
           "--config",
-          "configs/pretrain.py:demo",
+          "configs/pretrain.py:demo_single",
       ],
   )
   assert str(nested) in err and "'model'" in err and "not a plain state dict" in err
@@ -221,7 +223,7 @@ def test_pickle_that_is_not_a_plain_state_dict(capsys, tmp_path):
           "--out",
           str(tmp_path / "o"),
           "--config",
-          "configs/pretrain.py:demo",
+          "configs/pretrain.py:demo_single",
       ],
   )
   assert str(module) in err and "weights_only=True" in err
@@ -237,7 +239,7 @@ def test_missing_bert_dir_and_wrong_sizes(capsys, tmp_path):
       "--out",
       str(tmp_path / "o"),
       "--config",
-      "configs/pretrain.py:demo",
+      "configs/pretrain.py:demo_single",
       "--set",
       "model.cnn.norm=frozen_bn",
   ]
@@ -303,7 +305,7 @@ def test_from_torch_tilde_inputs_relative_out(home, tmp_path):
       "--cnn=~/cnn.pth",
       "--bert=bert",
       "--out=init",
-      "--config=~/configs/pretrain.py:demo",
+      "--config=~/configs/pretrain.py:demo_single",
       "--no-verify",
   ] + [f"--set={k}={v}" for k, v in shape.items()]
   assert main(argv) == 0

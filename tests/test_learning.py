@@ -15,7 +15,7 @@ import pytest
 
 from tests import train_helpers as th
 
-# The demo recipe (configs/pretrain.py:demo) at test size: a 64-wide transformer, a CNN of 8 / 8 channels,
+# The one-object demo recipe (configs/pretrain.py:demo_single) at test size: a 64-wide transformer, a CNN of 8 / 8 channels,
 # more masking (still BERT's random masking) for more grounded words per step. Held-out numbers come from
 # the val split. Measured: probe 0.53 against 0.09 shuffled at step 200, 0.60 at 400.
 _RECIPE = {
@@ -48,7 +48,7 @@ _RECIPE = {
 @pytest.mark.slow
 @pytest.mark.optimized  # 250 steps: the time goes into running them, not into compiling
 def test_pixels_are_used(data_dir, tmp_path):
-  config = th.tiny_config(data_dir, total_steps=250, variant="demo", **_RECIPE)
+  config = th.tiny_config(data_dir, total_steps=250, variant="demo_single", **_RECIPE)
   from pixelbert_jax import train
 
   final = train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -72,7 +72,7 @@ def test_pretraining_overfits_one_batch(data_dir):
   config = th.tiny_config(
       data_dir,
       total_steps=1000,
-      variant="demo",
+      variant="demo_single",
       **{
           "model.hidden_dropout": 0.0,
           "model.attention_dropout": 0.0,

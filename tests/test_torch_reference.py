@@ -80,8 +80,8 @@ def _loss_tolerance(cfg, loss: float) -> float:
 @pytest.mark.parametrize(
     "spec, overrides",
     [
-        ("pretrain.py:demo", []),  # as the README trains it: frozen CNN, 8 of 9 pixels, ITM weight 3
-        ("pretrain.py:demo", ["model.cnn.frozen=false"]),  # the CNN on batch statistics, with gradients
+        ("pretrain.py:demo_single", []),  # the first demo as it trains: frozen CNN, 8 of 9 pixels, ITM weight 3
+        ("pretrain.py:demo_single", ["model.cnn.frozen=false"]),  # the CNN on batch statistics, with gradients
         ("vqa.py:demo", []),
     ],
 )
@@ -143,7 +143,7 @@ def test_torch_optimizer_follows_optax(cnn_optimizer, frozen_cnn):
       "optim.decay_epochs=(0.3,)",
       "optim.grad_clip_norm=1.0",
   ]
-  ctx = _context("pretrain.py:demo", overrides, model=model)
+  ctx = _context("pretrain.py:demo_single", overrides, model=model)
   config, state = ctx.config, ctx.init_state(0)
   params, opt_state = state["params"], state["opt_state"]
   torch_model = tr.train_mode(
