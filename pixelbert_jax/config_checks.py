@@ -202,11 +202,8 @@ RULES: dict[str, Rule] = {
     "data.synthetic.min_objects": integer(1, min(synthetic.GRID**2, len(synthetic.COLOURS))),
     "data.synthetic.max_objects": integer(1, min(synthetic.GRID**2, len(synthetic.COLOURS))),
     "data.synthetic.caption_kinds": Rule(
-        lambda v: isinstance(v, (list, tuple))
-        and len(v) > 0
-        and all(k in synthetic.CAPTION_KINDS for k in v)
-        and len(set(v)) == len(v),
-        f"distinct ones of {', '.join(synthetic.CAPTION_KINDS)}, at least one",
+        lambda v: isinstance(v, (list, tuple)) and synthetic.valid_caption_kinds(v),
+        f"one or more distinct ones of {', '.join(synthetic.CAPTION_KINDS)}",
     ),
     "data.synthetic.radius_small": real(0.05, 0.5),
     "data.synthetic.radius_large": real(0.05, 0.5),

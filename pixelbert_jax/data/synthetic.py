@@ -267,15 +267,19 @@ class _Sentence:
 CAPTION_KINDS = ("there_is", "relation", "shows")
 
 
-def check_caption_kinds(kinds) -> tuple[str, ...]:
-  """`kinds` as a tuple of distinct CAPTION_KINDS (ValueError names the first unknown or repeated one)."""
+def valid_caption_kinds(kinds) -> bool:
+  """Whether `kinds` is a non-empty sequence of distinct CAPTION_KINDS."""
   kinds = tuple(kinds)
-  for k in kinds:
-    if k not in CAPTION_KINDS or kinds.count(k) > 1:
-      raise ValueError(f"synthetic caption_kinds must be distinct ones of {', '.join(CAPTION_KINDS)}, got {k!r}")
-  if not kinds:
-    raise ValueError(f"synthetic caption_kinds is empty: name at least one of {', '.join(CAPTION_KINDS)}")
-  return kinds
+  return bool(kinds) and len(set(kinds)) == len(kinds) and all(k in CAPTION_KINDS for k in kinds)
+
+
+def check_caption_kinds(kinds) -> tuple[str, ...]:
+  """`kinds` as a tuple (ValueError naming it unless `valid_caption_kinds`)."""
+  if not valid_caption_kinds(kinds):
+    raise ValueError(
+        f"synthetic caption_kinds must be one or more distinct ones of {', '.join(CAPTION_KINDS)}, got {kinds!r}"
+    )
+  return tuple(kinds)
 
 
 def captions(
