@@ -14,8 +14,12 @@ def set_key(config, key: str, value) -> None:
   node[leaf] = value
 
 
-def tiny_finetune_config(task: str, data_dir: str, *, total_steps: int = 2, init_from: str = "", **extra):
-  config = th.load_config(task, "demo")
+def tiny_finetune_config(
+    task: str, data_dir: str, *, total_steps: int = 2, init_from: str = "", variant: str = "demo_single", **extra
+):
+  """`task`'s demo config at test size; `demo_single` by default: its model (no pixel positions) is the one
+  `th.tiny_config`'s pre-training writes, so `init_from` fits."""
+  config = th.load_config(task, variant)
   # no CNN warm start (the demo runs it when there is no init_from): the same code is tested with pre-training
   overrides = {**th.tiny_overrides(data_dir, total_steps), "init_from": init_from, "cnn_warm_start.steps": 0, **extra}
   for key, value in overrides.items():
