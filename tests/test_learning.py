@@ -2,8 +2,9 @@
 
 `test_pixels_are_used` is a small copy of the one-object demo's recipe (`demo_single`: a warm-started and
 frozen CNN whose features are cached, MLM + ITM) that must end with the grounded-word probe far above the
-same probe on shuffled images. A change that disconnects the pixels from the text (a mask that hides them, a dead gradient into
-the visual projection, a probe fed the wrong image) brings the two together and fails it.
+same probe on shuffled images. A change that disconnects the pixels from the text (a mask that hides them,
+a dead gradient into the visual projection, a probe fed the wrong image) brings the two together and fails
+it.
 """
 
 from __future__ import annotations
